@@ -1,0 +1,5 @@
+import sys
+
+from radpilot.cli import main
+
+sys.exit(main())

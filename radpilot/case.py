@@ -1,0 +1,214 @@
+"""The planning case: dose grid, CT on that grid, structures, beams and the dose influence matrix.
+
+Array order convention: every 3-D array is a NumPy array indexed ``[z, y, x]`` (C order), and every
+linear voxel index is the C-order index into that array. Grid spacing and origin are given in the
+same ``(z, y, x)`` order, in millimetres. Doses are in Gy per unit fluence (``A``) or in Gy.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class CaseError(ValueError):
+    """A case is malformed or a structure/beam reference does not exist."""
+
+
+class StructureKind(enum.StrEnum):
+    TARGET = "target"
+    OAR = "oar"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular voxel grid; all tuples are ``(z, y, x)``."""
+
+    shape: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float]
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def voxel_volume_cc(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def index_of(self, point_mm: tuple[float, float, float]) -> tuple[int, int, int]:
+        """Nearest voxel ``(z, y, x)`` to a world point given in ``(z, y, x)`` millimetres."""
+        idx = [
+            int(np.clip(round((p - o) / s), 0, n - 1))
+            for p, o, s, n in zip(point_mm, self.origin_mm, self.spacing_mm, self.shape, strict=True)
+        ]
+        return idx[0], idx[1], idx[2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": list(self.spacing_mm),
+            "origin_mm": list(self.origin_mm),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        shape = tuple(int(v) for v in d["shape"])
+        spacing = tuple(float(v) for v in d["spacing_mm"])
+        origin = tuple(float(v) for v in d["origin_mm"])
+        if len(shape) != 3 or len(spacing) != 3 or len(origin) != 3:
+            raise CaseError("grid shape, spacing_mm and origin_mm must each have three values")
+        return cls(shape, spacing, origin)  # type: ignore[arg-type]
+
+
+@dataclass
+class Structure:
+    """A named region: sorted, unique C-order voxel indices on the case's dose grid."""
+
+    name: str
+    kind: StructureKind
+    voxel_indices: np.ndarray
+
+    @property
+    def num_voxels(self) -> int:
+        return int(self.voxel_indices.size)
+
+    def mask(self, grid: Grid) -> np.ndarray:
+        m = np.zeros(grid.num_voxels, dtype=bool)
+        m[self.voxel_indices] = True
+        return m.reshape(grid.shape)
+
+
+@dataclass(frozen=True)
+class Beam:
+    gantry_deg: float
+    couch_deg: float
+    num_beamlets: int
+
+
+@dataclass
+class Case:
+    """Everything the optimiser and evaluator need about one patient or phantom.
+
+    ``dose_influence`` is CSR float32 with one row per entry of ``row_voxels`` (the sorted voxel
+    indices that lie in any structure) and one column per beamlet, beams in order.
+    """
+
+    name: str
+    grid: Grid
+    ct_hu: np.ndarray
+    structures: list[Structure]
+    beams: list[Beam]
+    isocenter_mm: tuple[float, float, float]
+    prescription_gy: float
+    row_voxels: np.ndarray
+    dose_influence: sp.csr_matrix
+    metadata: dict[str, Any] = field(default_factory=dict)
+    case_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- structure access -------------------------------------------------------------------
+    def structure(self, name: str) -> Structure:
+        for s in self.structures:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.structures)
+        raise CaseError(f"unknown structure {name!r}; this case has: {known}")
+
+    @property
+    def structure_names(self) -> list[str]:
+        return [s.name for s in self.structures]
+
+    @property
+    def targets(self) -> list[Structure]:
+        return [s for s in self.structures if s.kind is StructureKind.TARGET]
+
+    @property
+    def external(self) -> Structure | None:
+        return next((s for s in self.structures if s.kind is StructureKind.EXTERNAL), None)
+
+    def rows_of(self, name: str) -> np.ndarray:
+        """Positions in ``row_voxels`` (rows of ``A``) of a structure's voxels."""
+        s = self.structure(name)
+        return np.searchsorted(self.row_voxels, s.voxel_indices)
+
+    @property
+    def num_beamlets(self) -> int:
+        return int(self.dose_influence.shape[1])
+
+    # -- dose ---------------------------------------------------------------------------------
+    def dose_rows(self, fluence: np.ndarray) -> np.ndarray:
+        return np.asarray(self.dose_influence @ np.asarray(fluence, dtype=np.float32))
+
+    def dose_cube(self, dose_rows: np.ndarray) -> np.ndarray:
+        """Scatter per-row dose onto the full grid (zero outside every structure)."""
+        cube = np.zeros(self.grid.num_voxels, dtype=np.float32)
+        cube[self.row_voxels] = dose_rows
+        return cube.reshape(self.grid.shape)
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        g = self.grid
+        if self.ct_hu.shape != g.shape:
+            raise CaseError(f"CT shape {self.ct_hu.shape} does not match grid shape {g.shape}")
+        if not self.structures:
+            raise CaseError("a case needs at least one structure")
+        names = [s.name for s in self.structures]
+        if len(set(names)) != len(names):
+            raise CaseError(f"duplicate structure names in {names}")
+        for s in self.structures:
+            idx = s.voxel_indices
+            if idx.size == 0:
+                raise CaseError(f"structure {s.name!r} is empty on the dose grid")
+            if idx.min() < 0 or idx.max() >= g.num_voxels:
+                raise CaseError(f"structure {s.name!r} has voxel indices outside the grid")
+        if not self.targets:
+            raise CaseError("a case needs at least one target structure")
+        if self.dose_influence.shape[0] != self.row_voxels.size:
+            raise CaseError("dose influence rows do not match row_voxels")
+        if sum(b.num_beamlets for b in self.beams) != self.dose_influence.shape[1]:
+            raise CaseError("beamlet counts of the beams do not add up to the matrix columns")
+        if not np.isfinite(self.prescription_gy) or self.prescription_gy <= 0:
+            raise CaseError("prescription_gy must be a positive number")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "case_id": self.case_id,
+            "grid": self.grid.to_dict(),
+            "structures": {
+                s.name: {"kind": s.kind.value, "voxels": s.num_voxels} for s in self.structures
+            },
+            "beams": len(self.beams),
+            "beamlets": self.num_beamlets,
+            "rows": int(self.row_voxels.size),
+            "nnz": int(self.dose_influence.nnz),
+            "prescription_gy": self.prescription_gy,
+        }
+
+
+def restrict_rows(
+    full_matrix: sp.spmatrix, structures: list[Structure]
+) -> tuple[np.ndarray, sp.csr_matrix]:
+    """Keep the rows of a full-grid influence matrix that fall inside any structure."""
+    rows = np.unique(np.concatenate([s.voxel_indices for s in structures]))
+    A = sp.csr_matrix(full_matrix)[rows]
+    return rows.astype(np.int64), as_csr32(A)
+
+
+def as_csr32(A: sp.spmatrix) -> sp.csr_matrix:
+    """CSR, float32 values, int32 indices *and* indptr (mixed index types make SciPy copy per call)."""
+    A = sp.csr_matrix(A, dtype=np.float32)
+    A.sum_duplicates()
+    A.sort_indices()
+    if A.nnz < np.iinfo(np.int32).max:
+        A.indices = A.indices.astype(np.int32, copy=False)
+        A.indptr = A.indptr.astype(np.int32, copy=False)
+    return A

@@ -1,0 +1,179 @@
+"""A content-addressed case store: one folder per case, written atomically, checked on load.
+
+A case id is the SHA-256 of its recipe (builder name, parameters and builder version), so asking
+for the same case twice finds the stored one instead of recomputing the dose influence matrix.
+Every file's SHA-256 is kept in the case's manifest; ``load(verify=True)`` re-checks them.
+
+Layout::
+
+    ROOT/cases/<case_id>/manifest.json   grid, structures, beams, prescription, file hashes
+    ROOT/cases/<case_id>/*.npy           CT, row voxels, structure voxels, CSR parts of A
+    ROOT/tmp/                            half-written cases; never read, cleaned on open
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from radpilot.case import Beam, Case, CaseError, Grid, Structure, StructureKind
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CaseNotFoundError(KeyError):
+    """No case with that id is in the store."""
+
+
+def default_store_root() -> Path:
+    env = os.environ.get("RADPILOT_CASE_STORE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "radpilot" / "case-store"
+
+
+def recipe_id(recipe: dict[str, Any]) -> str:
+    """Stable id of a case recipe: SHA-256 of its canonical JSON."""
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CaseStore:
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_store_root()
+        (self.root / "cases").mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp"
+        if tmp.exists():  # leftovers of writers that died; never a valid case
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+
+    def path(self, case_id: str) -> Path:
+        if not case_id or "/" in case_id or case_id.startswith("."):
+            raise CaseNotFoundError(f"invalid case id {case_id!r}")
+        return self.root / "cases" / case_id
+
+    def __contains__(self, case_id: str) -> bool:
+        try:
+            return (self.path(case_id) / MANIFEST).is_file()
+        except CaseNotFoundError:
+            return False
+
+    def list_ids(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "cases").iterdir() if (p / MANIFEST).is_file())
+
+    # -- write ------------------------------------------------------------------------------
+    def save(self, case: Case, case_id: str, recipe: dict[str, Any] | None = None) -> str:
+        """Write a case atomically under ``case_id``; an existing copy is kept as is."""
+        final = self.path(case_id)
+        if (final / MANIFEST).is_file():
+            return case_id
+        work = Path(tempfile.mkdtemp(prefix=f"{case_id}.", dir=self.root / "tmp"))
+        try:
+            A = case.dose_influence
+            arrays: dict[str, np.ndarray] = {
+                "ct_hu": case.ct_hu.astype(np.float32, copy=False),
+                "row_voxels": case.row_voxels.astype(np.int64, copy=False),
+                "A_data": A.data.astype(np.float32, copy=False),
+                "A_indices": A.indices,
+                "A_indptr": A.indptr,
+            }
+            for i, s in enumerate(case.structures):
+                arrays[f"structure_{i}"] = s.voxel_indices.astype(np.int64, copy=False)
+            files = {}
+            for key, arr in arrays.items():
+                p = work / f"{key}.npy"
+                np.save(p, arr, allow_pickle=False)
+                files[key] = {"file": p.name, "sha256": _sha256_file(p)}
+            manifest = {
+                "format": FORMAT_VERSION,
+                "case_id": case_id,
+                "name": case.name,
+                "created_unix": time.time(),
+                "recipe": recipe or {},
+                "grid": case.grid.to_dict(),
+                "structures": [
+                    {"name": s.name, "kind": s.kind.value, "array": f"structure_{i}"}
+                    for i, s in enumerate(case.structures)
+                ],
+                "beams": [
+                    {"gantry_deg": b.gantry_deg, "couch_deg": b.couch_deg, "num_beamlets": b.num_beamlets}
+                    for b in case.beams
+                ],
+                "isocenter_mm": list(case.isocenter_mm),
+                "prescription_gy": case.prescription_gy,
+                "dose_influence_shape": list(A.shape),
+                "metadata": case.metadata,
+                "files": files,
+            }
+            (work / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            try:
+                os.replace(work, final)  # atomic: readers see all of it or nothing
+            except OSError:
+                if not (final / MANIFEST).is_file():  # lost a race to nobody: a real error
+                    raise
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+        return case_id
+
+    # -- read -------------------------------------------------------------------------------
+    def manifest(self, case_id: str) -> dict[str, Any]:
+        p = self.path(case_id) / MANIFEST
+        if not p.is_file():
+            raise CaseNotFoundError(f"case {case_id!r} is not in the store at {self.root}")
+        return json.loads(p.read_text())
+
+    def load(self, case_id: str, verify: bool = False) -> Case:
+        m = self.manifest(case_id)
+        if m.get("format") != FORMAT_VERSION:
+            raise CaseError(f"case {case_id!r} has store format {m.get('format')}, expected {FORMAT_VERSION}")
+        folder = self.path(case_id)
+
+        def arr(key: str) -> np.ndarray:
+            entry = m["files"][key]
+            p = folder / entry["file"]
+            if verify and _sha256_file(p) != entry["sha256"]:
+                raise CaseError(f"case {case_id!r}: file {p.name} does not match its recorded hash")
+            return np.load(p, allow_pickle=False)
+
+        A = sp.csr_matrix(
+            (arr("A_data"), arr("A_indices"), arr("A_indptr")),
+            shape=tuple(m["dose_influence_shape"]),
+        )
+        structures = [
+            Structure(s["name"], StructureKind(s["kind"]), arr(s["array"])) for s in m["structures"]
+        ]
+        return Case(
+            name=m["name"],
+            grid=Grid.from_dict(m["grid"]),
+            ct_hu=arr("ct_hu"),
+            structures=structures,
+            beams=[Beam(**b) for b in m["beams"]],
+            isocenter_mm=tuple(m["isocenter_mm"]),  # type: ignore[arg-type]
+            prescription_gy=float(m["prescription_gy"]),
+            row_voxels=arr("row_voxels"),
+            dose_influence=A,
+            metadata=m.get("metadata", {}),
+            case_id=case_id,
+        )
+
+    def delete(self, case_id: str) -> None:
+        shutil.rmtree(self.path(case_id), ignore_errors=True)

@@ -1,0 +1,179 @@
+"""Plan metrics: per-structure statistics, Dx/Vx, HI and CI (GPT-RadPlan Eqs. 2 and 3), DVH table."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from radpilot.case import Case, CaseError
+from radpilot.evaluation.dvh import cumulative_dvh, dose_at_volume, volume_at_dose
+
+_METRIC = re.compile(r"^(?P<kind>[DV])(?P<x>\d+(?:\.\d+)?)$")
+
+
+class MetricError(ValueError):
+    """A metric name cannot be parsed or evaluated."""
+
+
+def parse_metric(name: str) -> tuple[str, float | None]:
+    """``"D95"`` -> ``("D", 95.0)``, ``"V30"`` -> ``("V", 30.0)``, ``"mean"`` -> ``("mean", None)``."""
+    n = name.strip()
+    if n.lower() in ("mean", "max", "min"):
+        return n.lower(), None
+    m = _METRIC.match(n)
+    if not m:
+        raise MetricError(
+            f"unknown metric {name!r}: use Dx (dose to x % of the volume, e.g. D95), "
+            "Vx (% of the volume receiving x Gy, e.g. V30), mean, max or min"
+        )
+    x = float(m.group("x"))
+    if m.group("kind") == "D" and not 0 <= x <= 100:
+        raise MetricError(f"{name}: Dx needs x within 0..100 %")
+    return m.group("kind"), x
+
+
+def metric_value(dose: np.ndarray, name: str) -> float:
+    """Evaluate one metric on a structure's voxel doses (Gy, or % for Vx)."""
+    kind, x = parse_metric(name)
+    if dose.size == 0:
+        raise MetricError("cannot evaluate a metric on an empty structure")
+    if kind == "mean":
+        return float(np.mean(dose, dtype=np.float64))
+    if kind == "max":
+        return float(np.max(dose))
+    if kind == "min":
+        return float(np.min(dose))
+    assert x is not None
+    return dose_at_volume(dose, x) if kind == "D" else volume_at_dose(dose, x)
+
+
+@dataclass(frozen=True)
+class StructureStats:
+    name: str
+    kind: str
+    volume_cc: float
+    min_gy: float
+    mean_gy: float
+    max_gy: float
+    d95_gy: float
+    d50_gy: float
+    d5_gy: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def homogeneity_index(target_dose: np.ndarray, prescription_gy: float) -> float:
+    """HI = (D5 - D95) / prescription * 100 (Eq. 2); 0 is perfectly uniform."""
+    return (dose_at_volume(target_dose, 5) - dose_at_volume(target_dose, 95)) / prescription_gy * 100
+
+
+def conformity_index(
+    target_dose: np.ndarray, body_dose: np.ndarray, prescription_gy: float
+) -> float:
+    """CI = TV95_PTV^2 / (TV * TV95_Body) (Eq. 3); 1 is ideal.
+
+    Voxel counts stand for volumes (equal voxel size). ``body_dose`` covers the whole body,
+    target included.
+    """
+    level = 0.95 * prescription_gy
+    tv = target_dose.size
+    tv95_ptv = int((target_dose >= level).sum())
+    tv95_body = int((body_dose >= level).sum())
+    if tv == 0 or tv95_body == 0:
+        return 0.0
+    return tv95_ptv**2 / (tv * tv95_body)
+
+
+class PlanDose:
+    """A dose on a case, with per-structure access to the voxel doses."""
+
+    def __init__(self, case: Case, dose_rows: np.ndarray) -> None:
+        if dose_rows.shape != (case.row_voxels.size,):
+            raise CaseError(
+                f"dose has {dose_rows.size} values; case {case.name} has {case.row_voxels.size} rows"
+            )
+        self.case = case
+        self.dose_rows = np.asarray(dose_rows, dtype=np.float32)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def of(self, structure: str) -> np.ndarray:
+        if structure not in self._cache:
+            self._cache[structure] = self.dose_rows[self.case.rows_of(structure)]
+        return self._cache[structure]
+
+    def cube(self) -> np.ndarray:
+        return self.case.dose_cube(self.dose_rows)
+
+    def metric(self, structure: str, name: str) -> float:
+        return metric_value(self.of(structure), name)
+
+    def stats(self) -> list[StructureStats]:
+        out = []
+        for s in self.case.structures:
+            d = self.of(s.name)
+            out.append(
+                StructureStats(
+                    name=s.name,
+                    kind=s.kind.value,
+                    volume_cc=s.num_voxels * self.case.grid.voxel_volume_cc,
+                    min_gy=float(d.min()),
+                    mean_gy=float(d.mean(dtype=np.float64)),
+                    max_gy=float(d.max()),
+                    d95_gy=dose_at_volume(d, 95),
+                    d50_gy=dose_at_volume(d, 50),
+                    d5_gy=dose_at_volume(d, 5),
+                )
+            )
+        return out
+
+    def target_indices(self) -> dict[str, dict[str, float]]:
+        """HI and CI of every target (CI against the external contour, or all rows)."""
+        ext = self.case.external
+        body = self.of(ext.name) if ext else self.dose_rows
+        rx = self.case.prescription_gy
+        return {
+            t.name: {
+                "HI": homogeneity_index(self.of(t.name), rx),
+                "CI": conformity_index(self.of(t.name), body, rx),
+            }
+            for t in self.case.targets
+        }
+
+    def dvh_curves(self, levels_gy: np.ndarray) -> dict[str, np.ndarray]:
+        return {s.name: cumulative_dvh(self.of(s.name), levels_gy) for s in self.case.structures}
+
+    def dvh_table(self, step_gy: float | None = None, structures: list[str] | None = None) -> DVHTable:
+        """The DVH as a table: rows are dose levels, columns structures, cells % volume >= dose."""
+        names = structures or [s.name for s in self.case.structures]
+        top = float(self.dose_rows.max()) if self.dose_rows.size else 0.0
+        step = step_gy or max(1.0, round(self.case.prescription_gy / 25.0))
+        levels = np.arange(0.0, top + step, step)
+        return DVHTable(levels, names, np.stack([cumulative_dvh(self.of(n), levels) for n in names], axis=1))
+
+
+@dataclass
+class DVHTable:
+    levels_gy: np.ndarray
+    structures: list[str]
+    volume_pct: np.ndarray  # [level, structure]
+
+    def to_text(self) -> str:
+        """Plain-text table (what an LLM evaluator reads): one line per dose level."""
+        head = "dose_Gy | " + " | ".join(self.structures)
+        lines = [head, "-" * len(head)]
+        for i, lvl in enumerate(self.levels_gy):
+            cells = " | ".join(f"{v:6.1f}" for v in self.volume_pct[i])
+            lines.append(f"{lvl:7.1f} | {cells}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "levels_gy": [float(v) for v in self.levels_gy],
+            "volume_pct": {
+                s: [round(float(v), 3) for v in self.volume_pct[:, j]] for j, s in enumerate(self.structures)
+            },
+        }

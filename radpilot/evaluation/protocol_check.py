@@ -1,0 +1,86 @@
+"""The deterministic protocol check: each clinical goal's achieved value, pass/fail and margin.
+
+This is RadPilot's guardrail: no plan is reported as meeting the protocol unless every hard goal
+passes here, whatever an LLM evaluator says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.protocol import ClinicalGoal, Protocol
+
+# Dose normalisation makes D95 equal the prescription to float32 precision; a goal sitting
+# exactly on its limit must not fail on the last bit.
+RELATIVE_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class GoalResult:
+    goal: ClinicalGoal
+    achieved: float
+    passed: bool
+    margin: float  # > 0 met with room, < 0 missed by that much (Gy or %)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.goal.to_dict(),
+            "achieved": self.achieved,
+            "passed": self.passed,
+            "margin": self.margin,
+            "unit": self.goal.unit,
+        }
+
+    def finding(self) -> str:
+        g = self.goal
+        verb = "meets" if self.passed else "misses"
+        room = "with" if self.passed else "by"
+        return (
+            f"{g.structure} {g.metric} = {self.achieved:.2f} {g.unit} {verb} the goal "
+            f"{g.comparator} {g.limit:g} {g.unit} {room} {abs(self.margin):.2f} {g.unit}"
+            f" ({'hard' if g.hard else 'soft'}, priority {g.priority})"
+        )
+
+
+@dataclass(frozen=True)
+class ProtocolCheck:
+    results: list[GoalResult]
+
+    @property
+    def all_hard_passed(self) -> bool:
+        return all(r.passed for r in self.results if r.goal.hard)
+
+    @property
+    def all_passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> list[GoalResult]:
+        return [r for r in self.results if not r.passed]
+
+    def score(self) -> tuple[int, ...]:
+        """Sort key (bigger is better): failures counted by priority, hard before soft."""
+        key: list[int] = [-sum(1 for r in self.failed if r.goal.hard)]
+        for p in sorted({r.goal.priority for r in self.results}):
+            key.append(-sum(1 for r in self.failed if r.goal.priority == p))
+        return tuple(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "all_hard_passed": self.all_hard_passed,
+            "all_passed": self.all_passed,
+            "goals": [r.to_dict() for r in self.results],
+        }
+
+
+def check_protocol(plan: PlanDose, protocol: Protocol) -> ProtocolCheck:
+    protocol.check_case(plan.case)
+    results = []
+    for g in protocol.goals:
+        achieved = plan.metric(g.structure, g.metric)
+        margin = g.margin(achieved)
+        passed = margin >= -RELATIVE_TOLERANCE * max(abs(g.limit), 1.0)
+        results.append(GoalResult(g, achieved, passed, margin))
+    return ProtocolCheck(results)

@@ -1,0 +1,159 @@
+"""Array backends for the FMO: NumPy/SciPy on the CPU, CuPy/cupyx on a CUDA GPU.
+
+The solver is written once against an array namespace ``xp``; this module supplies ``xp`` and
+the two sparse products every iteration needs, ``A @ x`` and ``A.T @ g``, kept resident on the
+device between solves. CuPy is imported only when the GPU backend is asked for.
+
+On the CPU, SciPy's sparse products run on one core. The CPU backend splits ``A`` into row blocks
+and runs the blocks on a thread pool (SciPy's kernels release the GIL): ``A @ x`` fills each
+block's slice of the output, ``A.T @ g`` adds up per-block beamlet vectors (a few thousand
+entries), so no thread writes where another does.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
+
+from radpilot.case import as_csr32
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here (no CuPy, no CUDA device)."""
+
+
+class MatrixOps(Protocol):
+    xp: Any
+    name: str
+    shape: tuple[int, int]
+
+    def matvec(self, x: Any) -> Any: ...
+    def rmatvec(self, g: Any) -> Any: ...
+    def asarray(self, a: Any, dtype: Any = ...) -> Any: ...
+    def to_host(self, a: Any) -> np.ndarray: ...
+
+
+def _split(n: int, parts: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+class CpuOps:
+    """NumPy/SciPy backend with block-parallel sparse products."""
+
+    name = "numpy"
+    xp = np
+
+    def __init__(self, A: sp.spmatrix, threads: int | None = None) -> None:
+        A = as_csr32(A)
+        self.shape = (int(A.shape[0]), int(A.shape[1]))
+        self.nnz = int(A.nnz)
+        self.threads = max(1, threads or len(os.sched_getaffinity(0)))
+        self._row_blocks = [(a, b, as_csr32(A[a:b])) for a, b in _split(self.shape[0], self.threads)]
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+
+    def _run(self, fn: Any, blocks: list[Any]) -> None:
+        if self._pool is None:
+            for blk in blocks:
+                fn(blk)
+        else:
+            list(self._pool.map(fn, blocks))
+
+    def matvec(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        out = np.empty(self.shape[0], dtype=np.float32)
+
+        def part(blk: tuple[int, int, sp.csr_matrix]) -> None:
+            a, b, M = blk
+            out[a:b] = M @ x
+
+        self._run(part, self._row_blocks)
+        return out
+
+    def rmatvec(self, g: np.ndarray) -> np.ndarray:
+        g = np.asarray(g, dtype=np.float32)
+        partial = np.empty((len(self._row_blocks), self.shape[1]), dtype=np.float32)
+
+        def part(k: int) -> None:
+            a, b, M = self._row_blocks[k]
+            # streams the block once, scattering into a beamlet vector that fits in cache
+            partial[k] = M.T @ g[a:b]
+
+        self._run(part, list(range(len(self._row_blocks))))
+        return partial.sum(axis=0)
+
+    def asarray(self, a: Any, dtype: Any = np.float32) -> np.ndarray:
+        return np.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return np.asarray(a)
+
+
+class CupyOps:
+    """CuPy backend: ``A`` and ``A.T`` as cuSPARSE CSR matrices resident on the GPU."""
+
+    name = "cupy"
+
+    def __init__(self, A: sp.spmatrix, device: int = 0) -> None:
+        try:
+            import cupy as cp
+            import cupyx.scipy.sparse as csp
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "the cupy backend needs CuPy (pip install 'radpilot[gpu]')"
+            ) from exc
+        try:
+            if cp.cuda.runtime.getDeviceCount() < 1:
+                raise BackendUnavailableError("CuPy found no CUDA device")
+        except cp.cuda.runtime.CUDARuntimeError as exc:
+            raise BackendUnavailableError(f"CuPy cannot reach a CUDA device: {exc}") from exc
+        self.xp = cp
+        cp.cuda.Device(device).use()
+        A = as_csr32(A)
+        self.shape = (int(A.shape[0]), int(A.shape[1]))
+        self.nnz = int(A.nnz)
+        self._A = csp.csr_matrix(A)
+        self._AT = csp.csr_matrix(as_csr32(A.T))  # a transposed product on cuSPARSE is slower
+
+    def matvec(self, x: Any) -> Any:
+        return self._A @ self.xp.asarray(x, dtype=self.xp.float32)
+
+    def rmatvec(self, g: Any) -> Any:
+        return self._AT @ self.xp.asarray(g, dtype=self.xp.float32)
+
+    def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return self.xp.asnumpy(a)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.Device().synchronize()
+
+
+def gpu_available() -> tuple[bool, str]:
+    """Whether the CuPy backend can run here, and why not when it cannot."""
+    try:
+        import cupy as cp
+    except ImportError:
+        return False, "CuPy is not installed (pip install 'radpilot[gpu]')"
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"CuPy cannot reach a CUDA device: {exc}"
+    return (n > 0, "" if n > 0 else "no CUDA device")
+
+
+def make_ops(A: sp.spmatrix, backend: str = "numpy", threads: int | None = None) -> MatrixOps:
+    if backend in ("numpy", "cpu"):
+        return CpuOps(A, threads=threads)
+    if backend in ("cupy", "gpu"):
+        return CupyOps(A)
+    if backend == "auto":
+        ok, _ = gpu_available()
+        return CupyOps(A) if ok else CpuOps(A, threads=threads)
+    raise ValueError(f"unknown FMO backend {backend!r}; use numpy, cupy or auto")

@@ -1,0 +1,210 @@
+"""Clinical protocols: prescription, clinical goals, initial objectives and the physician's intent.
+
+A protocol is a human-edited YAML file (see ``protocols/``), validated once here with errors that
+name the field to fix; the rest of RadPilot works with the typed objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from radpilot.case import Case
+from radpilot.evaluation.metrics import MetricError, parse_metric
+from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
+
+COMPARATORS = ("<=", ">=")
+
+
+class ProtocolError(ValueError):
+    """A protocol is malformed, contradictory, or does not fit the case."""
+
+
+@dataclass(frozen=True)
+class ClinicalGoal:
+    structure: str
+    metric: str  # D95, D10, V30, mean, max, min
+    comparator: str  # "<=" or ">="
+    limit: float  # Gy, or % for Vx
+    priority: int = 1  # 1 is most important
+    hard: bool = True
+
+    @property
+    def unit(self) -> str:
+        return "%" if parse_metric(self.metric)[0] == "V" else "Gy"
+
+    @property
+    def label(self) -> str:
+        return f"{self.structure} {self.metric} {self.comparator} {self.limit:g} {self.unit}"
+
+    def margin(self, achieved: float) -> float:
+        """Positive when the goal is met with room to spare, negative by how much it is missed."""
+        return self.limit - achieved if self.comparator == "<=" else achieved - self.limit
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "structure": self.structure,
+            "metric": self.metric,
+            "comparator": self.comparator,
+            "limit": self.limit,
+            "priority": self.priority,
+            "hard": self.hard,
+        }
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    target: str
+    prescription_gy: float
+    goals: list[ClinicalGoal]
+    objectives: list[ObjectiveTerm]
+    intent: str = ""
+    coverage_pct: float = 95.0
+    case: str | None = None
+    version: str = "1"
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def check_case(self, case: Case) -> None:
+        """Raise ProtocolError unless every structure the protocol names exists in the case."""
+        names = set(case.structure_names)
+        used = {self.target} | {g.structure for g in self.goals} | {o.structure for o in self.objectives}
+        missing = sorted(used - names)
+        if missing:
+            raise ProtocolError(
+                f"protocol {self.name!r} names structure(s) {missing} that case {case.name!r} "
+                f"lacks; the case has {sorted(names)}"
+            )
+        if self.target not in {t.name for t in case.targets}:
+            raise ProtocolError(f"protocol target {self.target!r} is not a target structure in the case")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "case": self.case,
+            "prescription": {
+                "target": self.target,
+                "dose_gy": self.prescription_gy,
+                "coverage_pct": self.coverage_pct,
+            },
+            "intent": self.intent,
+            "goals": [g.to_dict() for g in self.goals],
+            "objectives": [o.to_dict() for o in self.objectives],
+        }
+
+
+def _num(value: Any, where: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ProtocolError(f"{where} must be finite, got {value!r}")
+    return v
+
+
+def _goal(raw: Any, i: int) -> ClinicalGoal:
+    where = f"goals[{i}]"
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{where} must be a mapping with structure, metric, comparator, limit")
+    missing = {"structure", "metric", "comparator", "limit"} - set(raw)
+    if missing:
+        raise ProtocolError(f"{where} lacks {sorted(missing)}")
+    unknown = set(raw) - {"structure", "metric", "comparator", "limit", "priority", "hard", "note"}
+    if unknown:
+        raise ProtocolError(f"{where} has unknown field(s) {sorted(unknown)}")
+    metric = str(raw["metric"])
+    try:
+        kind, _ = parse_metric(metric)
+    except MetricError as exc:
+        raise ProtocolError(f"{where}.metric: {exc}") from None
+    comparator = str(raw["comparator"]).strip()
+    if comparator not in COMPARATORS:
+        raise ProtocolError(f"{where}.comparator must be '<=' or '>=', got {comparator!r}")
+    limit = _num(raw["limit"], f"{where}.limit")
+    if limit < 0 or (kind == "V" and limit > 100):
+        raise ProtocolError(f"{where}.limit {limit} is out of range for {metric}")
+    priority = raw.get("priority", 1)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 1:
+        raise ProtocolError(f"{where}.priority must be an integer >= 1 (1 = most important)")
+    hard = raw.get("hard", True)
+    if not isinstance(hard, bool):
+        raise ProtocolError(f"{where}.hard must be true or false")
+    return ClinicalGoal(str(raw["structure"]), metric, comparator, limit, priority, hard)
+
+
+def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{source}: a protocol must be a YAML mapping")
+    for key in ("name", "prescription", "goals", "objectives"):
+        if key not in data:
+            raise ProtocolError(f"{source}: missing required field {key!r}")
+    rx = data["prescription"]
+    if not isinstance(rx, dict) or "target" not in rx or "dose_gy" not in rx:
+        raise ProtocolError(f"{source}: prescription needs target and dose_gy")
+    dose = _num(rx["dose_gy"], "prescription.dose_gy")
+    if dose <= 0:
+        raise ProtocolError("prescription.dose_gy must be positive")
+    coverage = _num(rx.get("coverage_pct", 95.0), "prescription.coverage_pct")
+    if not 0 < coverage < 100:
+        raise ProtocolError("prescription.coverage_pct must be within (0, 100)")
+    goals_raw = data["goals"]
+    if not isinstance(goals_raw, list) or not goals_raw:
+        raise ProtocolError(f"{source}: goals must be a non-empty list")
+    goals = [_goal(g, i) for i, g in enumerate(goals_raw)]
+    _check_contradictions(goals)
+    obj_raw = data["objectives"]
+    if not isinstance(obj_raw, list) or not obj_raw:
+        raise ProtocolError(f"{source}: objectives must be a non-empty list")
+    try:
+        objectives = [ObjectiveTerm.from_dict(o if isinstance(o, dict) else {}) for o in obj_raw]
+        validate_terms(objectives)
+    except ObjectiveError as exc:
+        raise ProtocolError(f"{source}: objectives: {exc}") from None
+    return Protocol(
+        name=str(data["name"]),
+        version=str(data.get("version", "1")),
+        case=data.get("case"),
+        target=str(rx["target"]),
+        prescription_gy=dose,
+        coverage_pct=coverage,
+        goals=goals,
+        objectives=objectives,
+        intent=str(data.get("intent", "")).strip(),
+        source={"origin": source},
+    )
+
+
+def _check_contradictions(goals: list[ClinicalGoal]) -> None:
+    for a in goals:
+        for b in goals:
+            if (
+                a.structure == b.structure
+                and a.metric == b.metric
+                and a.comparator == ">="
+                and b.comparator == "<="
+                and a.limit > b.limit
+            ):
+                raise ProtocolError(
+                    f"contradictory goals: {a.label} and {b.label} cannot both hold"
+                )
+
+
+def load_protocol_text(text: str, source: str = "<protocol>") -> Protocol:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProtocolError(f"{source}: not valid YAML: {exc}") from None
+    return parse_protocol(data, source)
+
+
+def load_protocol(path: str | Path) -> Protocol:
+    p = Path(path)
+    if not p.is_file():
+        raise ProtocolError(f"protocol file {p} does not exist")
+    return load_protocol_text(p.read_text(), str(p))

@@ -1,0 +1,151 @@
+"""Plan reports: an HTML page with DVH and dose images, the PNGs beside it, and summary.json."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from radpilot.evaluation.dvh import dvh_levels
+from radpilot.evaluation.images import dvh_plot, plane_images, structure_crops
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.protocol import Protocol
+
+
+@dataclass
+class IterationRecord:
+    """What one outer-loop iteration produced, as the report shows it."""
+
+    iteration: int
+    objectives: list[ObjectiveTerm]
+    fmo: dict[str, Any]
+    check: ProtocolCheck
+    feedback: str = ""
+
+
+@dataclass
+class PlanReport:
+    case_name: str
+    protocol: Protocol
+    agent: str
+    plan: PlanDose
+    check: ProtocolCheck
+    iterations: list[IterationRecord]
+    best_iteration: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "case": self.case_name,
+            "protocol": self.protocol.name,
+            "agent": self.agent,
+            "iterations": len(self.iterations),
+            "best_iteration": self.best_iteration,
+            "all_goals_met": self.check.all_passed,
+            "all_hard_goals_met": self.check.all_hard_passed,
+            "goals": [
+                {
+                    "structure": r.goal.structure,
+                    "metric": r.goal.metric,
+                    "comparator": r.goal.comparator,
+                    "limit": r.goal.limit,
+                    "achieved": round(r.achieved, 4),
+                    "passed": r.passed,
+                    "hard": r.goal.hard,
+                    "margin": round(r.margin, 4),
+                }
+                for r in self.check.results
+            ],
+            "structures": [s.to_dict() for s in self.plan.stats()],
+            "target_indices": self.plan.target_indices(),
+            "seconds": self.seconds,
+            "per_iteration": [
+                {
+                    "iteration": it.iteration,
+                    "objectives": [o.to_dict() for o in it.objectives],
+                    "fmo": it.fmo,
+                    "goals_met": it.check.all_passed,
+                    "feedback": it.feedback,
+                }
+                for it in self.iterations
+            ],
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cube = self.plan.cube()
+        images = {f"dose_{k}.png": v for k, v in plane_images(self.plan.case, cube).items()}
+        images.update({f"crop_{k}.png": v for k, v in structure_crops(self.plan.case, cube).items()})
+        levels = dvh_levels(float(self.plan.dose_rows.max()), 0.25)
+        images["dvh.png"] = dvh_plot(levels, self.plan.dvh_curves(levels))
+        for name, data in images.items():
+            (out / name).write_bytes(data)
+        summary = self.summary()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
+        (out / "report.html").write_text(self._html(summary, list(images)))
+        return out / "report.html"
+
+    def _html(self, summary: dict[str, Any], images: list[str]) -> str:
+        e = html.escape
+        goal_rows = "".join(
+            f"<tr class={'pass' if g['passed'] else 'fail'}><td>{e(g['structure'])}</td>"
+            f"<td>{e(g['metric'])} {e(g['comparator'])} {g['limit']:g}</td><td>{g['achieved']:.2f}</td>"
+            f"<td>{g['margin']:+.2f}</td><td>{'pass' if g['passed'] else 'FAIL'}</td>"
+            f"<td>{'hard' if g['hard'] else 'soft'}</td></tr>"
+            for g in summary["goals"]
+        )
+        stat_rows = "".join(
+            f"<tr><td>{e(s['name'])}</td><td>{s['volume_cc']:.1f}</td><td>{s['min_gy']:.2f}</td>"
+            f"<td>{s['mean_gy']:.2f}</td><td>{s['max_gy']:.2f}</td><td>{s['d95_gy']:.2f}</td>"
+            f"<td>{s['d5_gy']:.2f}</td></tr>"
+            for s in summary["structures"]
+        )
+        iter_rows = ""
+        for it in self.iterations:
+            weights = "<br>".join(
+                e(f"{o.structure} {o.kind} {o.dose_gy:g} Gy w={o.weight:g}") for o in it.objectives
+            )
+            metrics = "<br>".join(e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results)
+            iter_rows += (
+                f"<tr><td>{it.iteration}</td><td>{weights}</td><td>{metrics}</td>"
+                f"<td>{it.fmo.get('iterations', '')} it, {it.fmo.get('seconds', 0):.2f} s, "
+                f"{e(str(it.fmo.get('backend', '')))}</td><td>{e(it.feedback)}</td></tr>"
+            )
+        imgs = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(n)}</figcaption></figure>' for n in images)
+        ti = "".join(
+            f"<li>{e(k)}: HI {v['HI']:.2f}, CI {v['CI']:.3f}</li>" for k, v in summary["target_indices"].items()
+        )
+        verdict = "meets every goal" if summary["all_goals_met"] else "does not meet every goal"
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary['case'])}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}tr.pass td{{background:#e8f6e8}}
+tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}</style></head>
+<body><h1>Plan report: {e(summary['case'])}</h1>
+<p>Protocol <b>{e(summary['protocol'])}</b>, agent <b>{e(summary['agent'])}</b>. Best plan from iteration
+{summary['best_iteration']} of {summary['iterations']}: it <b>{verdict}</b>.
+Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} = {self.protocol.prescription_gy:g} Gy
+(not leaf-sequenced).</p>
+<h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
+<h2>Target indices</h2><ul>{ti}</ul>
+<h2>Structure statistics (Gy)</h2><table><tr><th>structure</th><th>cc</th><th>min</th><th>mean</th><th>max</th><th>D95</th><th>D5</th></tr>{stat_rows}</table>
+<h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>feedback</th></tr>{iter_rows}</table>
+<h2>Images</h2>{imgs}
+<h2>Physician intent</h2><pre>{e(self.protocol.intent)}</pre>
+</body></html>
+"""
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,1 @@
+"""Orchestrator service: the public API: cases, planning jobs, memory, persistence, export."""
