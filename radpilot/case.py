@@ -45,7 +45,9 @@ class Grid:
         """Nearest voxel ``(z, y, x)`` to a world point given in ``(z, y, x)`` millimetres."""
         idx = [
             int(np.clip(round((p - o) / s), 0, n - 1))
-            for p, o, s, n in zip(point_mm, self.origin_mm, self.spacing_mm, self.shape, strict=True)
+            for p, o, s, n in zip(
+                point_mm, self.origin_mm, self.spacing_mm, self.shape, strict=True
+            )
         ]
         return idx[0], idx[1], idx[2]
 
@@ -63,7 +65,7 @@ class Grid:
         origin = tuple(float(v) for v in d["origin_mm"])
         if len(shape) != 3 or len(spacing) != 3 or len(origin) != 3:
             raise CaseError("grid shape, spacing_mm and origin_mm must each have three values")
-        return cls(shape, spacing, origin)  # type: ignore[arg-type]
+        return cls(shape, spacing, origin)
 
 
 @dataclass
@@ -204,7 +206,10 @@ def restrict_rows(
 
 
 def as_csr32(A: sp.spmatrix) -> sp.csr_matrix:
-    """CSR, float32 values, int32 indices *and* indptr (mixed index types make SciPy copy per call)."""
+    """CSR, float32 values, int32 indices *and* indptr.
+
+    Mixed index types make SciPy copy the matrix on every product.
+    """
     A = sp.csr_matrix(A, dtype=np.float32)
     A.sum_duplicates()
     A.sort_indices()

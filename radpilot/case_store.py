@@ -114,7 +114,11 @@ class CaseStore:
                     for i, s in enumerate(case.structures)
                 ],
                 "beams": [
-                    {"gantry_deg": b.gantry_deg, "couch_deg": b.couch_deg, "num_beamlets": b.num_beamlets}
+                    {
+                        "gantry_deg": b.gantry_deg,
+                        "couch_deg": b.couch_deg,
+                        "num_beamlets": b.num_beamlets,
+                    }
                     for b in case.beams
                 ],
                 "isocenter_mm": list(case.isocenter_mm),
@@ -144,7 +148,9 @@ class CaseStore:
     def load(self, case_id: str, verify: bool = False) -> Case:
         m = self.manifest(case_id)
         if m.get("format") != FORMAT_VERSION:
-            raise CaseError(f"case {case_id!r} has store format {m.get('format')}, expected {FORMAT_VERSION}")
+            raise CaseError(
+                f"case {case_id!r} has store format {m.get('format')}, expected {FORMAT_VERSION}"
+            )
         folder = self.path(case_id)
 
         def arr(key: str) -> np.ndarray:
@@ -167,7 +173,7 @@ class CaseStore:
             ct_hu=arr("ct_hu"),
             structures=structures,
             beams=[Beam(**b) for b in m["beams"]],
-            isocenter_mm=tuple(m["isocenter_mm"]),  # type: ignore[arg-type]
+            isocenter_mm=tuple(m["isocenter_mm"]),
             prescription_gy=float(m["prescription_gy"]),
             row_voxels=arr("row_voxels"),
             dose_influence=A,

@@ -1,8 +1,8 @@
 """``radpilot``: plan a built-in case against a protocol, in process, and write the report.
 
-    radpilot demo                                   # TG-119 C-shape, harder protocol -> out/demo
-    radpilot plan --case tg119-cshape --protocol protocols/tg119_cshape_easier.yaml --out out/easy
-    radpilot cases                                  # list built-in cases
+radpilot demo                                   # TG-119 C-shape, harder protocol -> out/demo
+radpilot plan --case tg119-cshape --protocol protocols/tg119_cshape_easier.yaml --out out/easy
+radpilot cases                                  # list built-in cases
 """
 
 from __future__ import annotations
@@ -47,7 +47,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = report.write(args.out)
     print(f"{'goal':32s} {'achieved':>9s} {'margin':>8s}  result")
     for r in report.check.results:
-        print(f"{r.goal.label:32s} {r.achieved:9.2f} {r.margin:+8.2f}  {'pass' if r.passed else 'FAIL'}")
+        print(
+            f"{r.goal.label:32s} {r.achieved:9.2f} {r.margin:+8.2f}  "
+            f"{'pass' if r.passed else 'FAIL'}"
+        )
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     print(json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
@@ -55,20 +58,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="radpilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="radpilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-v", "--verbose", action="store_true")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("plan", "demo"):
-        p = sub.add_parser(name, help="optimise, evaluate and report" if name == "plan" else "plan the TG-119 C-shape (harder)")
+        p = sub.add_parser(
+            name,
+            help="optimise, evaluate and report"
+            if name == "plan"
+            else "plan the TG-119 C-shape (harder)",
+        )
         p.add_argument("--case", default="tg119-cshape", choices=sorted(BUILTIN_CASES))
         p.add_argument("--protocol", default=str(DEMO_PROTOCOL))
-        p.add_argument("--param", action="append", default=[], help="case parameter name=value, e.g. dose_grid_mm=3")
+        p.add_argument(
+            "--param",
+            action="append",
+            default=[],
+            help="case parameter name=value, e.g. dose_grid_mm=3",
+        )
         p.add_argument("--out", default="out/demo" if name == "demo" else "out/plan")
         p.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "auto"])
-        p.add_argument("--store", default=None, help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)")
+        p.add_argument(
+            "--store",
+            default=None,
+            help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)",
+        )
     sub.add_parser("cases", help="list built-in cases")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command == "cases":
         for name, spec in BUILTIN_CASES.items():
             print(f"{name:18s} {spec.description}")

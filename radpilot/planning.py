@@ -30,7 +30,13 @@ def plan_once(case: Case, protocol: Protocol, backend: str = "numpy") -> PlanRep
     t1 = time.perf_counter()
     check = check_protocol(plan, protocol)
     feedback = "; ".join(r.finding() for r in check.results)
-    log.info("FMO %d iterations in %.2f s on %s; %s", result.iterations, result.seconds, result.backend, feedback)
+    log.info(
+        "FMO %d iterations in %.2f s on %s; %s",
+        result.iterations,
+        result.seconds,
+        result.backend,
+        feedback,
+    )
     record = IterationRecord(1, list(protocol.objectives), result.stats(), check, feedback)
     return PlanReport(
         case_name=case.name,

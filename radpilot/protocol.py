@@ -72,7 +72,11 @@ class Protocol:
     def check_case(self, case: Case) -> None:
         """Raise ProtocolError unless every structure the protocol names exists in the case."""
         names = set(case.structure_names)
-        used = {self.target} | {g.structure for g in self.goals} | {o.structure for o in self.objectives}
+        used = (
+            {self.target}
+            | {g.structure for g in self.goals}
+            | {o.structure for o in self.objectives}
+        )
         missing = sorted(used - names)
         if missing:
             raise ProtocolError(
@@ -80,7 +84,9 @@ class Protocol:
                 f"lacks; the case has {sorted(names)}"
             )
         if self.target not in {t.name for t in case.targets}:
-            raise ProtocolError(f"protocol target {self.target!r} is not a target structure in the case")
+            raise ProtocolError(
+                f"protocol target {self.target!r} is not a target structure in the case"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {

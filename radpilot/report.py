@@ -82,7 +82,9 @@ class PlanReport:
         out.mkdir(parents=True, exist_ok=True)
         cube = self.plan.cube()
         images = {f"dose_{k}.png": v for k, v in plane_images(self.plan.case, cube).items()}
-        images.update({f"crop_{k}.png": v for k, v in structure_crops(self.plan.case, cube).items()})
+        images.update(
+            {f"crop_{k}.png": v for k, v in structure_crops(self.plan.case, cube).items()}
+        )
         levels = dvh_levels(float(self.plan.dose_rows.max()), 0.25)
         images["dvh.png"] = dvh_plot(levels, self.plan.dvh_curves(levels))
         for name, data in images.items():
@@ -112,25 +114,31 @@ class PlanReport:
             weights = "<br>".join(
                 e(f"{o.structure} {o.kind} {o.dose_gy:g} Gy w={o.weight:g}") for o in it.objectives
             )
-            metrics = "<br>".join(e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results)
+            metrics = "<br>".join(
+                e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results
+            )
             iter_rows += (
                 f"<tr><td>{it.iteration}</td><td>{weights}</td><td>{metrics}</td>"
                 f"<td>{it.fmo.get('iterations', '')} it, {it.fmo.get('seconds', 0):.2f} s, "
                 f"{e(str(it.fmo.get('backend', '')))}</td><td>{e(it.feedback)}</td></tr>"
             )
-        imgs = "".join(f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(n)}</figcaption></figure>' for n in images)
+        imgs = "".join(
+            f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(n)}</figcaption></figure>'
+            for n in images
+        )
         ti = "".join(
-            f"<li>{e(k)}: HI {v['HI']:.2f}, CI {v['CI']:.3f}</li>" for k, v in summary["target_indices"].items()
+            f"<li>{e(k)}: HI {v['HI']:.2f}, CI {v['CI']:.3f}</li>"
+            for k, v in summary["target_indices"].items()
         )
         verdict = "meets every goal" if summary["all_goals_met"] else "does not meet every goal"
         return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary['case'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary["case"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}tr.pass td{{background:#e8f6e8}}
 tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}</style></head>
-<body><h1>Plan report: {e(summary['case'])}</h1>
-<p>Protocol <b>{e(summary['protocol'])}</b>, agent <b>{e(summary['agent'])}</b>. Best plan from iteration
-{summary['best_iteration']} of {summary['iterations']}: it <b>{verdict}</b>.
+<body><h1>Plan report: {e(summary["case"])}</h1>
+<p>Protocol <b>{e(summary["protocol"])}</b>, agent <b>{e(summary["agent"])}</b>. Best plan from iteration
+{summary["best_iteration"]} of {summary["iterations"]}: it <b>{verdict}</b>.
 Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} = {self.protocol.prescription_gy:g} Gy
 (not leaf-sequenced).</p>
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>

@@ -59,7 +59,9 @@ def builtin_params(name: str, **overrides: Any) -> Any:
         try:
             values[key] = type(default)(value)
         except (TypeError, ValueError) as exc:
-            raise CaseError(f"case parameter {key}={value!r} is not a {type(default).__name__}") from exc
+            raise CaseError(
+                f"case parameter {key}={value!r} is not a {type(default).__name__}"
+            ) from exc
     return ptype(**values)
 
 

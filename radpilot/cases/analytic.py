@@ -81,8 +81,8 @@ def _beam_matrix(
     tz = target_xyz[:, 2]
     u_lo, u_hi = np.floor(tu.min() / w - 1) * w, np.ceil(tu.max() / w + 1) * w
     z_lo, z_hi = np.floor(tz.min() / w - 1) * w, np.ceil(tz.max() / w + 1) * w
-    nu = int(round((u_hi - u_lo) / w))
-    nz = int(round((z_hi - z_lo) / w))
+    nu = round((u_hi - u_lo) / w)
+    nz = round((z_hi - z_lo) / w)
     home_u = np.floor((u - u_lo) / w).astype(np.int64)
     home_z = np.floor((zc - z_lo) / w).astype(np.int64)
     reach = int(np.ceil(p.cutoff_sigmas * sigma.max() / w)) + 1
@@ -129,7 +129,10 @@ def build_analytic_cshape(params: AnalyticParams | None = None) -> Case:
     blocks = [_beam_matrix(p, g, xyz, target_xyz) for g in gantries]
     A = sp.hstack(blocks, format="csr")
     # scale so that a uniform unit fluence gives roughly the prescription in the target
-    A = A * (p.prescription_gy / float(np.mean(A[np.searchsorted(rows, structures[0].voxel_indices)].sum(axis=1))))
+    A = A * (
+        p.prescription_gy
+        / float(np.mean(A[np.searchsorted(rows, structures[0].voxel_indices)].sum(axis=1)))
+    )
     return Case(
         name="analytic-cshape",
         grid=grid,

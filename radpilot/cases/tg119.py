@@ -41,9 +41,9 @@ def recipe(params: TG119Params) -> dict[str, Any]:
 
 
 def _sitk_to_zyx(image: Any) -> np.ndarray:
-    import SimpleITK as sitk
+    import SimpleITK
 
-    return sitk.GetArrayFromImage(image)
+    return SimpleITK.GetArrayFromImage(image)
 
 
 def build_tg119_cshape(params: TG119Params | None = None) -> Case:
@@ -80,7 +80,11 @@ def build_tg119_cshape(params: TG119Params | None = None) -> Case:
     nx, ny, nz = (int(v) for v in dg.dimensions)
     grid = Grid(
         shape=(nz, ny, nx),
-        spacing_mm=(float(dg.resolution["z"]), float(dg.resolution["y"]), float(dg.resolution["x"])),
+        spacing_mm=(
+            float(dg.resolution["z"]),
+            float(dg.resolution["y"]),
+            float(dg.resolution["x"]),
+        ),
         origin_mm=(float(dg.origin[2]), float(dg.origin[1]), float(dg.origin[0])),
     )
     ct_hu = _sitk_to_zyx(ct_dose.cube_hu).astype(np.float32)

@@ -13,6 +13,7 @@ Axial images show anterior up; sagittal and coronal show superior up. Pixel spac
 from __future__ import annotations
 
 import io
+from typing import Literal
 
 import matplotlib
 
@@ -26,6 +27,7 @@ from radpilot.case import Case, StructureKind
 FIG_SIZE_IN = (6.0, 5.0)
 DPI = 100
 CROP_MARGIN_PX = 5
+COLOURBAR_LABEL = "Dose [Gy]"
 COLORS = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
@@ -47,7 +49,11 @@ def _slice(cube: np.ndarray, plane: str, index: int) -> np.ndarray:
 
 
 def _extent(case: Case, plane: str) -> tuple[float, float, float, float]:
-    (nz, ny, nx), (dz, dy, dx), (oz, oy, ox) = case.grid.shape, case.grid.spacing_mm, case.grid.origin_mm
+    (nz, ny, nx), (dz, dy, dx), (oz, oy, ox) = (
+        case.grid.shape,
+        case.grid.spacing_mm,
+        case.grid.origin_mm,
+    )
     xs = (ox - dx / 2, ox + (nx - 0.5) * dx)
     ys = (oy - dy / 2, oy + (ny - 0.5) * dy)
     zs = (oz - dz / 2, oz + (nz - 0.5) * dz)
@@ -67,7 +73,7 @@ def _draw(
     vmax: float,
     window: tuple[slice, slice] | None = None,
 ) -> matplotlib.image.AxesImage:
-    origin = "upper" if plane == "axial" else "lower"
+    origin: Literal["upper", "lower"] = "upper" if plane == "axial" else "lower"
     ct = _slice(case.ct_hu, plane, index)
     dose = _slice(dose_cube, plane, index)
     extent = _extent(case, plane)
@@ -85,8 +91,12 @@ def _draw(
             m = m[window]
         if m.any():
             ax.contour(
-                m.astype(float), levels=[0.5], colors=[COLORS[k % len(COLORS)]], linewidths=1.2,
-                extent=extent, origin=origin,
+                m.astype(float),
+                levels=[0.5],
+                colors=[COLORS[k % len(COLORS)]],
+                linewidths=1.2,
+                extent=extent,
+                origin=origin,
             )
             ax.plot([], [], color=COLORS[k % len(COLORS)], label=s.name)
     ax.set_xlabel("mm")
@@ -94,10 +104,16 @@ def _draw(
     return im
 
 
-def _window_extent(case: Case, plane: str, window: tuple[slice, slice]) -> tuple[float, float, float, float]:
+def _window_extent(
+    case: Case, plane: str, window: tuple[slice, slice]
+) -> tuple[float, float, float, float]:
     (dz, dy, dx), (oz, oy, ox) = case.grid.spacing_mm, case.grid.origin_mm
     rows, cols = window
-    axes = {"axial": ((oy, dy), (ox, dx)), "coronal": ((oz, dz), (ox, dx)), "sagittal": ((oz, dz), (oy, dy))}
+    axes = {
+        "axial": ((oy, dy), (ox, dx)),
+        "coronal": ((oz, dz), (ox, dx)),
+        "sagittal": ((oz, dz), (oy, dy)),
+    }
     (ro, rd), (co, cd) = axes[plane]
     r0, r1 = ro + (rows.start - 0.5) * rd, ro + (rows.stop - 0.5) * rd
     c0, c1 = co + (cols.start - 0.5) * cd, co + (cols.stop - 0.5) * cd
@@ -108,20 +124,25 @@ def _colour_max(case: Case, dose_cube: np.ndarray) -> float:
     return float(max(dose_cube.max(), 1.1 * case.prescription_gy))
 
 
-def plane_images(case: Case, dose_cube: np.ndarray, title: str = "") -> dict[str, bytes]:
-    """PNG bytes for the axial, sagittal and coronal planes through the isocentre."""
+def plane_figures(case: Case, dose_cube: np.ndarray, title: str = "") -> dict[str, Figure]:
+    """Figures for the axial, sagittal and coronal planes through the isocentre."""
     iz, iy, ix = case.grid.index_of(case.isocenter_mm)
     vmax = _colour_max(case, dose_cube)
     out = {}
     for plane, index in (("axial", iz), ("sagittal", ix), ("coronal", iy)):
         fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
         im = _draw(ax, case, dose_cube, plane, index, vmax)
-        fig.colorbar(im, ax=ax, label="Dose [Gy]")
+        fig.colorbar(im, ax=ax, label=COLOURBAR_LABEL)
         ax.legend(loc="lower right", fontsize=7)
         ax.set_title(f"{title} {plane}".strip())
         fig.tight_layout()
-        out[plane] = _png(fig)
+        out[plane] = fig
     return out
+
+
+def plane_images(case: Case, dose_cube: np.ndarray, title: str = "") -> dict[str, bytes]:
+    """PNG bytes for the axial, sagittal and coronal planes through the isocentre."""
+    return {k: _png(f) for k, f in plane_figures(case, dose_cube, title).items()}
 
 
 def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
@@ -132,7 +153,7 @@ def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
         if s.kind is StructureKind.EXTERNAL or s.name == "NormalTissue":
             continue
         zyx = np.stack(np.unravel_index(s.voxel_indices, case.grid.shape), axis=1)
-        iz = int(round(float(zyx[:, 0].mean())))
+        iz = round(float(zyx[:, 0].mean()))
         mask = s.mask(case.grid)[iz]
         if not mask.any():  # a concave structure may miss its own centroid slice
             iz = int(np.median(zyx[:, 0]))
@@ -145,7 +166,7 @@ def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
         )
         fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
         im = _draw(ax, case, dose_cube, "axial", iz, vmax, window)
-        fig.colorbar(im, ax=ax, label="Dose [Gy]")
+        fig.colorbar(im, ax=ax, label=COLOURBAR_LABEL)
         ax.set_title(f"{s.name} (axial crop)")
         fig.tight_layout()
         out[s.name] = _png(fig)

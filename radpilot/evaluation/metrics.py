@@ -1,4 +1,4 @@
-"""Plan metrics: per-structure statistics, Dx/Vx, HI and CI (GPT-RadPlan Eqs. 2 and 3), DVH table."""
+"""Plan metrics: structure statistics, Dx/Vx, HI and CI (GPT-RadPlan Eqs. 2, 3), DVH table."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ class MetricError(ValueError):
 
 
 def parse_metric(name: str) -> tuple[str, float | None]:
-    """``"D95"`` -> ``("D", 95.0)``, ``"V30"`` -> ``("V", 30.0)``, ``"mean"`` -> ``("mean", None)``."""
+    """Split a metric name: ``"D95"`` -> ``("D", 95.0)``, ``"mean"`` -> ``("mean", None)``."""
     n = name.strip()
     if n.lower() in ("mean", "max", "min"):
         return n.lower(), None
@@ -68,7 +68,9 @@ class StructureStats:
 
 def homogeneity_index(target_dose: np.ndarray, prescription_gy: float) -> float:
     """HI = (D5 - D95) / prescription * 100 (Eq. 2); 0 is perfectly uniform."""
-    return (dose_at_volume(target_dose, 5) - dose_at_volume(target_dose, 95)) / prescription_gy * 100
+    return (
+        (dose_at_volume(target_dose, 5) - dose_at_volume(target_dose, 95)) / prescription_gy * 100
+    )
 
 
 def conformity_index(
@@ -94,7 +96,8 @@ class PlanDose:
     def __init__(self, case: Case, dose_rows: np.ndarray) -> None:
         if dose_rows.shape != (case.row_voxels.size,):
             raise CaseError(
-                f"dose has {dose_rows.size} values; case {case.name} has {case.row_voxels.size} rows"
+                f"dose has {dose_rows.size} values; "
+                f"case {case.name} has {case.row_voxels.size} rows"
             )
         self.case = case
         self.dose_rows = np.asarray(dose_rows, dtype=np.float32)
@@ -146,13 +149,18 @@ class PlanDose:
     def dvh_curves(self, levels_gy: np.ndarray) -> dict[str, np.ndarray]:
         return {s.name: cumulative_dvh(self.of(s.name), levels_gy) for s in self.case.structures}
 
-    def dvh_table(self, step_gy: float | None = None, structures: list[str] | None = None) -> DVHTable:
+    def dvh_table(
+        self, step_gy: float | None = None, structures: list[str] | None = None
+    ) -> DVHTable:
         """The DVH as a table: rows are dose levels, columns structures, cells % volume >= dose."""
         names = structures or [s.name for s in self.case.structures]
         top = float(self.dose_rows.max()) if self.dose_rows.size else 0.0
         step = step_gy or max(1.0, round(self.case.prescription_gy / 25.0))
-        levels = np.arange(0.0, top + step, step)
-        return DVHTable(levels, names, np.stack([cumulative_dvh(self.of(n), levels) for n in names], axis=1))
+        # up to the first level above the maximum, so every column ends at 0 %
+        levels = np.arange(0.0, (np.floor(top / step) + 1.5) * step, step)
+        return DVHTable(
+            levels, names, np.stack([cumulative_dvh(self.of(n), levels) for n in names], axis=1)
+        )
 
 
 @dataclass
@@ -174,6 +182,7 @@ class DVHTable:
         return {
             "levels_gy": [float(v) for v in self.levels_gy],
             "volume_pct": {
-                s: [round(float(v), 3) for v in self.volume_pct[:, j]] for j, s in enumerate(self.structures)
+                s: [round(float(v), 3) for v in self.volume_pct[:, j]]
+                for j, s in enumerate(self.structures)
             },
         }

@@ -12,6 +12,7 @@ entries), so no thread writes where another does.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -27,9 +28,12 @@ class BackendUnavailableError(RuntimeError):
 
 
 class MatrixOps(Protocol):
-    xp: Any
-    name: str
-    shape: tuple[int, int]
+    @property
+    def xp(self) -> Any: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, int]: ...
 
     def matvec(self, x: Any) -> Any: ...
     def rmatvec(self, g: Any) -> Any: ...
@@ -39,7 +43,7 @@ class MatrixOps(Protocol):
 
 def _split(n: int, parts: int) -> list[tuple[int, int]]:
     edges = np.linspace(0, n, parts + 1).astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
 class CpuOps:
@@ -53,7 +57,9 @@ class CpuOps:
         self.shape = (int(A.shape[0]), int(A.shape[1]))
         self.nnz = int(A.nnz)
         self.threads = max(1, threads or len(os.sched_getaffinity(0)))
-        self._row_blocks = [(a, b, as_csr32(A[a:b])) for a, b in _split(self.shape[0], self.threads)]
+        self._row_blocks = [
+            (a, b, as_csr32(A[a:b])) for a, b in _split(self.shape[0], self.threads)
+        ]
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def _run(self, fn: Any, blocks: list[Any]) -> None:

@@ -128,7 +128,8 @@ class ObjectiveTerm:
             raise ObjectiveError("an objective term needs a structure name")
         if not math.isfinite(self.dose_gy) or self.dose_gy < 0:
             raise ObjectiveError(
-                f"objective dose for {self.structure} ({self.kind}) must be a finite number >= 0 Gy,"
+                f"objective dose for {self.structure} ({self.kind}) must be a finite number"
+                " >= 0 Gy,"
                 f" got {self.dose_gy}"
             )
         if not math.isfinite(self.weight) or self.weight < 0:
@@ -155,9 +156,10 @@ class ObjectiveTerm:
         if missing:
             raise ObjectiveError(f"objective term {d} lacks {sorted(missing)}")
         try:
-            return cls(str(d["structure"]), str(d["kind"]), float(d["dose_gy"]), float(d["weight"]))
+            dose, weight = float(d["dose_gy"]), float(d["weight"])
         except (TypeError, ValueError) as exc:
             raise ObjectiveError(f"objective term {d}: dose_gy and weight must be numbers") from exc
+        return cls(str(d["structure"]), str(d["kind"]), dose, weight)
 
 
 def validate_terms(terms: list[ObjectiveTerm]) -> None:

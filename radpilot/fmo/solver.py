@@ -117,7 +117,9 @@ class FluenceOptimizer:
                 f"objective terms name structure(s) {unknown} that case {self.case.name!r} lacks;"
                 f" it has {sorted(names)}"
             )
-        return [_Term(t, objective_kind(t.kind), self.rows(t.structure)) for t in terms if t.weight > 0]
+        return [
+            _Term(t, objective_kind(t.kind), self.rows(t.structure)) for t in terms if t.weight > 0
+        ]
 
     # -- objective on a dose vector -------------------------------------------------------
     def _value_grad(self, dose: Any, terms: list[_Term]) -> tuple[float, Any]:
@@ -134,7 +136,9 @@ class FluenceOptimizer:
         xp = self.xp
         dose = self.ops.asarray(dose_rows)
         return {
-            t.key(): objective_kind(t.kind).value(dose[self.rows(t.structure)], t.dose_gy, t.weight, xp)
+            t.key(): objective_kind(t.kind).value(
+                dose[self.rows(t.structure)], t.dose_gy, t.weight, xp
+            )
             for t in terms
         }
 
@@ -150,10 +154,18 @@ class FluenceOptimizer:
 
     # -- exact line search ------------------------------------------------------------------
     def _line_search(self, dose: Any, q: Any, terms: list[_Term], slope0: float) -> float:
-        """argmin over t in [0, 1] of the objective at ``dose + t q`` (convex, piecewise quadratic)."""
+        """argmin over t in [0, 1] of the objective at ``dose + t q``.
+
+        The objective along the line is convex and piecewise quadratic in ``t``.
+        """
         xp = self.xp
         parts = [
-            (t.kind, dose[t.rows] - t.term.dose_gy, q[t.rows], 2.0 * t.term.weight / max(int(t.rows.size), 1))
+            (
+                t.kind,
+                dose[t.rows] - t.term.dose_gy,
+                q[t.rows],
+                2.0 * t.term.weight / max(int(t.rows.size), 1),
+            )
             for t in terms
         ]
 
@@ -181,7 +193,9 @@ class FluenceOptimizer:
                 hi, d1_hi = t, d1
             t_new = t - d1 / d2 if d2 > 0 else -1.0
             if not lo < t_new < hi:
-                t_new = lo + (hi - lo) * d1_lo / (d1_lo - d1_hi) if d1_hi != d1_lo else 0.5 * (lo + hi)
+                t_new = (
+                    lo + (hi - lo) * d1_lo / (d1_lo - d1_hi) if d1_hi != d1_lo else 0.5 * (lo + hi)
+                )
             if abs(t_new - t) <= 1e-7:
                 t = t_new
                 break
@@ -283,7 +297,10 @@ class FluenceOptimizer:
             times.append(time.perf_counter() - t_start)
             stall = stall + 1 if rel < s.rel_tol else 0
             if stall >= s.patience:
-                converged, reason = True, f"relative decrease < {s.rel_tol:g} for {s.patience} iterations"
+                converged, reason = (
+                    True,
+                    f"relative decrease < {s.rel_tol:g} for {s.patience} iterations",
+                )
                 break
 
         self._last_memory = list(mem)

@@ -1,1 +1,4 @@
-"""Planner service: proposes the next objective weights and doses (rules, LLM or Bayesian optimisation)."""
+"""Planner service: proposes the next objective weights and doses.
+
+Agents: rules (default), LLM, Bayesian optimisation.
+"""

@@ -1,0 +1,52 @@
+# RadPilot's front door. `make demo` and `make test` work from a fresh clone: each creates (or
+# reuses) the virtual environment in .venv and installs what it needs first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export RADPILOT_CASE_STORE ?= $(HOME)/.cache/radpilot/case-store
+SRC := radpilot services tests benchmarks
+
+.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick clean
+
+help:
+	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
+	@echo "make test       run the test suite"
+	@echo "make lint       ruff (lint + format check) and mypy"
+	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m radpilot demo --out out/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(SRC)
+	$(VENV)/bin/ruff format --check $(SRC)
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(SRC)
+	$(VENV)/bin/ruff format $(SRC)
+
+bench-fmo: $(STAMP)
+	$(PY) benchmarks/bench_fmo.py --out out/bench/fmo.json --doc docs/benchmarks.md
+
+bench-fmo-quick: $(STAMP)
+	$(PY) benchmarks/bench_fmo.py --dose-grid-mm 5 --out out/bench/fmo-quick.json
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache

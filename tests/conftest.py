@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from radpilot.case import Case
+from radpilot.case_store import CaseStore
+from radpilot.cases import load_builtin
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOLS = ROOT / "protocols"
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> CaseStore:
+    """The shared case store (``$RADPILOT_CASE_STORE``), so a second run skips pyRadPlan."""
+    root = os.environ.get("RADPILOT_CASE_STORE")
+    return CaseStore(root) if root else CaseStore(tmp_path_factory.mktemp("case-store"))
+
+
+@pytest.fixture(scope="session")
+def analytic_case(store: CaseStore) -> Case:
+    return load_builtin("analytic-cshape", store)
+
+
+@pytest.fixture(scope="session")
+def tg119_case(store: CaseStore) -> Case:
+    """TG-119 C-shape at the default (coarse) 5 mm grid and 5 mm bixels."""
+    return load_builtin("tg119-cshape", store)
