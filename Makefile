@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed
 export RADPILOT_CASE_STORE ?= $(HOME)/.cache/radpilot/case-store
 SRC := radpilot services tests benchmarks
 
-.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick clean
+.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
 	@echo "make test       run the test suite"
 	@echo "make lint       ruff (lint + format check) and mypy"
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
+	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 
 venv: $(STAMP)
 
@@ -45,8 +46,11 @@ format: $(STAMP)
 bench-fmo: $(STAMP)
 	$(PY) benchmarks/bench_fmo.py --out out/bench/fmo.json --doc docs/benchmarks.md
 
+bench-quality: $(STAMP)
+	$(PY) benchmarks/tg119_quality.py --doc docs/benchmarks.md
+
 bench-fmo-quick: $(STAMP)
-	$(PY) benchmarks/bench_fmo.py --dose-grid-mm 5 --out out/bench/fmo-quick.json
+	$(PY) benchmarks/bench_fmo.py --dose-grid-mm 5 --skip-pyradplan --out out/bench/fmo-quick.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

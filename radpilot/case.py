@@ -210,9 +210,16 @@ def as_csr32(A: sp.spmatrix) -> sp.csr_matrix:
 
     Mixed index types make SciPy copy the matrix on every product.
     """
-    A = sp.csr_matrix(A, dtype=np.float32)
-    A.sum_duplicates()
-    A.sort_indices()
+    if not (
+        isinstance(A, sp.csr_matrix)
+        and A.dtype == np.float32
+        and A.indices.dtype == np.int32
+        and A.indptr.dtype == np.int32
+        and A.has_canonical_format
+    ):
+        A = sp.csr_matrix(A, dtype=np.float32)
+        A.sum_duplicates()
+        A.sort_indices()
     if A.nnz < np.iinfo(np.int32).max:
         A.indices = A.indices.astype(np.int32, copy=False)
         A.indptr = A.indptr.astype(np.int32, copy=False)

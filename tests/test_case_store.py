@@ -64,3 +64,11 @@ def test_same_recipe_loads_from_store(tmp_path) -> None:
     b = load_builtin("analytic-cshape", store, spacing_mm=8.0)
     assert b.case_id == a.case_id and b.dose_influence.nnz == a.dose_influence.nnz
     assert builtin_case_id("analytic-cshape", spacing_mm=6.0) != a.case_id
+
+
+def test_cli_lists_builtin_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    from radpilot.cli import main
+
+    assert main(["cases"]) == 0
+    out = capsys.readouterr().out
+    assert "tg119-cshape" in out and "analytic-cshape" in out

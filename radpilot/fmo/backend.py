@@ -50,6 +50,25 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in itertools.pairwise(edges) if b > a]
 
 
+def _row_view(A: sp.csr_matrix, a: int, b: int) -> sp.csr_matrix:
+    """Rows ``a:b`` of a CSR matrix sharing its value and index arrays (no copy)."""
+    lo, hi = int(A.indptr[a]), int(A.indptr[b])
+    indptr = (A.indptr[a : b + 1] - lo).astype(A.indptr.dtype)
+    # SciPy's constructor copies; an empty matrix of the right shape takes the views instead
+    M = sp.csr_matrix((b - a, A.shape[1]), dtype=A.dtype)
+    M.data, M.indices, M.indptr = A.data[lo:hi], A.indices[lo:hi], indptr
+    M.has_canonical_format = True  # rows of a canonical matrix stay canonical
+    return M
+
+
+def _transposed_view(M: sp.csr_matrix) -> sp.csc_matrix:
+    """``M.T`` as a CSC matrix on the same arrays (SciPy's ``.T`` prunes, i.e. copies, views)."""
+    T = sp.csc_matrix((M.shape[1], M.shape[0]), dtype=M.dtype)
+    T.data, T.indices, T.indptr = M.data, M.indices, M.indptr
+    T.has_canonical_format = True
+    return T
+
+
 BLOCKS = 64  # row blocks: small enough to skip, large enough to keep the pool busy
 
 
@@ -65,8 +84,8 @@ class CpuOps:
         self.nnz = int(A.nnz)
         self.threads = max(1, threads or len(os.sched_getaffinity(0)))
         nblocks = max(self.threads, min(BLOCKS, self.shape[0] // 1000 or 1))
-        self._row_blocks = [(a, b, as_csr32(A[a:b])) for a, b in _split(self.shape[0], nblocks)]
-        self._transposed = [M.T for _, _, M in self._row_blocks]  # CSC views, no copies
+        self._row_blocks = [(a, b, _row_view(A, a, b)) for a, b in _split(self.shape[0], nblocks)]
+        self._transposed = [_transposed_view(M) for _, _, M in self._row_blocks]
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
 
     def _run(self, fn: Any, blocks: list[Any]) -> None:

@@ -60,23 +60,36 @@ class ObjectiveKind:
         """h'(r): 1 where the penalty is active, 0 elsewhere."""
         raise NotImplementedError
 
-    def value(self, dose: Any, dose_gy: float, weight: float, xp: Any) -> float:
-        h = self.shaped(dose - dose_gy, xp)
-        return weight * float(xp.sum(h * h, dtype=xp.float64)) / max(dose.size, 1)
+    # ``n`` is the structure's voxel count; it defaults to ``dose.size`` and differs only when
+    # the solver passes a subset of the voxels (the ones that can be active).
 
-    def gradient(self, dose: Any, dose_gy: float, weight: float, xp: Any) -> Any:
-        return (2.0 * weight / max(dose.size, 1)) * self.shaped(dose - dose_gy, xp)
+    def value(
+        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
+    ) -> float:
+        h = self.shaped(dose - dose_gy, xp)
+        return weight * float(xp.sum(h * h, dtype=xp.float64)) / max(n or dose.size, 1)
+
+    def gradient(
+        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
+    ) -> Any:
+        return (2.0 * weight / max(n or dose.size, 1)) * self.shaped(dose - dose_gy, xp)
 
     def value_and_gradient(
-        self, dose: Any, dose_gy: float, weight: float, xp: Any
+        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
     ) -> tuple[float, Any]:
         """Both at once, sharing the shaped residual (what the solver calls)."""
         h = self.shaped(dose - dose_gy, xp)
-        n = max(dose.size, 1)
-        return weight * float(xp.sum(h * h, dtype=xp.float64)) / n, (2.0 * weight / n) * h
+        m = max(n or dose.size, 1)
+        return weight * float(xp.sum(h * h, dtype=xp.float64)) / m, (2.0 * weight / m) * h
 
-    def curvature(self, dose: Any, dose_gy: float, weight: float, xp: Any) -> Any:
-        return (2.0 * weight / max(dose.size, 1)) * self.slope(dose - dose_gy, xp)
+    def curvature(
+        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
+    ) -> Any:
+        return (2.0 * weight / max(n or dose.size, 1)) * self.slope(dose - dose_gy, xp)
+
+    def near_active(self, r: Any, band: float, xp: Any) -> Any:
+        """Voxels whose residual is within ``band`` of making the penalty active (a superset)."""
+        return self.slope(r + band, xp) + self.slope(r - band, xp) > 0
 
 
 @register("squared_deviation")

@@ -14,6 +14,13 @@ Solver: projected limited-memory quasi-Newton with an exact line search.
 - Stop when the relative objective decrease stays below ``rel_tol`` for ``patience`` iterations,
   when the projected gradient vanishes, or at ``max_iter``.
 
+Working set (CPU): an overdose term only counts voxels above its objective dose. Most normal-
+tissue voxels sit far below it, yet every iteration would pay for their dose. The solver therefore
+iterates on the rows that are active or within ``band`` (a fraction of the objective dose) of
+becoming active, then computes the full dose once: if any left-out voxel has become active, it is
+added (with its band) and the iteration resumes from where it was. The returned optimum is the
+optimum of the full problem: it is only accepted once no left-out voxel is active.
+
 After the solve the fluence is scaled so that the normalisation target's D95 equals the
 prescription exactly (dose is linear in fluence, and Dx of a scaled dose is the scaled Dx).
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +40,8 @@ from radpilot.evaluation.dvh import dose_at_volume
 from radpilot.fmo.backend import MatrixOps, make_ops
 from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, objective_kind, validate_terms
 
+GREW = "working set grew"
+
 
 @dataclass(frozen=True)
 class FMOSettings:
@@ -41,12 +51,19 @@ class FMOSettings:
     memory: int = 10
     normalize_to: str | None = None  # target whose D95 is set to the prescription; None = first
     coverage_pct: float = 95.0
+    working_set: bool | None = None  # None: on for the CPU backend
+    band: float = 0.25  # working-set margin, as a fraction of each term's objective dose
+    max_rounds: int = 8
+    audit_every: int = 25  # iterations between full-dose checks of a working set
+    record_iterates: bool = False  # keep (seconds, fluence) per iteration, for benchmarks
 
     def __post_init__(self) -> None:
-        if self.max_iter < 1 or self.memory < 1 or self.patience < 1:
-            raise ValueError("max_iter, memory and patience must be at least 1")
+        if min(self.max_iter, self.memory, self.patience, self.max_rounds, self.audit_every) < 1:
+            raise ValueError("max_iter, memory, patience, max_rounds, audit_every must be >= 1")
         if not 0 < self.rel_tol < 1:
             raise ValueError("rel_tol must be within (0, 1)")
+        if not 0 <= self.band <= 1:
+            raise ValueError("band must be within [0, 1]")
 
 
 @dataclass
@@ -55,8 +72,9 @@ class FMOResult:
     dose_rows: np.ndarray  # float32, one value per row of A, D95-normalised
     objective: float  # at the solver's optimum, before normalisation
     objective_normalized: float  # the same objective at the normalised fluence
-    objective_history: list[float]
+    objective_history: list[float]  # per iteration; inside a working set, that set's objective
     time_history: list[float]  # seconds since the solve started, per history entry
+    verified_history: list[tuple[float, float]]  # (seconds, full objective) where it is known
     iterations: int
     seconds: float
     backend: str
@@ -64,6 +82,8 @@ class FMOResult:
     stop_reason: str
     scale_factor: float
     sparse_products: int
+    working_set_rows: list[int] = field(default_factory=list)  # rows iterated on, per round
+    iterates: list[tuple[float, np.ndarray]] = field(default_factory=list)  # if recorded
     term_values: dict[str, float] = field(default_factory=dict)
 
     def stats(self) -> dict[str, Any]:
@@ -77,6 +97,7 @@ class FMOResult:
             "stop_reason": self.stop_reason,
             "scale_factor": self.scale_factor,
             "sparse_products": self.sparse_products,
+            "working_set_rows": self.working_set_rows,
             "term_values": self.term_values,
         }
 
@@ -85,7 +106,25 @@ class FMOResult:
 class _Term:
     term: ObjectiveTerm
     kind: ObjectiveKind
-    rows: Any  # device index array
+    rows: Any  # device index array into the rows of the space's matrix
+    n: int  # the structure's full voxel count (the mean's denominator)
+
+
+@dataclass
+class _Space:
+    """A set of rows of ``A`` to iterate on, with the terms' rows mapped into it."""
+
+    ops: MatrixOps
+    terms: list[_Term]
+    rows: np.ndarray | None  # case rows kept (sorted); None = all rows
+
+
+@dataclass
+class _State:
+    x: np.ndarray
+    dose: Any
+    f: float
+    g: np.ndarray
 
 
 class FluenceOptimizer:
@@ -93,20 +132,24 @@ class FluenceOptimizer:
 
     def __init__(self, case: Case, backend: str = "numpy", threads: int | None = None) -> None:
         self.case = case
+        self._backend_name = backend
+        self._threads = threads
         self.ops: MatrixOps = make_ops(case.dose_influence, backend, threads=threads)
         self.xp = self.ops.xp
-        self._rows: dict[str, Any] = {}
-        self._last_memory: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self._rows: dict[str, np.ndarray] = {}
         self.sparse_products = 0
 
     @property
     def backend(self) -> str:
         return self.ops.name
 
-    def rows(self, structure: str) -> Any:
+    def host_rows(self, structure: str) -> np.ndarray:
         if structure not in self._rows:
-            self._rows[structure] = self.xp.asarray(self.case.rows_of(structure))
+            self._rows[structure] = self.case.rows_of(structure)
         return self._rows[structure]
+
+    def rows(self, structure: str) -> Any:
+        return self.xp.asarray(self.host_rows(structure))
 
     def _prepare(self, terms: list[ObjectiveTerm]) -> list[_Term]:
         validate_terms(terms)
@@ -117,9 +160,12 @@ class FluenceOptimizer:
                 f"objective terms name structure(s) {unknown} that case {self.case.name!r} lacks;"
                 f" it has {sorted(names)}"
             )
-        return [
-            _Term(t, objective_kind(t.kind), self.rows(t.structure)) for t in terms if t.weight > 0
-        ]
+        out = []
+        for t in terms:
+            if t.weight > 0:
+                rows = self.host_rows(t.structure)
+                out.append(_Term(t, objective_kind(t.kind), self.xp.asarray(rows), rows.size))
+        return out
 
     # -- objective on a dose vector -------------------------------------------------------
     def _value_grad(self, dose: Any, terms: list[_Term]) -> tuple[float, Any]:
@@ -127,7 +173,7 @@ class FluenceOptimizer:
         grad = xp.zeros_like(dose)
         total = 0.0
         for t in terms:
-            v, g = t.kind.value_and_gradient(dose[t.rows], t.term.dose_gy, t.term.weight, xp)
+            v, g = t.kind.value_and_gradient(dose[t.rows], t.term.dose_gy, t.term.weight, xp, t.n)
             total += v
             grad[t.rows] += g
         return total, grad
@@ -152,6 +198,28 @@ class FluenceOptimizer:
         self.sparse_products += 1
         return self.ops.to_host(self.ops.matvec(self.ops.asarray(fluence)))
 
+    # -- working set --------------------------------------------------------------------------
+    def _near_active(self, dose_full: Any, terms: list[_Term], band: float) -> np.ndarray:
+        """Case rows that are active, or within ``band`` x objective dose of it, for some term."""
+        xp = self.xp
+        keep = np.zeros(self.case.row_voxels.size, dtype=bool)
+        for t in terms:
+            r = dose_full[t.rows] - t.term.dose_gy
+            near = self.ops.to_host(t.kind.near_active(r, band * t.term.dose_gy, xp))
+            keep[self.host_rows(t.term.structure)[near.astype(bool)]] = True
+        return np.flatnonzero(keep)
+
+    def _space(self, terms: list[_Term], rows: np.ndarray | None) -> _Space:
+        if rows is None:
+            return _Space(self.ops, terms, None)
+        ops = make_ops(self.case.dose_influence[rows], self._backend_name, threads=self._threads)
+        mapped = []
+        for t in terms:
+            full = self.host_rows(t.term.structure)
+            inside = full[np.isin(full, rows, assume_unique=True)]
+            mapped.append(_Term(t.term, t.kind, ops.xp.asarray(np.searchsorted(rows, inside)), t.n))
+        return _Space(ops, mapped, rows)
+
     # -- exact line search ------------------------------------------------------------------
     def _line_search(self, dose: Any, q: Any, terms: list[_Term], slope0: float) -> float:
         """argmin over t in [0, 1] of the objective at ``dose + t q``.
@@ -164,7 +232,7 @@ class FluenceOptimizer:
                 t.kind,
                 dose[t.rows] - t.term.dose_gy,
                 q[t.rows],
-                2.0 * t.term.weight / max(int(t.rows.size), 1),
+                2.0 * t.term.weight / max(t.n, 1),
             )
             for t in terms
         ]
@@ -226,89 +294,84 @@ class FluenceOptimizer:
             if mean_target <= 0:
                 raise CaseError(f"no beamlet reaches {norm_name}; check the beam geometry")
             x = np.full(n, self.case.prescription_gy / mean_target, dtype=np.float64)
-            dose = unit * np.float32(x[0])
+            dose_full = unit * np.float32(x[0])
         else:
             x = np.asarray(x0, dtype=np.float64).copy()
             if x.shape != (n,) or not np.all(np.isfinite(x)):
                 raise ValueError(f"warm-start fluence must be {n} finite values")
             np.maximum(x, 0.0, out=x)
-            dose = ops.matvec(ops.asarray(x))
+            dose_full = ops.matvec(ops.asarray(x))
             self.sparse_products += 1
+            x, dose_full = self._rescale(x, dose_full, prepared)
 
-        f, g_dose = self._value_grad(dose, prepared)
-        g = ops.to_host(ops.rmatvec(g_dose)).astype(np.float64)
-        self.sparse_products += 1
+        use_ws = s.working_set if s.working_set is not None else self.backend == "numpy"
+        history: list[float] = []
+        times: list[float] = []
+        verified: list[tuple[float, float]] = []
+        iterates: list[tuple[float, np.ndarray]] | None = [] if s.record_iterates else None
+        ws_rows: list[int] = []
+        it_total, converged, reason = 0, False, "max_iter"
+        rows: np.ndarray | None = None
+        # curvature pairs live in beamlet space, so they carry over from one working set to the next
         mem: deque[tuple[np.ndarray, np.ndarray, float]] = deque(maxlen=s.memory)
-        if x0 is not None:
-            # A warm start is usually a normalised plan for other weights: first rescale it
-            # optimally (dose is linear in fluence, so the whole ray x0 * c costs no product),
-            # then reuse the previous solve's curvature pairs, which still describe A.
-            direction = x if float(g @ x) < 0 else -x
-            q = dose if float(g @ x) < 0 else -dose
-            t = self._line_search(dose, q, prepared, float(g @ direction))
-            if t > 0:
-                x = x + t * direction
-                dose = dose + np.float32(t) * q
-                f, g_dose = self._value_grad(dose, prepared)
-                g = ops.to_host(ops.rmatvec(g_dose)).astype(np.float64)
-                self.sparse_products += 1
-            mem.extend(p for p in self._last_memory if p[0].shape == x.shape)
-        history = [f]
-        times = [time.perf_counter() - t_start]
-        stall = 0
-        converged, reason, it = False, "max_iter", 0
-
-        for it in range(1, s.max_iter + 1):
-            free = (x > 0) | (g < 0)
-            gf = np.where(free, g, 0.0)
-            if not np.any(gf):
-                converged, reason = True, "projected gradient is zero"
-                it -= 1
-                break
-            d = _two_loop(gf, mem, float(x.max())) * free
-            step = np.maximum(x + d, 0.0) - x
-            slope0 = float(g @ step)
-            if slope0 >= 0:  # not a descent direction: restart from projected steepest descent
-                mem.clear()
-                step = np.maximum(x + _two_loop(gf, mem, float(x.max())), 0.0) - x
-                slope0 = float(g @ step)
-                if slope0 >= 0:
-                    converged, reason = True, "no descent direction"
-                    it -= 1
-                    break
-            q = ops.matvec(ops.asarray(step))
-            self.sparse_products += 1
-            t = self._line_search(dose, q, prepared, slope0)
-            if t <= 0:
-                converged, reason = True, "line search made no progress"
-                break
-            x_new = np.maximum(x + t * step, 0.0)
-            dose = dose + np.float32(t) * q
-            f_new, g_dose = self._value_grad(dose, prepared)
-            g_new = ops.to_host(ops.rmatvec(g_dose)).astype(np.float64)
-            self.sparse_products += 1
-            sv, yv = x_new - x, g_new - g
-            sy = float(sv @ yv)
-            if sy > 1e-12 * float(yv @ yv):
-                mem.append((sv, yv, sy))
-            rel = (f - f_new) / max(abs(f), 1e-30)
-            x, g, f = x_new, g_new, f_new
-            history.append(f)
+        for round_no in range(s.max_rounds):
+            if use_ws and round_no < s.max_rounds - 1:
+                # each regrowth reaches further, so few rounds (each a copy of rows of A) are needed
+                near = self._near_active(dose_full, prepared, s.band * (1 + round_no))
+                rows = near if rows is None else np.union1d(rows, near)
+                if rows.size > 0.6 * self.case.row_voxels.size:
+                    rows = None  # not worth a copy of A
+            else:
+                rows = None
+            space = self._space(prepared, rows)
+            ws_rows.append(int(rows.size) if rows is not None else int(self.case.row_voxels.size))
+            dose = dose_full if rows is None else dose_full[space.ops.xp.asarray(rows)]
+            state = self._start(space, x, dose)
+            history.append(state.f)
             times.append(time.perf_counter() - t_start)
-            stall = stall + 1 if rel < s.rel_tol else 0
-            if stall >= s.patience:
-                converged, reason = (
-                    True,
-                    f"relative decrease < {s.rel_tol:g} for {s.patience} iterations",
-                )
+            left_out = np.ones(self.case.row_voxels.size, dtype=bool)
+            if rows is not None:
+                left_out[rows] = False
+
+            def audit(x_now: np.ndarray, left_out: np.ndarray = left_out) -> int:
+                """Full dose and objective; how many left-out voxels have turned active."""
+                nonlocal dose_full
+                dose_full = ops.matvec(ops.asarray(x_now.astype(np.float32)))
+                self.sparse_products += 1
+                f_full = self._value_grad(dose_full, prepared)[0]
+                verified.append((time.perf_counter() - t_start, f_full))
+                return int(left_out[self._near_active(dose_full, prepared, 0.0)].sum())
+
+            state, its, converged, reason = self._iterate(
+                space,
+                state,
+                s,
+                s.max_iter - it_total,
+                mem,
+                history,
+                times,
+                t_start,
+                audit if rows is not None else None,
+                iterates,
+            )
+            it_total += its
+            x = state.x
+            if rows is None:
+                verified.extend(zip(times[-its - 1 :], history[-its - 1 :], strict=True))
+                dose_full = state.dose
+                break
+            if reason != GREW and not audit(x):
+                break  # no left-out voxel is active: the working-set optimum is the full optimum
+            if it_total >= s.max_iter:
+                converged, reason = False, "max_iter"
                 break
 
-        self._last_memory = list(mem)
         # exact dose at the final fluence (the running update accumulates float32 rounding)
         x32 = x.astype(np.float32)
         dose = ops.matvec(ops.asarray(x32))
         self.sparse_products += 1
         f_final = self._value_grad(dose, prepared)[0]
+        verified.append((time.perf_counter() - t_start, f_final))
         d95 = dose_at_volume(dose[norm_rows], s.coverage_pct)
         if d95 <= 0:
             raise CaseError(f"the optimised plan gives {norm_name} no dose; cannot normalise")
@@ -324,15 +387,98 @@ class FluenceOptimizer:
             objective_normalized=f_norm,
             objective_history=history,
             time_history=times,
-            iterations=it,
+            verified_history=verified,
+            iterations=it_total,
             seconds=seconds,
             backend=self.backend,
             converged=converged,
             stop_reason=reason,
             scale_factor=float(scale),
             sparse_products=self.sparse_products - products0,
+            working_set_rows=ws_rows,
+            iterates=iterates or [],
             term_values=self.term_values(dose_host, [p.term for p in prepared]),
         )
+
+    def _rescale(self, x: np.ndarray, dose: Any, terms: list[_Term]) -> tuple[np.ndarray, Any]:
+        """Best multiple of a warm start: dose is linear in fluence, so the ray costs no product.
+
+        A warm start is usually a plan normalised for other weights; this puts it back on scale.
+        """
+        _, g_dose = self._value_grad(dose, terms)
+        slope = float(self.xp.sum(g_dose * dose, dtype=self.xp.float64))  # d/dc f(c x) at c = 1
+        direction = 1.0 if slope < 0 else -1.0
+        t = self._line_search(dose, direction * dose, terms, -abs(slope))
+        if t <= 0:
+            return x, dose
+        c = 1.0 + direction * t
+        return x * c, dose * np.float32(c)
+
+    def _start(self, space: _Space, x: np.ndarray, dose: Any) -> _State:
+        f, g_dose = self._value_grad(dose, space.terms)
+        g = space.ops.to_host(space.ops.rmatvec(g_dose)).astype(np.float64)
+        self.sparse_products += 1
+        return _State(x, dose, f, g)
+
+    def _iterate(
+        self,
+        space: _Space,
+        st: _State,
+        s: FMOSettings,
+        max_iter: int,
+        mem: deque[tuple[np.ndarray, np.ndarray, float]],
+        history: list[float],
+        times: list[float],
+        t_start: float,
+        audit: Callable[[np.ndarray], int] | None = None,
+        iterates: list[tuple[float, np.ndarray]] | None = None,
+    ) -> tuple[_State, int, bool, str]:
+        ops, terms = space.ops, space.terms
+        x, dose, f, g = st.x, st.dose, st.f, st.g
+        regrow_at = max(100, int(0.02 * int(dose.size)))
+        stall, it = 0, 0
+        while it < max_iter:
+            it += 1
+            free = (x > 0) | (g < 0)
+            gf = np.where(free, g, 0.0)
+            if not np.any(gf):
+                return _State(x, dose, f, g), it - 1, True, "projected gradient is zero"
+            step = np.maximum(x + _two_loop(gf, mem, float(x.max())) * free, 0.0) - x
+            slope0 = float(g @ step)
+            if slope0 >= 0:  # not a descent direction: restart from projected steepest descent
+                mem.clear()
+                step = np.maximum(x + _two_loop(gf, mem, float(x.max())), 0.0) - x
+                slope0 = float(g @ step)
+                if slope0 >= 0:
+                    return _State(x, dose, f, g), it - 1, True, "no descent direction"
+            q = ops.matvec(ops.asarray(step))
+            self.sparse_products += 1
+            t = self._line_search(dose, q, terms, slope0)
+            if t <= 0:
+                return _State(x, dose, f, g), it, True, "line search made no progress"
+            x_new = np.maximum(x + t * step, 0.0)
+            dose = dose + np.float32(t) * q
+            f_new, g_dose = self._value_grad(dose, terms)
+            g_new = ops.to_host(ops.rmatvec(g_dose)).astype(np.float64)
+            self.sparse_products += 1
+            sv, yv = x_new - x, g_new - g
+            sy = float(sv @ yv)
+            if sy > 1e-12 * float(yv @ yv):
+                mem.append((sv, yv, sy))
+            rel = (f - f_new) / max(abs(f), 1e-30)
+            x, g, f = x_new, g_new, f_new
+            history.append(f)
+            times.append(time.perf_counter() - t_start)
+            if iterates is not None:
+                iterates.append((times[-1], x.astype(np.float32)))
+            stall = stall + 1 if rel < s.rel_tol else 0
+            if stall >= s.patience:
+                reason = f"relative decrease < {s.rel_tol:g} for {s.patience} iterations"
+                return _State(x, dose, f, g), it, True, reason
+            # mid-solve, a few stray voxels wait for the end; many mean the set is stale
+            if audit is not None and it % s.audit_every == 0 and audit(x) > regrow_at:
+                return _State(x, dose, f, g), it, False, GREW
+        return _State(x, dose, f, g), it, False, "max_iter"
 
 
 def _two_loop(

@@ -1,0 +1,76 @@
+"""TG-119 C-shape plan quality with each protocol's initial (hand-set) objectives.
+
+    make bench-quality        # rewrites its section of docs/benchmarks.md
+
+One FMO per protocol (no outer loop), normalised to PTV D95 = 50 Gy, next to the TG-119
+institutions' mean (Ezzell et al. 2009). Those were deliverable plans; these are fluence-map optima.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from radpilot.case_store import CaseStore
+from radpilot.cases import load_builtin
+from radpilot.planning import plan_once
+from radpilot.protocol import load_protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTITUTIONS = {  # TG-119 Table VI: mean (SD) over the participating institutions
+    ("easier", "PTV", "D95"): "50.10 (0.17)",
+    ("easier", "PTV", "D10"): "54.40 (0.52)",
+    ("easier", "Core", "D10"): "22.00 (3.14)",
+    ("harder", "PTV", "D95"): "50.11 (0.17)",
+    ("harder", "PTV", "D10"): "57.02 (2.20)",
+    ("harder", "Core", "D10"): "16.30 (3.07)",
+}
+BEGIN, END = "<!-- bench-quality:begin -->", "<!-- bench-quality:end -->"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dose-grid-mm", type=float, default=5.0)
+    ap.add_argument("--bixel-mm", type=float, default=5.0)
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    case = load_builtin(
+        "tg119-cshape", CaseStore(), dose_grid_mm=args.dose_grid_mm, bixel_mm=args.bixel_mm
+    )
+    rows = []
+    for variant in ("easier", "harder"):
+        protocol = load_protocol(ROOT / "protocols" / f"tg119_cshape_{variant}.yaml")
+        report = plan_once(case, protocol)
+        for r in report.check.results:
+            g = r.goal
+            mean = INSTITUTIONS.get((variant, g.structure, g.metric), "")
+            rows.append(
+                f"| {variant} | {g.label} | {r.achieved:.2f} | {'pass' if r.passed else 'FAIL'} "
+                f"| {mean} |"
+            )
+        hi_ci = report.plan.target_indices()["PTV"]
+        rows.append(f"| {variant} | PTV HI / CI | {hi_ci['HI']:.2f} / {hi_ci['CI']:.3f} | | |")
+        print(f"{variant}: " + "; ".join(r.finding() for r in report.check.results))
+    section = f"""{BEGIN}
+## TG-119 C-shape: plan quality with the protocols' initial objectives (`make bench-quality`)
+
+`tg119-cshape` at {args.dose_grid_mm:g} mm dose grid and {args.bixel_mm:g} mm bixels; one FMO with each
+protocol's hand-set objectives, normalised to PTV D95 = 50 Gy; no outer loop. TG-119 institutions'
+mean (SD) from Ezzell et al. 2009, Table VI (deliverable plans; ours are fluence-map optima).
+
+| protocol | goal | RadPilot | result | TG-119 institutions |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+{END}"""
+    doc = Path(args.doc)
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    doc.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
