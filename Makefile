@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RADPILOT_CASE_STORE ?= $(HOME)/.cache/radpilot/case-store
 SRC := radpilot services tests benchmarks
 
-.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality clean
+.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -48,6 +48,12 @@ bench-fmo: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/tg119_quality.py --doc docs/benchmarks.md
+
+# On a CUDA machine without pyRadPlan: CuPy tests, then the benchmark on an analytic phantom of
+# the TG-119 matrix's size (needs `pip install -e '.[gpu]'` or a CuPy already installed).
+bench-gpu:
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_gpu.py tests/test_objectives_fmo.py -p no:cacheprovider
+	PYTHONPATH=. $(PYTHON) benchmarks/bench_fmo.py --case analytic-cshape --dose-grid-mm 1.5 --out out/bench/fmo-gpu.json
 
 bench-fmo-quick: $(STAMP)
 	$(PY) benchmarks/bench_fmo.py --dose-grid-mm 5 --skip-pyradplan --out out/bench/fmo-quick.json

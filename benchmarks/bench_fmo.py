@@ -253,6 +253,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    ap.add_argument(
+        "--case",
+        default="tg119-cshape",
+        choices=["tg119-cshape", "analytic-cshape"],
+        help="analytic-cshape needs no pyRadPlan (GPU machines); 1.5 mm gives ~1.8e8 non-zeros",
+    )
     ap.add_argument("--dose-grid-mm", type=float, default=3.0)
     ap.add_argument("--bixel-mm", type=float, default=5.0)
     ap.add_argument("--skip-pyradplan", action="store_true")
@@ -272,7 +278,13 @@ def main() -> int:
         return 0
     params = {"dose_grid_mm": args.dose_grid_mm, "bixel_mm": args.bixel_mm}
     t0 = time.perf_counter()
-    case = load_builtin("tg119-cshape", CaseStore(), **params)
+    if args.case == "analytic-cshape":
+        args.skip_pyradplan = True  # pyRadPlan cannot express this phantom
+        case = load_builtin(
+            args.case, CaseStore(), spacing_mm=args.dose_grid_mm, bixel_mm=args.bixel_mm
+        )
+    else:
+        case = load_builtin(args.case, CaseStore(), **params)
     case_seconds = time.perf_counter() - t0
     log.info(
         "case %s: %d rows x %d beamlets, %.3g non-zeros (%.1f s)",
