@@ -8,12 +8,16 @@ STAMP := $(VENV)/.installed
 export RADPILOT_CASE_STORE ?= $(HOME)/.cache/radpilot/case-store
 SRC := radpilot services tests benchmarks
 
-.PHONY: help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu clean
+PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
+PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
+
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
 	@echo "make test       run the test suite"
 	@echo "make lint       ruff (lint + format check) and mypy"
+	@echo "make protos     regenerate radpilot/v1 from protos/ (protos-check: buf lint + stale-stub check)"
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 
@@ -42,6 +46,18 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix $(SRC)
 	$(VENV)/bin/ruff format $(SRC)
+
+# Regenerate radpilot/v1 (committed) from protos/; protos-check fails when it is stale or when
+# buf lint (STANDARD) finds a problem.
+protos: $(STAMP)
+	rm -f radpilot/v1/*_pb2*.py*
+	$(call PROTOC,.)
+
+protos-check: $(STAMP)
+	cd protos && ../$(VENV)/bin/buf lint
+	tmp=$$(mktemp -d) && $(call PROTOC,$$tmp) && \
+	  diff -r $$tmp/radpilot/v1 radpilot/v1 -x __init__.py -x __pycache__ && rm -rf $$tmp && \
+	  echo "generated stubs are current; buf lint clean"
 
 bench-fmo: $(STAMP)
 	$(PY) benchmarks/bench_fmo.py --out out/bench/fmo.json --doc docs/benchmarks.md

@@ -1,0 +1,67 @@
+from radpilot.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DECISION_UNSPECIFIED: _ClassVar[Decision]
+    DECISION_NEEDS_IMPROVEMENT: _ClassVar[Decision]
+    DECISION_MEETS_PROTOCOL: _ClassVar[Decision]
+DECISION_UNSPECIFIED: Decision
+DECISION_NEEDS_IMPROVEMENT: Decision
+DECISION_MEETS_PROTOCOL: Decision
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("case_id", "dose", "protocol_yaml", "agent", "include_images")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    DOSE_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    dose: _types_pb2.ArtefactRef
+    protocol_yaml: str
+    agent: str
+    include_images: bool
+    def __init__(self, case_id: _Optional[str] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., include_images: _Optional[bool] = ...) -> None: ...
+
+class DvhTable(_message.Message):
+    __slots__ = ("levels_gy", "structures", "volume_pct")
+    LEVELS_GY_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_PCT_FIELD_NUMBER: _ClassVar[int]
+    levels_gy: _containers.RepeatedScalarFieldContainer[float]
+    structures: _containers.RepeatedScalarFieldContainer[str]
+    volume_pct: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, levels_gy: _Optional[_Iterable[float]] = ..., structures: _Optional[_Iterable[str]] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("decision", "goals", "structures", "dvh", "findings", "images", "all_hard_goals_met")
+    class ImagesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _types_pb2.ArtefactRef
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ...) -> None: ...
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    GOALS_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    DVH_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    ALL_HARD_GOALS_MET_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
+    structures: _containers.RepeatedCompositeFieldContainer[_types_pb2.StructureStats]
+    dvh: DvhTable
+    findings: _containers.RepeatedScalarFieldContainer[str]
+    images: _containers.MessageMap[str, _types_pb2.ArtefactRef]
+    all_hard_goals_met: bool
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ...) -> None: ...

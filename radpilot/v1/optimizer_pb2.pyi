@@ -1,0 +1,56 @@
+from radpilot.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PrepareCaseRequest(_message.Message):
+    __slots__ = ("case_id",)
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    def __init__(self, case_id: _Optional[str] = ...) -> None: ...
+
+class PrepareCaseResponse(_message.Message):
+    __slots__ = ("case_id", "rows", "beamlets", "nnz", "backend", "seconds")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BEAMLETS_FIELD_NUMBER: _ClassVar[int]
+    NNZ_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    rows: int
+    beamlets: int
+    nnz: int
+    backend: str
+    seconds: float
+    def __init__(self, case_id: _Optional[str] = ..., rows: _Optional[int] = ..., beamlets: _Optional[int] = ..., nnz: _Optional[int] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class OptimizeRequest(_message.Message):
+    __slots__ = ("case_id", "objectives", "normalize_to", "warm_start", "max_iterations")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_TO_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    normalize_to: str
+    warm_start: _types_pb2.NDArray
+    max_iterations: int
+    def __init__(self, case_id: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., normalize_to: _Optional[str] = ..., warm_start: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., max_iterations: _Optional[int] = ...) -> None: ...
+
+class OptimizeResponse(_message.Message):
+    __slots__ = ("stats", "fluence", "dose", "replica")
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    FLUENCE_FIELD_NUMBER: _ClassVar[int]
+    DOSE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    stats: _types_pb2.FmoStats
+    fluence: _types_pb2.NDArray
+    dose: _types_pb2.ArtefactRef
+    replica: str
+    def __init__(self, stats: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,194 @@
+from radpilot.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_KIND_UNSPECIFIED: _ClassVar[EventKind]
+    EVENT_KIND_ITERATION_STARTED: _ClassVar[EventKind]
+    EVENT_KIND_FMO_DONE: _ClassVar[EventKind]
+    EVENT_KIND_EVALUATED: _ClassVar[EventKind]
+    EVENT_KIND_PROPOSAL: _ClassVar[EventKind]
+    EVENT_KIND_FINISHED: _ClassVar[EventKind]
+    EVENT_KIND_FAILED: _ClassVar[EventKind]
+    EVENT_KIND_CANCELLED: _ClassVar[EventKind]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+EVENT_KIND_UNSPECIFIED: EventKind
+EVENT_KIND_ITERATION_STARTED: EventKind
+EVENT_KIND_FMO_DONE: EventKind
+EVENT_KIND_EVALUATED: EventKind
+EVENT_KIND_PROPOSAL: EventKind
+EVENT_KIND_FINISHED: EventKind
+EVENT_KIND_FAILED: EventKind
+EVENT_KIND_CANCELLED: EventKind
+
+class CreateCaseRequest(_message.Message):
+    __slots__ = ("builtin", "parameters")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    builtin: str
+    parameters: _containers.ScalarMap[str, str]
+    def __init__(self, builtin: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class CreateCaseResponse(_message.Message):
+    __slots__ = ("case_id", "structures")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    structures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, case_id: _Optional[str] = ..., structures: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StartPlanningRequest(_message.Message):
+    __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    protocol_yaml: str
+    max_iterations: int
+    memory_length: int
+    agent: str
+    idempotency_key: str
+    def __init__(self, case_id: _Optional[str] = ..., protocol_yaml: _Optional[str] = ..., max_iterations: _Optional[int] = ..., memory_length: _Optional[int] = ..., agent: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class StartPlanningResponse(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WatchPlanningRequest(_message.Message):
+    __slots__ = ("job_id", "from_sequence")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    from_sequence: int
+    def __init__(self, job_id: _Optional[str] = ..., from_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchPlanningResponse(_message.Message):
+    __slots__ = ("sequence", "kind", "iteration", "fmo", "goals", "proposal", "message")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    FMO_FIELD_NUMBER: _ClassVar[int]
+    GOALS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    kind: EventKind
+    iteration: int
+    fmo: _types_pb2.FmoStats
+    goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
+    proposal: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    message: str
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., iteration: _Optional[int] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., proposal: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetPlanningJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class IterationRecord(_message.Message):
+    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    FMO_FIELD_NUMBER: _ClassVar[int]
+    GOALS_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    fmo: _types_pb2.FmoStats
+    goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
+    findings: _containers.RepeatedScalarFieldContainer[str]
+    rationale: str
+    physician_feedback: str
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
+
+class GetPlanningJobResponse(_message.Message):
+    __slots__ = ("job_id", "case_id", "state", "iterations", "best_iteration", "error")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    case_id: str
+    state: JobState
+    iterations: _containers.RepeatedCompositeFieldContainer[IterationRecord]
+    best_iteration: int
+    error: str
+    def __init__(self, job_id: _Optional[str] = ..., case_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., iterations: _Optional[_Iterable[_Union[IterationRecord, _Mapping]]] = ..., best_iteration: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackRequest(_message.Message):
+    __slots__ = ("job_id", "text")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    text: str
+    def __init__(self, job_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SubmitFeedbackResponse(_message.Message):
+    __slots__ = ("applies_from_iteration",)
+    APPLIES_FROM_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    applies_from_iteration: int
+    def __init__(self, applies_from_iteration: _Optional[int] = ...) -> None: ...
+
+class CancelPlanningRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelPlanningResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: JobState
+    def __init__(self, state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class ExportPlanRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ExportPlanResponse(_message.Message):
+    __slots__ = ("bundle", "filename")
+    BUNDLE_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    bundle: bytes
+    filename: str
+    def __init__(self, bundle: _Optional[bytes] = ..., filename: _Optional[str] = ...) -> None: ...

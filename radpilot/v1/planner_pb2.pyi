@@ -1,0 +1,44 @@
+from radpilot.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class IterationMemory(_message.Message):
+    __slots__ = ("iteration", "objectives", "goals", "findings", "physician_feedback")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    GOALS_FIELD_NUMBER: _ClassVar[int]
+    FINDINGS_FIELD_NUMBER: _ClassVar[int]
+    PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
+    findings: _containers.RepeatedScalarFieldContainer[str]
+    physician_feedback: str
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
+
+class ProposeRequest(_message.Message):
+    __slots__ = ("protocol_yaml", "agent", "current", "memory", "physician_feedback")
+    PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    protocol_yaml: str
+    agent: str
+    current: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    memory: _containers.RepeatedCompositeFieldContainer[IterationMemory]
+    physician_feedback: str
+    def __init__(self, protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., current: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[IterationMemory, _Mapping]]] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
+
+class ProposeResponse(_message.Message):
+    __slots__ = ("objectives", "rationale")
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    RATIONALE_FIELD_NUMBER: _ClassVar[int]
+    objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    rationale: str
+    def __init__(self, objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., rationale: _Optional[str] = ...) -> None: ...

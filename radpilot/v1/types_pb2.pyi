@@ -1,0 +1,121 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Comparator(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMPARATOR_UNSPECIFIED: _ClassVar[Comparator]
+    COMPARATOR_AT_MOST: _ClassVar[Comparator]
+    COMPARATOR_AT_LEAST: _ClassVar[Comparator]
+COMPARATOR_UNSPECIFIED: Comparator
+COMPARATOR_AT_MOST: Comparator
+COMPARATOR_AT_LEAST: Comparator
+
+class NDArray(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ObjectiveTerm(_message.Message):
+    __slots__ = ("structure", "kind", "dose_gy", "weight")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DOSE_GY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    structure: str
+    kind: str
+    dose_gy: float
+    weight: float
+    def __init__(self, structure: _Optional[str] = ..., kind: _Optional[str] = ..., dose_gy: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class ClinicalGoal(_message.Message):
+    __slots__ = ("structure", "metric", "comparator", "limit", "priority", "hard")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    COMPARATOR_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    HARD_FIELD_NUMBER: _ClassVar[int]
+    structure: str
+    metric: str
+    comparator: Comparator
+    limit: float
+    priority: int
+    hard: bool
+    def __init__(self, structure: _Optional[str] = ..., metric: _Optional[str] = ..., comparator: _Optional[_Union[Comparator, str]] = ..., limit: _Optional[float] = ..., priority: _Optional[int] = ..., hard: _Optional[bool] = ...) -> None: ...
+
+class GoalResult(_message.Message):
+    __slots__ = ("goal", "achieved", "passed", "margin")
+    GOAL_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_FIELD_NUMBER: _ClassVar[int]
+    goal: ClinicalGoal
+    achieved: float
+    passed: bool
+    margin: float
+    def __init__(self, goal: _Optional[_Union[ClinicalGoal, _Mapping]] = ..., achieved: _Optional[float] = ..., passed: _Optional[bool] = ..., margin: _Optional[float] = ...) -> None: ...
+
+class StructureStats(_message.Message):
+    __slots__ = ("name", "kind", "volume_cc", "min_gy", "mean_gy", "max_gy", "d95_gy", "d50_gy", "d5_gy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_CC_FIELD_NUMBER: _ClassVar[int]
+    MIN_GY_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GY_FIELD_NUMBER: _ClassVar[int]
+    MAX_GY_FIELD_NUMBER: _ClassVar[int]
+    D95_GY_FIELD_NUMBER: _ClassVar[int]
+    D50_GY_FIELD_NUMBER: _ClassVar[int]
+    D5_GY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    volume_cc: float
+    min_gy: float
+    mean_gy: float
+    max_gy: float
+    d95_gy: float
+    d50_gy: float
+    d5_gy: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., volume_cc: _Optional[float] = ..., min_gy: _Optional[float] = ..., mean_gy: _Optional[float] = ..., max_gy: _Optional[float] = ..., d95_gy: _Optional[float] = ..., d50_gy: _Optional[float] = ..., d5_gy: _Optional[float] = ...) -> None: ...
+
+class FmoStats(_message.Message):
+    __slots__ = ("objective", "objective_normalized", "iterations", "seconds", "backend", "converged", "stop_reason", "scale_factor", "sparse_products")
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_NORMALIZED_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    CONVERGED_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    objective: float
+    objective_normalized: float
+    iterations: int
+    seconds: float
+    backend: str
+    converged: bool
+    stop_reason: str
+    scale_factor: float
+    sparse_products: int
+    def __init__(self, objective: _Optional[float] = ..., objective_normalized: _Optional[float] = ..., iterations: _Optional[int] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ..., converged: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., scale_factor: _Optional[float] = ..., sparse_products: _Optional[int] = ...) -> None: ...
+
+class ArtefactRef(_message.Message):
+    __slots__ = ("case_id", "path", "sha256")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    path: str
+    sha256: str
+    def __init__(self, case_id: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
