@@ -14,6 +14,7 @@ Layout::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -180,6 +181,36 @@ class CaseStore:
             metadata=m.get("metadata", {}),
             case_id=case_id,
         )
+
+    # -- artefacts (doses, fluences): content-addressed files beside the cases ---------------
+    def put_artefact(self, case_id: str, kind: str, array: np.ndarray) -> tuple[str, str]:
+        """Store an array under ``artefacts/<case_id>/<kind>-<sha256>.npy``; (path, sha256)."""
+        if case_id not in self:
+            raise CaseNotFoundError(f"case {case_id!r} is not in the store at {self.root}")
+        if not kind.isidentifier():
+            raise ValueError(f"artefact kind {kind!r} must be an identifier")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        data = buf.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        rel = f"artefacts/{case_id}/{kind}-{sha[:32]}.npy"
+        final = self.root / rel
+        if not final.is_file():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, final)
+        return rel, sha
+
+    def get_artefact(self, rel_path: str, sha256: str = "") -> np.ndarray:
+        p = (self.root / rel_path).resolve()
+        if not p.is_relative_to((self.root / "artefacts").resolve()) or not p.is_file():
+            raise CaseNotFoundError(f"artefact {rel_path!r} is not in the store at {self.root}")
+        data = p.read_bytes()
+        if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+            raise CaseError(f"artefact {rel_path!r} does not match its hash")
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
     def delete(self, case_id: str) -> None:
         shutil.rmtree(self.path(case_id), ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Wiring shared by the four servers: server construction, error mapping, health, shutdown."""

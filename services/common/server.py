@@ -1,0 +1,99 @@
+"""Building and running a gRPC server: limits, interceptors, health, reflection, SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from radpilot.wire import MAX_ARRAY_BYTES
+from services.common.errors import ErrorInterceptor
+
+log = logging.getLogger(__name__)
+
+# gRPC's message limit sits a little above the array limit, so an oversized array is refused by
+# radpilot.wire with a message that says what to do, not by the transport.
+MAX_MESSAGE_BYTES = MAX_ARRAY_BYTES + 1024 * 1024
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+    services: Sequence[str]
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self.health.set("", status)
+        for name in self.services:
+            self.health.set(name, status)
+
+    def stop(self, grace_s: float) -> None:
+        """Not-serving first (load balancers stop sending), then drain, then stop."""
+        self.set_serving(False)
+        self.server.stop(grace_s).wait()
+
+
+def start_server(
+    register: Sequence[tuple[Callable[[Any, grpc.Server], None], Any]],
+    service_names: Sequence[str],
+    address: str,
+    workers: int = 8,
+    enable_reflection: bool = False,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+) -> RunningServer:
+    """Start a server on ``address`` (port 0 picks one); its health starts NOT_SERVING."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=[*interceptors, ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # clients re-resolve and spread onto new replicas when connections age out
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 10 * 60 * 1000),
+        ],
+    )
+    for add, servicer in register:
+        add(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if enable_reflection:
+        reflection.enable_server_reflection(
+            [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {address}")
+    server.start()
+    running = RunningServer(server, health_servicer, port, service_names)
+    running.set_serving(False)
+    return running
+
+
+def wait_for_termination(running: RunningServer, grace_s: float) -> None:
+    """Block until SIGTERM/SIGINT, then shut down gracefully."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %d: draining for up to %.0f s", signum, grace_s)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop(grace_s)
+    log.info("stopped")

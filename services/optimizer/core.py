@@ -1,0 +1,99 @@
+"""Optimizer core (no gRPC): resident dose influence matrices per case, FMO, dose artefacts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from radpilot.case_store import CaseStore
+from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
+from radpilot.fmo.backend import make_ops
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    case_id: str
+    rows: int
+    beamlets: int
+    nnz: int
+    backend: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Optimized:
+    result: FMOResult
+    dose_path: str
+    dose_sha256: str
+
+
+class OptimizerCore:
+    def __init__(self, store: CaseStore, backend: str = "numpy", max_cases: int = 4) -> None:
+        self.store = store
+        self.backend = backend
+        self.max_cases = max_cases
+        self._optimizers: OrderedDict[str, FluenceOptimizer] = OrderedDict()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Exercise the backend once (imports, thread pool, device) before reporting ready."""
+        import scipy.sparse as sp
+
+        ops = make_ops(sp.identity(4, dtype=np.float32, format="csr"), self.backend)
+        ops.rmatvec(ops.matvec(ops.asarray(np.ones(4, dtype=np.float32))))
+
+    def _lock(self, case_id: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(case_id, threading.Lock())
+
+    def prepare(self, case_id: str) -> tuple[FluenceOptimizer, Prepared]:
+        """The case's optimizer, loading it from the store on a miss (idempotent)."""
+        with self._lock(case_id):
+            t0 = time.perf_counter()
+            opt = self._optimizers.get(case_id)
+            if opt is None:
+                case = self.store.load(case_id)  # CaseNotFoundError -> NOT_FOUND
+                opt = FluenceOptimizer(case, backend=self.backend)
+                with self._guard:
+                    self._optimizers[case_id] = opt
+                    while len(self._optimizers) > self.max_cases:
+                        evicted, _ = self._optimizers.popitem(last=False)
+                        log.info("evicted case %s", evicted)
+                log.info("prepared case %s in %.1f s", case_id, time.perf_counter() - t0)
+            else:
+                with self._guard:
+                    self._optimizers.move_to_end(case_id)
+            A = opt.case.dose_influence
+            return opt, Prepared(
+                case_id, A.shape[0], A.shape[1], int(A.nnz), opt.backend, time.perf_counter() - t0
+            )
+
+    def optimize(
+        self,
+        case_id: str,
+        terms: list[ObjectiveTerm],
+        normalize_to: str = "",
+        warm_start: np.ndarray | None = None,
+        max_iterations: int = 0,
+    ) -> Optimized:
+        opt, _ = self.prepare(case_id)
+        if warm_start is not None and warm_start.size == 0:
+            warm_start = None
+        if max_iterations < 0:
+            raise ValueError("max_iterations must be >= 0 (0 = the default)")
+        settings = FMOSettings(
+            normalize_to=normalize_to or None,
+            max_iter=max_iterations or FMOSettings.max_iter,
+        )
+        with self._lock(case_id):  # one solve per case at a time: the working set is per solve
+            result = opt.solve(terms, x0=warm_start, settings=settings)
+        path, sha = self.store.put_artefact(case_id, "dose", result.dose_rows)
+        return Optimized(result, path, sha)

@@ -1,0 +1,74 @@
+"""OptimizerService: protobuf in, core call, protobuf out. No physics here."""
+
+from __future__ import annotations
+
+import grpc
+
+from radpilot.fmo import ObjectiveTerm
+from radpilot.fmo.objectives import ObjectiveError
+from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
+from radpilot.wire import from_ndarray, to_ndarray
+from services.optimizer.core import OptimizerCore
+
+
+def terms_from_proto(terms: list[types_pb2.ObjectiveTerm]) -> list[ObjectiveTerm]:
+    if not terms:
+        raise ObjectiveError("objectives is empty: send at least one objective term")
+    return [ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight) for t in terms]
+
+
+def stats_to_proto(stats: dict) -> types_pb2.FmoStats:
+    return types_pb2.FmoStats(
+        objective=stats["objective"],
+        objective_normalized=stats["objective_normalized"],
+        iterations=stats["iterations"],
+        seconds=stats["seconds"],
+        backend=stats["backend"],
+        converged=stats["converged"],
+        stop_reason=stats["stop_reason"],
+        scale_factor=stats["scale_factor"],
+        sparse_products=stats["sparse_products"],
+    )
+
+
+class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
+    def __init__(self, core: OptimizerCore, replica: str) -> None:
+        self.core = core
+        self.replica = replica
+
+    def PrepareCase(
+        self, request: optimizer_pb2.PrepareCaseRequest, context: grpc.ServicerContext
+    ) -> optimizer_pb2.PrepareCaseResponse:
+        if not request.case_id:
+            raise ValueError("case_id is empty: create the case first and send its id")
+        _, p = self.core.prepare(request.case_id)
+        return optimizer_pb2.PrepareCaseResponse(
+            case_id=p.case_id,
+            rows=p.rows,
+            beamlets=p.beamlets,
+            nnz=p.nnz,
+            backend=p.backend,
+            seconds=p.seconds,
+        )
+
+    def Optimize(
+        self, request: optimizer_pb2.OptimizeRequest, context: grpc.ServicerContext
+    ) -> optimizer_pb2.OptimizeResponse:
+        if not request.case_id:
+            raise ValueError("case_id is empty: create the case first and send its id")
+        warm = from_ndarray(request.warm_start) if request.HasField("warm_start") else None
+        out = self.core.optimize(
+            request.case_id,
+            terms_from_proto(list(request.objectives)),
+            request.normalize_to,
+            warm,
+            request.max_iterations,
+        )
+        return optimizer_pb2.OptimizeResponse(
+            stats=stats_to_proto(out.result.stats()),
+            fluence=to_ndarray(out.result.fluence),
+            dose=types_pb2.ArtefactRef(
+                case_id=request.case_id, path=out.dose_path, sha256=out.dose_sha256
+            ),
+            replica=self.replica,
+        )
