@@ -185,15 +185,18 @@ class CaseStore:
     # -- artefacts (doses, fluences): content-addressed files beside the cases ---------------
     def put_artefact(self, case_id: str, kind: str, array: np.ndarray) -> tuple[str, str]:
         """Store an array under ``artefacts/<case_id>/<kind>-<sha256>.npy``; (path, sha256)."""
-        if case_id not in self:
-            raise CaseNotFoundError(f"case {case_id!r} is not in the store at {self.root}")
-        if not kind.isidentifier():
-            raise ValueError(f"artefact kind {kind!r} must be an identifier")
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-        data = buf.getvalue()
+        return self.put_bytes(case_id, kind, buf.getvalue(), "npy")
+
+    def put_bytes(self, case_id: str, kind: str, data: bytes, ext: str) -> tuple[str, str]:
+        """Store bytes (a PNG, a report) as ``artefacts/<case_id>/<kind>-<sha256>.<ext>``."""
+        if case_id not in self:
+            raise CaseNotFoundError(f"case {case_id!r} is not in the store at {self.root}")
+        if not kind.replace("-", "_").isidentifier() or not ext.isalnum():
+            raise ValueError(f"artefact kind {kind!r} / extension {ext!r} is not a plain name")
         sha = hashlib.sha256(data).hexdigest()
-        rel = f"artefacts/{case_id}/{kind}-{sha[:32]}.npy"
+        rel = f"artefacts/{case_id}/{kind}-{sha[:32]}.{ext}"
         final = self.root / rel
         if not final.is_file():
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -203,14 +206,17 @@ class CaseStore:
             os.replace(tmp, final)
         return rel, sha
 
-    def get_artefact(self, rel_path: str, sha256: str = "") -> np.ndarray:
+    def get_bytes(self, rel_path: str, sha256: str = "") -> bytes:
         p = (self.root / rel_path).resolve()
         if not p.is_relative_to((self.root / "artefacts").resolve()) or not p.is_file():
             raise CaseNotFoundError(f"artefact {rel_path!r} is not in the store at {self.root}")
         data = p.read_bytes()
         if sha256 and hashlib.sha256(data).hexdigest() != sha256:
             raise CaseError(f"artefact {rel_path!r} does not match its hash")
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return data
+
+    def get_artefact(self, rel_path: str, sha256: str = "") -> np.ndarray:
+        return np.load(io.BytesIO(self.get_bytes(rel_path, sha256)), allow_pickle=False)
 
     def delete(self, case_id: str) -> None:
         shutil.rmtree(self.path(case_id), ignore_errors=True)

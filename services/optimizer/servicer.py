@@ -4,31 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from radpilot.fmo import ObjectiveTerm
-from radpilot.fmo.objectives import ObjectiveError
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
 from radpilot.wire import from_ndarray, to_ndarray
+from services.common.convert import fmo_stats_to_proto, terms_from_proto
 from services.optimizer.core import OptimizerCore
-
-
-def terms_from_proto(terms: list[types_pb2.ObjectiveTerm]) -> list[ObjectiveTerm]:
-    if not terms:
-        raise ObjectiveError("objectives is empty: send at least one objective term")
-    return [ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight) for t in terms]
-
-
-def stats_to_proto(stats: dict) -> types_pb2.FmoStats:
-    return types_pb2.FmoStats(
-        objective=stats["objective"],
-        objective_normalized=stats["objective_normalized"],
-        iterations=stats["iterations"],
-        seconds=stats["seconds"],
-        backend=stats["backend"],
-        converged=stats["converged"],
-        stop_reason=stats["stop_reason"],
-        scale_factor=stats["scale_factor"],
-        sparse_products=stats["sparse_products"],
-    )
 
 
 class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
@@ -65,7 +44,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             request.max_iterations,
         )
         return optimizer_pb2.OptimizeResponse(
-            stats=stats_to_proto(out.result.stats()),
+            stats=fmo_stats_to_proto(out.result.stats()),
             fluence=to_ndarray(out.result.fluence),
             dose=types_pb2.ArtefactRef(
                 case_id=request.case_id, path=out.dose_path, sha256=out.dose_sha256

@@ -1,0 +1,36 @@
+"""Evaluator service configuration: environment variables, overridable by flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    address: str = "127.0.0.1:50052"
+    case_store: str = ""
+    max_cases: int = 4
+    reflection: bool = False
+    grace_s: float = 30.0
+
+    @classmethod
+    def from_env_and_args(cls, argv: list[str] | None = None) -> EvaluatorConfig:
+        env = os.environ
+        ap = argparse.ArgumentParser(prog="python -m services.evaluator")
+        ap.add_argument("--address", default=env.get("RADPILOT_EVALUATOR_ADDRESS", cls.address))
+        ap.add_argument("--case-store", default=env.get("RADPILOT_CASE_STORE", ""))
+        ap.add_argument(
+            "--max-cases", type=int, default=int(env.get("RADPILOT_MAX_CASES", cls.max_cases))
+        )
+        ap.add_argument(
+            "--reflection", action="store_true", default=env.get("RADPILOT_REFLECTION") == "1"
+        )
+        ap.add_argument(
+            "--grace-s", type=float, default=float(env.get("RADPILOT_GRACE_S", cls.grace_s))
+        )
+        a = ap.parse_args(argv)
+        if a.max_cases < 1:
+            ap.error("--max-cases must be at least 1")
+        return cls(a.address, a.case_store, a.max_cases, a.reflection, a.grace_s)

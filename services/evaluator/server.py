@@ -1,0 +1,29 @@
+"""Evaluator server wiring."""
+
+from __future__ import annotations
+
+import logging
+
+from radpilot.case_store import CaseStore
+from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc
+from services.common.server import RunningServer, start_server
+from services.evaluator.config import EvaluatorConfig
+from services.evaluator.core import EvaluatorCore
+from services.evaluator.servicer import EvaluatorServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].full_name
+
+
+def serve(config: EvaluatorConfig) -> RunningServer:
+    store = CaseStore(config.case_store) if config.case_store else CaseStore()
+    core = EvaluatorCore(store, max_cases=config.max_cases)
+    running = start_server(
+        [(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, EvaluatorServicer(core))],
+        [SERVICE_NAME],
+        config.address,
+        enable_reflection=config.reflection,
+    )
+    running.set_serving(True)
+    log.info("evaluator serving on port %d", running.port)
+    return running
