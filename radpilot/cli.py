@@ -18,7 +18,7 @@ from typing import Any
 from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
 from radpilot.cases import BUILTIN_CASES, load_builtin
-from radpilot.planning import plan_once
+from radpilot.planning import plan_loop, plan_once
 from radpilot.protocol import ProtocolError, load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     protocol = load_protocol(args.protocol)
     case = load_builtin(args.case, store, **_params(args.param))
     t_case = time.perf_counter() - t0
-    report = plan_once(case, protocol, backend=args.backend)
+    if args.agent == "none":
+        report = plan_once(case, protocol, backend=args.backend)
+    else:
+        report = plan_loop(case, protocol, args.max_iterations, args.memory, backend=args.backend)
     report.seconds["case"] = t_case
     report.seconds["total"] = time.perf_counter() - t0
     path = report.write(args.out)
@@ -51,6 +54,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{r.goal.label:32s} {r.achieved:9.2f} {r.margin:+8.2f}  "
             f"{'pass' if r.passed else 'FAIL'}"
         )
+    print(
+        f"best plan: iteration {report.best_iteration} of {len(report.iterations)} ({report.agent})"
+    )
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     print(json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
@@ -81,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default="out/demo" if name == "demo" else "out/plan")
         p.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "auto"])
         p.add_argument(
+            "--agent",
+            default="rules",
+            choices=["rules", "none"],
+            help="outer-loop planner; none = one FMO with the protocol's initial objectives",
+        )
+        p.add_argument("--max-iterations", type=int, default=6)
+        p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")
+        p.add_argument(
             "--store",
             default=None,
             help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)",
@@ -97,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return cmd_plan(args)
-    except (CaseError, ProtocolError) as exc:
+    except (CaseError, ProtocolError, ValueError) as exc:
         print(f"radpilot: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,1 @@
+"""Outer-loop agents: planners that turn evaluator feedback and memory into new objectives."""

@@ -1,0 +1,129 @@
+"""The rule-based ("autoplan"-like) planner.
+
+From the protocol check of the last plan and the memory of recent iterations it proposes new
+objective weights and doses:
+
+- every missed goal pushes on the objective terms of its structure: an upper limit on an OAR or
+  a target hot spot raises the weight of that structure's overdose term (by a factor that grows
+  with the miss) and lowers its objective dose to the limit minus a margin; a lower limit raises
+  the structure's deviation/underdose weight. A missed goal with no term to push on gets one.
+- if the last step made the plan worse than the best in memory, it backtracks: it steps again
+  from the best iteration's objectives, for that iteration's misses, with a smaller step; and
+  every flip of the missed goals (fixing one breaks another) halves the step.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.protocol import Protocol
+
+MAX_FACTOR = 3.0
+OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
+
+
+@dataclass(frozen=True)
+class MemoryEntry:
+    iteration: int
+    objectives: list[ObjectiveTerm]
+    check: ProtocolCheck
+    feedback: str = ""
+
+
+def badness(check: ProtocolCheck) -> float:
+    """Continuous size of the misses: relative shortfall, hard goals x10, weighted by priority."""
+    total = 0.0
+    for r in check.failed:
+        rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
+        total += rel * (10.0 if r.goal.hard else 1.0) / r.goal.priority
+    return total
+
+
+def _step(r: GoalResult, gain: float) -> float:
+    rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
+    return min(MAX_FACTOR, 1.0 + gain * (0.5 + 4.0 * rel))
+
+
+def propose_rules(
+    protocol: Protocol,
+    objectives: list[ObjectiveTerm],
+    check: ProtocolCheck,
+    memory: list[MemoryEntry],
+) -> tuple[list[ObjectiveTerm], str]:
+    notes: list[str] = []
+    # Each time the set of missed goals flips (fixing one goal breaks another), the step halves:
+    # the loop then closes in on the trade-off instead of jumping across it.
+    flips = sum(
+        1
+        for a, b in itertools.pairwise(memory)
+        if a.check.failed and b.check.failed and _missed(a.check) != _missed(b.check)
+    )
+    gain = 0.5**flips
+    best = min(
+        memory, key=lambda m: (tuple(-k for k in m.check.score()), badness(m.check)), default=None
+    )
+    if best is not None and best is not memory[-1]:
+        last = memory[-1]
+        if (last.check.score(), -badness(last.check)) < (best.check.score(), -badness(best.check)):
+            objectives, check = list(best.objectives), best.check
+            gain *= 0.5
+            notes.append(
+                f"iteration {last.iteration} was worse than iteration {best.iteration}; "
+                f"stepping again from iteration {best.iteration} with a smaller step"
+            )
+    terms = {t.key(): t for t in objectives}
+    for r in sorted(check.failed, key=lambda r: r.goal.priority):
+        g = r.goal
+        factor = _step(r, gain)
+        is_target = g.structure == protocol.target
+        if g.comparator == "<=":
+            key = f"{g.structure}:squared_overdose"
+            old = terms.get(key)
+            unit = g.limit if g.unit == "Gy" else protocol.prescription_gy
+            floor = protocol.prescription_gy * 1.01 if is_target else 0.0
+            shrink = 1 - OAR_MARGIN * gain
+            new_dose = min((old.dose_gy if old else unit) * shrink, unit * shrink)
+            if is_target:
+                new_dose = max(
+                    floor, min(old.dose_gy if old else unit, unit - (unit - floor) * 0.5)
+                )
+            weight = old.weight * factor if old else _median_weight(objectives)
+            terms[key] = ObjectiveTerm(g.structure, "squared_overdose", round(new_dose, 3), weight)
+            notes.append(
+                f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}, "
+                f"objective dose {new_dose:.1f} Gy"
+            )
+        else:
+            key = next(
+                (
+                    k
+                    for k in (
+                        f"{g.structure}:squared_underdose",
+                        f"{g.structure}:squared_deviation",
+                    )
+                    if k in terms
+                ),
+                f"{g.structure}:squared_underdose",
+            )
+            old = terms.get(key)
+            dose = old.dose_gy if old else (g.limit if g.unit == "Gy" else protocol.prescription_gy)
+            weight = old.weight * factor if old else _median_weight(objectives)
+            terms[key] = ObjectiveTerm(g.structure, key.split(":")[1], dose, weight)
+            notes.append(
+                f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
+            )
+    if not check.failed:
+        notes.append("every goal is met; objectives unchanged")
+    return list(terms.values()), "; ".join(notes)
+
+
+def _missed(check: ProtocolCheck) -> frozenset[str]:
+    return frozenset(r.goal.label for r in check.failed)
+
+
+def _median_weight(objectives: list[ObjectiveTerm]) -> float:
+    w = sorted(t.weight for t in objectives if t.weight > 0)
+    return w[len(w) // 2] if w else 1.0
