@@ -50,9 +50,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     path = report.write(args.out)
     print(f"{'goal':32s} {'achieved':>9s} {'margin':>8s}  result")
     for r in report.check.results:
+        margin = r.margin if abs(r.margin) >= 5e-3 else 0.0  # a met limit prints +0.00, not -0.00
         print(
-            f"{r.goal.label:32s} {r.achieved:9.2f} {r.margin:+8.2f}  "
-            f"{'pass' if r.passed else 'FAIL'}"
+            f"{r.goal.label:32s} {r.achieved:9.2f} {margin:+8.2f}  {'pass' if r.passed else 'FAIL'}"
         )
     print(
         f"best plan: iteration {report.best_iteration} of {len(report.iterations)} ({report.agent})"
