@@ -97,3 +97,28 @@ def wait_for_termination(running: RunningServer, grace_s: float) -> None:
     stop.wait()
     running.stop(grace_s)
     log.info("stopped")
+
+
+def run_service(load_config: Callable[[], Any], serve: Callable[[Any], RunningServer]) -> None:
+    """A server process's main: logging, configuration, serve, wait for SIGTERM, drain."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = load_config()
+    wait_for_termination(serve(config), config.grace_s)
+
+
+def add_server_flags(ap: Any, default_grace_s: float) -> None:
+    """The flags every server takes (besides its address)."""
+    import os
+
+    env = os.environ
+    ap.add_argument(
+        "--reflection", action="store_true", default=env.get("RADPILOT_REFLECTION") == "1"
+    )
+    ap.add_argument(
+        "--grace-s",
+        type=float,
+        default=float(env.get("RADPILOT_GRACE_S", default_grace_s)),
+        help="seconds to drain in-flight calls after SIGTERM",
+    )

@@ -1,21 +1,8 @@
-"""``python -m services.evaluator [--address HOST:PORT] [--case-store DIR]``."""
+"""``python -m services.evaluator --help``: run the evaluator server until SIGTERM."""
 
-from __future__ import annotations
-
-import logging
-
-from services.common.server import wait_for_termination
+from services.common.server import run_service
 from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve
 
-
-def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = EvaluatorConfig.from_env_and_args()
-    wait_for_termination(serve(config), config.grace_s)
-
-
 if __name__ == "__main__":
-    main()
+    run_service(EvaluatorConfig.from_env_and_args, serve)

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from services.common.server import add_server_flags
+
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
@@ -24,12 +26,7 @@ class EvaluatorConfig:
         ap.add_argument(
             "--max-cases", type=int, default=int(env.get("RADPILOT_MAX_CASES", cls.max_cases))
         )
-        ap.add_argument(
-            "--reflection", action="store_true", default=env.get("RADPILOT_REFLECTION") == "1"
-        )
-        ap.add_argument(
-            "--grace-s", type=float, default=float(env.get("RADPILOT_GRACE_S", cls.grace_s))
-        )
+        add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
         if a.max_cases < 1:
             ap.error("--max-cases must be at least 1")

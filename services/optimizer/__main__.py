@@ -1,21 +1,8 @@
-"""``python -m services.optimizer [--address HOST:PORT] [--case-store DIR] [--backend B]``."""
+"""``python -m services.optimizer --help``: run the optimizer server until SIGTERM."""
 
-from __future__ import annotations
-
-import logging
-
-from services.common.server import wait_for_termination
+from services.common.server import run_service
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.server import serve
 
-
-def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = OptimizerConfig.from_env_and_args()
-    wait_for_termination(serve(config), config.grace_s)
-
-
 if __name__ == "__main__":
-    main()
+    run_service(OptimizerConfig.from_env_and_args, serve)

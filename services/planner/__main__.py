@@ -1,21 +1,8 @@
-"""``python -m services.planner [--address HOST:PORT]``."""
+"""``python -m services.planner --help``: run the planner server until SIGTERM."""
 
-from __future__ import annotations
-
-import logging
-
-from services.common.server import wait_for_termination
+from services.common.server import run_service
 from services.planner.config import PlannerConfig
 from services.planner.server import serve
 
-
-def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = PlannerConfig.from_env_and_args()
-    wait_for_termination(serve(config), config.grace_s)
-
-
 if __name__ == "__main__":
-    main()
+    run_service(PlannerConfig.from_env_and_args, serve)

@@ -6,6 +6,8 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from services.common.server import add_server_flags
+
 
 @dataclass(frozen=True)
 class PlannerConfig:
@@ -18,11 +20,6 @@ class PlannerConfig:
         env = os.environ
         ap = argparse.ArgumentParser(prog="python -m services.planner")
         ap.add_argument("--address", default=env.get("RADPILOT_PLANNER_ADDRESS", cls.address))
-        ap.add_argument(
-            "--reflection", action="store_true", default=env.get("RADPILOT_REFLECTION") == "1"
-        )
-        ap.add_argument(
-            "--grace-s", type=float, default=float(env.get("RADPILOT_GRACE_S", cls.grace_s))
-        )
+        add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
         return cls(a.address, a.reflection, a.grace_s)
