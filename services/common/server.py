@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -84,7 +84,11 @@ def start_server(
     return running
 
 
-def wait_for_termination(running: RunningServer, grace_s: float) -> None:
+class Stoppable(Protocol):
+    def stop(self, grace_s: float) -> None: ...
+
+
+def wait_for_termination(running: Stoppable, grace_s: float) -> None:
     """Block until SIGTERM/SIGINT, then shut down gracefully."""
     stop = threading.Event()
 
@@ -99,7 +103,7 @@ def wait_for_termination(running: RunningServer, grace_s: float) -> None:
     log.info("stopped")
 
 
-def run_service(load_config: Callable[[], Any], serve: Callable[[Any], RunningServer]) -> None:
+def run_service(load_config: Callable[[], Any], serve: Callable[[Any], Stoppable]) -> None:
     """A server process's main: logging, configuration, serve, wait for SIGTERM, drain."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

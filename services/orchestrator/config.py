@@ -1,0 +1,51 @@
+"""Orchestrator configuration: environment variables, overridable by flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from services.common.server import add_server_flags
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    address: str = "127.0.0.1:50050"
+    case_store: str = ""
+    job_db: str = ""  # default: <case store>/jobs.sqlite
+    optimizers: tuple[str, ...] = ("127.0.0.1:50051",)  # replicas, or one dns:/// target
+    evaluator: str = "127.0.0.1:50052"
+    planner: str = "127.0.0.1:50053"
+    reflection: bool = False
+    grace_s: float = 30.0
+
+    @classmethod
+    def from_env_and_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
+        env = os.environ
+        ap = argparse.ArgumentParser(prog="python -m services.orchestrator")
+        ap.add_argument("--address", default=env.get("RADPILOT_ORCHESTRATOR_ADDRESS", cls.address))
+        ap.add_argument("--case-store", default=env.get("RADPILOT_CASE_STORE", ""))
+        ap.add_argument("--job-db", default=env.get("RADPILOT_JOB_DB", ""))
+        ap.add_argument(
+            "--optimizers",
+            default=env.get("RADPILOT_OPTIMIZERS", ",".join(cls.optimizers)),
+            help="comma-separated host:port of every optimizer replica, or dns:///name:port",
+        )
+        ap.add_argument("--evaluator", default=env.get("RADPILOT_EVALUATOR", cls.evaluator))
+        ap.add_argument("--planner", default=env.get("RADPILOT_PLANNER", cls.planner))
+        add_server_flags(ap, cls.grace_s)
+        a = ap.parse_args(argv)
+        optimizers = tuple(x.strip() for x in a.optimizers.split(",") if x.strip())
+        if not optimizers:
+            ap.error("--optimizers needs at least one address")
+        return cls(
+            a.address,
+            a.case_store,
+            a.job_db,
+            optimizers,
+            a.evaluator,
+            a.planner,
+            a.reflection,
+            a.grace_s,
+        )

@@ -1,0 +1,88 @@
+"""Orchestrator server wiring: job store, clients of the other services, auth, resume."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from radpilot.case_store import CaseStore
+from radpilot.v1 import (
+    evaluator_pb2_grpc,
+    optimizer_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    planner_pb2_grpc,
+)
+from services.common.auth import BearerToken, TokenInterceptor, load_token
+from services.common.channels import open_channel, replica_target
+from services.common.server import RunningServer, start_server
+from services.evaluator.server import SERVICE_NAME as EVALUATOR
+from services.optimizer.server import SERVICE_NAME as OPTIMIZER
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.core import Clients, Orchestrator
+from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.store import JobStore
+from services.planner.server import SERVICE_NAME as PLANNER
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+@dataclass
+class OrchestratorServer:
+    running: RunningServer
+    core: Orchestrator
+    channels: list[grpc.Channel]
+    resumed: list[str]
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    def stop(self, grace_s: float) -> None:
+        self.running.set_serving(False)
+        self.core.shutdown()
+        self.running.stop(grace_s)
+        for ch in self.channels:
+            ch.close()
+        self.core.jobs.close()
+
+
+def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorServer:
+    cases = CaseStore(config.case_store) if config.case_store else CaseStore()
+    jobs = JobStore(config.job_db or cases.root / "jobs.sqlite")
+    token = load_token() if token is None else token
+    client_interceptors = [BearerToken(token)] if token else []
+
+    def channel(target: str, service: str) -> grpc.Channel:
+        return grpc.intercept_channel(open_channel(target, [service]), *client_interceptors)
+
+    channels = [
+        channel(replica_target(list(config.optimizers)), OPTIMIZER),
+        channel(replica_target([config.evaluator]), EVALUATOR),
+        channel(replica_target([config.planner]), PLANNER),
+    ]
+    clients = Clients(
+        optimizer_pb2_grpc.OptimizerServiceStub(channels[0]),
+        evaluator_pb2_grpc.EvaluatorServiceStub(channels[1]),
+        planner_pb2_grpc.PlannerServiceStub(channels[2]),
+    )
+    core = Orchestrator(jobs, cases, clients)
+    running = start_server(
+        [
+            (
+                orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server,
+                OrchestratorServicer(core),
+            )
+        ],
+        [SERVICE_NAME],
+        config.address,
+        enable_reflection=config.reflection,
+        interceptors=[TokenInterceptor(token)] if token else [],
+    )
+    resumed = core.resume_unfinished()
+    running.set_serving(True)
+    log.info("orchestrator serving on port %d (%d job(s) resumed)", running.port, len(resumed))
+    return OrchestratorServer(running, core, channels, resumed)

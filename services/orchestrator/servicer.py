@@ -1,0 +1,121 @@
+"""OrchestratorService: the public API, mapped onto the orchestrator core."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from radpilot.v1 import orchestrator_pb2 as pb
+from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
+from services.orchestrator.core import Orchestrator, _goals_proto
+
+STATES = {
+    "queued": pb.JOB_STATE_QUEUED,
+    "running": pb.JOB_STATE_RUNNING,
+    "succeeded": pb.JOB_STATE_SUCCEEDED,
+    "failed": pb.JOB_STATE_FAILED,
+    "cancelled": pb.JOB_STATE_CANCELLED,
+}
+KINDS = {
+    "iteration_started": pb.EVENT_KIND_ITERATION_STARTED,
+    "fmo_done": pb.EVENT_KIND_FMO_DONE,
+    "evaluated": pb.EVENT_KIND_EVALUATED,
+    "proposal": pb.EVENT_KIND_PROPOSAL,
+    "finished": pb.EVENT_KIND_FINISHED,
+    "failed": pb.EVENT_KIND_FAILED,
+    "cancelled": pb.EVENT_KIND_CANCELLED,
+}
+
+
+def _fmo(d: dict[str, Any] | None) -> types_pb2.FmoStats | None:
+    if not d:
+        return None
+    return types_pb2.FmoStats(
+        **{k: v for k, v in d.items() if k in types_pb2.FmoStats.DESCRIPTOR.fields_by_name}
+    )
+
+
+def _terms(items: list[dict[str, Any]]) -> list[types_pb2.ObjectiveTerm]:
+    return [types_pb2.ObjectiveTerm(**t) for t in items]
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    def __init__(self, core: Orchestrator) -> None:
+        self.core = core
+
+    def CreateCase(
+        self, request: pb.CreateCaseRequest, context: grpc.ServicerContext
+    ) -> pb.CreateCaseResponse:
+        case_id, structures = self.core.create_case(request.builtin, dict(request.parameters))
+        return pb.CreateCaseResponse(case_id=case_id, structures=structures)
+
+    def StartPlanning(
+        self, request: pb.StartPlanningRequest, context: grpc.ServicerContext
+    ) -> pb.StartPlanningResponse:
+        job_id = self.core.start(
+            request.case_id,
+            request.protocol_yaml,
+            request.max_iterations,
+            request.memory_length,
+            request.agent,
+            request.idempotency_key,
+        )
+        return pb.StartPlanningResponse(job_id=job_id)
+
+    def WatchPlanning(
+        self, request: pb.WatchPlanningRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchPlanningResponse]:
+        for seq, e in self.core.watch(request.job_id, request.from_sequence, context):
+            yield pb.WatchPlanningResponse(
+                sequence=seq,
+                kind=KINDS.get(e["kind"], pb.EVENT_KIND_UNSPECIFIED),
+                iteration=e.get("iteration", 0),
+                fmo=_fmo(e.get("fmo")),
+                goals=_goals_proto(e.get("goals", [])),
+                proposal=_terms(e.get("proposal", [])),
+                message=e.get("message", ""),
+            )
+
+    def GetPlanningJob(
+        self, request: pb.GetPlanningJobRequest, context: grpc.ServicerContext
+    ) -> pb.GetPlanningJobResponse:
+        job = self.core.jobs.job(request.job_id)
+        return pb.GetPlanningJobResponse(
+            job_id=job.job_id,
+            case_id=job.case_id,
+            state=STATES[job.state],
+            best_iteration=job.best_iteration,
+            error=job.error,
+            iterations=[
+                pb.IterationRecord(
+                    iteration=r["iteration"],
+                    objectives=_terms(r["objectives"]),
+                    fmo=_fmo(r["fmo"]),
+                    goals=_goals_proto(r["goals"]),
+                    findings=r["findings"],
+                    rationale=r["rationale"],
+                    physician_feedback=r["feedback"],
+                )
+                for r in self.core.jobs.iterations(job.job_id)
+            ],
+        )
+
+    def SubmitFeedback(
+        self, request: pb.SubmitFeedbackRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitFeedbackResponse:
+        return pb.SubmitFeedbackResponse(
+            applies_from_iteration=self.core.submit_feedback(request.job_id, request.text)
+        )
+
+    def CancelPlanning(
+        self, request: pb.CancelPlanningRequest, context: grpc.ServicerContext
+    ) -> pb.CancelPlanningResponse:
+        return pb.CancelPlanningResponse(state=STATES[self.core.cancel(request.job_id)])
+
+    def ExportPlan(
+        self, request: pb.ExportPlanRequest, context: grpc.ServicerContext
+    ) -> pb.ExportPlanResponse:
+        data, name = self.core.export(request.job_id)
+        return pb.ExportPlanResponse(bundle=data, filename=name)

@@ -1,0 +1,216 @@
+"""The job store: SQLite in WAL mode. Every iteration is written (with its event) in one
+transaction before the next one starts, so a restarted orchestrator resumes where it stopped."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+  job_id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, case_id TEXT NOT NULL,
+  protocol_yaml TEXT NOT NULL, max_iterations INTEGER NOT NULL, memory_length INTEGER NOT NULL,
+  agent TEXT NOT NULL, state TEXT NOT NULL, best_iteration INTEGER NOT NULL DEFAULT 0,
+  error TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS iterations (
+  job_id TEXT NOT NULL, iteration INTEGER NOT NULL, record TEXT NOT NULL,
+  PRIMARY KEY (job_id, iteration));
+CREATE TABLE IF NOT EXISTS events (
+  job_id TEXT NOT NULL, seq INTEGER NOT NULL, event TEXT NOT NULL, PRIMARY KEY (job_id, seq));
+CREATE TABLE IF NOT EXISTS feedback (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, text TEXT NOT NULL,
+  applies_from INTEGER NOT NULL);
+"""
+
+INSERT_JOB = (
+    "INSERT INTO jobs (job_id, idempotency_key, case_id, protocol_yaml, max_iterations,"
+    " memory_length, agent, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    idempotency_key: str | None
+    case_id: str
+    protocol_yaml: str
+    max_iterations: int
+    memory_length: int
+    agent: str
+    state: str
+    best_iteration: int
+    error: str
+
+
+class JobStore:
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self.changed = threading.Condition(self._lock)  # notified on every write
+
+    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.changed.notify_all()
+
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def create_job(
+        self,
+        case_id: str,
+        protocol_yaml: str,
+        max_iterations: int,
+        memory_length: int,
+        agent: str,
+        idempotency_key: str | None,
+    ) -> tuple[Job, bool]:
+        """The new job, or the existing one for the same idempotency key; (job, created)."""
+        if idempotency_key:
+            existing = self._query(
+                "SELECT job_id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+            )
+            if existing:
+                return self.job(existing[0][0]), False
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        try:
+            self._write(
+                [
+                    (
+                        INSERT_JOB,
+                        (
+                            job_id,
+                            idempotency_key or None,
+                            case_id,
+                            protocol_yaml,
+                            max_iterations,
+                            memory_length,
+                            agent,
+                            "queued",
+                            now,
+                            now,
+                        ),
+                    )
+                ]
+            )
+        except sqlite3.IntegrityError:  # a concurrent request with the same key won
+            row = self._query(
+                "SELECT job_id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+            )
+            return self.job(row[0][0]), False
+        return self.job(job_id), True
+
+    def job(self, job_id: str) -> Job:
+        rows = self._query(
+            "SELECT job_id, idempotency_key, case_id, protocol_yaml, max_iterations, memory_length,"
+            " agent, state, best_iteration, error FROM jobs WHERE job_id = ?",
+            (job_id,),
+        )
+        if not rows:
+            raise KeyError(f"no planning job {job_id!r}")
+        return Job(*rows[0])
+
+    def unfinished(self) -> list[str]:
+        return [
+            r[0] for r in self._query("SELECT job_id FROM jobs WHERE state IN ('queued','running')")
+        ]
+
+    def set_state(
+        self,
+        job_id: str,
+        state: str,
+        error: str = "",
+        best_iteration: int | None = None,
+        event: dict[str, Any] | None = None,
+    ) -> None:
+        stmts: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "UPDATE jobs SET state = ?, error = ?,"
+                " best_iteration = COALESCE(?, best_iteration),"
+                " updated = ? WHERE job_id = ?",
+                (state, error, best_iteration, time.time(), job_id),
+            )
+        ]
+        if event is not None:
+            stmts.append(self._event_stmt(job_id, event))
+        self._write(stmts)
+
+    # -- iterations and events -------------------------------------------------------------------
+    def _event_stmt(self, job_id: str, event: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        return (
+            "INSERT INTO events (job_id, seq, event) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1"
+            " FROM events WHERE job_id = ?), ?)",
+            (job_id, job_id, json.dumps(event)),
+        )
+
+    def add_event(self, job_id: str, event: dict[str, Any]) -> None:
+        self._write([self._event_stmt(job_id, event)])
+
+    def add_iteration(
+        self, job_id: str, iteration: int, record: dict[str, Any], event: dict[str, Any]
+    ) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO iterations (job_id, iteration, record) VALUES (?,?,?)",
+                    (job_id, iteration, json.dumps(record)),
+                ),
+                self._event_stmt(job_id, event),
+            ]
+        )
+
+    def iterations(self, job_id: str) -> list[dict[str, Any]]:
+        rows = self._query(
+            "SELECT record FROM iterations WHERE job_id = ? ORDER BY iteration", (job_id,)
+        )
+        return [json.loads(r[0]) for r in rows]
+
+    def events_since(self, job_id: str, seq: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._query(
+            "SELECT seq, event FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, seq)
+        )
+        return [(r[0], json.loads(r[1])) for r in rows]
+
+    # -- physician feedback ---------------------------------------------------------------------
+    def add_feedback(self, job_id: str, text: str, applies_from: int) -> None:
+        self._write(
+            [
+                (
+                    "INSERT INTO feedback (job_id, text, applies_from) VALUES (?,?,?)",
+                    (job_id, text, applies_from),
+                )
+            ]
+        )
+
+    def feedback_until(self, job_id: str, iteration: int) -> list[str]:
+        rows = self._query(
+            "SELECT text FROM feedback WHERE job_id = ? AND applies_from <= ? ORDER BY id",
+            (job_id, iteration),
+        )
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
