@@ -1,8 +1,11 @@
-"""``radpilot``: plan a built-in case against a protocol, in process, and write the report.
+"""``radpilot``: plan a built-in case against a protocol and write the report.
 
-radpilot demo                                   # TG-119 C-shape, harder protocol -> out/demo
+radpilot demo           # TG-119 C-shape, harder protocol, rules agents, over local services
+radpilot serve          # the four services on loopback until Ctrl-C (prints address and token)
 radpilot plan --case tg119-cshape --protocol protocols/tg119_cshape_easier.yaml --out out/easy
-radpilot cases                                  # list built-in cases
+radpilot plan --local ...            # launch the services, plan through them, stop them
+radpilot plan --orchestrator H:P ... # plan through a running orchestrator ($RADPILOT_API_TOKEN)
+radpilot cases          # list built-in cases
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +40,8 @@ def _params(pairs: list[str]) -> dict[str, Any]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.local or args.orchestrator:
+        return cmd_plan_remote(args)
     t0 = time.perf_counter()
     store = CaseStore(args.store) if args.store else CaseStore()
     protocol = load_protocol(args.protocol)
@@ -60,6 +66,65 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     print(json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
+    return 0
+
+
+def cmd_plan_remote(args: argparse.Namespace) -> int:
+    """Plan through the gRPC services: a running orchestrator, or ones launched here (--local)."""
+    from services.client import plan_remote
+    from services.launcher import launch
+
+    protocol_yaml = Path(args.protocol).read_text() if Path(args.protocol).is_file() else ""
+    load_protocol(args.protocol)  # clear errors before any service starts
+    cluster = None
+    try:
+        if args.local:
+            store = args.store or str(CaseStore().root)
+            cluster = launch(store, Path(args.out) / "run", args.optimizer_replicas)
+            address, token = cluster.orchestrator, cluster.token
+            print(f"services up: {address}, {args.optimizer_replicas} optimizer replica(s)")
+        else:
+            address, token = args.orchestrator, os.environ.get("RADPILOT_API_TOKEN", "")
+        summary = plan_remote(
+            address,
+            token,
+            args.case,
+            _params(args.param),
+            protocol_yaml,
+            args.agent,
+            args.max_iterations,
+            args.memory,
+            args.out,
+        )
+    finally:
+        if cluster is not None:
+            cluster.stop()
+    print(f"{'goal':32s} {'achieved':>9s}  result")
+    for g in summary["goals"]:
+        label = f"{g['structure']} {g['metric']} {g['comparator']} {g['limit']:g}"
+        print(f"{label:32s} {g['achieved']:9.2f}  {'pass' if g['passed'] else 'FAIL'}")
+    print(f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+    print(json.dumps({k: round(v, 2) for k, v in summary["seconds"].items()}))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from services.launcher import launch
+
+    store = args.store or str(CaseStore().root)
+    cluster = launch(store, args.run_dir, args.optimizer_replicas)
+    print(f"orchestrator: {cluster.orchestrator}")
+    print(f"token: {cluster.token}   (send it as 'authorization: Bearer <token>')")
+    print(f"logs: {cluster.run_dir}; Ctrl-C or SIGTERM stops all services", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    cluster.stop()
     return 0
 
 
@@ -94,12 +159,25 @@ def main(argv: list[str] | None = None) -> int:
         )
         p.add_argument("--max-iterations", type=int, default=6)
         p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")
+        p.add_argument("--orchestrator", default="", help="HOST:PORT of a running orchestrator")
+        p.add_argument(
+            "--local",
+            action="store_true",
+            default=name == "demo",
+            help="launch the four services here, plan through them, stop them",
+        )
+        p.add_argument("--in-process", dest="local", action="store_false", help="no services")
+        p.add_argument("--optimizer-replicas", type=int, default=2 if name == "demo" else 1)
         p.add_argument(
             "--store",
             default=None,
             help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)",
         )
     sub.add_parser("cases", help="list built-in cases")
+    sp = sub.add_parser("serve", help="run the four services on loopback until Ctrl-C")
+    sp.add_argument("--optimizer-replicas", type=int, default=1)
+    sp.add_argument("--store", default=None)
+    sp.add_argument("--run-dir", default="out/run")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -109,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in BUILTIN_CASES.items():
             print(f"{name:18s} {spec.description}")
         return 0
+    if args.command == "serve":
+        return cmd_serve(args)
     try:
         return cmd_plan(args)
     except (CaseError, ProtocolError, ValueError) as exc:

@@ -326,7 +326,15 @@ class Orchestrator:
             )
             fmo = {f.name: getattr(opt.stats, f.name) for f in opt.stats.DESCRIPTOR.fields}
             fmo["replica"] = opt.replica
-            self.jobs.add_event(job_id, {"kind": "fmo_done", "iteration": it, "fmo": fmo})
+            self.jobs.add_event(
+                job_id,
+                {
+                    "kind": "fmo_done",
+                    "iteration": it,
+                    "fmo": fmo,
+                    "message": f"served by {opt.replica}",
+                },
+            )
             self._check_stop(job_id)
             ev = c.evaluator.Evaluate(
                 evaluator_pb2.EvaluateRequest(

@@ -1,0 +1,95 @@
+"""The planning client (``radpilot plan --orchestrator`` / ``--local``): start a job, show its
+progress live, and unpack its exported report."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from radpilot.v1 import orchestrator_pb2 as pb
+from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
+from services.common.auth import BearerToken
+
+COMPARATORS = {types_pb2.COMPARATOR_AT_MOST: "<=", types_pb2.COMPARATOR_AT_LEAST: ">="}
+
+
+def _goal_text(g: types_pb2.GoalResult) -> str:
+    mark = "ok" if g.passed else "MISS"
+    return f"{g.goal.structure} {g.goal.metric} {g.achieved:.2f} ({mark})"
+
+
+def plan_remote(
+    orchestrator: str,
+    token: str,
+    case: str,
+    parameters: dict[str, str],
+    protocol_yaml: str,
+    agent: str,
+    max_iterations: int,
+    memory_length: int,
+    out_dir: str | Path,
+    echo: Callable[[str], None] = print,
+    timeout_s: float = 3600.0,
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with grpc.insecure_channel(orchestrator) as raw:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
+            grpc.intercept_channel(raw, BearerToken(token))
+        )
+        created = stub.CreateCase(
+            pb.CreateCaseRequest(builtin=case, parameters=parameters), timeout=900
+        )
+        t_case = time.perf_counter() - t0
+        job_id = stub.StartPlanning(
+            pb.StartPlanningRequest(
+                case_id=created.case_id,
+                protocol_yaml=protocol_yaml,
+                max_iterations=max_iterations,
+                memory_length=memory_length,
+                agent=agent,
+            ),
+            timeout=60,
+        ).job_id
+        echo(f"job {job_id} on case {created.case_id}")
+        echo(f"{'it':>3} {'FMO s':>6} {'replica':>12}  goals")
+        fmo: dict[int, types_pb2.FmoStats] = {}
+        replica: dict[int, str] = {}
+        for e in stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=timeout_s):
+            if e.kind == pb.EVENT_KIND_FMO_DONE:
+                fmo[e.iteration] = e.fmo
+                replica[e.iteration] = e.message.removeprefix("served by ")
+            elif e.kind == pb.EVENT_KIND_EVALUATED:
+                s = fmo.get(e.iteration)
+                secs = f"{s.seconds:6.2f}" if s else "     -"
+                echo(
+                    f"{e.iteration:>3} {secs} {replica.get(e.iteration, ''):>12}  "
+                    + "; ".join(_goal_text(g) for g in e.goals)
+                )
+            elif e.kind in (pb.EVENT_KIND_FINISHED, pb.EVENT_KIND_FAILED, pb.EVENT_KIND_CANCELLED):
+                echo(e.message)
+        job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=60)
+        if job.state != pb.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"job {job_id} ended {pb.JobState.Name(job.state)}: {job.error}")
+        bundle = stub.ExportPlan(pb.ExportPlanRequest(job_id=job_id), timeout=600)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
+        z.extractall(out)
+    summary = json.loads((out / "summary.json").read_text())
+    summary["job_id"] = job_id
+    summary["case_id"] = created.case_id
+    summary["seconds"] = {
+        **summary.get("seconds", {}),
+        "case": t_case,
+        "fmo": sum(s.seconds for s in fmo.values()),
+        "total": time.perf_counter() - t0,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
