@@ -237,7 +237,6 @@ def test_feedback_cancel_and_bad_input(cluster: Cluster, case_id: str) -> None:
         code(stub.WatchPlanning, pb.WatchPlanningRequest(job_id="none"))[0]
         == grpc.StatusCode.NOT_FOUND
     )
-    # no half-written job was left behind by the refused requests
     job_id = stub.StartPlanning(
         S(case_id=case_id, protocol_yaml=HARDER, max_iterations=20), timeout=30
     ).job_id

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 AGENTS = ("rules", "fixed")
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
+MAX_PROTOCOL_BYTES = 1 << 20
 COMPARATORS = {types_pb2.COMPARATOR_AT_MOST: "<=", types_pb2.COMPARATOR_AT_LEAST: ">="}
 
 
@@ -194,6 +195,11 @@ class Orchestrator:
             raise ValueError(f"memory_length must be within 1..{MAX_MEMORY}, got {memory_length}")
         if not case_id:
             raise ValueError("case_id is empty: call CreateCase first")
+        if len(protocol_yaml.encode()) > MAX_PROTOCOL_BYTES:
+            raise ValueError(
+                f"protocol_yaml is {len(protocol_yaml.encode())} bytes; protocols are limited to "
+                f"{MAX_PROTOCOL_BYTES} bytes"
+            )
         if case_id not in self.cases:
             raise CaseNotFoundError(f"case {case_id!r} does not exist: call CreateCase first")
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
