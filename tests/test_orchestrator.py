@@ -220,11 +220,42 @@ def test_feedback_cancel_and_bad_input(cluster: Cluster, case_id: str) -> None:
             grpc.StatusCode.FAILED_PRECONDITION,
             "not configured",
         ),
+        (
+            S(
+                case_id=case_id,
+                protocol_yaml=HARDER.replace("weight: 100.0}", "weight: .nan}"),
+                max_iterations=3,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "finite",
+        ),
+        (
+            S(
+                case_id=case_id,
+                protocol_yaml=HARDER.split("objectives:")[0] + "objectives: []\n",
+                max_iterations=3,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "objectives must be a non-empty list",
+        ),
+        (
+            S(case_id=case_id, protocol_yaml=HARDER + "#" * (2 << 20), max_iterations=3),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "limited to",
+        ),
+        (
+            S(case_id=case_id, protocol_yaml="#" * (40 << 20), max_iterations=3),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "larger than max",
+        ),
     ]
+    jobs_before = cluster.orch.core.jobs.job_count()
     for req, want, text in bad:
         got, details = code(stub.StartPlanning, req)
         assert got == want, details
         assert text in details, details
+    # no half-written job was left behind by the refused requests
+    assert cluster.orch.core.jobs.job_count() == jobs_before
     assert (
         code(stub.CreateCase, pb.CreateCaseRequest(builtin="mars"))[0]
         == grpc.StatusCode.INVALID_ARGUMENT

@@ -132,6 +132,9 @@ class JobStore:
             raise KeyError(f"no planning job {job_id!r}")
         return Job(*rows[0])
 
+    def job_count(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM jobs")[0][0])
+
     def unfinished(self) -> list[str]:
         return [
             r[0] for r in self._query("SELECT job_id FROM jobs WHERE state IN ('queued','running')")
