@@ -8,6 +8,7 @@ orchestrator's health says SERVING. ``stop()`` sends SIGTERM (drain) and then ki
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -20,6 +21,15 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_PORT = re.compile(r"serving on port (\d+)")
+
+
+def port_in(log_line: str) -> int | None:
+    """The port a server announces in its log ("... serving on port N ..."), if this line has it."""
+    m = _PORT.search(log_line)
+    return int(m.group(1)) if m else None
 
 
 class LaunchError(RuntimeError):
@@ -85,8 +95,9 @@ def _port(cluster: LocalCluster, name: str, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in path.read_text().splitlines():
-            if "serving on port" in line:
-                return int(line.split("serving on port")[1].split()[0])
+            port = port_in(line)
+            if port:
+                return port
         if cluster.procs[name].poll() is not None:
             break
         time.sleep(0.05)

@@ -14,6 +14,7 @@ from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
 from services.common.channels import open_channel, replica_target
+from services.launcher import port_in
 from services.optimizer.server import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,8 +46,9 @@ def _start(store: Path, name: str) -> tuple[subprocess.Popen, int]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stderr.readline()  # type: ignore[union-attr]
-        if "serving on port" in line:
-            return proc, int(line.split("serving on port")[1].split()[0])
+        port = port_in(line)
+        if port:
+            return proc, port
     proc.kill()
     raise RuntimeError(f"replica {name} did not start")
 

@@ -20,6 +20,7 @@ from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
 from radpilot.wire import from_ndarray, to_ndarray
+from services.launcher import port_in
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.server import SERVICE_NAME, serve
 
@@ -192,8 +193,7 @@ def test_process_serves_then_drains_on_sigterm(tmp_path) -> None:
         deadline = time.monotonic() + 60
         while port is None and time.monotonic() < deadline:
             line = proc.stderr.readline()  # type: ignore[union-attr]
-            if "serving on port" in line:
-                port = int(line.split("serving on port")[1].split()[0])
+            port = port_in(line)
         assert port, "the optimizer did not report its port"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             status = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -103,19 +105,40 @@ def wait_for_termination(running: Stoppable, grace_s: float) -> None:
     log.info("stopped")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors (and people with jq) want from services."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging() -> None:
+    """JSON lines by default; RADPILOT_LOG_FORMAT=text for plain lines."""
+    handler = logging.StreamHandler()
+    if os.environ.get("RADPILOT_LOG_FORMAT", "json") == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("RADPILOT_LOG_LEVEL", "INFO"), handlers=[handler])
+
+
 def run_service(load_config: Callable[[], Any], serve: Callable[[Any], Stoppable]) -> None:
     """A server process's main: logging, configuration, serve, wait for SIGTERM, drain."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging()
     config = load_config()
     wait_for_termination(serve(config), config.grace_s)
 
 
 def add_server_flags(ap: Any, default_grace_s: float) -> None:
     """The flags every server takes (besides its address)."""
-    import os
-
     env = os.environ
     ap.add_argument(
         "--reflection", action="store_true", default=env.get("RADPILOT_REFLECTION") == "1"
