@@ -17,8 +17,6 @@ from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
 from services.common.auth import BearerToken
 
-COMPARATORS = {types_pb2.COMPARATOR_AT_MOST: "<=", types_pb2.COMPARATOR_AT_LEAST: ">="}
-
 
 def _goal_text(g: types_pb2.GoalResult) -> str:
     mark = "ok" if g.passed else "MISS"

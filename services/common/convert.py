@@ -8,9 +8,11 @@ from radpilot.evaluation.metrics import StructureStats
 from radpilot.evaluation.protocol_check import GoalResult
 from radpilot.fmo import ObjectiveTerm
 from radpilot.fmo.objectives import ObjectiveError
+from radpilot.protocol import ClinicalGoal
 from radpilot.v1 import types_pb2
 
 COMPARATORS = {"<=": types_pb2.COMPARATOR_AT_MOST, ">=": types_pb2.COMPARATOR_AT_LEAST}
+COMPARATOR_TEXT = {v: k for k, v in COMPARATORS.items()}
 
 
 def terms_from_proto(terms: list[types_pb2.ObjectiveTerm]) -> list[ObjectiveTerm]:
@@ -58,6 +60,16 @@ def goal_result_to_proto(r: GoalResult) -> types_pb2.GoalResult:
         passed=r.passed,
         margin=r.margin,
     )
+
+
+def goal_result_from_proto(r: types_pb2.GoalResult) -> GoalResult:
+    g = r.goal
+    if g.comparator not in COMPARATOR_TEXT:
+        raise ValueError(f"goal {g.structure} {g.metric}: comparator is unspecified")
+    goal = ClinicalGoal(
+        g.structure, g.metric, COMPARATOR_TEXT[g.comparator], g.limit, g.priority or 1, g.hard
+    )
+    return GoalResult(goal, r.achieved, r.passed, r.margin)
 
 
 def stats_to_proto(s: StructureStats) -> types_pb2.StructureStats:

@@ -37,7 +37,7 @@ from radpilot.v1 import (
     planner_pb2_grpc,
     types_pb2,
 )
-from services.common.convert import terms_to_proto
+from services.common.convert import COMPARATOR_TEXT, goal_result_to_proto, terms_to_proto
 from services.common.errors import FailedPreconditionError
 from services.orchestrator.store import TERMINAL, JobStore
 
@@ -46,7 +46,6 @@ AGENTS = ("rules", "fixed")
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
 MAX_PROTOCOL_BYTES = 1 << 20
-COMPARATORS = {types_pb2.COMPARATOR_AT_MOST: "<=", types_pb2.COMPARATOR_AT_LEAST: ">="}
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _goal_dict(r: types_pb2.GoalResult) -> dict[str, Any]:
     return {
         "structure": g.structure,
         "metric": g.metric,
-        "comparator": COMPARATORS.get(g.comparator, "?"),
+        "comparator": COMPARATOR_TEXT.get(g.comparator, "?"),
         "limit": g.limit,
         "priority": g.priority,
         "hard": g.hard,
@@ -104,23 +103,7 @@ def _check_from(goals: list[dict[str, Any]]) -> ProtocolCheck:
 
 
 def _goals_proto(goals: list[dict[str, Any]]) -> list[types_pb2.GoalResult]:
-    inverse = {v: k for k, v in COMPARATORS.items()}
-    return [
-        types_pb2.GoalResult(
-            goal=types_pb2.ClinicalGoal(
-                structure=g["structure"],
-                metric=g["metric"],
-                comparator=inverse[g["comparator"]],
-                limit=g["limit"],
-                priority=g["priority"],
-                hard=g["hard"],
-            ),
-            achieved=g["achieved"],
-            passed=g["passed"],
-            margin=g["margin"],
-        )
-        for g in goals
-    ]
+    return [goal_result_to_proto(r) for r in _check_from(goals).results]
 
 
 def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:

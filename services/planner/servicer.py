@@ -5,26 +5,14 @@ from __future__ import annotations
 import grpc
 
 from radpilot.agents.rules_planner import MemoryEntry
-from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
-from radpilot.protocol import ClinicalGoal
+from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.v1 import planner_pb2, planner_pb2_grpc, types_pb2
-from services.common.convert import terms_from_proto, terms_to_proto
+from services.common.convert import goal_result_from_proto, terms_from_proto, terms_to_proto
 from services.planner.core import propose
-
-COMPARATORS = {types_pb2.COMPARATOR_AT_MOST: "<=", types_pb2.COMPARATOR_AT_LEAST: ">="}
 
 
 def check_from_proto(goals: list[types_pb2.GoalResult]) -> ProtocolCheck:
-    results = []
-    for r in goals:
-        g = r.goal
-        if g.comparator not in COMPARATORS:
-            raise ValueError(f"goal {g.structure} {g.metric}: comparator is unspecified")
-        goal = ClinicalGoal(
-            g.structure, g.metric, COMPARATORS[g.comparator], g.limit, g.priority or 1, g.hard
-        )
-        results.append(GoalResult(goal, r.achieved, r.passed, r.margin))
-    return ProtocolCheck(results)
+    return ProtocolCheck([goal_result_from_proto(r) for r in goals])
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
