@@ -299,7 +299,8 @@ class Orchestrator:
             warm = types_pb2.NDArray.FromString(bytes.fromhex(last["fluence_hex"]))
         else:
             objectives, warm = list(protocol.objectives), None
-        self.jobs.set_state(job_id, "running")
+        if not self.jobs.mark_running(job_id):
+            return  # cancelled before it started
         c, d = self.clients, self.deadlines
         for it in range(len(records) + 1, job.max_iterations + 1):
             self._check_stop(job_id)

@@ -140,6 +140,17 @@ class JobStore:
             r[0] for r in self._query("SELECT job_id FROM jobs WHERE state IN ('queued','running')")
         ]
 
+    def mark_running(self, job_id: str) -> bool:
+        """queued/running -> running; False when the job was cancelled (or ended) meanwhile."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET state = 'running', updated = ? WHERE job_id = ?"
+                " AND state IN ('queued', 'running')",
+                (time.time(), job_id),
+            )
+            self.changed.notify_all()
+            return cur.rowcount == 1
+
     def set_state(
         self,
         job_id: str,
