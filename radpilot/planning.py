@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
-from radpilot.agents.rules_planner import MemoryEntry, badness, propose_rules
+from radpilot.agents.rules_planner import MemoryEntry, propose_rules
 from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
@@ -110,9 +110,7 @@ def plan_loop(
         if done or it == max_iterations:
             break
         objectives = objectives_next
-    best = max(
-        range(len(records)), key=lambda i: (records[i].check.score(), -badness(records[i].check))
-    )
+    best = max(range(len(records)), key=lambda i: records[i].check.rank())
     return PlanReport(
         case_name=case.name,
         protocol=protocol,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radpilot.agents.rules_planner import MemoryEntry, badness, propose_rules
+from radpilot.agents.rules_planner import MemoryEntry, propose_rules
 from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
@@ -53,7 +53,7 @@ def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> N
 def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Case) -> None:
     protocol, good = _check(analytic_case, 52.0, 10.5)
     _, bad = _check(analytic_case, 58.0, 14.0)
-    assert badness(bad) > badness(good)
+    assert bad.shortfall() > good.shortfall() and bad.rank() < good.rank()
     best_objs = protocol.objectives
     worse_objs = [t for t in protocol.objectives if t.structure != "NormalTissue"]
     memory = [MemoryEntry(1, best_objs, good), MemoryEntry(2, worse_objs, bad)]

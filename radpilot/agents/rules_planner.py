@@ -33,15 +33,6 @@ class MemoryEntry:
     feedback: str = ""
 
 
-def badness(check: ProtocolCheck) -> float:
-    """Continuous size of the misses: relative shortfall, hard goals x10, weighted by priority."""
-    total = 0.0
-    for r in check.failed:
-        rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
-        total += rel * (10.0 if r.goal.hard else 1.0) / r.goal.priority
-    return total
-
-
 def _step(r: GoalResult, gain: float) -> float:
     rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
     return min(MAX_FACTOR, 1.0 + gain * (0.5 + 4.0 * rel))
@@ -62,12 +53,10 @@ def propose_rules(
         if a.check.failed and b.check.failed and _missed(a.check) != _missed(b.check)
     )
     gain = 0.5**flips
-    best = min(
-        memory, key=lambda m: (tuple(-k for k in m.check.score()), badness(m.check)), default=None
-    )
+    best = max(memory, key=lambda m: m.check.rank(), default=None)
     if best is not None and best is not memory[-1]:
         last = memory[-1]
-        if (last.check.score(), -badness(last.check)) < (best.check.score(), -badness(best.check)):
+        if last.check.rank() < best.check.rank():
             objectives, check = list(best.objectives), best.check
             gain *= 0.5
             notes.append(

@@ -67,6 +67,18 @@ class ProtocolCheck:
             key.append(-sum(1 for r in self.failed if r.goal.priority == p))
         return tuple(key)
 
+    def shortfall(self) -> float:
+        """How far the goals are missed: relative misses, hard goals x10, divided by priority."""
+        total = 0.0
+        for r in self.failed:
+            rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
+            total += rel * (10.0 if r.goal.hard else 1.0) / r.goal.priority
+        return total
+
+    def rank(self) -> tuple[float, ...]:
+        """Sort key for "which plan is best" (bigger is better): score, then smaller shortfall."""
+        return (*self.score(), -self.shortfall())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "all_hard_passed": self.all_hard_passed,

@@ -20,7 +20,6 @@ from typing import Any
 
 import grpc
 
-from radpilot.agents.rules_planner import badness
 from radpilot.case_store import CaseNotFoundError, CaseStore
 from radpilot.cases import load_builtin
 from radpilot.evaluation.metrics import PlanDose
@@ -37,7 +36,7 @@ from radpilot.v1 import (
     planner_pb2_grpc,
     types_pb2,
 )
-from services.common.convert import COMPARATOR_TEXT, goal_result_to_proto, terms_to_proto
+from services.common.convert import goal_result_from_proto, goal_result_to_proto, terms_to_proto
 from services.common.errors import FailedPreconditionError
 from services.orchestrator.store import TERMINAL, JobStore
 
@@ -67,18 +66,7 @@ class _StoppedError(Exception):
 
 
 def _goal_dict(r: types_pb2.GoalResult) -> dict[str, Any]:
-    g = r.goal
-    return {
-        "structure": g.structure,
-        "metric": g.metric,
-        "comparator": COMPARATOR_TEXT.get(g.comparator, "?"),
-        "limit": g.limit,
-        "priority": g.priority,
-        "hard": g.hard,
-        "achieved": r.achieved,
-        "passed": r.passed,
-        "margin": r.margin,
-    }
+    return goal_result_from_proto(r).to_dict()
 
 
 def _check_from(goals: list[dict[str, Any]]) -> ProtocolCheck:
@@ -131,7 +119,7 @@ def best_iteration(records: list[dict[str, Any]]) -> int:
     if not records:
         return 0
     scored = [(_check_from(r["goals"]), r["iteration"]) for r in records]
-    return max(scored, key=lambda s: (s[0].score(), -badness(s[0]), -s[1]))[1]
+    return max(scored, key=lambda s: (*s[0].rank(), -s[1]))[1]
 
 
 class Orchestrator:
