@@ -146,6 +146,16 @@ class CaseStore:
             raise CaseNotFoundError(f"case {case_id!r} is not in the store at {self.root}")
         return json.loads(p.read_text())
 
+    def structures(self, case_id: str) -> tuple[Grid, list[tuple[str, str, np.ndarray]]]:
+        """The grid and (name, kind, voxel indices) of every structure, without the matrix."""
+        m = self.manifest(case_id)
+        folder = self.path(case_id)
+        out = []
+        for s in m["structures"]:
+            entry = m["files"][s["array"]]
+            out.append((s["name"], s["kind"], np.load(folder / entry["file"], allow_pickle=False)))
+        return Grid.from_dict(m["grid"]), out
+
     def load(self, case_id: str, verify: bool = False) -> Case:
         m = self.manifest(case_id)
         if m.get("format") != FORMAT_VERSION:

@@ -27,6 +27,7 @@ class IterationRecord:
     fmo: dict[str, Any]
     check: ProtocolCheck
     feedback: str = ""
+    llm_calls: list[dict[str, Any]] = field(default_factory=list)  # LLMCall.to_dict()
 
 
 @dataclass
@@ -65,6 +66,11 @@ class PlanReport:
             "structures": [s.to_dict() for s in self.plan.stats()],
             "target_indices": self.plan.target_indices(),
             "seconds": self.seconds,
+            "llm_calls": [
+                {k: c[k] for k in ("iteration", "role", "model", "images", "outcome", "seconds")}
+                for it in self.iterations
+                for c in it.llm_calls
+            ],
             "per_iteration": [
                 {
                     "iteration": it.iteration,
@@ -122,6 +128,25 @@ class PlanReport:
                 f"<td>{it.fmo.get('iterations', '')} it, {it.fmo.get('seconds', 0):.2f} s, "
                 f"{e(str(it.fmo.get('backend', '')))}</td><td>{e(it.feedback)}</td></tr>"
             )
+        llm_rows = "".join(
+            f"<tr><td>{c['iteration']}</td><td>{e(c['role'])}</td><td>{e(c['model'])}</td>"
+            f"<td>{c['images']}</td><td>{e(c['outcome'])}</td><td>{e(c.get('validation', ''))}"
+            f"{e(' ' + c['error']) if c.get('error') else ''}</td><td>{c['seconds']:.2f}</td>"
+            f"<td>{c.get('prompt_tokens', 0)}/{c.get('completion_tokens', 0)}</td>"
+            f"<td><details><summary>request/response</summary><pre>"
+            f"{e(json.dumps(c.get('request', {}), indent=1)[:20000])}</pre><hr><pre>"
+            f"{e(c.get('response_text', ''))}</pre></details></td></tr>"
+            for it in self.iterations
+            for c in it.llm_calls
+        )
+        llm_section = (
+            "<h2>LLM audit trail</h2><p>Every call to the model: image bytes are replaced by "
+            "their SHA-256 in the recorded request.</p><table><tr><th>#</th><th>role</th>"
+            "<th>model</th><th>images</th><th>outcome</th><th>validation</th><th>s</th>"
+            f"<th>tokens in/out</th><th></th></tr>{llm_rows}</table>"
+            if llm_rows
+            else ""
+        )
         imgs = "".join(
             f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(n)}</figcaption></figure>'
             for n in images
@@ -145,6 +170,7 @@ Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} =
 <h2>Target indices</h2><ul>{ti}</ul>
 <h2>Structure statistics (Gy)</h2><table><tr><th>structure</th><th>cc</th><th>min</th><th>mean</th><th>max</th><th>D95</th><th>D5</th></tr>{stat_rows}</table>
 <h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>feedback</th></tr>{iter_rows}</table>
+{llm_section}
 <h2>Images</h2>{imgs}
 <h2>Physician intent</h2><pre>{e(self.protocol.intent)}</pre>
 </body></html>

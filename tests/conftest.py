@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,14 @@ from radpilot.cases import load_builtin
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ROOT / "protocols"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_llm_endpoint_from_the_environment() -> Iterator[None]:
+    """Tests that want an LLM start their own local server; none inherits the developer's."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OPENAI_")}
+    yield
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

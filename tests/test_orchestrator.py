@@ -216,9 +216,9 @@ def test_feedback_cancel_and_bad_input(cluster: Cluster, case_id: str) -> None:
             "max_iterations",
         ),
         (
-            S(case_id=case_id, protocol_yaml=HARDER, max_iterations=3, agent="llm"),
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "not configured",
+            S(case_id=case_id, protocol_yaml=HARDER, max_iterations=3, agent="gpt"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "unknown agent",
         ),
         (
             S(

@@ -30,7 +30,8 @@ class MemoryEntry:
     iteration: int
     objectives: list[ObjectiveTerm]
     check: ProtocolCheck
-    feedback: str = ""
+    feedback: str = ""  # the physician's free text in force at this iteration
+    findings: tuple[str, ...] = ()  # the evaluator's findings on this iteration's plan
 
 
 def _step(r: GoalResult, gain: float) -> float:
@@ -58,7 +59,9 @@ def propose_rules(
         last = memory[-1]
         if last.check.rank() < best.check.rank():
             objectives, check = list(best.objectives), best.check
-            gain *= 0.5
+            # halve the step once per iteration tried since the best one, so that a repeated
+            # backtrack never proposes the same parameters again
+            gain *= 0.5 ** sum(1 for m in memory if m.iteration > best.iteration)
             notes.append(
                 f"iteration {last.iteration} was worse than iteration {best.iteration}; "
                 f"stepping again from iteration {best.iteration} with a smaller step"

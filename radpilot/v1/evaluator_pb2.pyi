@@ -42,7 +42,7 @@ class DvhTable(_message.Message):
     def __init__(self, levels_gy: _Optional[_Iterable[float]] = ..., structures: _Optional[_Iterable[str]] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("decision", "goals", "structures", "dvh", "findings", "images", "all_hard_goals_met")
+    __slots__ = ("decision", "goals", "structures", "dvh", "findings", "images", "all_hard_goals_met", "llm_decision", "disagreement", "llm_calls")
     class ImagesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,9 @@ class EvaluateResponse(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ALL_HARD_GOALS_MET_FIELD_NUMBER: _ClassVar[int]
+    LLM_DECISION_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    LLM_CALLS_FIELD_NUMBER: _ClassVar[int]
     decision: Decision
     goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
     structures: _containers.RepeatedCompositeFieldContainer[_types_pb2.StructureStats]
@@ -64,4 +67,7 @@ class EvaluateResponse(_message.Message):
     findings: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.MessageMap[str, _types_pb2.ArtefactRef]
     all_hard_goals_met: bool
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ...) -> None: ...
+    llm_decision: str
+    disagreement: bool
+    llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ...) -> None: ...

@@ -120,7 +120,7 @@ class GetPlanningJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class IterationRecord(_message.Message):
-    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback")
+    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback", "decision", "llm_decision", "disagreement", "llm_calls", "reference_ids")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     FMO_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,11 @@ class IterationRecord(_message.Message):
     FINDINGS_FIELD_NUMBER: _ClassVar[int]
     RATIONALE_FIELD_NUMBER: _ClassVar[int]
     PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    LLM_DECISION_FIELD_NUMBER: _ClassVar[int]
+    DISAGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    LLM_CALLS_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_IDS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     fmo: _types_pb2.FmoStats
@@ -135,7 +140,12 @@ class IterationRecord(_message.Message):
     findings: _containers.RepeatedScalarFieldContainer[str]
     rationale: str
     physician_feedback: str
-    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
+    decision: str
+    llm_decision: str
+    disagreement: bool
+    llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
+    reference_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., decision: _Optional[str] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., reference_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetPlanningJobResponse(_message.Message):
     __slots__ = ("job_id", "case_id", "state", "iterations", "best_iteration", "error")
@@ -192,3 +202,23 @@ class ExportPlanResponse(_message.Message):
     bundle: bytes
     filename: str
     def __init__(self, bundle: _Optional[bytes] = ..., filename: _Optional[str] = ...) -> None: ...
+
+class ApprovePlanRequest(_message.Message):
+    __slots__ = ("job_id", "iteration", "description")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    iteration: int
+    description: str
+    def __init__(self, job_id: _Optional[str] = ..., iteration: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
+
+class ApprovePlanResponse(_message.Message):
+    __slots__ = ("reference_id", "protocol", "references")
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    reference_id: str
+    protocol: str
+    references: int
+    def __init__(self, reference_id: _Optional[str] = ..., protocol: _Optional[str] = ..., references: _Optional[int] = ...) -> None: ...

@@ -70,6 +70,11 @@ class OrchestratorServiceStub:
                 request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanResponse.FromString,
                 _registered_method=True)
+        self.ApprovePlan = channel.unary_unary(
+                '/radpilot.v1.OrchestratorService/ApprovePlan',
+                request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -120,6 +125,13 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApprovePlan(self, request, context):
+        """Adds a finished job's plan to the reference library of its protocol.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +169,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ExportPlan,
                     request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanResponse.SerializeToString,
+            ),
+            'ApprovePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApprovePlan,
+                    request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -349,6 +366,33 @@ class OrchestratorService:
             '/radpilot.v1.OrchestratorService/ExportPlan',
             radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanRequest.SerializeToString,
             radpilot_dot_v1_dot_orchestrator__pb2.ExportPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApprovePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.OrchestratorService/ApprovePlan',
+            radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.SerializeToString,
+            radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.FromString,
             options,
             channel_credentials,
             insecure,

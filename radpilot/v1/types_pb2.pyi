@@ -119,3 +119,49 @@ class ArtefactRef(_message.Message):
     path: str
     sha256: str
     def __init__(self, case_id: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class LlmCall(_message.Message):
+    __slots__ = ("iteration", "role", "model", "images", "image_sha256", "outcome", "validation", "error", "seconds", "attempts", "prompt_tokens", "completion_tokens", "request_json", "response_text")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    role: str
+    model: str
+    images: int
+    image_sha256: _containers.RepeatedScalarFieldContainer[str]
+    outcome: str
+    validation: str
+    error: str
+    seconds: float
+    attempts: int
+    prompt_tokens: int
+    completion_tokens: int
+    request_json: str
+    response_text: str
+    def __init__(self, iteration: _Optional[int] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[int] = ..., image_sha256: _Optional[_Iterable[str]] = ..., outcome: _Optional[str] = ..., validation: _Optional[str] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., request_json: _Optional[str] = ..., response_text: _Optional[str] = ...) -> None: ...
+
+class ReferencePlan(_message.Message):
+    __slots__ = ("reference_id", "description", "objectives", "results_text", "distance")
+    REFERENCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_TEXT_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    reference_id: str
+    description: str
+    objectives: _containers.RepeatedCompositeFieldContainer[ObjectiveTerm]
+    results_text: str
+    distance: float
+    def __init__(self, reference_id: _Optional[str] = ..., description: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[ObjectiveTerm, _Mapping]]] = ..., results_text: _Optional[str] = ..., distance: _Optional[float] = ...) -> None: ...

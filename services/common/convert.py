@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from radpilot.evaluation.metrics import StructureStats
@@ -74,3 +75,42 @@ def goal_result_from_proto(r: types_pb2.GoalResult) -> GoalResult:
 
 def stats_to_proto(s: StructureStats) -> types_pb2.StructureStats:
     return types_pb2.StructureStats(**s.to_dict())
+
+
+def llm_call_to_proto(c: dict[str, Any]) -> types_pb2.LlmCall:
+    """An audit record (``LLMCall.to_dict()``) as a message."""
+    return types_pb2.LlmCall(
+        iteration=int(c.get("iteration", 0)),
+        role=c.get("role", ""),
+        model=c.get("model", ""),
+        images=int(c.get("images", 0)),
+        image_sha256=list(c.get("image_sha256", [])),
+        outcome=c.get("outcome", ""),
+        validation=c.get("validation", ""),
+        error=c.get("error", ""),
+        seconds=float(c.get("seconds", 0.0)),
+        attempts=int(c.get("attempts", 0)),
+        prompt_tokens=int(c.get("prompt_tokens", 0)),
+        completion_tokens=int(c.get("completion_tokens", 0)),
+        request_json=json.dumps(c.get("request", {}), sort_keys=True),
+        response_text=c.get("response_text", ""),
+    )
+
+
+def llm_call_from_proto(m: types_pb2.LlmCall) -> dict[str, Any]:
+    return {
+        "iteration": m.iteration,
+        "role": m.role,
+        "model": m.model,
+        "images": m.images,
+        "image_sha256": list(m.image_sha256),
+        "outcome": m.outcome,
+        "validation": m.validation,
+        "error": m.error,
+        "seconds": m.seconds,
+        "attempts": m.attempts,
+        "prompt_tokens": m.prompt_tokens,
+        "completion_tokens": m.completion_tokens,
+        "request": json.loads(m.request_json) if m.request_json else {},
+        "response_text": m.response_text,
+    }

@@ -6,16 +6,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from radpilot.agents.llm_evaluator import LLMEvaluator
+from radpilot.agents.step import EVALUATOR_AGENTS, dose_images, evaluate_plan
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.evaluation.dvh import dvh_levels
-from radpilot.evaluation.images import dvh_plot, plane_images, structure_crops
+from radpilot.evaluation.images import dvh_plot
 from radpilot.evaluation.metrics import DVHTable, PlanDose, StructureStats
-from radpilot.evaluation.rules import Evaluation, evaluate_rules
+from radpilot.evaluation.rules import Evaluation
+from radpilot.llm.client import LLMCall, LLMClient
 from radpilot.protocol import load_protocol_text
 from services.common.errors import FailedPreconditionError
-
-AGENTS = ("rules", "llm")
 
 
 @dataclass
@@ -24,11 +25,15 @@ class EvaluatorResult:
     stats: list[StructureStats]
     dvh: DVHTable
     images: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (path, sha256)
+    llm_decision: str = ""
+    disagreement: bool = False
+    llm_calls: list[LLMCall] = field(default_factory=list)
 
 
 class EvaluatorCore:
-    def __init__(self, store: CaseStore, max_cases: int = 4) -> None:
+    def __init__(self, store: CaseStore, max_cases: int = 4, llm: LLMClient | None = None) -> None:
         self.store = store
+        self.llm = LLMEvaluator(llm) if llm is not None else None
         self.max_cases = max_cases
         self._cases: OrderedDict[str, Case] = OrderedDict()
         self._lock = threading.Lock()
@@ -55,22 +60,33 @@ class EvaluatorCore:
         include_images: bool = False,
     ) -> EvaluatorResult:
         agent = agent or "rules"
-        if agent not in AGENTS:
-            raise ValueError(f"unknown evaluator agent {agent!r}; use one of {', '.join(AGENTS)}")
-        if agent == "llm":
+        if agent not in EVALUATOR_AGENTS:
+            raise ValueError(
+                f"unknown evaluator agent {agent!r}; use one of {', '.join(EVALUATOR_AGENTS)}"
+            )
+        if agent == "llm" and self.llm is None:
             raise FailedPreconditionError(
-                "the LLM evaluator is not configured on this evaluator; use agent 'rules'"
+                "the LLM evaluator is not configured on this evaluator (set OPENAI_BASE_URL or "
+                "OPENAI_API_KEY for it); use agent 'rules'"
             )
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         case = self.case(case_id)
         protocol.check_case(case)
         dose = self.store.get_artefact(dose_path, dose_sha256)
         plan = PlanDose(case, dose)
-        result = EvaluatorResult(evaluate_rules(plan, protocol), plan.stats(), plan.dvh_table())
+        pngs: dict[str, bytes] = {}
+        if include_images or (agent == "llm" and self.llm is not None and self.llm.client.vision):
+            pngs = dose_images(plan)
+        outcome = evaluate_plan(agent, plan, protocol, self.llm, pngs or None)
+        result = EvaluatorResult(
+            outcome.evaluation,
+            plan.stats(),
+            plan.dvh_table(),
+            llm_decision=outcome.llm_decision,
+            disagreement=outcome.disagreement,
+            llm_calls=outcome.calls,
+        )
         if include_images:
-            cube = plan.cube()
-            pngs = {**plane_images(case, cube)}
-            pngs.update({f"crop_{k}": v for k, v in structure_crops(case, cube).items()})
             levels = dvh_levels(float(dose.max()), 0.25)
             pngs["dvh"] = dvh_plot(levels, plan.dvh_curves(levels))
             result.images = {

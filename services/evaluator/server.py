@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from radpilot.case_store import CaseStore
+from radpilot.llm.client import client_or_none
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc
 from services.common.server import RunningServer, start_server
 from services.evaluator.config import EvaluatorConfig
@@ -17,7 +18,9 @@ SERVICE_NAME = evaluator_pb2.DESCRIPTOR.services_by_name["EvaluatorService"].ful
 
 def serve(config: EvaluatorConfig) -> RunningServer:
     store = CaseStore(config.case_store) if config.case_store else CaseStore()
-    core = EvaluatorCore(store, max_cases=config.max_cases)
+    core = EvaluatorCore(store, max_cases=config.max_cases, llm=client_or_none(config.llm))
+    if core.llm is not None:
+        log.info("LLM evaluator enabled: %s", config.llm.describe())
     running = start_server(
         [(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, EvaluatorServicer(core))],
         [SERVICE_NAME],

@@ -6,7 +6,7 @@ import grpc
 
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
-from services.common.convert import goal_result_to_proto, stats_to_proto
+from services.common.convert import goal_result_to_proto, llm_call_to_proto, stats_to_proto
 from services.evaluator.core import EvaluatorCore
 
 DECISIONS = {
@@ -52,4 +52,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 for name, (path, sha) in out.images.items()
             },
             all_hard_goals_met=ev.check.all_hard_passed,
+            llm_decision=out.llm_decision,
+            disagreement=out.disagreement,
+            llm_calls=[llm_call_to_proto(c.to_dict()) for c in out.llm_calls],
         )

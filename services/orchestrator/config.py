@@ -6,6 +6,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from radpilot.agents.references import shipped_library_dir
 from services.common.server import add_server_flags
 
 
@@ -19,6 +20,8 @@ class OrchestratorConfig:
     planner: str = "127.0.0.1:50053"
     reflection: bool = False
     grace_s: float = 30.0
+    # reference plans seeded into the job store's library at start ("" = none)
+    references: str = str(shipped_library_dir())
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -34,6 +37,11 @@ class OrchestratorConfig:
         )
         ap.add_argument("--evaluator", default=env.get("RADPILOT_EVALUATOR", cls.evaluator))
         ap.add_argument("--planner", default=env.get("RADPILOT_PLANNER", cls.planner))
+        ap.add_argument(
+            "--references",
+            default=env.get("RADPILOT_REFERENCES", cls.references),
+            help="folder of reference-plan JSON files seeded into the library ('' for none)",
+        )
         add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
         optimizers = tuple(x.strip() for x in a.optimizers.split(",") if x.strip())
@@ -48,4 +56,5 @@ class OrchestratorConfig:
             a.planner,
             a.reflection,
             a.grace_s,
+            a.references,
         )

@@ -20,6 +20,13 @@ from typing import Any
 
 import grpc
 
+from radpilot.agents.references import (
+    ReferencePlan,
+    anatomy_features,
+    load_library,
+    nearest,
+)
+from radpilot.agents.step import JOB_AGENTS, evaluator_agent, memory_window
 from radpilot.case_store import CaseNotFoundError, CaseStore
 from radpilot.cases import load_builtin
 from radpilot.evaluation.metrics import PlanDose
@@ -36,12 +43,17 @@ from radpilot.v1 import (
     planner_pb2_grpc,
     types_pb2,
 )
-from services.common.convert import goal_result_from_proto, goal_result_to_proto, terms_to_proto
+from services.common.convert import (
+    goal_result_from_proto,
+    goal_result_to_proto,
+    llm_call_from_proto,
+    terms_to_proto,
+)
 from services.common.errors import FailedPreconditionError
 from services.orchestrator.store import TERMINAL, JobStore
 
 log = logging.getLogger(__name__)
-AGENTS = ("rules", "fixed")
+NUM_REFERENCES = 3
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
 MAX_PROTOCOL_BYTES = 1 << 20
@@ -124,12 +136,26 @@ def best_iteration(records: list[dict[str, Any]]) -> int:
 
 class Orchestrator:
     def __init__(
-        self, jobs: JobStore, cases: CaseStore, clients: Clients, deadlines: Deadlines | None = None
+        self,
+        jobs: JobStore,
+        cases: CaseStore,
+        clients: Clients,
+        deadlines: Deadlines | None = None,
+        references_dir: str | Path | None = None,
+        num_references: int = NUM_REFERENCES,
     ) -> None:
         self.jobs = jobs
         self.cases = cases
         self.clients = clients
         self.deadlines = deadlines or Deadlines()
+        self.num_references = num_references
+        self._features: dict[str, dict[str, float]] = {}
+        if references_dir is not None:
+            seeded = sum(
+                self.jobs.add_reference(r.reference_id, r.protocol, r.to_dict())
+                for r in load_library(references_dir)
+            )
+            log.info("reference library: %d new plan(s) from %s", seeded, references_dir)
         self._cancel: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
@@ -153,10 +179,8 @@ class Orchestrator:
         idempotency_key: str = "",
     ) -> str:
         agent = agent or "rules"
-        if agent not in AGENTS:
-            if agent in ("llm", "bo"):
-                raise FailedPreconditionError(f"the {agent!r} agent is not configured; use 'rules'")
-            raise ValueError(f"unknown agent {agent!r}; use one of {', '.join(AGENTS)}")
+        if agent not in JOB_AGENTS:
+            raise ValueError(f"unknown agent {agent!r}; use one of {', '.join(JOB_AGENTS)}")
         if not 1 <= max_iterations <= MAX_ITERATIONS:
             raise ValueError(
                 f"max_iterations must be within 1..{MAX_ITERATIONS}, got {max_iterations}"
@@ -319,11 +343,12 @@ class Orchestrator:
                     case_id=job.case_id,
                     dose=opt.dose,
                     protocol_yaml=job.protocol_yaml,
-                    agent="rules",
+                    agent=evaluator_agent(job.agent),
                 ),
                 timeout=d.evaluate_s,
             )
             goals = [_goal_dict(r) for r in ev.goals]
+            llm_calls = [llm_call_from_proto(c) for c in ev.llm_calls]
             # the guardrail: "meets protocol" only when the numbers say so, whatever the agent says
             meets = ev.decision == evaluator_pb2.DECISION_MEETS_PROTOCOL and all(
                 g["passed"] for g in goals
@@ -349,10 +374,16 @@ class Orchestrator:
                 "feedback": "\n".join(self.jobs.feedback_until(job_id, it)),
                 "proposal": [],
                 "rationale": "",
+                "llm_decision": ev.llm_decision,
+                "disagreement": ev.disagreement,
+                "reference_ids": [],
+                "llm_calls": llm_calls,
             }
             if not meets and it < job.max_iterations:
                 self._check_stop(job_id)
-                memory = [*records, record][-job.memory_length :]
+                memory = memory_window(job.agent, [*records, record], job.memory_length)
+                refs = self._references(job.case_id, protocol.name) if job.agent == "llm" else []
+                record["reference_ids"] = [r.reference_id for r, _ in refs]
                 prop = c.planner.Propose(
                     planner_pb2.ProposeRequest(
                         protocol_yaml=job.protocol_yaml,
@@ -371,9 +402,20 @@ class Orchestrator:
                             for m in memory
                         ],
                         physician_feedback=record["feedback"],
+                        references=[
+                            types_pb2.ReferencePlan(
+                                reference_id=r.reference_id,
+                                description=r.description,
+                                objectives=terms_to_proto(r.objectives),
+                                results_text=r.results_text(),
+                                distance=dist,
+                            )
+                            for r, dist in refs
+                        ],
                     ),
                     timeout=d.propose_s,
                 )
+                record["llm_calls"] += [llm_call_from_proto(c) for c in prop.llm_calls]
                 record["proposal"] = [
                     {
                         "structure": t.structure,
@@ -397,11 +439,61 @@ class Orchestrator:
                 },
             )
             records.append(record)
-            if meets:
-                break
-            objectives = [ObjectiveTerm.from_dict(o) for o in record["proposal"]]
+            proposal = [ObjectiveTerm.from_dict(o) for o in record["proposal"]]
+            if meets or proposal == objectives:
+                break  # done, or the planner would repeat the same plan
+            objectives = proposal
             warm = opt.fluence
         self._finish(job_id, records)
+
+    # -- reference plans ------------------------------------------------------------------------
+    def _case_features(self, case_id: str) -> dict[str, float]:
+        if case_id not in self._features:
+            grid, structures = self.cases.structures(case_id)
+            self._features[case_id] = anatomy_features(grid, structures)
+        return self._features[case_id]
+
+    def _references(self, case_id: str, protocol: str) -> list[tuple[ReferencePlan, float]]:
+        library = [ReferencePlan.from_dict(d) for d in self.jobs.references(protocol)]
+        return nearest(library, protocol, self._case_features(case_id), self.num_references)
+
+    def approve(
+        self, job_id: str, iteration: int = 0, description: str = ""
+    ) -> tuple[str, str, int]:
+        """Add a finished job's plan (its best iteration unless named) to the reference library."""
+        job = self.jobs.job(job_id)
+        if job.state != "succeeded":
+            raise FailedPreconditionError(
+                f"job {job_id} is {job.state}; only a finished (succeeded) job can be approved"
+            )
+        records = self.jobs.iterations(job_id)
+        iteration = iteration or best_iteration(records)
+        rec = next((r for r in records if r["iteration"] == iteration), None)
+        if rec is None:
+            raise ValueError(f"job {job_id} has no iteration {iteration}; it has 1..{len(records)}")
+        check = _check_from(rec["goals"])
+        if not check.all_hard_passed:
+            raise FailedPreconditionError(
+                f"iteration {iteration} of job {job_id} misses hard goal(s) "
+                f"{[r.goal.label for r in check.failed if r.goal.hard]}; a reference plan must "
+                "meet every hard goal"
+            )
+        if len(description) > 2000:
+            raise ValueError("description is limited to 2000 characters")
+        protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
+        case = self.cases.load(job.case_id)
+        plan = PlanDose(case, self.cases.get_artefact(rec["dose"]["path"], rec["dose"]["sha256"]))
+        ref = ReferencePlan(
+            protocol=protocol.name,
+            description=description or f"approved plan (agent {job.agent}, iteration {iteration})",
+            features=self._case_features(job.case_id),
+            objectives=[ObjectiveTerm.from_dict(o) for o in rec["objectives"]],
+            goals=[r.to_dict() for r in check.results],
+            stats=[s.to_dict() for s in plan.stats()],
+            source="approved",
+        )
+        self.jobs.add_reference(ref.reference_id, ref.protocol, ref.to_dict())
+        return ref.reference_id, ref.protocol, len(self.jobs.references(ref.protocol))
 
     def _finish(self, job_id: str, records: list[dict[str, Any]]) -> None:
         if self.jobs.job(job_id).state == "cancelled":
@@ -439,6 +531,7 @@ class Orchestrator:
                 _check_from(r["goals"]),
                 "; ".join(r["findings"])
                 + (f" | planner: {r['rationale']}" if r["rationale"] else ""),
+                [{**c, "iteration": r["iteration"]} for c in r.get("llm_calls", [])],
             )
             for r in records
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -69,7 +70,8 @@ def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorS
         evaluator_pb2_grpc.EvaluatorServiceStub(channels[1]),
         planner_pb2_grpc.PlannerServiceStub(channels[2]),
     )
-    core = Orchestrator(jobs, cases, clients)
+    refs = config.references if config.references and Path(config.references).is_dir() else None
+    core = Orchestrator(jobs, cases, clients, references_dir=refs)
     running = start_server(
         [
             (

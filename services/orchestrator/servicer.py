@@ -9,6 +9,7 @@ import grpc
 
 from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
+from services.common.convert import llm_call_to_proto
 from services.orchestrator.core import Orchestrator, _goals_proto
 
 STATES = {
@@ -97,6 +98,14 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                     findings=r["findings"],
                     rationale=r["rationale"],
                     physician_feedback=r["feedback"],
+                    decision=r["decision"],
+                    llm_decision=r.get("llm_decision", ""),
+                    disagreement=r.get("disagreement", False),
+                    llm_calls=[
+                        llm_call_to_proto({**c, "iteration": r["iteration"]})
+                        for c in r.get("llm_calls", [])
+                    ],
+                    reference_ids=r.get("reference_ids", []),
                 )
                 for r in self.core.jobs.iterations(job.job_id)
             ],
@@ -119,3 +128,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> pb.ExportPlanResponse:
         data, name = self.core.export(request.job_id)
         return pb.ExportPlanResponse(bundle=data, filename=name)
+
+    def ApprovePlan(
+        self, request: pb.ApprovePlanRequest, context: grpc.ServicerContext
+    ) -> pb.ApprovePlanResponse:
+        if not request.job_id:
+            raise ValueError("job_id is empty: name the finished job to approve")
+        ref_id, protocol, count = self.core.approve(
+            request.job_id, request.iteration, request.description
+        )
+        return pb.ApprovePlanResponse(reference_id=ref_id, protocol=protocol, references=count)

@@ -28,6 +28,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS feedback (
   id INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, text TEXT NOT NULL,
   applies_from INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reference_plans (
+  reference_id TEXT PRIMARY KEY, protocol TEXT NOT NULL, plan TEXT NOT NULL,
+  source TEXT NOT NULL, created REAL NOT NULL);
 """
 
 INSERT_JOB = (
@@ -224,6 +227,38 @@ class JobStore:
             (job_id, iteration),
         )
         return [r[0] for r in rows]
+
+    # -- reference plans --------------------------------------------------------------------------
+    def add_reference(self, reference_id: str, protocol: str, plan: dict[str, Any]) -> bool:
+        """Store a reference plan; False when one with the same id is already there."""
+        try:
+            self._write(
+                [
+                    (
+                        "INSERT INTO reference_plans (reference_id, protocol, plan, source,"
+                        " created) VALUES (?,?,?,?,?)",
+                        (
+                            reference_id,
+                            protocol,
+                            json.dumps(plan),
+                            plan.get("source", ""),
+                            time.time(),
+                        ),
+                    )
+                ]
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def references(self, protocol: str | None = None) -> list[dict[str, Any]]:
+        if protocol is None:
+            rows = self._query("SELECT plan FROM reference_plans ORDER BY created")
+        else:
+            rows = self._query(
+                "SELECT plan FROM reference_plans WHERE protocol = ? ORDER BY created", (protocol,)
+            )
+        return [json.loads(r[0]) for r in rows]
 
     def close(self) -> None:
         with self._lock:

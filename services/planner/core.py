@@ -2,29 +2,49 @@
 
 from __future__ import annotations
 
-from radpilot.agents.rules_planner import MemoryEntry, propose_rules
-from radpilot.evaluation.protocol_check import ProtocolCheck
+from typing import Any
+
+from radpilot.agents.llm_planner import LLMPlanner, PlannerOutcome
+from radpilot.agents.rules_planner import MemoryEntry
+from radpilot.agents.step import PLANNER_AGENTS, propose_next
 from radpilot.fmo.objectives import ObjectiveTerm, validate_terms
+from radpilot.llm.client import LLMClient
 from radpilot.protocol import load_protocol_text
 from services.common.errors import FailedPreconditionError
 
-AGENTS = ("rules", "llm", "bo", "fixed")
 
+class PlannerCore:
+    def __init__(self, llm: LLMClient | None = None) -> None:
+        self.llm = LLMPlanner(llm) if llm is not None else None
 
-def propose(
-    agent: str,
-    protocol_yaml: str,
-    current: list[ObjectiveTerm],
-    check: ProtocolCheck,
-    memory: list[MemoryEntry],
-) -> tuple[list[ObjectiveTerm], str]:
-    agent = agent or "rules"
-    if agent not in AGENTS:
-        raise ValueError(f"unknown planner agent {agent!r}; use one of {', '.join(AGENTS)}")
-    protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
-    validate_terms(current)
-    if agent == "fixed":
-        return list(protocol.objectives), "fixed class solution: the protocol's initial objectives"
-    if agent != "rules":
-        raise FailedPreconditionError(f"the {agent!r} planner is not configured here; use 'rules'")
-    return propose_rules(protocol, current, check, memory)
+    def propose(
+        self,
+        agent: str,
+        protocol_yaml: str,
+        current: list[ObjectiveTerm],
+        memory: list[MemoryEntry],
+        references: list[dict[str, Any]] | None = None,
+        physician: str = "",
+    ) -> PlannerOutcome:
+        agent = agent or "rules"
+        if agent not in PLANNER_AGENTS:
+            raise ValueError(
+                f"unknown planner agent {agent!r}; use one of {', '.join(PLANNER_AGENTS)}"
+            )
+        if agent == "llm" and self.llm is None:
+            raise FailedPreconditionError(
+                "the LLM planner is not configured on this planner (set OPENAI_BASE_URL or "
+                "OPENAI_API_KEY for it); use 'rules'"
+            )
+        protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
+        validate_terms(current)
+        return propose_next(
+            agent,
+            protocol,
+            current,
+            memory,
+            references=references,
+            physician=physician,
+            llm=self.llm,
+            seed=0,
+        )

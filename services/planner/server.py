@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from radpilot.llm.client import client_or_none
 from radpilot.v1 import planner_pb2, planner_pb2_grpc
 from services.common.server import RunningServer, start_server
 from services.planner.config import PlannerConfig
+from services.planner.core import PlannerCore
 from services.planner.servicer import PlannerServicer
 
 log = logging.getLogger(__name__)
@@ -14,8 +16,11 @@ SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["PlannerService"].full_na
 
 
 def serve(config: PlannerConfig) -> RunningServer:
+    core = PlannerCore(client_or_none(config.llm))
+    if core.llm is not None:
+        log.info("LLM planner enabled: %s", config.llm.describe())
     running = start_server(
-        [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, PlannerServicer())],
+        [(planner_pb2_grpc.add_PlannerServiceServicer_to_server, PlannerServicer(core))],
         [SERVICE_NAME],
         config.address,
         enable_reflection=config.reflection,

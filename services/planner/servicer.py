@@ -7,8 +7,13 @@ import grpc
 from radpilot.agents.rules_planner import MemoryEntry
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.v1 import planner_pb2, planner_pb2_grpc, types_pb2
-from services.common.convert import goal_result_from_proto, terms_from_proto, terms_to_proto
-from services.planner.core import propose
+from services.common.convert import (
+    goal_result_from_proto,
+    llm_call_to_proto,
+    terms_from_proto,
+    terms_to_proto,
+)
+from services.planner.core import PlannerCore
 
 
 def check_from_proto(goals: list[types_pb2.GoalResult]) -> ProtocolCheck:
@@ -16,6 +21,9 @@ def check_from_proto(goals: list[types_pb2.GoalResult]) -> ProtocolCheck:
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
+    def __init__(self, core: PlannerCore | None = None) -> None:
+        self.core = core or PlannerCore()
+
     def Propose(
         self, request: planner_pb2.ProposeRequest, context: grpc.ServicerContext
     ) -> planner_pb2.ProposeResponse:
@@ -27,16 +35,29 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 terms_from_proto(list(m.objectives)),
                 check_from_proto(list(m.goals)),
                 m.physician_feedback,
+                tuple(m.findings),
             )
             for m in request.memory
         ]
-        objectives, rationale = propose(
+        references = [
+            {
+                "description": r.description,
+                "objectives": terms_from_proto(list(r.objectives)),
+                "results": r.results_text,
+            }
+            for r in request.references
+        ]
+        out = self.core.propose(
             request.agent,
             request.protocol_yaml,
             terms_from_proto(list(request.current)),
-            memory[-1].check,
             memory,
+            references,
+            request.physician_feedback,
         )
         return planner_pb2.ProposeResponse(
-            objectives=terms_to_proto(objectives), rationale=rationale
+            objectives=terms_to_proto(out.objectives),
+            rationale=out.rationale,
+            llm_calls=[llm_call_to_proto(c.to_dict()) for c in out.calls],
+            fallback=out.fallback,
         )

@@ -1,0 +1,172 @@
+"""The LLM planner: reference plans + recent iterations + feedback -> new weights and doses.
+
+The answer must be strict JSON over exactly the current objective terms. It is validated — known
+keys only, every key present, finite numbers, positive weights, non-negative doses, and a bounded
+change per iteration — before anything is used. An invalid answer gets one retry that quotes the
+validation error; a second invalid answer, or an endpoint that fails, falls back to one step of
+the rule-based planner. Every call and every fallback is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from radpilot.agents.rules_planner import MemoryEntry, propose_rules
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.llm import prompts
+from radpilot.llm.client import LLMCall, LLMClient, LLMError
+from radpilot.llm.parse import ParseError, find_json_object
+from radpilot.protocol import Protocol
+
+log = logging.getLogger(__name__)
+
+MAX_WEIGHT_FACTOR = 5.0  # a weight may change by at most this factor per iteration
+MAX_DOSE_STEP_FRACTION = 0.2  # an objective dose may move by at most this x prescription
+
+
+class ProposalError(ValueError):
+    """The planner's answer is not a valid set of parameters; the message says what to fix."""
+
+
+@dataclass
+class PlannerOutcome:
+    objectives: list[ObjectiveTerm]
+    rationale: str
+    calls: list[LLMCall] = field(default_factory=list)
+    fallback: bool = False
+
+
+def validate_proposal(
+    data: dict[str, Any], current: list[ObjectiveTerm], prescription_gy: float
+) -> tuple[list[ObjectiveTerm], str]:
+    """Check a parsed answer against the current terms; raise ProposalError naming the fault."""
+    terms = data.get("terms")
+    if not isinstance(terms, dict):
+        raise ProposalError('the answer needs a "terms" object keyed by "<structure>:<kind>"')
+    known = {t.key(): t for t in current}
+    unknown = sorted(set(terms) - set(known))
+    if unknown:
+        raise ProposalError(f"unknown term(s) {unknown}; use exactly {sorted(known)}")
+    missing = sorted(set(known) - set(terms))
+    if missing:
+        raise ProposalError(f"term(s) {missing} are missing; give every one of {sorted(known)}")
+    max_step = MAX_DOSE_STEP_FRACTION * prescription_gy
+    out = []
+    for key, old in known.items():
+        entry = terms[key]
+        if not isinstance(entry, dict):
+            raise ProposalError(f'{key}: expected {{"weight": <number>, "dose_gy": <number>}}')
+        try:
+            weight = float(entry["weight"])
+            dose = float(entry.get("dose_gy", old.dose_gy))
+        except (KeyError, TypeError, ValueError):
+            raise ProposalError(f"{key}: weight and dose_gy must be numbers") from None
+        if isinstance(entry.get("weight"), bool):
+            raise ProposalError(f"{key}: weight must be a number, not a boolean")
+        if not (math.isfinite(weight) and math.isfinite(dose)):
+            raise ProposalError(f"{key}: weight and dose_gy must be finite numbers")
+        if weight <= 0:
+            raise ProposalError(f"{key}: weight must be positive, got {weight:g}")
+        if dose < 0:
+            raise ProposalError(f"{key}: dose_gy must not be negative, got {dose:g}")
+        ratio = weight / old.weight if old.weight > 0 else MAX_WEIGHT_FACTOR
+        if not 1 / MAX_WEIGHT_FACTOR <= ratio <= MAX_WEIGHT_FACTOR:
+            raise ProposalError(
+                f"{key}: weight {weight:g} is {ratio:.3g} x the current {old.weight:g}; "
+                f"keep it within 1/{MAX_WEIGHT_FACTOR:g}..{MAX_WEIGHT_FACTOR:g} x"
+            )
+        if abs(dose - old.dose_gy) > max_step + 1e-9:
+            raise ProposalError(
+                f"{key}: dose_gy {dose:g} moves {abs(dose - old.dose_gy):.3g} Gy from "
+                f"{old.dose_gy:g}; at most {max_step:g} Gy per iteration"
+            )
+        out.append(ObjectiveTerm(old.structure, old.kind, dose, weight))
+    rationale = data.get("rationale", "")
+    return out, rationale if isinstance(rationale, str) else str(rationale)
+
+
+def history_for_prompt(memory: list[MemoryEntry]) -> list[dict[str, Any]]:
+    return [
+        {
+            "iteration": m.iteration,
+            "objectives": m.objectives,
+            "results": prompts.goals_text(m.check),
+            "findings": "; ".join(m.findings),
+        }
+        for m in memory
+    ]
+
+
+class LLMPlanner:
+    def __init__(self, client: LLMClient) -> None:
+        self.client = client
+
+    def propose(
+        self,
+        protocol: Protocol,
+        current: list[ObjectiveTerm],
+        memory: list[MemoryEntry],
+        references: list[dict[str, Any]],
+        feedback: str = "",
+        physician: str = "",
+    ) -> PlannerOutcome:
+        keys = [t.key() for t in current]
+        structured = self.client.settings.json_mode != "text"
+        messages = prompts.planner_messages(
+            protocol,
+            current,
+            history_for_prompt(memory),
+            references,
+            feedback,
+            physician,
+            MAX_WEIGHT_FACTOR,
+            MAX_DOSE_STEP_FRACTION * protocol.prescription_gy,
+        )
+        calls: list[LLMCall] = []
+        reason = ""
+        for attempt in (1, 2):
+            try:
+                text, call = self.client.chat(
+                    "planner",
+                    messages,
+                    schema=prompts.planning_schema(keys) if structured else None,
+                    schema_name="plan_parameters",
+                )
+            except LLMError as exc:
+                exc.call.outcome = "error"
+                calls.append(exc.call)
+                reason = f"the endpoint failed ({exc})"
+                break
+            calls.append(call)
+            try:
+                terms, rationale = validate_proposal(
+                    find_json_object(text), current, protocol.prescription_gy
+                )
+            except (ParseError, ProposalError) as exc:
+                call.validation = str(exc)
+                call.outcome = "retried" if attempt == 1 else "fallback"
+                reason = f"the answer was invalid twice ({exc})"
+                messages = [
+                    *messages,
+                    {"role": "assistant", "content": text},
+                    {
+                        "role": "user",
+                        "content": f"That answer cannot be used: {exc}. Answer again with the "
+                        "JSON object only, following every rule.",
+                    },
+                ]
+                continue
+            call.validation = "ok"
+            return PlannerOutcome(terms, f"LLM planner: {rationale}".strip(), calls)
+        log.warning("LLM planner fell back to the rule-based step: %s", reason)
+        last = memory[-1]
+        terms, rules_rationale = propose_rules(protocol, current, last.check, memory)
+        return PlannerOutcome(
+            terms,
+            f"LLM planner fell back to a rule-based step: {reason}; {rules_rationale}",
+            calls,
+            fallback=True,
+        )

@@ -1,0 +1,114 @@
+"""One evaluation and one proposal, by agent name: what the in-process loop and the services share.
+
+Evaluators: ``rules`` (exact check and findings) and ``llm`` (DVH + vision experts and an
+aggregator, guarded by the exact check). Planners: ``rules``, ``llm`` (falls back to a rules step),
+``bo`` (Optuna over weights; give it every iteration) and ``fixed`` (the protocol's class
+solution: the loop stops after one plan, as nothing would change).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from radpilot.agents.bo_planner import propose_bo
+from radpilot.agents.llm_evaluator import LLMEvaluator, combine
+from radpilot.agents.llm_planner import LLMPlanner, PlannerOutcome
+from radpilot.agents.rules_planner import MemoryEntry, propose_rules
+from radpilot.evaluation.images import plane_images, structure_crops
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.rules import Evaluation, evaluate_rules
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.llm.client import LLMCall
+from radpilot.protocol import Protocol
+
+EVALUATOR_AGENTS = ("rules", "llm")
+PLANNER_AGENTS = ("rules", "llm", "bo", "fixed")
+JOB_AGENTS = PLANNER_AGENTS  # a job's agent names its planner; "llm" also picks the LLM evaluator
+
+
+class AgentNotConfiguredError(RuntimeError):
+    """The agent needs something this process lacks (an LLM endpoint)."""
+
+
+@dataclass
+class EvaluationOutcome:
+    evaluation: Evaluation
+    llm_decision: str = ""  # the model's own decision, before the guardrail
+    disagreement: bool = False
+    calls: list[LLMCall] = field(default_factory=list)
+
+
+def evaluator_agent(job_agent: str) -> str:
+    return "llm" if job_agent == "llm" else "rules"
+
+
+def memory_window(job_agent: str, entries: list[Any], length: int) -> list[Any]:
+    """The memory the planner sees: the last L iterations, or all of them for BO."""
+    return list(entries) if job_agent == "bo" else list(entries)[-length:]
+
+
+def dose_images(plan: PlanDose) -> dict[str, bytes]:
+    cube = plan.cube()
+    images = dict(plane_images(plan.case, cube))
+    images.update({f"crop_{k}": v for k, v in structure_crops(plan.case, cube).items()})
+    return images
+
+
+def evaluate_plan(
+    agent: str,
+    plan: PlanDose,
+    protocol: Protocol,
+    llm: LLMEvaluator | None = None,
+    images: dict[str, bytes] | None = None,
+) -> EvaluationOutcome:
+    if agent not in EVALUATOR_AGENTS:
+        raise ValueError(f"unknown evaluator agent {agent!r}; use one of {EVALUATOR_AGENTS}")
+    rules = evaluate_rules(plan, protocol)
+    if agent == "rules":
+        return EvaluationOutcome(rules)
+    if llm is None:
+        raise AgentNotConfiguredError(
+            "the LLM evaluator has no endpoint: set OPENAI_BASE_URL (or OPENAI_API_KEY)"
+        )
+    if images is None and llm.client.vision:
+        images = dose_images(plan)
+    judgement = llm.judge(plan, protocol, rules, images)
+    evaluation, disagreement = combine(rules, judgement)
+    return EvaluationOutcome(
+        evaluation,
+        judgement.decision.value if judgement.decision else "",
+        disagreement,
+        judgement.calls,
+    )
+
+
+def propose_next(
+    agent: str,
+    protocol: Protocol,
+    current: list[ObjectiveTerm],
+    memory: list[MemoryEntry],
+    *,
+    references: list[dict[str, Any]] | None = None,
+    physician: str = "",
+    llm: LLMPlanner | None = None,
+    seed: int = 0,
+) -> PlannerOutcome:
+    if agent not in PLANNER_AGENTS:
+        raise ValueError(f"unknown planner agent {agent!r}; use one of {PLANNER_AGENTS}")
+    if not memory:
+        raise ValueError("memory is empty: the planner needs at least the last iteration")
+    if agent == "fixed":
+        return PlannerOutcome(
+            list(protocol.objectives), "fixed class solution: the protocol's initial objectives"
+        )
+    if agent == "bo":
+        return PlannerOutcome(*propose_bo(protocol, memory, seed))
+    if agent == "llm":
+        if llm is None:
+            raise AgentNotConfiguredError(
+                "the LLM planner has no endpoint: set OPENAI_BASE_URL (or OPENAI_API_KEY)"
+            )
+        feedback = "; ".join(memory[-1].findings)
+        return llm.propose(protocol, current, memory, references or [], feedback, physician)
+    return PlannerOutcome(*propose_rules(protocol, current, memory[-1].check, memory))

@@ -1,0 +1,1 @@
+"""LLM access (any OpenAI-compatible endpoint), prompts, tolerant answer parsing, test server."""

@@ -1,0 +1,301 @@
+"""LLM access over any OpenAI-compatible Chat Completions endpoint, with an audit record per call.
+
+Configuration comes from the environment (or explicit arguments), so a hospital can point RadPilot
+at a model server inside its own network:
+
+- ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``: the official client's own variables (a local server
+  that ignores keys needs none; a placeholder is sent);
+- ``RADPILOT_LLM_MODEL`` (default ``gpt-4o``), ``RADPILOT_LLM_TIMEOUT_S`` (per request, 120),
+  ``RADPILOT_LLM_RETRIES`` (3), ``RADPILOT_LLM_VISION`` (1; 0 for a text-only model),
+  ``RADPILOT_LLM_JSON`` (``json_schema`` | ``json_object`` | ``text``: how strict output is asked).
+
+Retries (429, 5xx, timeouts, refused connections) are done here with exponential backoff and
+jitter, honouring ``Retry-After``, so that every attempt is counted in the audit record. Image bytes
+never enter the audit: each image is replaced by its SHA-256.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+DEFAULT_MODEL = "gpt-4o"
+JSON_MODES = ("json_schema", "json_object", "text")
+
+
+class LLMError(RuntimeError):
+    """The endpoint could not give an answer (after retries), or rejected the request."""
+
+    def __init__(self, message: str, call: LLMCall, status: int | None = None) -> None:
+        super().__init__(message)
+        self.call = call
+        self.status = status
+
+
+class LLMNotConfiguredError(RuntimeError):
+    """No endpoint is configured (neither OPENAI_BASE_URL nor OPENAI_API_KEY is set)."""
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 120.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    vision: bool = True
+    json_mode: str = "json_schema"
+    temperature: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.json_mode not in JSON_MODES:
+            raise ValueError(f"json_mode must be one of {', '.join(JSON_MODES)}")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("timeout_s must be positive; retries and backoff_s not negative")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.base_url or self.api_key)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> LLMSettings:
+        e = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "model": e.get("RADPILOT_LLM_MODEL") or DEFAULT_MODEL,
+            "base_url": e.get("OPENAI_BASE_URL") or None,
+            "api_key": e.get("OPENAI_API_KEY") or None,
+            "timeout_s": float(e.get("RADPILOT_LLM_TIMEOUT_S") or 120.0),
+            "retries": int(e.get("RADPILOT_LLM_RETRIES") or 3),
+            "backoff_s": float(e.get("RADPILOT_LLM_BACKOFF_S") or 1.0),
+            "vision": (e.get("RADPILOT_LLM_VISION") or "1").lower() not in ("0", "false", "no"),
+            "json_mode": e.get("RADPILOT_LLM_JSON") or "json_schema",
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """What may be logged: never the key."""
+        return {
+            "model": self.model,
+            "base_url": self.base_url or "(openai default)",
+            "timeout_s": self.timeout_s,
+            "retries": self.retries,
+            "vision": self.vision,
+            "json_mode": self.json_mode,
+        }
+
+
+@dataclass
+class LLMCall:
+    """The audit record of one logical call (all its attempts)."""
+
+    role: str
+    model: str
+    request: dict[str, Any]  # messages with image bytes replaced by their hashes
+    response_text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+    attempts: int = 0
+    outcome: str = "used"  # used | retried | fallback | error | skipped
+    validation: str = ""  # the parse/validation result, "ok" or what was wrong
+    error: str = ""
+    image_sha256: list[str] = field(default_factory=list)
+    iteration: int = 0
+
+    @property
+    def images(self) -> int:
+        return len(self.image_sha256)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "role": self.role,
+            "model": self.model,
+            "images": self.images,
+            "image_sha256": list(self.image_sha256),
+            "outcome": self.outcome,
+            "validation": self.validation,
+            "error": self.error,
+            "seconds": round(self.seconds, 3),
+            "attempts": self.attempts,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "request": self.request,
+            "response_text": self.response_text,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LLMCall:
+        keys = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in keys})
+
+
+def image_part(png: bytes) -> dict[str, Any]:
+    url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return {"type": "image_url", "image_url": {"url": url, "detail": "high"}}
+
+
+def _redact(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The messages as audited: each data-URL image becomes its SHA-256."""
+    hashes: list[str] = []
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                if p.get("type") == "image_url":
+                    url = p["image_url"]["url"]
+                    raw = base64.b64decode(url.split(",", 1)[1]) if "," in url else url.encode()
+                    h = hashlib.sha256(raw).hexdigest()
+                    hashes.append(h)
+                    parts.append({"type": "image_url", "image_sha256": h, "bytes": len(raw)})
+                else:
+                    parts.append(p)
+            out.append({**m, "content": parts})
+        else:
+            out.append(dict(m))
+    return out, hashes
+
+
+_RETRYABLE = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError)
+
+
+class LLMClient:
+    """A thread-safe wrapper of ``openai.OpenAI`` that returns text plus an audit record."""
+
+    def __init__(self, settings: LLMSettings) -> None:
+        if not settings.configured:
+            raise LLMNotConfiguredError(
+                "no LLM endpoint is configured: set OPENAI_BASE_URL (a local OpenAI-compatible "
+                "server) or OPENAI_API_KEY"
+            )
+        self.settings = settings
+        self._client = openai.OpenAI(
+            base_url=settings.base_url,
+            api_key=settings.api_key or "not-needed",
+            timeout=settings.timeout_s,
+            max_retries=0,  # retries are ours, so the audit counts them
+        )
+        self._json_mode = settings.json_mode
+        self._lock = threading.Lock()
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    @property
+    def vision(self) -> bool:
+        return self.settings.vision
+
+    def _response_format(self, schema: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+        if schema is None or self._json_mode == "text":
+            return None
+        if self._json_mode == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
+
+    def chat(
+        self,
+        role: str,
+        messages: list[dict[str, Any]],
+        *,
+        schema: dict[str, Any] | None = None,
+        schema_name: str = "answer",
+        max_tokens: int = 2000,
+    ) -> tuple[str, LLMCall]:
+        """One logical call with retries. Raises LLMError (its audit record attached as .call)."""
+        audited, hashes = _redact(messages)
+        call = LLMCall(role, self.settings.model, {"messages": audited}, image_sha256=hashes)
+        t0 = time.perf_counter()
+        attempt = 0
+        while True:
+            attempt += 1
+            fmt = self._response_format(schema, schema_name)
+            kwargs: dict[str, Any] = {
+                "model": self.settings.model,
+                "messages": messages,
+                "temperature": self.settings.temperature,
+                "max_tokens": max_tokens,
+            }
+            if fmt is not None:
+                kwargs["response_format"] = fmt
+            call.request["response_format"] = fmt["type"] if fmt else "text"
+            try:
+                resp = self._client.chat.completions.create(**kwargs)
+            except openai.BadRequestError as exc:
+                if fmt is not None and "response_format" in str(exc).lower():
+                    # the endpoint does not do structured output: ask for tagged text from now on
+                    with self._lock:
+                        self._json_mode = "text"
+                    continue
+                return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
+            except openai.APIStatusError as exc:
+                if exc.status_code >= 500 and attempt <= self.settings.retries:
+                    self._sleep(attempt, exc.response.headers.get("retry-after"))
+                    continue
+                msg = f"HTTP {exc.status_code}: {_brief(exc)}"
+                return self._fail(call, t0, attempt, msg, exc.status_code)
+            except _RETRYABLE as exc:
+                if attempt <= self.settings.retries:
+                    retry_after = None
+                    if isinstance(exc, openai.RateLimitError):
+                        retry_after = exc.response.headers.get("retry-after")
+                    self._sleep(attempt, retry_after)
+                    continue
+                return self._fail(call, t0, attempt, f"{type(exc).__name__}: {_brief(exc)}", None)
+            break
+        text = ""
+        if resp.choices:
+            text = resp.choices[0].message.content or ""
+        call.response_text = text
+        call.attempts = attempt
+        call.seconds = time.perf_counter() - t0
+        if resp.usage is not None:
+            call.prompt_tokens = int(resp.usage.prompt_tokens or 0)
+            call.completion_tokens = int(resp.usage.completion_tokens or 0)
+            with self._lock:
+                self.prompt_tokens += call.prompt_tokens
+                self.completion_tokens += call.completion_tokens
+        if not text.strip():
+            call.outcome, call.error = "error", "empty answer"
+            raise LLMError("the model returned an empty answer", call)
+        return text, call
+
+    def _sleep(self, attempt: int, retry_after: str | None) -> None:
+        delay = self.settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+        if retry_after:
+            with contextlib.suppress(ValueError):
+                delay = max(delay, min(float(retry_after), 60.0))
+        time.sleep(delay)
+
+    def _fail(
+        self, call: LLMCall, t0: float, attempts: int, message: str, status: int | None
+    ) -> tuple[str, LLMCall]:
+        call.outcome, call.error = "error", message
+        call.attempts, call.seconds = attempts, time.perf_counter() - t0
+        raise LLMError(message, call, status)
+
+
+def _brief(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True)
+
+
+def client_or_none(settings: LLMSettings) -> LLMClient | None:
+    """A client when an endpoint is configured, else None (agent "llm" is then refused)."""
+    return LLMClient(settings) if settings.configured else None

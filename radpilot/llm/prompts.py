@@ -1,0 +1,261 @@
+"""The words RadPilot sends to an LLM: evaluator experts, aggregator and planner.
+
+Prompts carry the protocol, structure names, numbers and dose images only: never a case id, a
+patient name or any other identifier (the callers pass no such thing in, and tests check the
+recorded requests).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from radpilot.evaluation.metrics import DVHTable, StructureStats
+from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.protocol import Protocol
+
+EVALUATOR_SYSTEM = (
+    "You review external-beam radiotherapy plans for a radiation oncology department. You judge "
+    "a plan only against the clinical protocol you are given, from the evidence you are given, "
+    "and you say plainly which requirement fails and why. You do not invent numbers."
+)
+
+PLANNER_SYSTEM = (
+    "You tune the objective weights and objective doses of a fluence-map optimiser for "
+    "radiotherapy plans. The optimiser minimises a weighted sum of penalties, one per objective "
+    "term; raising a term's weight makes the optimiser try harder on it at the expense of the "
+    "others, and lowering an overdose term's objective dose pushes that structure's dose down. "
+    "You answer with numbers the software can apply directly."
+)
+
+
+def protocol_text(protocol: Protocol) -> str:
+    lines = [
+        f"Protocol: {protocol.name}",
+        f"Target: {protocol.target}, prescription {protocol.prescription_gy:g} Gy to "
+        f"{protocol.coverage_pct:g} % of its volume (plans are normalised so that this holds).",
+        "Clinical goals (priority 1 is the most important; hard goals must be met):",
+    ]
+    for g in protocol.goals:
+        lines.append(f"- {g.label} ({'hard' if g.hard else 'soft'}, priority {g.priority})")
+    if protocol.intent.strip():
+        lines.append(f"Physician's intent: {protocol.intent.strip()}")
+    return "\n".join(lines)
+
+
+def stats_text(stats: list[StructureStats]) -> str:
+    head = "structure | kind | volume_cc | min_Gy | mean_Gy | max_Gy | D95_Gy | D50_Gy | D5_Gy"
+    rows = [
+        f"{s.name} | {s.kind} | {s.volume_cc:.1f} | {s.min_gy:.2f} | {s.mean_gy:.2f} | "
+        f"{s.max_gy:.2f} | {s.d95_gy:.2f} | {s.d50_gy:.2f} | {s.d5_gy:.2f}"
+        for s in stats
+    ]
+    return "\n".join([head, *rows])
+
+
+def goals_text(check: ProtocolCheck) -> str:
+    return "\n".join(
+        f"- {r.goal.label}: achieved {r.achieved:.2f} {r.goal.unit} "
+        f"({'met' if r.passed else 'NOT met'}, margin {r.margin:+.2f})"
+        for r in check.results
+    )
+
+
+def dvh_expert_messages(
+    protocol: Protocol, dvh: DVHTable, stats: list[StructureStats], check: ProtocolCheck
+) -> list[dict[str, Any]]:
+    user = f"""{protocol_text(protocol)}
+
+The cumulative dose-volume histogram of the plan follows. Each row is a dose level in Gy; each
+cell is the percentage of that structure's volume receiving at least that dose.
+
+{dvh.to_text()}
+
+Summary statistics per structure:
+{stats_text(stats)}
+
+Values of the protocol's metrics as computed by the planning system:
+{goals_text(check)}
+
+Work in three steps and label them:
+1. Evidence: quote the table rows and statistics that bear on each clinical goal.
+2. Interpretation: restate each as "X % of <structure> receives more than Y Gy" or the dose value.
+3. Analysis: for every goal, say whether it is met and by what margin; then comment on target
+   coverage, hot spots above 107 % of the prescription and low-dose spread in normal tissue.
+Keep it under 400 words."""
+    return [{"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": user}]
+
+
+def vision_expert_messages(
+    protocol: Protocol, images: dict[str, bytes], image_part: Any
+) -> list[dict[str, Any]]:
+    names = ", ".join(images)
+    intro = f"""{protocol_text(protocol)}
+
+The images below show the planned dose in Gy as a colour wash over the anatomy, with the
+structure contours drawn and a colour bar: full planes through the isocentre (axial, sagittal,
+coronal) and crops around each structure with a small margin. They are, in order: {names}.
+
+Look at the dose distribution itself:
+- Is the high dose (the colours at the top of the bar) uniform inside {protocol.target}, with no
+  hot spots and no cold spots?
+- Does the dose fall off steeply outside {protocol.target}, or does high dose spill into
+  surrounding tissue and the organs at risk?
+- Which organ at risk sits in a high-dose region, and where?
+Report what you see per structure in under 300 words. Do not guess numbers you cannot read."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": intro}]
+    for name, png in images.items():
+        content.append({"type": "text", "text": f"Image: {name}"})
+        content.append(image_part(png))
+    return [{"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": content}]
+
+
+EVALUATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "decision": {"type": "string", "enum": ["meets_protocol", "needs_improvement"]},
+        "unmet": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "factor": {"type": "string"},
+                    "structure": {"type": "string"},
+                    "reason": {"type": "string"},
+                },
+                "required": ["factor", "structure", "reason"],
+                "additionalProperties": False,
+            },
+        },
+        "suggestions": {"type": "string"},
+    },
+    "required": ["decision", "unmet", "suggestions"],
+    "additionalProperties": False,
+}
+
+
+def aggregator_messages(
+    protocol: Protocol, dvh_report: str, vision_report: str | None, structured: bool
+) -> list[dict[str, Any]]:
+    vision = (
+        vision_report
+        if vision_report is not None
+        else "(no image review: the model or endpoint does not take images)"
+    )
+    if structured:
+        fmt = (
+            "Answer with one JSON object: "
+            '{"decision": "meets_protocol" or "needs_improvement", '
+            '"unmet": [{"factor": <the goal or quality factor>, "structure": <name>, '
+            '"reason": <why, with numbers>}], "suggestions": <where to improve, one paragraph>}. '
+            "No text outside the JSON."
+        )
+    else:
+        fmt = (
+            "End your answer with exactly these blocks:\n"
+            "<DECISION>meets_protocol</DECISION> or <DECISION>needs_improvement</DECISION>\n"
+            "<UNMET>\n- <structure>: <goal or factor> - <why, with numbers>\n</UNMET>\n"
+            "<SUGGESTIONS>where to improve, one paragraph</SUGGESTIONS>"
+        )
+    user = f"""{protocol_text(protocol)}
+
+Two reviewers have looked at the same plan.
+
+DVH review:
+{dvh_report}
+
+Dose-image review:
+{vision}
+
+Decide whether the plan meets the protocol. When every clinical goal is met and the images show
+no clinically relevant hot spot, cold spot or spillage, the decision is meets_protocol. Otherwise
+it is needs_improvement, and you list every factor that is not satisfied with its reason.
+{fmt}"""
+    return [{"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": user}]
+
+
+def planning_schema(keys: list[str]) -> dict[str, Any]:
+    term = {
+        "type": "object",
+        "properties": {"weight": {"type": "number"}, "dose_gy": {"type": "number"}},
+        "required": ["weight", "dose_gy"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "terms": {
+                "type": "object",
+                "properties": {k: term for k in keys},
+                "required": list(keys),
+                "additionalProperties": False,
+            },
+            "rationale": {"type": "string"},
+        },
+        "required": ["terms", "rationale"],
+        "additionalProperties": False,
+    }
+
+
+def terms_json(terms: list[ObjectiveTerm]) -> str:
+    return json.dumps(
+        {t.key(): {"weight": round(t.weight, 6), "dose_gy": round(t.dose_gy, 3)} for t in terms}
+    )
+
+
+def planner_messages(
+    protocol: Protocol,
+    current: list[ObjectiveTerm],
+    history: list[dict[str, Any]],
+    references: list[dict[str, Any]],
+    feedback: str,
+    physician: str,
+    max_factor: float,
+    max_dose_step_gy: float,
+) -> list[dict[str, Any]]:
+    keys = [t.key() for t in current]
+    ref_text = (
+        "\n\n".join(
+            f"Reference plan {i + 1} ({r.get('description', 'approved plan')}):\n"
+            f"parameters: {terms_json(r['objectives'])}\n"
+            f"results:\n{r['results']}"
+            for i, r in enumerate(references)
+        )
+        or "(none available for this protocol)"
+    )
+    hist_text = "\n\n".join(
+        f"Iteration {h['iteration']}:\nparameters: {terms_json(h['objectives'])}\n"
+        f"results:\n{h['results']}" + (f"\nevaluator: {h['findings']}" if h.get("findings") else "")
+        for h in history
+    )
+    user = f"""{protocol_text(protocol)}
+
+Objective terms are named "<structure>:<kind>". Kinds: squared_deviation pulls the dose towards
+dose_gy from both sides, squared_overdose penalises dose above dose_gy, squared_underdose
+penalises dose below dose_gy. After each optimisation the plan is rescaled so that the target
+coverage holds.
+
+Approved plans for this protocol on similar anatomy, with the parameters that produced them:
+{ref_text}
+
+The most recent iterations for this plan, oldest first:
+{hist_text}
+
+Evaluator feedback on the latest plan:
+{feedback or "(none)"}
+
+Physician's comments: {physician or "(none)"}
+
+Current parameters: {terms_json(current)}
+
+Propose the parameters for the next optimisation. Rules:
+- give every one of these terms, and no other: {", ".join(keys)};
+- every weight a positive number, at most {max_factor:g} times and at least 1/{max_factor:g} of
+  its current value;
+- every dose_gy a number >= 0 that differs from its current value by at most
+  {max_dose_step_gy:g} Gy.
+Answer with one JSON object and nothing else:
+{{"terms": {{"<structure>:<kind>": {{"weight": <number>, "dose_gy": <number>}}, ...}},
+ "rationale": "<one or two sentences: what you changed and why>"}}"""
+    return [{"role": "system", "content": PLANNER_SYSTEM}, {"role": "user", "content": user}]
