@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan references clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -20,6 +20,8 @@ help:
 	@echo "make protos     regenerate radpilot/v1 from protos/ (protos-check: buf lint + stale-stub check)"
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
+	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
+	@echo "make references     regenerate the shipped reference plans (protocols/references)"
 
 venv: $(STAMP)
 
@@ -64,6 +66,15 @@ bench-fmo: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(PY) benchmarks/tg119_quality.py --doc docs/benchmarks.md
+
+# Agents fixed / rules / bo (and llm when OPENAI_BASE_URL or OPENAI_API_KEY is set) on the
+# TG-119 C-shape protocols; rewrites its section of docs/benchmarks.md.
+bench-plan: $(STAMP)
+	$(PY) benchmarks/bench_plan.py --doc docs/benchmarks.md
+
+# Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
+references: $(STAMP)
+	$(PY) benchmarks/make_references.py
 
 # On a CUDA machine without pyRadPlan: CuPy tests, then the benchmark on an analytic phantom of
 # the TG-119 matrix's size (needs `pip install -e '.[gpu]'` or a CuPy already installed).

@@ -5,6 +5,8 @@ radpilot serve          # the four services on loopback until Ctrl-C (prints add
 radpilot plan --case tg119-cshape --protocol protocols/tg119_cshape_easier.yaml --out out/easy
 radpilot plan --local ...            # launch the services, plan through them, stop them
 radpilot plan --orchestrator H:P ... # plan through a running orchestrator ($RADPILOT_API_TOKEN)
+radpilot plan --agent llm ...        # LLM evaluator + planner ($OPENAI_BASE_URL, $OPENAI_API_KEY)
+radpilot approve JOB --orchestrator H:P  # add a finished job's plan to the reference library
 radpilot cases          # list built-in cases
 """
 
@@ -19,9 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from radpilot.agents.references import load_library, shipped_library_dir
+from radpilot.agents.step import AgentNotConfiguredError
 from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
 from radpilot.cases import BUILTIN_CASES, load_builtin
+from radpilot.llm.client import LLMClient, LLMNotConfiguredError, LLMSettings
 from radpilot.planning import plan_loop, plan_once
 from radpilot.protocol import ProtocolError, load_protocol
 
@@ -50,7 +55,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.agent == "none":
         report = plan_once(case, protocol, backend=args.backend)
     else:
-        report = plan_loop(case, protocol, args.max_iterations, args.memory, backend=args.backend)
+        llm = None
+        if args.agent == "llm":
+            llm = LLMClient(LLMSettings.from_env(model=args.llm_model))
+        report = plan_loop(
+            case,
+            protocol,
+            args.max_iterations,
+            args.memory,
+            backend=args.backend,
+            agent=args.agent,
+            llm=llm,
+            references=load_library(shipped_library_dir()) if args.agent == "llm" else None,
+        )
     report.seconds["case"] = t_case
     report.seconds["total"] = time.perf_counter() - t0
     path = report.write(args.out)
@@ -76,6 +93,13 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
 
     protocol_yaml = Path(args.protocol).read_text() if Path(args.protocol).is_file() else ""
     load_protocol(args.protocol)  # clear errors before any service starts
+    if args.agent == "none":
+        raise ValueError("--agent none plans in process only; drop --local/--orchestrator")
+    if args.local and args.agent == "llm" and not LLMSettings.from_env().configured:
+        raise LLMNotConfiguredError(
+            "agent 'llm' needs an endpoint: set OPENAI_BASE_URL (a local OpenAI-compatible "
+            "server) or OPENAI_API_KEY before launching the services"
+        )
     cluster = None
     try:
         if args.local:
@@ -104,8 +128,41 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
         label = f"{g['structure']} {g['metric']} {g['comparator']} {g['limit']:g}"
         print(f"{label:32s} {g['achieved']:9.2f}  {'pass' if g['passed'] else 'FAIL'}")
     print(f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}")
+    calls = summary.get("llm_calls", [])
+    if calls:
+        outcomes: dict[str, int] = {}
+        for c in calls:
+            outcomes[c["outcome"]] = outcomes.get(c["outcome"], 0) + 1
+        print(f"LLM calls: {len(calls)} {outcomes}")
+    print(f"job: {summary['job_id']}")
     print(f"report: {Path(args.out) / 'report.html'}")
     print(json.dumps({k: round(v, 2) for k, v in summary["seconds"].items()}))
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    import grpc
+
+    from radpilot.v1 import orchestrator_pb2 as pb
+    from radpilot.v1 import orchestrator_pb2_grpc
+    from services.common.auth import BearerToken
+
+    token = os.environ.get("RADPILOT_API_TOKEN", "")
+    with grpc.insecure_channel(args.orchestrator) as raw:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
+            grpc.intercept_channel(raw, BearerToken(token))
+        )
+        try:
+            r = stub.ApprovePlan(
+                pb.ApprovePlanRequest(
+                    job_id=args.job, iteration=args.iteration, description=args.description
+                ),
+                timeout=120,
+            )
+        except grpc.RpcError as exc:
+            print(f"radpilot: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    print(f"reference {r.reference_id} added to {r.protocol} ({r.references} reference plan(s))")
     return 0
 
 
@@ -154,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(
             "--agent",
             default="rules",
-            choices=["rules", "none"],
-            help="outer-loop planner; none = one FMO with the protocol's initial objectives",
+            choices=["rules", "llm", "bo", "fixed", "none"],
+            help="outer-loop agent: rules, llm (LLM evaluator + planner), bo (Optuna over "
+            "weights), fixed (class solution); none = one FMO with the initial objectives",
         )
+        p.add_argument("--llm-model", default=None, help="default $RADPILOT_LLM_MODEL or gpt-4o")
         p.add_argument("--max-iterations", type=int, default=6)
         p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")
         p.add_argument("--orchestrator", default="", help="HOST:PORT of a running orchestrator")
@@ -174,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)",
         )
     sub.add_parser("cases", help="list built-in cases")
+    ap_ = sub.add_parser("approve", help="add a finished job's plan to the reference library")
+    ap_.add_argument("job", help="the job id")
+    ap_.add_argument("--orchestrator", required=True, help="HOST:PORT ($RADPILOT_API_TOKEN)")
+    ap_.add_argument("--iteration", type=int, default=0, help="default: the job's best")
+    ap_.add_argument("--description", default="", help="free text, no patient identifiers")
     sp = sub.add_parser("serve", help="run the four services on loopback until Ctrl-C")
     sp.add_argument("--optimizer-replicas", type=int, default=1)
     sp.add_argument("--store", default=None)
@@ -189,9 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return cmd_serve(args)
+    if args.command == "approve":
+        return cmd_approve(args)
     try:
         return cmd_plan(args)
-    except (CaseError, ProtocolError, ValueError) as exc:
+    except (
+        CaseError,
+        ProtocolError,
+        ValueError,
+        LLMNotConfiguredError,
+        AgentNotConfiguredError,
+    ) as exc:
         print(f"radpilot: {exc}", file=sys.stderr)
         return 2
 

@@ -70,6 +70,8 @@ def plan_remote(
                     f"{e.iteration:>3} {secs} {replica.get(e.iteration, ''):>12}  "
                     + "; ".join(_goal_text(g) for g in e.goals)
                 )
+            elif e.kind == pb.EVENT_KIND_PROPOSAL and e.message:
+                echo(f"    planner: {e.message[:160]}")
             elif e.kind in (pb.EVENT_KIND_FINISHED, pb.EVENT_KIND_FAILED, pb.EVENT_KIND_CANCELLED):
                 echo(e.message)
         job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=60)

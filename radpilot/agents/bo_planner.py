@@ -9,6 +9,7 @@ each protocol term's weight times 10^u, u in [-1, 1]; objective doses stay the p
 from __future__ import annotations
 
 import math
+import warnings
 
 import optuna
 
@@ -43,9 +44,11 @@ def propose_bo(
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
     }
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(
-        seed=seed + len(memory), n_startup_trials=STARTUP_TRIALS, multivariate=True
-    )
+    with warnings.catch_warnings():  # "multivariate" is marked experimental; it is what we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(
+            seed=seed + len(memory), n_startup_trials=STARTUP_TRIALS, multivariate=True
+        )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     used = 0
     for m in memory:

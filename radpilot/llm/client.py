@@ -170,9 +170,6 @@ def _redact(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[
     return out, hashes
 
 
-_RETRYABLE = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError)
-
-
 class LLMClient:
     """A thread-safe wrapper of ``openai.OpenAI`` that returns text plus an audit record."""
 
@@ -240,18 +237,15 @@ class LLMClient:
                         self._json_mode = "text"
                     continue
                 return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
-            except openai.APIStatusError as exc:
-                if exc.status_code >= 500 and attempt <= self.settings.retries:
+            except openai.APIStatusError as exc:  # 429 (RateLimitError) and 5xx are retried
+                code = exc.status_code
+                if (code == 429 or code >= 500) and attempt <= self.settings.retries:
                     self._sleep(attempt, exc.response.headers.get("retry-after"))
                     continue
-                msg = f"HTTP {exc.status_code}: {_brief(exc)}"
-                return self._fail(call, t0, attempt, msg, exc.status_code)
-            except _RETRYABLE as exc:
+                return self._fail(call, t0, attempt, f"HTTP {code}: {_brief(exc)}", code)
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 if attempt <= self.settings.retries:
-                    retry_after = None
-                    if isinstance(exc, openai.RateLimitError):
-                        retry_after = exc.response.headers.get("retry-after")
-                    self._sleep(attempt, retry_after)
+                    self._sleep(attempt, None)
                     continue
                 return self._fail(call, t0, attempt, f"{type(exc).__name__}: {_brief(exc)}", None)
             break

@@ -72,6 +72,16 @@ def role_of(request: dict[str, Any]) -> str:
     return "other"
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that gave up: fine
+            super().handle_error(request, client_address)
+
+
 class ScriptedLLMServer:
     """``with ScriptedLLMServer(responder) as srv: srv.base_url`` -> ``http://127.0.0.1:PORT/v1``."""
 
@@ -156,8 +166,7 @@ class ScriptedLLMServer:
                     reply.headers,
                 )
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer((host, port), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
