@@ -62,28 +62,28 @@ protos-check: $(STAMP)
 	  echo "generated stubs are current; buf lint clean"
 
 bench-fmo: $(STAMP)
-	$(PY) benchmarks/bench_fmo.py --out out/bench/fmo.json --doc docs/benchmarks.md
+	$(PY) -m benchmarks.bench_fmo --out out/bench/fmo.json --doc docs/benchmarks.md
 
 bench-quality: $(STAMP)
-	$(PY) benchmarks/tg119_quality.py --doc docs/benchmarks.md
+	$(PY) -m benchmarks.tg119_quality --doc docs/benchmarks.md
 
 # Agents fixed / rules / bo (and llm when OPENAI_BASE_URL or OPENAI_API_KEY is set) on the
 # TG-119 C-shape protocols; rewrites its section of docs/benchmarks.md.
 bench-plan: $(STAMP)
-	$(PY) benchmarks/bench_plan.py --doc docs/benchmarks.md
+	$(PY) -m benchmarks.bench_plan --doc docs/benchmarks.md
 
 # Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
 references: $(STAMP)
-	$(PY) benchmarks/make_references.py
+	$(PY) -m benchmarks.make_references
 
 # On a CUDA machine without pyRadPlan: CuPy tests, then the benchmark on an analytic phantom of
 # the TG-119 matrix's size (needs `pip install -e '.[gpu]'` or a CuPy already installed).
 bench-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_gpu.py tests/test_objectives_fmo.py -p no:cacheprovider
-	PYTHONPATH=. $(PYTHON) benchmarks/bench_fmo.py --case analytic-cshape --dose-grid-mm 1.5 --out out/bench/fmo-gpu.json
+	PYTHONPATH=. $(PYTHON) -m benchmarks.bench_fmo --case analytic-cshape --dose-grid-mm 1.5 --out out/bench/fmo-gpu.json
 
 bench-fmo-quick: $(STAMP)
-	$(PY) benchmarks/bench_fmo.py --dose-grid-mm 5 --skip-pyradplan --out out/bench/fmo-quick.json
+	$(PY) -m benchmarks.bench_fmo --dose-grid-mm 5 --skip-pyradplan --out out/bench/fmo-quick.json
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache

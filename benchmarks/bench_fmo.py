@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.docsection import write_section
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
@@ -405,13 +406,8 @@ Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB; Python {m["pytho
 SciPy {m["scipy"]}. GPU: {"present" if r["gpu"]["available"] else "absent (" + r["gpu"]["reason"] + ")"}.
 Full figures: `out/bench/fmo.json`.
 {END}"""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_section(path, BEGIN, END, section)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks.docsection import write_section
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.planning import plan_loop, plan_once
@@ -70,13 +71,7 @@ Table VI (deliverable plans; ours are fluence-map optima, not leaf-sequenced).
 |---|---|---|---|---|
 {chr(10).join(rows)}
 {END}"""
-    doc = Path(args.doc)
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    doc.write_text(text)
+    write_section(args.doc, BEGIN, END, section)
     return 0
 
 

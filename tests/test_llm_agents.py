@@ -384,3 +384,18 @@ def test_reference_plan_round_trip() -> None:
     r = load_library(shipped_library_dir())[0]
     assert ReferencePlan.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert "achieved" in r.results_text()
+
+
+def test_endpoint_down_leaves_the_rules_evaluation(first_plan: PlanDose, harder) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = LLMClient(
+        LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0.01)
+    )
+    out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(client))
+    assert [(c.role, c.outcome) for c in out.calls] == [("dvh_expert", "fallback")]
+    assert "Connection" in out.calls[0].error and out.calls[0].attempts == 2
+    assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT and out.llm_decision == ""

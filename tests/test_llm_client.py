@@ -83,16 +83,20 @@ def test_429_then_success_is_retried() -> None:
 
 
 def test_persistent_5xx_gives_up_after_the_retries() -> None:
-    with ScriptedLLMServer(Script(Reply(status=503))) as srv:
-        with pytest.raises(LLMError, match="503") as info:
-            _client(srv, retries=2).chat("planner", [{"role": "user", "content": "x"}])
+    with (
+        ScriptedLLMServer(Script(Reply(status=503))) as srv,
+        pytest.raises(LLMError, match="503") as info,
+    ):
+        _client(srv, retries=2).chat("planner", [{"role": "user", "content": "x"}])
     assert info.value.call.attempts == 3 and info.value.call.outcome == "error"
 
 
 def test_timeout_and_server_down() -> None:
-    with ScriptedLLMServer(Script(Reply("late", delay_s=1.5))) as srv:
-        with pytest.raises(LLMError, match="Timeout") as info:
-            _client(srv, timeout_s=0.3, retries=1).chat("planner", [{"role": "user", "c": 1}])
+    with (
+        ScriptedLLMServer(Script(Reply("late", delay_s=1.5))) as srv,
+        pytest.raises(LLMError, match="Timeout") as info,
+    ):
+        _client(srv, timeout_s=0.3, retries=1).chat("planner", [{"role": "user", "c": 1}])
     assert info.value.call.attempts == 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -59,13 +59,33 @@ def propose_rules(
         last = memory[-1]
         if last.check.rank() < best.check.rank():
             objectives, check = list(best.objectives), best.check
-            # halve the step once per iteration tried since the best one, so that a repeated
-            # backtrack never proposes the same parameters again
-            gain *= 0.5 ** sum(1 for m in memory if m.iteration > best.iteration)
+            gain *= 0.5
+            # a goal the worse step broke is traded off against the ones being pushed: push it
+            # too, so that the next step moves along the trade-off rather than across it
+            broken = [r for r in last.check.failed if r.goal.label not in _missed(best.check)]
+            check = ProtocolCheck(best.check.results + broken)
             notes.append(
                 f"iteration {last.iteration} was worse than iteration {best.iteration}; "
                 f"stepping again from iteration {best.iteration} with a smaller step"
+                + (f", also pushing {', '.join(r.goal.label for r in broken)}" if broken else "")
             )
+    if not check.failed:
+        return list(objectives), "every goal is met; objectives unchanged"
+    # never propose parameters already tried (they would give the same plan): halve the step
+    tried = [m.objectives for m in memory]
+    for _ in range(8):
+        terms, steps = _push(protocol, objectives, check, gain)
+        if terms not in tried:
+            break
+        gain *= 0.5
+    return terms, "; ".join(notes + steps)
+
+
+def _push(
+    protocol: Protocol, objectives: list[ObjectiveTerm], check: ProtocolCheck, gain: float
+) -> tuple[list[ObjectiveTerm], list[str]]:
+    """One step on the terms of every missed goal, scaled by ``gain``."""
+    notes: list[str] = []
     terms = {t.key(): t for t in objectives}
     for r in sorted(check.failed, key=lambda r: r.goal.priority):
         g = r.goal
@@ -107,9 +127,7 @@ def propose_rules(
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
             )
-    if not check.failed:
-        notes.append("every goal is met; objectives unchanged")
-    return list(terms.values()), "; ".join(notes)
+    return list(terms.values()), notes
 
 
 def _missed(check: ProtocolCheck) -> frozenset[str]:

@@ -1,0 +1,153 @@
+"""Outer-loop agents on the TG-119 C-shape protocols (``make bench-plan``).
+
+Agents ``fixed`` (the protocol's class solution, one FMO), ``rules``, ``bo`` (Optuna TPE over the
+weights, with a budget) and ``llm`` when an endpoint is configured (``OPENAI_BASE_URL`` or
+``OPENAI_API_KEY``), each through the in-process loop on the same case and machine. Reported per
+run: FMO calls, goals met, PTV D95/D10, core D10/mean, HI/CI, wall time, and the first FMO call
+whose plan met every goal of the protocol ("-" if none did). Rewrites its section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.docsection import write_section
+from radpilot.agents.bo_planner import plan_quality
+from radpilot.agents.references import load_library, shipped_library_dir
+from radpilot.case_store import CaseStore
+from radpilot.cases import load_builtin
+from radpilot.llm.client import LLMSettings, client_or_none
+from radpilot.planning import plan_loop
+from radpilot.protocol import load_protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- bench-plan:begin -->", "<!-- bench-plan:end -->"
+
+
+def run(case: Any, protocol: Any, agent: str, budget: int, llm: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    report = plan_loop(
+        case,
+        protocol,
+        max_iterations=budget,
+        agent=agent,
+        llm=llm,
+        references=load_library(shipped_library_dir()) if agent == "llm" else None,
+    )
+    wall = time.perf_counter() - t0
+    first_met = next((it.iteration for it in report.iterations if it.check.all_passed), None)
+    quality = [plan_quality(it.check) for it in report.iterations]
+    metric = {(r.goal.structure, r.goal.metric): r.achieved for r in report.check.results}
+    ti = report.plan.target_indices()["PTV"]
+    core_mean = next(s.mean_gy for s in report.plan.stats() if s.name == "Core")
+    return {
+        "agent": agent,
+        "budget": budget,
+        "fmo_calls": len(report.iterations),
+        "first_met": first_met,
+        "goals_met": sum(r.passed for r in report.check.results),
+        "goals": len(report.check.results),
+        "best_iteration": report.best_iteration,
+        "ptv_d95": metric.get(("PTV", "D95"), float("nan")),
+        "ptv_d10": metric.get(("PTV", "D10"), float("nan")),
+        "core_d10": metric.get(("Core", "D10"), float("nan")),
+        "core_mean": core_mean,
+        "hi": ti["HI"],
+        "ci": ti["CI"],
+        "fmo_seconds": report.seconds["fmo"],
+        "wall_seconds": wall,
+        "llm_calls": len(report.summary()["llm_calls"]),
+        "quality": quality,
+        "best_quality": max(quality),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--dose-grid-mm", type=float, default=5.0)
+    ap.add_argument("--bixel-mm", type=float, default=5.0)
+    ap.add_argument("--budget", type=int, default=12, help="iterations for rules and llm")
+    ap.add_argument("--bo-budget", type=int, default=30)
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench" / "plan.json"))
+    args = ap.parse_args()
+    case = load_builtin(
+        "tg119-cshape", CaseStore(), dose_grid_mm=args.dose_grid_mm, bixel_mm=args.bixel_mm
+    )
+    llm = client_or_none(LLMSettings.from_env())
+    agents = [("fixed", 1), ("rules", args.budget), ("bo", args.bo_budget)]
+    if llm is not None:
+        agents.append(("llm", args.budget))
+    results = []
+    for variant in ("easier", "harder"):
+        protocol = load_protocol(ROOT / "protocols" / f"tg119_cshape_{variant}.yaml")
+        for agent, budget in agents:
+            r = run(case, protocol, agent, budget, llm)
+            r["protocol"] = variant
+            results.append(r)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}))
+        rules = next(r for r in results if r["protocol"] == variant and r["agent"] == "rules")
+        for r in results:
+            if r["protocol"] == variant:
+                r["reaches_rules_quality_at"] = next(
+                    (
+                        i + 1
+                        for i, q in enumerate(r["quality"])
+                        if q >= rules["best_quality"] - 1e-9
+                    ),
+                    None,
+                )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    rows = "\n".join(
+        f"| {r['protocol']} | {r['agent']} | {r['fmo_calls']} / {r['budget']} | "
+        f"{r['first_met'] or '-'} | {r['goals_met']}/{r['goals']} | {r['ptv_d95']:.2f} | "
+        f"{r['ptv_d10']:.2f} | {r['core_d10']:.2f} | {r['core_mean']:.2f} | "
+        f"{r['hi']:.2f} / {r['ci']:.3f} | {r['best_quality']:.4f} | "
+        f"{r['reaches_rules_quality_at'] or '-'} | {r['fmo_seconds']:.1f} | {r['wall_seconds']:.1f} |"
+        for r in results
+    )
+    harder = {r["agent"]: r for r in results if r["protocol"] == "harder"}
+    rules, bo = harder["rules"], harder["bo"]
+    bar = rules["ptv_d10"] <= 55.0 + 1e-6 and rules["core_d10"] <= 12.0 and rules["first_met"]
+    if bo["reaches_rules_quality_at"] is None:
+        verdict = (
+            f"BO did not reach the rules plan's quality within its budget of {bo['budget']} FMO "
+            f"calls (best {bo['best_quality']:.4f} vs {rules['best_quality']:.4f})"
+        )
+    else:
+        verdict = (
+            f"BO reached the rules plan's quality at FMO call {bo['reaches_rules_quality_at']} "
+            f"(rules: {rules['fmo_calls']} calls)"
+        )
+    section = f"""{BEGIN}
+## Outer-loop agents on the TG-119 C-shape (`make bench-plan`)
+
+`tg119-cshape` at {args.dose_grid_mm:g} mm dose grid, {args.bixel_mm:g} mm bixels; every plan normalised to PTV D95 = 50 Gy;
+in-process loop, warm-started FMO, this machine ({platform.machine()}, {platform.python_version()}), one run.
+"FMO calls" = plans optimised / budget; "met at" = the first FMO call whose plan met every goal of the
+protocol; metrics are of the best plan; "quality" is the plan-quality score BO maximises (minus the
+protocol shortfall plus a small credit for margin, `radpilot.agents.bo_planner.plan_quality`), and
+"reaches rules' quality at" the first FMO call whose plan scored at least the rules agent's best. `fixed` = the protocol's class-solution weights, `bo` = Optuna TPE
+over the weights (x10^±1 around the protocol's), `llm` only when an endpoint is configured
+{"(it was: " + str(llm.settings.model) + ")" if llm is not None else "(none was for this run)"}.
+
+| protocol | agent | FMO calls | met at | goals met | PTV D95 | PTV D10 | core D10 | core mean | PTV HI / CI | quality | reaches rules' quality at | FMO s | wall s |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{rows}
+
+Harder protocol: rules {"meets the bar (PTV D10 <= 55, core D10 <= 12, D95 = 50) and the protocol" if bar else "does NOT meet the protocol"}
+(first at FMO call {rules["first_met"] or "-"}); {verdict}.
+{END}"""
+    write_section(args.doc, BEGIN, END, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
