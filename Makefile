@@ -6,12 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RADPILOT_CASE_STORE ?= $(HOME)/.cache/radpilot/case-store
-SRC := radpilot services tests benchmarks
+SRC := radpilot services tests benchmarks deploy
 
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan references clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -22,6 +22,10 @@ help:
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
 	@echo "make references     regenerate the shipped reference plans (protocols/references)"
+	@echo "make image          build the container image (podman or docker); make lock repins its dependencies"
+	@echo "make image-smoke    podman build from a local Debian base + orchestrator health check"
+	@echo "make k8s-validate   render the kustomize overlays, strict schema validation, policy tests"
+	@echo "make kind-e2e       end to end on a kind cluster (skips without docker + kind)"
 
 venv: $(STAMP)
 
@@ -71,6 +75,44 @@ bench-quality: $(STAMP)
 # TG-119 C-shape protocols; rewrites its section of docs/benchmarks.md.
 bench-plan: $(STAMP)
 	$(PY) -m benchmarks.bench_plan --doc docs/benchmarks.md
+
+# Pinned runtime dependencies for the image: a clean venv, pip install ., pip freeze.
+lock:
+	rm -rf out/lockvenv && $(PYTHON) -m venv out/lockvenv
+	out/lockvenv/bin/pip install -q . && rm -rf build radpilot.egg-info
+	{ echo "# Runtime dependencies of the RadPilot image, pinned (CPU). Regenerate with \`make lock\`"; \
+	  echo "# (a clean venv, pip install ., pip freeze); the image installs these with --no-deps."; \
+	  out/lockvenv/bin/pip freeze --exclude radpilot; } > deploy/requirements.lock
+
+# The image (podman, else docker): IMAGE_TAG=dev, VARIANT=cpu|gpu, BASE_IMAGE=...
+IMAGE ?= radpilot
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+, := ,
+IMAGE_TAG ?= dev
+VARIANT ?= cpu
+ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+image:
+	$(ENGINE) build -f Containerfile --build-arg VARIANT=$(VARIANT) \
+	  $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE),) \
+	  $(if $(wildcard $(CA_BUNDLE)),--secret id=ca$(,)src=$(CA_BUNDLE),) -t $(IMAGE):$(IMAGE_TAG) .
+
+# Build the image with podman from a locally made Debian base and check the orchestrator's
+# health from the host; skips (exit 0, with the reason) where podman is absent.
+image-smoke: $(STAMP)
+	$(PY) -m deploy.image_smoke
+
+# Render every overlay, validate it strictly against Kubernetes $(K8S_VERSION), run the policy tests.
+K8S_VERSION ?= 1.34.0
+k8s-validate: $(STAMP)
+	@for o in deploy/k8s/overlays/*/; do \
+	  echo "kubectl kustomize $$o | kubernetes-validate --strict -k $(K8S_VERSION)"; \
+	  $(VENV)/bin/kubectl kustomize $$o | $(VENV)/bin/kubernetes-validate --strict -k $(K8S_VERSION) --quiet - || exit 1; \
+	done
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q tests/test_k8s_manifests.py
+
+# End to end on a kind cluster (needs docker and kind); skips with the reason where they are absent.
+kind-e2e: $(STAMP)
+	$(PY) -m deploy.kind_e2e
 
 # Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
 references: $(STAMP)

@@ -83,6 +83,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     print(json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
+    if args.print_summary:
+        print("SUMMARY " + json.dumps(json.loads((Path(args.out) / "summary.json").read_text())))
     return 0
 
 
@@ -137,6 +139,8 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
     print(f"job: {summary['job_id']}")
     print(f"report: {Path(args.out) / 'report.html'}")
     print(json.dumps({k: round(v, 2) for k, v in summary["seconds"].items()}))
+    if args.print_summary:
+        print("SUMMARY " + json.dumps(summary, separators=(",", ":")), flush=True)
     return 0
 
 
@@ -185,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="radpilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -216,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             "weights), fixed (class solution); none = one FMO with the initial objectives",
         )
         p.add_argument("--llm-model", default=None, help="default $RADPILOT_LLM_MODEL or gpt-4o")
+        p.add_argument(
+            "--print-summary",
+            action="store_true",
+            help="end with one line 'SUMMARY <json>' (for scripts reading a pod's log)",
+        )
         p.add_argument("--max-iterations", type=int, default=6)
         p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")
         p.add_argument("--orchestrator", default="", help="HOST:PORT of a running orchestrator")
@@ -242,7 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--optimizer-replicas", type=int, default=1)
     sp.add_argument("--store", default=None)
     sp.add_argument("--run-dir", default="out/run")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from radpilot.wire import MAX_ARRAY_BYTES
 from services.common.errors import ErrorInterceptor
+from services.common.metrics import MetricsInterceptor, start_metrics_server
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def start_server(
     """Start a server on ``address`` (port 0 picks one); its health starts NOT_SERVING."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
-        interceptors=[*interceptors, ErrorInterceptor()],
+        interceptors=[MetricsInterceptor(), *interceptors, ErrorInterceptor()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -134,6 +135,7 @@ def run_service(load_config: Callable[[], Any], serve: Callable[[Any], Stoppable
     """A server process's main: logging, configuration, serve, wait for SIGTERM, drain."""
     setup_logging()
     config = load_config()
+    start_metrics_server()
     wait_for_termination(serve(config), config.grace_s)
 
 

@@ -7,6 +7,7 @@ import grpc
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
 from services.common.convert import goal_result_to_proto, llm_call_to_proto, stats_to_proto
+from services.common.metrics import observe_llm_calls
 from services.evaluator.core import EvaluatorCore
 
 DECISIONS = {
@@ -37,6 +38,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             request.include_images,
         )
         ev = out.evaluation
+        observe_llm_calls(out.llm_calls)
         return evaluator_pb2.EvaluateResponse(
             decision=DECISIONS[ev.decision],
             goals=[goal_result_to_proto(r) for r in ev.check.results],

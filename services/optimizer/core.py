@@ -13,6 +13,7 @@ import numpy as np
 from radpilot.case_store import CaseStore
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
 from radpilot.fmo.backend import make_ops
+from services.common.metrics import FMO_ITERATIONS, FMO_SECONDS, OPTIMIZE_IN_FLIGHT
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class OptimizerCore:
             normalize_to=normalize_to or None,
             max_iter=max_iterations or FMOSettings.max_iter,
         )
-        with self._lock(case_id):  # one solve per case at a time: the working set is per solve
+        with OPTIMIZE_IN_FLIGHT.track_inprogress(), self._lock(case_id):
+            # one solve per case at a time: the working set is per solve
             result = opt.solve(terms, x0=warm_start, settings=settings)
+        FMO_SECONDS.labels(result.backend).observe(result.seconds)
+        FMO_ITERATIONS.observe(result.iterations)
         path, sha = self.store.put_artefact(case_id, "dose", result.dose_rows)
         return Optimized(result, path, sha)

@@ -50,6 +50,7 @@ from services.common.convert import (
     terms_to_proto,
 )
 from services.common.errors import FailedPreconditionError
+from services.common.metrics import ITERATIONS, JOBS
 from services.orchestrator.store import TERMINAL, JobStore
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class Orchestrator:
             case_id, protocol_yaml, max_iterations, memory_length, agent, idempotency_key or None
         )
         if created:
+            JOBS.labels("started").inc()
             self._launch(job.job_id)
         return job.job_id
 
@@ -229,6 +231,7 @@ class Orchestrator:
         with self._guard:
             flag = self._cancel.setdefault(job_id, threading.Event())
         flag.set()
+        JOBS.labels("cancelled").inc()
         self.jobs.set_state(
             job_id, "cancelled", event={"kind": "cancelled", "message": "cancelled on request"}
         )
@@ -286,12 +289,14 @@ class Orchestrator:
         except _StoppedError:
             log.info("job %s paused or cancelled", job_id)
         except grpc.RpcError as exc:
+            JOBS.labels("failed").inc()
             msg = f"{exc.code().name}: {exc.details()}"
             log.warning("job %s failed: %s", job_id, msg)
             self.jobs.set_state(
                 job_id, "failed", error=msg, event={"kind": "failed", "message": msg}
             )
         except Exception as exc:
+            JOBS.labels("failed").inc()
             log.exception("job %s failed", job_id)
             msg = f"{type(exc).__name__}: {exc}"
             self.jobs.set_state(
@@ -439,6 +444,7 @@ class Orchestrator:
                 },
             )
             records.append(record)
+            ITERATIONS.labels(job.agent).inc()
             proposal = [ObjectiveTerm.from_dict(o) for o in record["proposal"]]
             if meets or proposal == objectives:
                 break  # done, or the planner would repeat the same plan
@@ -503,6 +509,7 @@ class Orchestrator:
         msg = f"best plan: iteration {best} of {len(records)}" + (
             " (meets the protocol)" if met else ""
         )
+        JOBS.labels("succeeded").inc()
         self.jobs.set_state(
             job_id,
             "succeeded",

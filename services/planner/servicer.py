@@ -13,6 +13,7 @@ from services.common.convert import (
     terms_from_proto,
     terms_to_proto,
 )
+from services.common.metrics import observe_llm_calls
 from services.planner.core import PlannerCore
 
 
@@ -55,6 +56,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             references,
             request.physician_feedback,
         )
+        observe_llm_calls(out.calls)
         return planner_pb2.ProposeResponse(
             objectives=terms_to_proto(out.objectives),
             rationale=out.rationale,
