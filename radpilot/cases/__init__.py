@@ -15,7 +15,7 @@ from typing import Any
 
 from radpilot.case import Case, CaseError
 from radpilot.case_store import CaseStore, recipe_id
-from radpilot.cases import analytic, tg119
+from radpilot.cases import analytic, phantoms, tg119
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,15 @@ BUILTIN_CASES: dict[str, Builtin] = {
         analytic.recipe,
         "TG-119-like C-shape in a water cylinder, analytic pencil beams (NumPy only)",
     ),
+    **{
+        name: Builtin(
+            phantoms.PhantomParams,
+            phantoms.builder_for(name),
+            phantoms.recipe_for(name),
+            f"{spec.description}, water phantom, pyRadPlan pencil beams, {len(spec.gantry)} fields",
+        )
+        for name, spec in phantoms.PHANTOMS.items()
+    },
 }
 
 
