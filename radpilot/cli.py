@@ -50,7 +50,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     store = CaseStore(args.store) if args.store else CaseStore()
     protocol = load_protocol(args.protocol)
-    case = load_builtin(args.case, store, **_params(args.param))
+    if args.dicom:
+        from radpilot.dicom.read import import_dicom
+
+        case, notes = import_dicom(args.dicom, protocol)
+        for note in notes:
+            print(f"import: {note}")
+        if case.case_id not in store:
+            store.save(case, case.case_id, recipe={"builder": "dicom"})
+    else:
+        case = load_builtin(args.case, store, **_params(args.param))
     t_case = time.perf_counter() - t0
     if args.agent == "none":
         report = plan_once(case, protocol, backend=args.backend)
@@ -121,6 +130,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
             args.max_iterations,
             args.memory,
             args.out,
+            dicom=args.dicom,
         )
     finally:
         if cluster is not None:
@@ -170,6 +180,36 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import io
+    import zipfile
+
+    import grpc
+
+    from radpilot.v1 import orchestrator_pb2 as pb
+    from radpilot.v1 import orchestrator_pb2_grpc
+    from services.common.auth import BearerToken
+
+    token = os.environ.get("RADPILOT_API_TOKEN", "")
+    with grpc.insecure_channel(args.orchestrator) as raw:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
+            grpc.intercept_channel(raw, BearerToken(token))
+        )
+        try:
+            r = stub.ExportPlan(pb.ExportPlanRequest(job_id=args.job), timeout=600)
+        except grpc.RpcError as exc:
+            print(f"radpilot: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(io.BytesIO(r.bundle)) as z:
+        z.extractall(out)
+        names = z.namelist()
+    dicom = [n for n in names if n.startswith("dicom/")]
+    print(f"{len(names)} files in {out}: report.html, summary.json, {len(dicom)} DICOM file(s)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -203,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
             else "plan the TG-119 C-shape (harder)",
         )
         p.add_argument("--case", default="tg119-cshape", choices=sorted(BUILTIN_CASES))
+        p.add_argument(
+            "--dicom",
+            default=None,
+            help="plan a patient instead: a folder with one CT series and its RTSTRUCT "
+            "(the protocol maps ROI names and sets the beams)",
+        )
         p.add_argument("--protocol", default=str(DEMO_PROTOCOL))
         p.add_argument(
             "--param",
@@ -242,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="case store folder (default $RADPILOT_CASE_STORE or ~/.cache/radpilot/case-store)",
         )
     sub.add_parser("cases", help="list built-in cases")
+    ex = sub.add_parser("export", help="a job's report and DICOM (RTDOSE, CT, RTSTRUCT) to DIR")
+    ex.add_argument("job", help="the job id")
+    ex.add_argument("dir", help="output folder")
+    ex.add_argument("--orchestrator", required=True, help="HOST:PORT ($RADPILOT_API_TOKEN)")
     ap_ = sub.add_parser("approve", help="add a finished job's plan to the reference library")
     ap_.add_argument("job", help="the job id")
     ap_.add_argument("--orchestrator", required=True, help="HOST:PORT ($RADPILOT_API_TOKEN)")
@@ -268,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     if args.command == "approve":
         return cmd_approve(args)
+    if args.command == "export":
+        return cmd_export(args)
     try:
         return cmd_plan(args)
     except (

@@ -24,7 +24,7 @@ from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.evaluation.rules import Decision
-from radpilot.fmo import FluenceOptimizer, FMOSettings
+from radpilot.fmo import FluenceOptimizer
 from radpilot.llm.client import LLMClient
 from radpilot.protocol import Protocol
 from radpilot.report import IterationRecord, PlanReport
@@ -38,7 +38,7 @@ def plan_once(case: Case, protocol: Protocol, backend: str = "numpy") -> PlanRep
     t0 = time.perf_counter()
     optimizer = FluenceOptimizer(case, backend=backend)
     t_prep = time.perf_counter() - t0
-    settings = FMOSettings(normalize_to=protocol.target, coverage_pct=protocol.coverage_pct)
+    settings = protocol.fmo_settings()
     result = optimizer.solve(protocol.objectives, settings=settings)
     plan = PlanDose(case, result.dose_rows)
     t1 = time.perf_counter()
@@ -100,7 +100,7 @@ def plan_loop(
     protocol.check_case(case)
     t0 = time.perf_counter()
     optimizer = FluenceOptimizer(case, backend=backend)
-    settings = FMOSettings(normalize_to=protocol.target, coverage_pct=protocol.coverage_pct)
+    settings = protocol.fmo_settings()
     llm_eval = LLMEvaluator(llm) if llm is not None and agent == "llm" else None
     llm_plan = LLMPlanner(llm) if llm is not None and agent == "llm" else None
     refs = [

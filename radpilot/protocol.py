@@ -16,6 +16,7 @@ import yaml
 from radpilot.case import Case
 from radpilot.evaluation.metrics import MetricError, parse_metric
 from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
+from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
 
@@ -67,7 +68,19 @@ class Protocol:
     coverage_pct: float = 95.0
     case: str | None = None
     version: str = "1"
+    # For imported patients: ROI name -> {name, kind} (rename and/or set the structure kind), and
+    # the fields: gantry (and couch) angles, bixel size, dose grid, isocentre (x, y, z mm).
+    structure_map: dict[str, StructureMapping] = field(default_factory=dict)
+    beams: BeamSpec | None = None
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def fmo_settings(self) -> FMOSettings:
+        """FMO settings that normalise plans the way this protocol prescribes."""
+        return FMOSettings(
+            normalize_to=self.target,
+            coverage_pct=self.coverage_pct,
+            prescription_gy=self.prescription_gy,
+        )
 
     def check_case(self, case: Case) -> None:
         """Raise ProtocolError unless every structure the protocol names exists in the case."""
@@ -102,6 +115,82 @@ class Protocol:
             "goals": [g.to_dict() for g in self.goals],
             "objectives": [o.to_dict() for o in self.objectives],
         }
+
+
+KINDS = ("target", "oar", "external")
+
+
+@dataclass(frozen=True)
+class StructureMapping:
+    name: str | None = None
+    kind: str | None = None  # target | oar | external
+
+
+@dataclass(frozen=True)
+class BeamSpec:
+    gantry_deg: tuple[float, ...]
+    couch_deg: tuple[float, ...] = ()
+    bixel_mm: float = 5.0
+    dose_grid_mm: float = 5.0
+    isocenter_mm: tuple[float, float, float] | None = None  # (x, y, z) patient coordinates
+
+
+def _structure_map(raw: Any) -> dict[str, StructureMapping]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ProtocolError("structures must map ROI names to {name: ..., kind: ...}")
+    out = {}
+    for roi, spec in raw.items():
+        where = f"structures[{roi!r}]"
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict) or not set(spec) <= {"name", "kind"}:
+            raise ProtocolError(f"{where} must be a name, or a mapping with name and/or kind")
+        kind = spec.get("kind")
+        if kind is not None and str(kind).lower() not in KINDS:
+            raise ProtocolError(f"{where}.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        name = spec.get("name")
+        out[str(roi)] = StructureMapping(
+            str(name) if name is not None else None, str(kind).lower() if kind else None
+        )
+    return out
+
+
+def _beams(raw: Any) -> BeamSpec | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ProtocolError("beams must be a mapping: gantry_deg, couch_deg, bixel_mm, ...")
+    unknown = set(raw) - {"gantry_deg", "couch_deg", "bixel_mm", "dose_grid_mm", "isocenter_mm"}
+    if unknown:
+        raise ProtocolError(f"beams has unknown field(s) {sorted(unknown)}")
+    gantry = raw.get("gantry_deg")
+    if not isinstance(gantry, list) or not gantry:
+        raise ProtocolError("beams.gantry_deg must be a non-empty list of angles in degrees")
+    couch = raw.get("couch_deg") or []
+    if not isinstance(couch, list) or (couch and len(couch) != len(gantry)):
+        raise ProtocolError("beams.couch_deg must list one angle per gantry angle")
+    iso = raw.get("isocenter_mm")
+    if iso is not None and (not isinstance(iso, list) or len(iso) != 3):
+        raise ProtocolError("beams.isocenter_mm must be [x, y, z] in patient millimetres")
+    bixel = _num(raw.get("bixel_mm", 5.0), "beams.bixel_mm")
+    grid = _num(raw.get("dose_grid_mm", 5.0), "beams.dose_grid_mm")
+    if bixel <= 0 or grid <= 0:
+        raise ProtocolError("beams.bixel_mm and beams.dose_grid_mm must be positive")
+    return BeamSpec(
+        tuple(_num(g, "beams.gantry_deg[]") for g in gantry),
+        tuple(_num(c, "beams.couch_deg[]") for c in couch),
+        bixel,
+        grid,
+        (
+            _num(iso[0], "beams.isocenter_mm[0]"),
+            _num(iso[1], "beams.isocenter_mm[1]"),
+            _num(iso[2], "beams.isocenter_mm[2]"),
+        )
+        if iso is not None
+        else None,
+    )
 
 
 def _num(value: Any, where: str) -> float:
@@ -182,6 +271,8 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         goals=goals,
         objectives=objectives,
         intent=str(data.get("intent", "")).strip(),
+        structure_map=_structure_map(data.get("structures")),
+        beams=_beams(data.get("beams")),
         source={"origin": source},
     )
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from radpilot.dicom.write import export_dicom
 from radpilot.evaluation.dvh import dvh_levels
 from radpilot.evaluation.images import dvh_plot, plane_images, structure_crops
 from radpilot.evaluation.metrics import PlanDose
@@ -96,6 +97,14 @@ class PlanReport:
         for name, data in images.items():
             (out / name).write_bytes(data)
         summary = self.summary()
+        case = self.plan.case
+        summary["dicom"] = export_dicom(
+            case,
+            self.plan.dose_rows,
+            out / "dicom",
+            with_images=case.metadata.get("builder") != "dicom",
+            description=f"RadPilot {self.protocol.name} iteration {self.best_iteration}",
+        )["files"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
         (out / "report.html").write_text(self._html(summary, list(images)))
         return out / "report.html"
@@ -156,6 +165,16 @@ class PlanReport:
             for k, v in summary["target_indices"].items()
         )
         verdict = "meets every goal" if summary["all_goals_met"] else "does not meet every goal"
+        files = summary.get("dicom", [])
+        dicom_text = (
+            "In <code>dicom/</code>: the plan dose as RTDOSE"
+            + (
+                ", and the CT series (<code>dicom/CT/</code>) and RTSTRUCT it was planned on"
+                if any(f.startswith("CT/") for f in files)
+                else ", in the frame of reference of the imported CT"
+            )
+            + ". Any DICOM viewer or TPS opens them."
+        )
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary["case"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
@@ -172,6 +191,7 @@ Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} =
 <h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>feedback</th></tr>{iter_rows}</table>
 {llm_section}
 <h2>Images</h2>{imgs}
+<h2>DICOM</h2><p>{dicom_text}</p>
 <h2>Physician intent</h2><pre>{e(self.protocol.intent)}</pre>
 </body></html>
 """

@@ -7,7 +7,7 @@ import io
 import json
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,25 @@ def _goal_text(g: types_pb2.GoalResult) -> str:
     return f"{g.goal.structure} {g.goal.metric} {g.achieved:.2f} ({mark})"
 
 
+CHUNK = 1 << 20
+
+
+def dicom_upload(folder: str | Path, protocol_yaml: str) -> Iterator[pb.CreateCaseRequest]:
+    """A folder of DICOM files as a zip, streamed in 1 MiB CreateCase messages."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"--dicom {folder}: not a folder")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(root).as_posix())
+    data = buf.getvalue()
+    yield pb.CreateCaseRequest(protocol_yaml=protocol_yaml, dicom_zip_chunk=data[:CHUNK])
+    for k in range(CHUNK, len(data), CHUNK):
+        yield pb.CreateCaseRequest(dicom_zip_chunk=data[k : k + CHUNK])
+
+
 def plan_remote(
     orchestrator: str,
     token: str,
@@ -35,15 +54,21 @@ def plan_remote(
     out_dir: str | Path,
     echo: Callable[[str], None] = print,
     timeout_s: float = 3600.0,
+    dicom: str | Path | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     with grpc.insecure_channel(orchestrator) as raw:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
             grpc.intercept_channel(raw, BearerToken(token))
         )
-        created = stub.CreateCase(
-            pb.CreateCaseRequest(builtin=case, parameters=parameters), timeout=900
-        )
+        if dicom:
+            created = stub.CreateCase(dicom_upload(dicom, protocol_yaml), timeout=1800)
+            for note in created.notes:
+                echo(f"import: {note}")
+        else:
+            created = stub.CreateCase(
+                iter([pb.CreateCaseRequest(builtin=case, parameters=parameters)]), timeout=900
+            )
         t_case = time.perf_counter() - t0
         job_id = stub.StartPlanning(
             pb.StartPlanningRequest(

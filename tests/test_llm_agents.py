@@ -307,7 +307,8 @@ def test_llm_job_audit_trail_approval_and_references(
 ) -> None:
     stub = llm_cluster.stub
     case_id = stub.CreateCase(
-        pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"}), timeout=120
+        iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
+        timeout=120,
     ).case_id
     first = len(llm_server.requests)
     job = _run(stub, case_id, "llm", max_iterations=6)
@@ -368,7 +369,7 @@ def test_llm_job_without_endpoint_fails_clearly(tmp_path: Path) -> None:
     c = LLMCluster(tmp_path, LLMSettings(), "")
     try:
         case_id = c.stub.CreateCase(
-            pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"}),
+            iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
             timeout=120,
         ).case_id
         job = _run(c.stub, case_id, "llm")

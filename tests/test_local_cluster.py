@@ -41,7 +41,7 @@ def _stub(c: LocalCluster) -> tuple[grpc.Channel, orchestrator_pb2_grpc.Orchestr
 
 def _case(stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> str:
     req = pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})
-    return stub.CreateCase(req, timeout=120).case_id
+    return stub.CreateCase(iter([req]), timeout=120).case_id
 
 
 def test_replicas_share_the_work_and_one_may_die(cluster: LocalCluster) -> None:

@@ -84,7 +84,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def case_id(cluster: Cluster) -> str:
     resp = cluster.stub.CreateCase(
-        pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"}), timeout=120
+        iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
+        timeout=120,
     )
     assert {"PTV", "Core", "BODY", "NormalTissue"} <= set(resp.structures)
     return resp.case_id
@@ -257,7 +258,7 @@ def test_feedback_cancel_and_bad_input(cluster: Cluster, case_id: str) -> None:
     # no half-written job was left behind by the refused requests
     assert cluster.orch.core.jobs.job_count() == jobs_before
     assert (
-        code(stub.CreateCase, pb.CreateCaseRequest(builtin="mars"))[0]
+        code(stub.CreateCase, iter([pb.CreateCaseRequest(builtin="mars")]))[0]
         == grpc.StatusCode.INVALID_ARGUMENT
     )
     assert (

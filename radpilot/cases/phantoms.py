@@ -33,7 +33,7 @@ from radpilot.cases.engine import (
     ct_from_array,
 )
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 5
 SEVEN_FIELDS = (0.0, 50.0, 100.0, 150.0, 210.0, 260.0, 310.0)  # TG-119's 7-field arrangement
 NINE_FIELDS = tuple(40.0 * k for k in range(9))
 SLAB_MM = (200.0, 200.0, 300.0)  # SI (z), AP (y), RL (x)
@@ -55,7 +55,9 @@ class Geometry:
     def __init__(self, spacing_mm: float) -> None:
         if not 0.5 <= spacing_mm <= 2.5:
             raise CaseError("ct_grid_mm must be within 0.5..2.5 mm (TG-119 asks for <= 2.5)")
-        half = [SLAB_MM[0] / 2, SLAB_MM[1] / 2 + AIR_MARGIN_MM, SLAB_MM[2] / 2 + AIR_MARGIN_MM]
+        # square slices (air around the slab), as CT images are: some DICOM readers assume it
+        side = max(SLAB_MM[1], SLAB_MM[2]) / 2 + AIR_MARGIN_MM
+        half = [SLAB_MM[0] / 2, side, side]
         n = [int(np.ceil(2 * h / spacing_mm)) for h in half]
         self.spacing = (spacing_mm, spacing_mm, spacing_mm)
         self.origin = (
@@ -102,10 +104,10 @@ def _full(g: Geometry, m: np.ndarray) -> np.ndarray:
 
 
 def prostate(g: Geometry) -> list[MaskedStructure]:
-    rectum = _full(g, g.cylinder_z(0.0, 15.5, 7.5, -55.0, 45.0))
-    ctv = _full(g, g.ellipsoid((0.0, 0.0, 0.0), (20.0, 13.0, 32.5))) & ~g.expand(rectum, 1.5)
+    rectum = _full(g, g.cylinder_z(0.0, 17.0, 7.5, -75.0, 65.0))
+    ctv = _full(g, g.ellipsoid((0.0, 0.0, 0.0), (20.0, 13.0, 32.5))) & ~g.expand(rectum, 3.0)
     ptv = g.expand(ctv, 6.0)
-    bladder = _full(g, g.ellipsoid((0.0, -4.0, 36.0), (25.0, 20.0, 25.0)))
+    bladder = _full(g, g.ellipsoid((0.0, -14.0, 42.0), (25.0, 20.0, 25.0)))
     fem_l = _full(g, g.ellipsoid((90.0, 5.0, -25.0), (22.0, 22.0, 22.0)))
     fem_r = _full(g, g.ellipsoid((-90.0, 5.0, -25.0), (22.0, 22.0, 22.0)))
     return [
@@ -140,10 +142,12 @@ def headneck(g: Geometry) -> list[MaskedStructure]:
 
 def paper_headneck(g: Geometry) -> list[MaskedStructure]:
     cord, ptv = _neck(g)
-    ptv70 = ptv & _full(g, g.ellipsoid((-20.0, -15.0, 15.0), (32.0, 32.0, 30.0)))
-    upper = ptv & (_full(g, g.z) >= -15.0)
-    ptv56 = upper & ~g.expand(ptv70, 5.0)
-    ptv52 = ptv & ~upper & ~g.expand(ptv70 | ptv56, 5.0)
+    # primary (right, upper neck), contralateral upper nodes, lower neck nodes: pieces of the
+    # horseshoe cut by planes (no structure encloses another: contours without holes)
+    x, z = _full(g, g.x), _full(g, g.z)
+    ptv70 = ptv & (x < 0.0) & (z >= -15.0)
+    ptv56 = ptv & (x >= 0.0) & (z >= -15.0) & ~g.expand(ptv70, 5.0)
+    ptv52 = ptv & (z < -20.0)
     brainstem = _full(g, g.cylinder_z(0.0, 45.0, 12.0, 72.0, 100.0))
     par_l = _full(g, g.ellipsoid((55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))
     par_r = _full(g, g.ellipsoid((-55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))

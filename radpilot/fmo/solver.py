@@ -51,6 +51,7 @@ class FMOSettings:
     memory: int = 10
     normalize_to: str | None = None  # target whose D95 is set to the prescription; None = first
     coverage_pct: float = 95.0
+    prescription_gy: float | None = None  # the normalisation dose; None = the case's
     working_set: bool | None = None  # None: on for the CPU backend
     band: float = 0.25  # working-set margin, as a fraction of each term's objective dose
     max_rounds: int = 8
@@ -375,7 +376,7 @@ class FluenceOptimizer:
         d95 = dose_at_volume(dose[norm_rows], s.coverage_pct)
         if d95 <= 0:
             raise CaseError(f"the optimised plan gives {norm_name} no dose; cannot normalise")
-        scale = self.case.prescription_gy / d95
+        scale = (s.prescription_gy or self.case.prescription_gy) / d95
         dose = dose * np.float32(scale)
         f_norm = self._value_grad(dose, prepared)[0]
         dose_host = ops.to_host(dose).astype(np.float32)

@@ -43,7 +43,7 @@ EVENT_KIND_FAILED: EventKind
 EVENT_KIND_CANCELLED: EventKind
 
 class CreateCaseRequest(_message.Message):
-    __slots__ = ("builtin", "parameters")
+    __slots__ = ("builtin", "parameters", "dicom_zip_chunk", "protocol_yaml")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -53,17 +53,23 @@ class CreateCaseRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     BUILTIN_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DICOM_ZIP_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
     builtin: str
     parameters: _containers.ScalarMap[str, str]
-    def __init__(self, builtin: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    dicom_zip_chunk: bytes
+    protocol_yaml: str
+    def __init__(self, builtin: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., dicom_zip_chunk: _Optional[bytes] = ..., protocol_yaml: _Optional[str] = ...) -> None: ...
 
 class CreateCaseResponse(_message.Message):
-    __slots__ = ("case_id", "structures")
+    __slots__ = ("case_id", "structures", "notes")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     structures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, case_id: _Optional[str] = ..., structures: _Optional[_Iterable[str]] = ...) -> None: ...
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, case_id: _Optional[str] = ..., structures: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartPlanningRequest(_message.Message):
     __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key")

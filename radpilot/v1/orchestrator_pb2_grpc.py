@@ -35,7 +35,7 @@ class OrchestratorServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.CreateCase = channel.unary_unary(
+        self.CreateCase = channel.stream_unary(
                 '/radpilot.v1.OrchestratorService/CreateCase',
                 request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.CreateCaseRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.CreateCaseResponse.FromString,
@@ -81,8 +81,10 @@ class OrchestratorServiceServicer:
     """The public API for hospital systems: cases, planning jobs, feedback and export.
     """
 
-    def CreateCase(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def CreateCase(self, request_iterator, context):
+        """A built-in case (one message), or a patient: a zip of a CT series and its RTSTRUCT streamed
+        in chunks, with the protocol (structure mapping, beams) in the first message.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,7 +137,7 @@ class OrchestratorServiceServicer:
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'CreateCase': grpc.unary_unary_rpc_method_handler(
+            'CreateCase': grpc.stream_unary_rpc_method_handler(
                     servicer.CreateCase,
                     request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.CreateCaseRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.CreateCaseResponse.SerializeToString,
@@ -188,7 +190,7 @@ class OrchestratorService:
     """
 
     @staticmethod
-    def CreateCase(request,
+    def CreateCase(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -198,8 +200,8 @@ class OrchestratorService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/radpilot.v1.OrchestratorService/CreateCase',
             radpilot_dot_v1_dot_orchestrator__pb2.CreateCaseRequest.SerializeToString,

@@ -44,7 +44,11 @@ class TokenInterceptor(grpc.ServerInterceptor):
                 "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'",
             )
 
+        def deny_stream(request_iterator: Any, context: grpc.ServicerContext) -> Any:
+            deny(None, context)
+
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_unary_rpc_method_handler(deny_stream)
 
     def intercept_service(
         self, continuation: Callable[[Any], Any], handler_call_details: Any
@@ -55,10 +59,13 @@ class TokenInterceptor(grpc.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         header = metadata.get("authorization", "")
         scheme, _, presented = header.partition(" ")
+        handler = continuation(handler_call_details)
         if scheme.lower() == "bearer" and hmac.compare_digest(
             presented.strip().encode(), self._token
         ):
-            return continuation(handler_call_details)
+            return handler
+        if handler is not None and handler.request_streaming:
+            return self._deny_stream
         return self._deny
 
 
@@ -72,7 +79,11 @@ class _CallDetails(
     pass
 
 
-class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+):
     """Client side: adds the bearer token to every call."""
 
     def __init__(self, token: str) -> None:
@@ -97,3 +108,8 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
         self, continuation: Any, client_call_details: Any, request: Any
     ) -> Any:
         return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return continuation(self._with_token(client_call_details), request_iterator)

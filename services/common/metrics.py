@@ -101,8 +101,13 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 return "UNKNOWN" if failed else "OK"
             return str(code.name)
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            inner = handler.unary_unary or handler.stream_unary
+            wrap = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
                 gauge = RPC_IN_FLIGHT.labels(service, method)
@@ -117,7 +122,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     RPC_SECONDS.labels(service, method).observe(time.perf_counter() - t0)
                     RPC_TOTAL.labels(service, method, code_of(context, failed)).inc()
 
-            return grpc.unary_unary_rpc_method_handler(
+            return wrap(
                 unary,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,

@@ -84,15 +84,23 @@ class OptimizerCore:
         normalize_to: str = "",
         warm_start: np.ndarray | None = None,
         max_iterations: int = 0,
+        prescription_gy: float = 0.0,
+        coverage_pct: float = 0.0,
     ) -> Optimized:
         opt, _ = self.prepare(case_id)
         if warm_start is not None and warm_start.size == 0:
             warm_start = None
         if max_iterations < 0:
             raise ValueError("max_iterations must be >= 0 (0 = the default)")
+        if not (np.isfinite(prescription_gy) and prescription_gy >= 0):
+            raise ValueError("prescription_gy must be a finite dose >= 0 (0 = the case's)")
+        if not (coverage_pct == 0 or 0 < coverage_pct < 100):
+            raise ValueError("coverage_pct must be within (0, 100), or 0 for the default 95")
         settings = FMOSettings(
             normalize_to=normalize_to or None,
             max_iter=max_iterations or FMOSettings.max_iter,
+            coverage_pct=coverage_pct or FMOSettings.coverage_pct,
+            prescription_gy=prescription_gy or None,
         )
         with OPTIMIZE_IN_FLIGHT.track_inprogress(), self._lock(case_id):
             # one solve per case at a time: the working set is per solve

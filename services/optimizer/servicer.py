@@ -42,6 +42,8 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             request.normalize_to,
             warm,
             request.max_iterations,
+            request.prescription_gy,
+            request.coverage_pct,
         )
         return optimizer_pb2.OptimizeResponse(
             stats=fmo_stats_to_proto(out.result.stats()),

@@ -16,7 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
@@ -29,6 +29,8 @@ from radpilot.agents.references import (
 from radpilot.agents.step import JOB_AGENTS, evaluator_agent, memory_window
 from radpilot.case_store import CaseNotFoundError, CaseStore
 from radpilot.cases import load_builtin
+from radpilot.dicom.read import import_dicom
+from radpilot.dicom.upload import unpack_zip
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
@@ -168,6 +170,24 @@ class Orchestrator:
             raise ValueError("builtin is empty: name a built-in case, e.g. tg119-cshape")
         case = load_builtin(builtin, self.cases, **parameters)
         return case.case_id, case.structure_names
+
+    def create_case_from_dicom(
+        self, zip_file: IO[bytes], protocol_yaml: str
+    ) -> tuple[str, list[str], list[str]]:
+        """Import an uploaded CT + RTSTRUCT zip; stored only when the whole import succeeded."""
+        if not protocol_yaml.strip():
+            raise ValueError(
+                "protocol_yaml is empty: a DICOM import needs the protocol (structure names, "
+                "beams) in the first message"
+            )
+        protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
+        with tempfile.TemporaryDirectory(prefix="radpilot-upload-") as tmp:
+            unpack_zip(zip_file, Path(tmp))
+            case, notes = import_dicom(tmp, protocol)
+        if case.case_id not in self.cases:
+            self.cases.save(case, case.case_id, recipe={"builder": "dicom"})
+        log.info("imported DICOM case %s (%d structures)", case.case_id, len(case.structures))
+        return case.case_id, case.structure_names, notes
 
     # -- jobs ----------------------------------------------------------------------------------
     def start(
@@ -328,6 +348,8 @@ class Orchestrator:
                     objectives=terms_to_proto(objectives),
                     normalize_to=protocol.target,
                     warm_start=warm,
+                    prescription_gy=protocol.prescription_gy,
+                    coverage_pct=protocol.coverage_pct,
                 ),
                 timeout=d.optimize_s,
             )
@@ -552,6 +574,7 @@ class Orchestrator:
         with tempfile.TemporaryDirectory() as tmp:
             report.write(tmp)
             with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for p in sorted(Path(tmp).iterdir()):
-                    z.write(p, p.name)
+                for p in sorted(Path(tmp).rglob("*")):
+                    if p.is_file():
+                        z.write(p, p.relative_to(tmp).as_posix())
         return buf.getvalue(), f"radpilot-{job_id[:8]}.zip"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +13,8 @@ from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
 from services.common.convert import llm_call_to_proto
 from services.orchestrator.core import Orchestrator, _goals_proto
+
+MAX_UPLOAD_BYTES = 2 << 30
 
 STATES = {
     "queued": pb.JOB_STATE_QUEUED,
@@ -47,10 +51,35 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self.core = core
 
     def CreateCase(
-        self, request: pb.CreateCaseRequest, context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.CreateCaseRequest], context: grpc.ServicerContext
     ) -> pb.CreateCaseResponse:
-        case_id, structures = self.core.create_case(request.builtin, dict(request.parameters))
-        return pb.CreateCaseResponse(case_id=case_id, structures=structures)
+        first = next(request_iterator, None)
+        if first is None:
+            raise ValueError("empty CreateCase stream: send a builtin name or a DICOM zip")
+        if first.builtin:
+            if first.dicom_zip_chunk or next(request_iterator, None) is not None:
+                raise ValueError("send either a builtin case or a DICOM zip, not both")
+            case_id, structures = self.core.create_case(first.builtin, dict(first.parameters))
+            return pb.CreateCaseResponse(case_id=case_id, structures=structures)
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+            size = 0
+            for msg in itertools.chain([first], request_iterator):
+                if msg.builtin:
+                    raise ValueError("send either a builtin case or a DICOM zip, not both")
+                size += len(msg.dicom_zip_chunk)
+                if size > MAX_UPLOAD_BYTES:
+                    raise ValueError(
+                        f"the DICOM upload exceeds {MAX_UPLOAD_BYTES >> 20} MiB; send the CT "
+                        "series and RTSTRUCT only"
+                    )
+                spool.write(msg.dicom_zip_chunk)
+            if size == 0:
+                raise ValueError("nothing to create: name a builtin case or send a DICOM zip")
+            spool.seek(0)
+            case_id, structures, notes = self.core.create_case_from_dicom(
+                spool, first.protocol_yaml
+            )
+        return pb.CreateCaseResponse(case_id=case_id, structures=structures, notes=notes)
 
     def StartPlanning(
         self, request: pb.StartPlanningRequest, context: grpc.ServicerContext

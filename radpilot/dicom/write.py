@@ -1,0 +1,298 @@
+"""Write a case and its dose as DICOM: RTDOSE always; the CT series and RTSTRUCT for phantoms.
+
+RTDOSE: one multi-frame file, dose in Gy as 32-bit integers times DoseGridScaling, on the case's
+dose grid, in the CT's frame of reference and study (an imported case keeps the UIDs of the CT it
+came from, so the hospital's TPS lines the dose up with its own images; a phantom gets UIDs made
+from its case id, the same on every export). The CT series and RTSTRUCT written for phantoms use
+the same grid; contours are the 50 % iso-lines of each structure's mask, slice by slice.
+Nothing patient-identifying is written: patient name and id are RadPilot's case id.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from radpilot.case import Case, StructureKind
+from radpilot.cases.derived import NORMAL_TISSUE
+
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+RTDOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+INTERPRETED = {
+    StructureKind.TARGET: "PTV",
+    StructureKind.OAR: "ORGAN",
+    StructureKind.EXTERNAL: "EXTERNAL",
+}
+MANUFACTURER = "RadPilot"
+# Contours are iso-lines of the mask at this level: just outside the centres of the boundary
+# voxels, so that centre-in-polygon rasterisers (pyRadPlan, most TPSs) and pixel-filling ones
+# (OpenCV fillPoly, used by rt-utils) both give back exactly the voxels that were exported.
+CONTOUR_LEVEL = 0.98
+
+
+@dataclass(frozen=True)
+class SeriesUIDs:
+    study: str
+    frame_of_reference: str
+    ct_series: str
+
+    @classmethod
+    def for_case(cls, case: Case) -> SeriesUIDs:
+        """The imported CT's UIDs if the case has them; otherwise stable ones from the case id."""
+        d = case.metadata.get("dicom", {})
+        if d.get("study_uid") and d.get("frame_of_reference_uid") and d.get("series_uid"):
+            return cls(d["study_uid"], d["frame_of_reference_uid"], d["series_uid"])
+
+        def uid(part: str) -> str:
+            return str(generate_uid(entropy_srcs=[case.case_id or case.name, part]))
+
+        return cls(uid("study"), uid("frame-of-reference"), uid("ct-series"))
+
+
+def _base(ds: Dataset, sop_class: str, sop_uid: str, uids: SeriesUIDs, case: Case) -> None:
+    now = _dt.datetime.now(_dt.UTC)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientName = case.case_id or case.name
+    ds.PatientID = case.case_id or case.name
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = uids.study
+    ds.StudyID = ""
+    ds.StudyDate = ""
+    ds.StudyTime = ""
+    ds.ReferringPhysicianName = ""
+    ds.AccessionNumber = ""
+    ds.FrameOfReferenceUID = uids.frame_of_reference
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = MANUFACTURER
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.SpecificCharacterSet = "ISO_IR 100"
+
+
+def _save(ds: Dataset, path: Path) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def _geometry(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """World x, y, z (mm) of the grid's voxel centres along each axis."""
+    (nz, ny, nx), (dz, dy, dx), (oz, oy, ox) = (
+        case.grid.shape,
+        case.grid.spacing_mm,
+        case.grid.origin_mm,
+    )
+    return ox + dx * np.arange(nx), oy + dy * np.arange(ny), oz + dz * np.arange(nz)
+
+
+def write_ct_series(case: Case, folder: Path, uids: SeriesUIDs) -> list[str]:
+    """One CT image per slice of the case grid; returns the SOP instance UIDs, inferior first."""
+    xs, ys, zs = _geometry(case)
+    ny, nx = case.grid.shape[1:]
+    hu = np.clip(np.round(case.ct_hu.reshape(case.grid.shape)), -1024, 3071).astype(np.int16)
+    sop_uids = []
+    for k, z in enumerate(zs):
+        ds = Dataset()
+        sop = str(generate_uid(entropy_srcs=[uids.ct_series, str(k)]))
+        _base(ds, CT_STORAGE, sop, uids, case)
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = uids.ct_series
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = k + 1
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(z)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [float(case.grid.spacing_mm[1]), float(case.grid.spacing_mm[2])]
+        ds.SliceThickness = float(case.grid.spacing_mm[0])
+        ds.SliceLocation = float(z)
+        ds.Rows, ds.Columns = ny, nx
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "HU"
+        ds.KVP = ""
+        ds.PixelData = np.ascontiguousarray(hu[k]).tobytes()
+        _save(ds, folder / f"CT.{k + 1:04d}.dcm")  # folder: the series' own folder
+        sop_uids.append(sop)
+    return sop_uids
+
+
+def _contours(mask2d: np.ndarray) -> list[np.ndarray]:
+    import contourpy
+
+    if not mask2d.any():
+        return []
+    padded = np.pad(mask2d.astype(np.float64), 1)  # closed lines even at the grid's edge
+    gen = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
+    lines: Any = gen.lines(CONTOUR_LEVEL)
+    return [np.asarray(line, dtype=np.float64) - 1.0 for line in lines if len(line) >= 3]
+
+
+def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str]) -> Path:
+    xs, ys, zs = _geometry(case)
+    dx, dy = case.grid.spacing_mm[2], case.grid.spacing_mm[1]
+    ds = Dataset()
+    _base(
+        ds,
+        RTSTRUCT_STORAGE,
+        str(generate_uid(entropy_srcs=[uids.ct_series, "rtstruct"])),
+        uids,
+        case,
+    )
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = str(generate_uid(entropy_srcs=[uids.ct_series, "rtstruct-series"]))
+    ds.SeriesNumber = 2
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "RadPilot"
+    ds.StructureSetDate = ""
+    ds.StructureSetTime = ""
+    images = Sequence([Dataset() for _ in ct_sops])
+    for item, sop in zip(images, ct_sops, strict=True):
+        item.ReferencedSOPClassUID = CT_STORAGE
+        item.ReferencedSOPInstanceUID = sop
+    series = Dataset()
+    series.SeriesInstanceUID = uids.ct_series
+    series.ContourImageSequence = images
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management (retired)
+    study.ReferencedSOPInstanceUID = uids.study
+    study.RTReferencedSeriesSequence = Sequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = uids.frame_of_reference
+    frame.RTReferencedStudySequence = Sequence([study])
+    ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
+    rois, contours, observations = Sequence(), Sequence(), Sequence()
+    exported = [s for s in case.structures if s.name != NORMAL_TISSUE]
+    palette = [
+        (255, 0, 0),
+        (0, 160, 255),
+        (0, 200, 0),
+        (255, 200, 0),
+        (200, 0, 200),
+        (0, 200, 200),
+        (255, 128, 0),
+        (128, 128, 255),
+        (128, 255, 128),
+    ]
+    for number, s in enumerate(exported, start=1):
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = uids.frame_of_reference
+        roi.ROIName = s.name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        rois.append(roi)
+        mask = s.mask(case.grid)
+        seq = Sequence()
+        for k, z in enumerate(zs):
+            for line in _contours(mask[k]):
+                item = Dataset()
+                item.ContourGeometricType = "CLOSED_PLANAR"
+                cols, rows = line[:, 0], line[:, 1]
+                pts = np.stack([xs[0] + cols * dx, ys[0] + rows * dy, np.full(len(line), z)], 1)
+                item.NumberOfContourPoints = len(pts)
+                item.ContourData = [round(float(v), 3) for v in pts.ravel()]
+                img = Dataset()
+                img.ReferencedSOPClassUID = CT_STORAGE
+                img.ReferencedSOPInstanceUID = ct_sops[k]
+                item.ContourImageSequence = Sequence([img])
+                seq.append(item)
+        rc = Dataset()
+        rc.ReferencedROINumber = number
+        rc.ROIDisplayColor = list(palette[(number - 1) % len(palette)])
+        rc.ContourSequence = seq
+        contours.append(rc)
+        obs = Dataset()
+        obs.ObservationNumber = number
+        obs.ReferencedROINumber = number
+        obs.RTROIInterpretedType = INTERPRETED[s.kind]
+        obs.ROIInterpreter = ""
+        observations.append(obs)
+    ds.StructureSetROISequence = rois
+    ds.ROIContourSequence = contours
+    ds.RTROIObservationsSequence = observations
+    return _save(ds, folder / "RTSTRUCT.dcm")
+
+
+def write_rtdose(
+    case: Case, dose_rows: np.ndarray, folder: Path, uids: SeriesUIDs, description: str = ""
+) -> Path:
+    """The plan dose (Gy) on the case's grid as an RTDOSE file."""
+    xs, ys, zs = _geometry(case)
+    nz, ny, nx = case.grid.shape
+    cube = case.dose_cube(np.asarray(dose_rows)).astype(np.float64)
+    top = float(cube.max())
+    scale = top / (2**32 - 2) if top > 0 else 1.0
+    pixels = np.clip(np.round(cube / scale), 0, 2**32 - 1).astype(np.uint32)
+    ds = Dataset()
+    _base(ds, RTDOSE_STORAGE, str(generate_uid()), uids, case)
+    ds.Modality = "RTDOSE"
+    ds.SeriesInstanceUID = str(generate_uid())
+    ds.SeriesNumber = 3
+    ds.InstanceNumber = 1
+    ds.SeriesDescription = description[:64]
+    ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(zs[0])]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [float(case.grid.spacing_mm[1]), float(case.grid.spacing_mm[2])]
+    ds.SliceThickness = float(case.grid.spacing_mm[0])
+    ds.GridFrameOffsetVector = [float(z - zs[0]) for z in zs]
+    ds.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)
+    ds.NumberOfFrames = nz
+    ds.Rows, ds.Columns = ny, nx
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 32
+    ds.BitsStored = 32
+    ds.HighBit = 31
+    ds.PixelRepresentation = 0
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseSummationType = "PLAN"
+    ds.DoseGridScaling = f"{scale:.10g}"
+    # the CT series this dose was computed on (General Reference module)
+    ref = Dataset()
+    ref.SeriesInstanceUID = uids.ct_series
+    ds.ReferencedSeriesSequence = Sequence([ref])
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return _save(ds, folder / "RTDOSE.dcm")
+
+
+def export_dicom(
+    case: Case, dose_rows: np.ndarray, folder: str | Path, with_images: bool, description: str = ""
+) -> dict[str, Any]:
+    """RTDOSE (and, with ``with_images``, the CT series in ``CT/`` and RTSTRUCT) into ``folder``."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    uids = SeriesUIDs.for_case(case)
+    files: list[str] = []
+    if with_images:
+        (out / "CT").mkdir(exist_ok=True)
+        sops = write_ct_series(case, out / "CT", uids)
+        files += [f"CT/CT.{k + 1:04d}.dcm" for k in range(len(sops))]
+        files.append(write_rtstruct(case, out, uids, sops).name)
+    files.append(write_rtdose(case, dose_rows, out, uids, description).name)
+    return {
+        "files": files,
+        "study_uid": uids.study,
+        "frame_of_reference_uid": uids.frame_of_reference,
+        "ct_series_uid": uids.ct_series,
+    }
