@@ -218,5 +218,9 @@ def test_a_broken_manifest_fails_validation_and_policy(tmp_path: Path) -> None:
 
 
 def test_protocol_copies_match_the_protocols() -> None:
-    for copy in (K8S / "base" / "protocols").glob("*.yaml"):
-        assert copy.read_text() == (ROOT / "protocols" / copy.name).read_text(), copy.name
+    copies = sorted(p.name for p in (K8S / "base" / "protocols").glob("*.yaml"))
+    assert copies == sorted(p.name for p in (ROOT / "protocols").glob("*.yaml"))
+    for name in copies:
+        assert (K8S / "base" / "protocols" / name).read_text() == (
+            ROOT / "protocols" / name
+        ).read_text(), name

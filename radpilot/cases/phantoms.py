@@ -33,7 +33,7 @@ from radpilot.cases.engine import (
     ct_from_array,
 )
 
-BUILDER_VERSION = 5
+BUILDER_VERSION = 7
 SEVEN_FIELDS = (0.0, 50.0, 100.0, 150.0, 210.0, 260.0, 310.0)  # TG-119's 7-field arrangement
 NINE_FIELDS = tuple(40.0 * k for k in range(9))
 SLAB_MM = (200.0, 200.0, 300.0)  # SI (z), AP (y), RL (x)
@@ -120,9 +120,17 @@ def prostate(g: Geometry) -> list[MaskedStructure]:
     ]
 
 
+# parotids sit on the superior-lateral aspect of the neck PTV, partly beside it
+PAROTID_X, PAROTID_Y, PAROTID_Z = 42.0, 12.0, 50.0
+PAROTID_R = (14.0, 18.0, 16.0)
+
+
 def _neck(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
     cord = _full(g, g.cylinder_z(0.0, 45.0, 7.5, -80.0, 70.0))
-    region = _full(g, g.ellipsoid((0.0, 0.0, 0.0), (55.0, 55.0, 45.0)))
+    # an elliptic cylinder from the skull base (z = +45) to the upper neck (z = -45)
+    region = _full(g, g.ellipsoid((0.0, 0.0, 0.0), (55.0, 55.0, 1e9))) & (
+        np.abs(_full(g, g.z)) <= 45.0
+    )
     ptv = region & ~g.expand(cord, 15.0)
     skin = g.slab() & ~g.expand(~g.slab(), 6.0)
     return cord, ptv & skin
@@ -130,8 +138,8 @@ def _neck(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
 
 def headneck(g: Geometry) -> list[MaskedStructure]:
     cord, ptv = _neck(g)
-    par_l = _full(g, g.ellipsoid((55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))
-    par_r = _full(g, g.ellipsoid((-55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))
+    par_l = _full(g, g.ellipsoid((PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
+    par_r = _full(g, g.ellipsoid((-PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
     return [
         MaskedStructure("PTV", T, ptv),
         MaskedStructure("Cord", OAR, cord),
@@ -149,8 +157,8 @@ def paper_headneck(g: Geometry) -> list[MaskedStructure]:
     ptv56 = ptv & (x >= 0.0) & (z >= -15.0) & ~g.expand(ptv70, 5.0)
     ptv52 = ptv & (z < -20.0)
     brainstem = _full(g, g.cylinder_z(0.0, 45.0, 12.0, 72.0, 100.0))
-    par_l = _full(g, g.ellipsoid((55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))
-    par_r = _full(g, g.ellipsoid((-55.0, 15.0, 58.0), (14.0, 18.0, 16.0)))
+    par_l = _full(g, g.ellipsoid((PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
+    par_r = _full(g, g.ellipsoid((-PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
     oral = _full(g, g.ellipsoid((0.0, -35.0, 62.0), (28.0, 18.0, 14.0)))
     larynx = _full(g, g.ellipsoid((0.0, -58.0, -30.0), (14.0, 12.0, 20.0)))
     targets = ptv70 | ptv56 | ptv52
