@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks deploy
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan references lock image image-smoke k8s-validate kind-e2e clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
+	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
 	@echo "make references     regenerate the shipped reference plans (protocols/references)"
 	@echo "make image          build the container image (podman or docker); make lock repins its dependencies"
 	@echo "make image-smoke    podman build from a local Debian base + orchestrator health check"
@@ -113,6 +114,11 @@ k8s-validate: $(STAMP)
 # End to end on a kind cluster (needs docker and kind); skips with the reason where they are absent.
 kind-e2e: $(STAMP)
 	$(PY) -m deploy.kind_e2e
+
+# TG-119 prostate, head & neck, multitarget (and paper-style) phantoms planned by the rules loop,
+# next to the TG-119 institutions' mean; rewrites its section of docs/benchmarks.md.
+bench-phantoms: $(STAMP)
+	$(PY) -m benchmarks.tg119_phantoms --doc docs/benchmarks.md
 
 # Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
 references: $(STAMP)

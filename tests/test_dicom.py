@@ -283,3 +283,33 @@ def test_upload_plan_export_over_grpc_without_identifiers(
     db = (tmp_path / "svc" / "store" / "jobs.sqlite").read_bytes()
     _no_identifiers(db.decode("latin-1"), "job store")
     _no_identifiers(caplog.text, "service logs")
+
+
+def test_cli_plans_a_dicom_folder(patient, tmp_path: Path) -> None:
+    from radpilot.cli import main
+
+    folder, _ = patient
+    (tmp_path / "p.yaml").write_text(FOREIGN_PROTOCOL)
+    rc = main(
+        ["plan", "--dicom", str(folder), "--protocol", str(tmp_path / "p.yaml"), "--in-process",
+         "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--max-iterations",
+         "2"]
+    )  # fmt: skip
+    assert rc == 0 and (tmp_path / "out" / "dicom" / "RTDOSE.dcm").is_file()
+    bad = main(
+        [
+            "plan",
+            "--dicom",
+            str(tmp_path),
+            "--protocol",
+            str(tmp_path / "p.yaml"),
+            "--in-process",
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "o2"),
+        ]
+    )
+    assert bad == 2  # a folder without DICOM: a clear message, no traceback
+    ids = CaseStore(tmp_path / "store").list_ids()
+    assert len(ids) == 1 and ids[0].startswith("dicom-")  # nothing half-imported was kept
