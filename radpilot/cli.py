@@ -154,28 +154,35 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_approve(args: argparse.Namespace) -> int:
+def _call_orchestrator(address: str, method: str, request: Any, timeout: float) -> Any:
+    """One call to a running orchestrator (token from $RADPILOT_API_TOKEN); None on an error,
+    which is printed with its status code."""
     import grpc
 
-    from radpilot.v1 import orchestrator_pb2 as pb
     from radpilot.v1 import orchestrator_pb2_grpc
     from services.common.auth import BearerToken
 
     token = os.environ.get("RADPILOT_API_TOKEN", "")
-    with grpc.insecure_channel(args.orchestrator) as raw:
+    with grpc.insecure_channel(address) as raw:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
             grpc.intercept_channel(raw, BearerToken(token))
         )
         try:
-            r = stub.ApprovePlan(
-                pb.ApprovePlanRequest(
-                    job_id=args.job, iteration=args.iteration, description=args.description
-                ),
-                timeout=120,
-            )
+            return getattr(stub, method)(request, timeout=timeout)
         except grpc.RpcError as exc:
             print(f"radpilot: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+            return None
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from radpilot.v1 import orchestrator_pb2 as pb
+
+    request = pb.ApprovePlanRequest(
+        job_id=args.job, iteration=args.iteration, description=args.description
+    )
+    r = _call_orchestrator(args.orchestrator, "ApprovePlan", request, 120)
+    if r is None:
+        return 2
     print(f"reference {r.reference_id} added to {r.protocol} ({r.references} reference plan(s))")
     return 0
 
@@ -184,22 +191,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     import io
     import zipfile
 
-    import grpc
-
     from radpilot.v1 import orchestrator_pb2 as pb
-    from radpilot.v1 import orchestrator_pb2_grpc
-    from services.common.auth import BearerToken
 
-    token = os.environ.get("RADPILOT_API_TOKEN", "")
-    with grpc.insecure_channel(args.orchestrator) as raw:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            grpc.intercept_channel(raw, BearerToken(token))
-        )
-        try:
-            r = stub.ExportPlan(pb.ExportPlanRequest(job_id=args.job), timeout=600)
-        except grpc.RpcError as exc:
-            print(f"radpilot: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 2
+    r = _call_orchestrator(
+        args.orchestrator, "ExportPlan", pb.ExportPlanRequest(job_id=args.job), 600
+    )
+    if r is None:
+        return 2
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(io.BytesIO(r.bundle)) as z:

@@ -23,7 +23,7 @@ import numpy as np
 
 from radpilot.case import Grid, StructureKind
 from radpilot.cases.derived import expand
-from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.llm.prompts import goals_text
 
@@ -85,27 +85,7 @@ class ReferencePlan:
         return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     def results_text(self) -> str:
-        from radpilot.evaluation.protocol_check import GoalResult
-        from radpilot.protocol import ClinicalGoal
-
-        check = ProtocolCheck(
-            [
-                GoalResult(
-                    ClinicalGoal(
-                        g["structure"],
-                        g["metric"],
-                        g["comparator"],
-                        g["limit"],
-                        g.get("priority", 1),
-                        g.get("hard", True),
-                    ),
-                    g["achieved"],
-                    g["passed"],
-                    g["margin"],
-                )
-                for g in self.goals
-            ]
-        )
+        check = ProtocolCheck([GoalResult.from_dict(g) for g in self.goals])
         lines = [goals_text(check)]
         for s in self.stats:
             lines.append(

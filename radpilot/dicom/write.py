@@ -100,10 +100,25 @@ def _geometry(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ox + dx * np.arange(nx), oy + dy * np.arange(ny), oz + dz * np.arange(nz)
 
 
+def _image_plane(ds: Dataset, case: Case, z0: float, bits: int, signed: bool) -> None:
+    """Image plane and pixel modules shared by the CT slices and the RTDOSE frames."""
+    xs, ys, _ = _geometry(case)
+    ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(z0)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [float(case.grid.spacing_mm[1]), float(case.grid.spacing_mm[2])]
+    ds.SliceThickness = float(case.grid.spacing_mm[0])
+    ds.Rows, ds.Columns = case.grid.shape[1], case.grid.shape[2]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 1 if signed else 0
+
+
 def write_ct_series(case: Case, folder: Path, uids: SeriesUIDs) -> list[str]:
     """One CT image per slice of the case grid; returns the SOP instance UIDs, inferior first."""
-    xs, ys, zs = _geometry(case)
-    ny, nx = case.grid.shape[1:]
+    zs = _geometry(case)[2]
     hu = np.clip(np.round(case.ct_hu.reshape(case.grid.shape)), -1024, 3071).astype(np.int16)
     sop_uids = []
     for k, z in enumerate(zs):
@@ -115,18 +130,8 @@ def write_ct_series(case: Case, folder: Path, uids: SeriesUIDs) -> list[str]:
         ds.SeriesNumber = 1
         ds.InstanceNumber = k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(z)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing = [float(case.grid.spacing_mm[1]), float(case.grid.spacing_mm[2])]
-        ds.SliceThickness = float(case.grid.spacing_mm[0])
+        _image_plane(ds, case, z, 16, signed=True)
         ds.SliceLocation = float(z)
-        ds.Rows, ds.Columns = ny, nx
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
         ds.RescaleIntercept = 0
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
@@ -237,8 +242,8 @@ def write_rtdose(
     case: Case, dose_rows: np.ndarray, folder: Path, uids: SeriesUIDs, description: str = ""
 ) -> Path:
     """The plan dose (Gy) on the case's grid as an RTDOSE file."""
-    xs, ys, zs = _geometry(case)
-    nz, ny, nx = case.grid.shape
+    zs = _geometry(case)[2]
+    nz = case.grid.shape[0]
     cube = case.dose_cube(np.asarray(dose_rows)).astype(np.float64)
     top = float(cube.max())
     scale = top / (2**32 - 2) if top > 0 else 1.0
@@ -250,20 +255,10 @@ def write_rtdose(
     ds.SeriesNumber = 3
     ds.InstanceNumber = 1
     ds.SeriesDescription = description[:64]
-    ds.ImagePositionPatient = [float(xs[0]), float(ys[0]), float(zs[0])]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [float(case.grid.spacing_mm[1]), float(case.grid.spacing_mm[2])]
-    ds.SliceThickness = float(case.grid.spacing_mm[0])
+    _image_plane(ds, case, zs[0], 32, signed=False)
     ds.GridFrameOffsetVector = [float(z - zs[0]) for z in zs]
     ds.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)
     ds.NumberOfFrames = nz
-    ds.Rows, ds.Columns = ny, nx
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 32
-    ds.BitsStored = 32
-    ds.HighBit = 31
-    ds.PixelRepresentation = 0
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
     ds.DoseSummationType = "PLAN"

@@ -33,6 +33,19 @@ class GoalResult:
             "unit": self.goal.unit,
         }
 
+    @classmethod
+    def from_dict(cls, g: dict[str, Any]) -> GoalResult:
+        """The inverse of ``to_dict`` (as stored in the job store and reference plans)."""
+        goal = ClinicalGoal(
+            g["structure"],
+            g["metric"],
+            g["comparator"],
+            g["limit"],
+            g.get("priority") or 1,
+            g.get("hard", True),
+        )
+        return cls(goal, g["achieved"], g["passed"], g["margin"])
+
     def finding(self) -> str:
         g = self.goal
         verb = "meets" if self.passed else "misses"

@@ -34,7 +34,7 @@ from radpilot.dicom.upload import unpack_zip
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
-from radpilot.protocol import ClinicalGoal, ProtocolError, load_protocol_text
+from radpilot.protocol import ProtocolError, load_protocol_text
 from radpilot.report import IterationRecord, PlanReport
 from radpilot.v1 import (
     evaluator_pb2,
@@ -85,24 +85,7 @@ def _goal_dict(r: types_pb2.GoalResult) -> dict[str, Any]:
 
 
 def _check_from(goals: list[dict[str, Any]]) -> ProtocolCheck:
-    return ProtocolCheck(
-        [
-            GoalResult(
-                ClinicalGoal(
-                    g["structure"],
-                    g["metric"],
-                    g["comparator"],
-                    g["limit"],
-                    g["priority"] or 1,
-                    g["hard"],
-                ),
-                g["achieved"],
-                g["passed"],
-                g["margin"],
-            )
-            for g in goals
-        ]
-    )
+    return ProtocolCheck([GoalResult.from_dict(g) for g in goals])
 
 
 def _goals_proto(goals: list[dict[str, Any]]) -> list[types_pb2.GoalResult]:
