@@ -303,7 +303,7 @@ def _run(stub, case_id: str, agent: str, max_iterations: int = 4) -> pb.GetPlann
 
 
 def test_llm_job_audit_trail_approval_and_references(
-    llm_cluster: LLMCluster, llm_server: ScriptedLLMServer
+    llm_cluster: LLMCluster, llm_server: ScriptedLLMServer, tmp_path: Path
 ) -> None:
     stub = llm_cluster.stub
     case_id = stub.CreateCase(
@@ -345,6 +345,13 @@ def test_llm_job_audit_trail_approval_and_references(
         "seconds",
     }
     assert "LLM audit trail" in html
+    # the same export through the CLI
+    from radpilot.cli import main as cli
+
+    address = f"127.0.0.1:{llm_cluster.orch.port}"
+    assert cli(["export", job.job_id, str(tmp_path / "x"), "--orchestrator", address]) == 0
+    assert (tmp_path / "x" / "dicom" / "RTDOSE.dcm").is_file()
+    assert cli(["export", "no-such-job", str(tmp_path / "y"), "--orchestrator", address]) == 2
 
     # approve: the plan joins the library and the next LLM job's planner is shown it
     with pytest.raises(grpc.RpcError) as info:
