@@ -407,3 +407,23 @@ def test_endpoint_down_leaves_the_rules_evaluation(first_plan: PlanDose, harder)
     assert [(c.role, c.outcome) for c in out.calls] == [("dvh_expert", "fallback")]
     assert "Connection" in out.calls[0].error and out.calls[0].attempts == 2
     assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT and out.llm_decision == ""
+
+
+def test_create_case_and_approve_refusals(llm_cluster: LLMCluster) -> None:
+    stub = llm_cluster.stub
+
+    def code(fn, arg) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as info:
+            fn(arg, timeout=60)
+        return info.value.code(), info.value.details() or ""
+
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    got, details = code(stub.CreateCase, iter([]))
+    assert got == bad and "empty CreateCase stream" in details
+    both = iter([pb.CreateCaseRequest(builtin="analytic-cshape", dicom_zip_chunk=b"PK")])
+    assert code(stub.CreateCase, both)[0] == bad
+    no_protocol = iter([pb.CreateCaseRequest(dicom_zip_chunk=b"PK\x03\x04")])
+    got, details = code(stub.CreateCase, no_protocol)
+    assert got == bad and "protocol_yaml is empty" in details
+    got, details = code(stub.ApprovePlan, pb.ApprovePlanRequest())
+    assert got == bad and "job_id" in details
