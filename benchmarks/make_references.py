@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from radpilot.agents.references import ReferencePlan
+from radpilot.agents.references import ReferencePlan, reference_dvh
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.planning import case_anatomy_features, plan_loop
@@ -64,6 +64,7 @@ def main() -> int:
                     objectives=best.objectives,
                     goals=[r.to_dict() for r in report.check.results],
                     stats=[s.to_dict() for s in report.plan.stats()],
+                    dvh=reference_dvh(report.plan, protocol.prescription_gy),
                 ).to_dict()
             )
         path = out / f"{protocol.name}.json"

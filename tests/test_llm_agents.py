@@ -370,6 +370,7 @@ def test_llm_job_audit_trail_approval_and_references(
     assert again.iterations[0].reference_ids == [approved.reference_id]
     prompts = [r for r in llm_server.requests[mark:] if role_of(r) == "planner"]
     assert "phantom, scripted" in prompts[0]["messages"][1]["content"]
+    assert "DVH (% of each structure's volume" in prompts[0]["messages"][1]["content"]
 
 
 def test_llm_job_without_endpoint_fails_clearly(tmp_path: Path) -> None:
@@ -391,7 +392,8 @@ def test_llm_job_without_endpoint_fails_clearly(tmp_path: Path) -> None:
 def test_reference_plan_round_trip() -> None:
     r = load_library(shipped_library_dir())[0]
     assert ReferencePlan.from_dict(json.loads(json.dumps(r.to_dict()))) == r
-    assert "achieved" in r.results_text()
+    assert "achieved" in r.results_text() and r.dvh["levels_gy"]
+    assert "DVH (% of each structure's volume" in r.results_text()
 
 
 def test_endpoint_down_leaves_the_rules_evaluation(first_plan: PlanDose, harder) -> None:

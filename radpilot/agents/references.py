@@ -23,6 +23,7 @@ import numpy as np
 
 from radpilot.case import Grid, StructureKind
 from radpilot.cases.derived import expand
+from radpilot.evaluation.metrics import DVHTable, PlanDose
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.llm.prompts import goals_text
@@ -75,6 +76,7 @@ class ReferencePlan:
     goals: list[dict[str, Any]]  # GoalResult.to_dict() of the approved plan
     stats: list[dict[str, Any]] = field(default_factory=list)  # StructureStats.to_dict()
     source: str = "shipped"  # shipped | approved
+    dvh: dict[str, Any] = field(default_factory=dict)  # DVHTable.to_dict() on a coarse dose step
 
     @property
     def reference_id(self) -> str:
@@ -92,7 +94,18 @@ class ReferencePlan:
                 f"  {s['name']}: mean {s['mean_gy']:.2f} Gy, max {s['max_gy']:.2f} Gy, "
                 f"D95 {s['d95_gy']:.2f} Gy, D5 {s['d5_gy']:.2f} Gy"
             )
+        if self.dvh:
+            lines.append("DVH (% of each structure's volume at or above each dose):")
+            lines.append(self.dvh_table().to_text())
         return "\n".join(lines)
+
+    def dvh_table(self) -> DVHTable:
+        names = list(self.dvh["volume_pct"])
+        return DVHTable(
+            np.asarray(self.dvh["levels_gy"], dtype=np.float64),
+            names,
+            np.stack([np.asarray(self.dvh["volume_pct"][n]) for n in names], axis=1),
+        )
 
     def for_prompt(self) -> dict[str, Any]:
         return {
@@ -111,6 +124,7 @@ class ReferencePlan:
             "goals": self.goals,
             "stats": self.stats,
             "source": self.source,
+            "dvh": self.dvh,
         }
 
     @classmethod
@@ -124,9 +138,18 @@ class ReferencePlan:
                 goals=list(d["goals"]),
                 stats=list(d.get("stats", [])),
                 source=str(d.get("source", "shipped")),
+                dvh=dict(d.get("dvh", {})),
             )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ReferencePlanError(f"malformed reference plan: {exc}") from exc
+
+
+def reference_dvh(plan: PlanDose, prescription_gy: float) -> dict[str, Any]:
+    """A compact DVH for a reference plan: one row per 10 % of the prescription, no NormalTissue."""
+    names = [s.name for s in plan.case.structures if s.name != "NormalTissue"]
+    return plan.dvh_table(
+        step_gy=max(1.0, round(prescription_gy / 10.0)), structures=names
+    ).to_dict()
 
 
 def nearest(

@@ -25,6 +25,7 @@ from radpilot.agents.references import (
     anatomy_features,
     load_library,
     nearest,
+    reference_dvh,
 )
 from radpilot.agents.step import JOB_AGENTS, evaluator_agent, memory_window
 from radpilot.case_store import CaseNotFoundError, CaseStore
@@ -502,6 +503,7 @@ class Orchestrator:
             goals=[r.to_dict() for r in check.results],
             stats=[s.to_dict() for s in plan.stats()],
             source="approved",
+            dvh=reference_dvh(plan, protocol.prescription_gy),
         )
         self.jobs.add_reference(ref.reference_id, ref.protocol, ref.to_dict())
         return ref.reference_id, ref.protocol, len(self.jobs.references(ref.protocol))
