@@ -14,7 +14,7 @@ from radpilot.agents.references import ReferencePlan, anatomy_features, nearest
 from radpilot.agents.rules_planner import MemoryEntry
 from radpilot.agents.step import (
     JOB_AGENTS,
-    AgentNotConfiguredError,
+    check_agent,
     evaluate_plan,
     evaluator_agent,
     memory_window,
@@ -91,12 +91,7 @@ def plan_loop(
         raise ValueError("max_iterations must be at least 1")
     if memory_length < 1:
         raise ValueError("memory_length must be at least 1")
-    if agent not in JOB_AGENTS:
-        raise ValueError(f"unknown agent {agent!r}; use one of {', '.join(JOB_AGENTS)}")
-    if agent == "llm" and llm is None:
-        raise AgentNotConfiguredError(
-            "agent 'llm' needs an endpoint: set OPENAI_BASE_URL (or OPENAI_API_KEY)"
-        )
+    check_agent(agent, JOB_AGENTS, llm_configured=llm is not None)
     protocol.check_case(case)
     t0 = time.perf_counter()
     optimizer = FluenceOptimizer(case, backend=backend)

@@ -31,6 +31,20 @@ class AgentNotConfiguredError(RuntimeError):
     """The agent needs something this process lacks (an LLM endpoint)."""
 
 
+def check_agent(
+    agent: str, agents: tuple[str, ...], role: str = "", llm_configured: bool = True
+) -> None:
+    """The one check of an agent name (ValueError) and of its LLM endpoint (AgentNotConfigured)."""
+    if agent not in agents:
+        what = f"{role} agent" if role else "agent"
+        raise ValueError(f"unknown {what} {agent!r}; use one of {', '.join(agents)}")
+    if agent == "llm" and not llm_configured:
+        raise AgentNotConfiguredError(
+            f"the LLM {role or 'agent'} is not configured (set OPENAI_BASE_URL or "
+            "OPENAI_API_KEY for it); use agent 'rules'"
+        )
+
+
 @dataclass
 class EvaluationOutcome:
     evaluation: Evaluation
@@ -62,15 +76,10 @@ def evaluate_plan(
     llm: LLMEvaluator | None = None,
     images: dict[str, bytes] | None = None,
 ) -> EvaluationOutcome:
-    if agent not in EVALUATOR_AGENTS:
-        raise ValueError(f"unknown evaluator agent {agent!r}; use one of {EVALUATOR_AGENTS}")
+    check_agent(agent, EVALUATOR_AGENTS, "evaluator", llm is not None)
     rules = evaluate_rules(plan, protocol)
-    if agent == "rules":
+    if agent == "rules" or llm is None:  # (llm is there whenever the agent is "llm")
         return EvaluationOutcome(rules)
-    if llm is None:
-        raise AgentNotConfiguredError(
-            "the LLM evaluator has no endpoint: set OPENAI_BASE_URL (or OPENAI_API_KEY)"
-        )
     if images is None and llm.client.vision:
         images = dose_images(plan)
     judgement = llm.judge(plan, protocol, rules, images)
@@ -94,8 +103,7 @@ def propose_next(
     llm: LLMPlanner | None = None,
     seed: int = 0,
 ) -> PlannerOutcome:
-    if agent not in PLANNER_AGENTS:
-        raise ValueError(f"unknown planner agent {agent!r}; use one of {PLANNER_AGENTS}")
+    check_agent(agent, PLANNER_AGENTS, "planner", llm is not None)
     if not memory:
         raise ValueError("memory is empty: the planner needs at least the last iteration")
     if agent == "fixed":
@@ -104,11 +112,7 @@ def propose_next(
         )
     if agent == "bo":
         return PlannerOutcome(*propose_bo(protocol, memory, seed))
-    if agent == "llm":
-        if llm is None:
-            raise AgentNotConfiguredError(
-                "the LLM planner has no endpoint: set OPENAI_BASE_URL (or OPENAI_API_KEY)"
-            )
+    if agent == "llm" and llm is not None:
         feedback = "; ".join(memory[-1].findings)
         return llm.propose(protocol, current, memory, references or [], feedback, physician)
     return PlannerOutcome(*propose_rules(protocol, current, memory[-1].check, memory))

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 
+from radpilot.agents.step import AgentNotConfiguredError
 from radpilot.case import CaseError
 from radpilot.case_store import CaseNotFoundError
 from radpilot.evaluation.metrics import MetricError
@@ -31,7 +32,7 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     # order matters: CaseNotFoundError is a KeyError, the rest ValueErrors
     if isinstance(exc, CaseNotFoundError | KeyError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, FailedPreconditionError):
+    if isinstance(exc, FailedPreconditionError | AgentNotConfiguredError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, UnavailableError | BackendUnavailableError):
         return grpc.StatusCode.UNAVAILABLE

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from radpilot.agents.llm_evaluator import LLMEvaluator
-from radpilot.agents.step import EVALUATOR_AGENTS, dose_images, evaluate_plan
+from radpilot.agents.step import EVALUATOR_AGENTS, check_agent, dose_images, evaluate_plan
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.evaluation.dvh import dvh_levels
@@ -16,7 +16,6 @@ from radpilot.evaluation.metrics import DVHTable, PlanDose, StructureStats
 from radpilot.evaluation.rules import Evaluation
 from radpilot.llm.client import LLMCall, LLMClient
 from radpilot.protocol import load_protocol_text
-from services.common.errors import FailedPreconditionError
 
 
 @dataclass
@@ -60,15 +59,7 @@ class EvaluatorCore:
         include_images: bool = False,
     ) -> EvaluatorResult:
         agent = agent or "rules"
-        if agent not in EVALUATOR_AGENTS:
-            raise ValueError(
-                f"unknown evaluator agent {agent!r}; use one of {', '.join(EVALUATOR_AGENTS)}"
-            )
-        if agent == "llm" and self.llm is None:
-            raise FailedPreconditionError(
-                "the LLM evaluator is not configured on this evaluator (set OPENAI_BASE_URL or "
-                "OPENAI_API_KEY for it); use agent 'rules'"
-            )
+        check_agent(agent, EVALUATOR_AGENTS, "evaluator", self.llm is not None)
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         case = self.case(case_id)
         protocol.check_case(case)

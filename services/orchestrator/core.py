@@ -27,7 +27,7 @@ from radpilot.agents.references import (
     nearest,
     reference_dvh,
 )
-from radpilot.agents.step import JOB_AGENTS, evaluator_agent, memory_window
+from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent, memory_window
 from radpilot.case_store import CaseNotFoundError, CaseStore
 from radpilot.cases import load_builtin
 from radpilot.dicom.read import import_dicom
@@ -184,8 +184,7 @@ class Orchestrator:
         idempotency_key: str = "",
     ) -> str:
         agent = agent or "rules"
-        if agent not in JOB_AGENTS:
-            raise ValueError(f"unknown agent {agent!r}; use one of {', '.join(JOB_AGENTS)}")
+        check_agent(agent, JOB_AGENTS)
         if not 1 <= max_iterations <= MAX_ITERATIONS:
             raise ValueError(
                 f"max_iterations must be within 1..{MAX_ITERATIONS}, got {max_iterations}"

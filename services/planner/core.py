@@ -6,11 +6,10 @@ from typing import Any
 
 from radpilot.agents.llm_planner import LLMPlanner, PlannerOutcome
 from radpilot.agents.rules_planner import MemoryEntry
-from radpilot.agents.step import PLANNER_AGENTS, propose_next
+from radpilot.agents.step import PLANNER_AGENTS, check_agent, propose_next
 from radpilot.fmo.objectives import ObjectiveTerm, validate_terms
 from radpilot.llm.client import LLMClient
 from radpilot.protocol import load_protocol_text
-from services.common.errors import FailedPreconditionError
 
 
 class PlannerCore:
@@ -27,15 +26,7 @@ class PlannerCore:
         physician: str = "",
     ) -> PlannerOutcome:
         agent = agent or "rules"
-        if agent not in PLANNER_AGENTS:
-            raise ValueError(
-                f"unknown planner agent {agent!r}; use one of {', '.join(PLANNER_AGENTS)}"
-            )
-        if agent == "llm" and self.llm is None:
-            raise FailedPreconditionError(
-                "the LLM planner is not configured on this planner (set OPENAI_BASE_URL or "
-                "OPENAI_API_KEY for it); use 'rules'"
-            )
+        check_agent(agent, PLANNER_AGENTS, "planner", self.llm is not None)
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         validate_terms(current)
         return propose_next(
