@@ -53,7 +53,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.dicom:
         from radpilot.dicom.read import import_dicom
 
-        case, notes = import_dicom(args.dicom, protocol)
+        case, notes = import_dicom(args.dicom, protocol, store)
         for note in notes:
             print(f"import: {note}")
         if case.case_id not in store:

@@ -71,6 +71,8 @@ def test_foreign_patient_imports_plans_and_exports(
     assert case.case_id.startswith("dicom-") and len(case.beams) == 5
     store = CaseStore(tmp_path / "store")
     store.save(case, case.case_id)
+    again, again_notes = import_dicom(folder, protocol, store)  # same content: no second dij
+    assert again.case_id == case.case_id and "already imported" in again_notes[-1]
     report = plan_once(store.load(case.case_id), protocol)
     out = report.write(tmp_path / "out")
     dose_file = out.parent / "dicom" / "RTDOSE.dcm"

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from radpilot.case import Case, StructureKind
+from radpilot.case_store import CaseStore
 from radpilot.protocol import Protocol, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ TARGET_TYPES = {"PTV", "CTV", "GTV"}
 EXTERNAL_TYPES = {"EXTERNAL"}
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 MAX_FILES = 5000
-IMPORTER_VERSION = 1
+IMPORTER_VERSION = 2
 
 
 class DicomImportError(ValueError):
@@ -315,26 +316,29 @@ def plan_structures(scan: DicomScan, protocol: Protocol) -> dict[str, tuple[str,
     return keep
 
 
-def case_id_for(scan: DicomScan, keep: dict[str, Any], protocol: Protocol) -> str:
-    """A content id: the CT pixels, the contours, the mapping and beams (no identifiers)."""
-    import pydicom
+def case_id_for(ct: Any, structures: list[Any], beams: Any, prescription_gy: float) -> str:
+    """A content id from what was imported (HU cube and its geometry, structure masks and kinds)
+    and how it is planned (beams, prescription): no identifiers, no second read of the files."""
+    import SimpleITK
 
     h = hashlib.sha256()
     h.update(f"importer-{IMPORTER_VERSION}".encode())
-    for p in scan.ct_files:
-        ds = pydicom.dcmread(p)
-        h.update(ds.PixelData)
-    rs = pydicom.dcmread(scan.rtstruct)
-    for rc in getattr(rs, "ROIContourSequence", []):
-        for c in getattr(rc, "ContourSequence", []):
-            h.update(np.asarray(c.ContourData, dtype=np.float64).tobytes())
-    h.update(repr(sorted((k, v[0], v[1].value) for k, v in keep.items())).encode())
-    h.update(repr(protocol.beams).encode())
+    image = ct.cube_hu
+    h.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
+    h.update(np.ascontiguousarray(SimpleITK.GetArrayFromImage(image)).tobytes())
+    for s in structures:
+        h.update(f"{s.name}:{s.kind.value}".encode())
+        h.update(np.packbits(s.mask).tobytes())
+    h.update(repr((beams, prescription_gy)).encode())
     return "dicom-" + h.hexdigest()[:16]
 
 
-def import_dicom(folder: str | Path, protocol: Protocol) -> tuple[Case, list[str]]:
-    """The case (not yet stored) and import notes. Raises DicomImportError / ProtocolError."""
+def import_dicom(
+    folder: str | Path, protocol: Protocol, store: CaseStore | None = None
+) -> tuple[Case, list[str]]:
+    """The case and import notes. Raises DicomImportError / ProtocolError. With a ``store``
+    that already holds this content (same images, contours, beams), the stored case is returned
+    instead of computing its dose influence again; otherwise the case is not stored here."""
     from radpilot.cases.engine import (
         BeamSetup,
         MaskedStructure,
@@ -372,7 +376,6 @@ def import_dicom(folder: str | Path, protocol: Protocol) -> tuple[Case, list[str
         if mask.ndim == 4:
             mask = mask[0]
         structures.append(MaskedStructure(name, kind, mask))
-    cst_ours = cst_from_masks(ct, structures)
     b = protocol.beams
     gantry = b.gantry_deg if b else tuple(40.0 * k for k in range(9))
     beams = BeamSetup(
@@ -384,11 +387,13 @@ def import_dicom(folder: str | Path, protocol: Protocol) -> tuple[Case, list[str
     )
     if not b:
         notes.append("no beams in the protocol: 9 coplanar fields 40 degrees apart")
-    case_id = case_id_for(scan, keep, protocol)
+    case_id = case_id_for(ct, structures, beams, protocol.prescription_gy)
+    if store is not None and case_id in store:
+        return store.load(case_id), [*notes, "already imported: the stored case is used"]
     case = build_case(
         "dicom",
         ct,
-        cst_ours,
+        cst_from_masks(ct, structures),
         {s.name: (s.name, s.kind) for s in structures},
         beams,
         protocol.prescription_gy,

@@ -167,7 +167,7 @@ class Orchestrator:
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         with tempfile.TemporaryDirectory(prefix="radpilot-upload-") as tmp:
             unpack_zip(zip_file, Path(tmp))
-            case, notes = import_dicom(tmp, protocol)
+            case, notes = import_dicom(tmp, protocol, self.cases)
         if case.case_id not in self.cases:
             self.cases.save(case, case.case_id, recipe={"builder": "dicom"})
         log.info("imported DICOM case %s (%d structures)", case.case_id, len(case.structures))
