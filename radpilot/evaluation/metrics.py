@@ -102,6 +102,10 @@ class PlanDose:
         self.case = case
         self.dose_rows = np.asarray(dose_rows, dtype=np.float32)
         self._cache: dict[str, np.ndarray] = {}
+        # the dose never changes: statistics and DVH tables are computed once, however many
+        # readers (evaluator, LLM experts, report) ask for them
+        self._stats: list[StructureStats] | None = None
+        self._tables: dict[tuple[float | None, tuple[str, ...] | None], DVHTable] = {}
 
     def of(self, structure: str) -> np.ndarray:
         if structure not in self._cache:
@@ -115,6 +119,11 @@ class PlanDose:
         return metric_value(self.of(structure), name)
 
     def stats(self) -> list[StructureStats]:
+        if self._stats is None:
+            self._stats = self._compute_stats()
+        return list(self._stats)
+
+    def _compute_stats(self) -> list[StructureStats]:
         out = []
         for s in self.case.structures:
             d = self.of(s.name)
@@ -153,6 +162,12 @@ class PlanDose:
         self, step_gy: float | None = None, structures: list[str] | None = None
     ) -> DVHTable:
         """The DVH as a table: rows are dose levels, columns structures, cells % volume >= dose."""
+        key = (step_gy, tuple(structures) if structures else None)
+        if key not in self._tables:
+            self._tables[key] = self._compute_dvh_table(step_gy, structures)
+        return self._tables[key]
+
+    def _compute_dvh_table(self, step_gy: float | None, structures: list[str] | None) -> DVHTable:
         names = structures or [s.name for s in self.case.structures]
         top = float(self.dose_rows.max()) if self.dose_rows.size else 0.0
         step = step_gy or max(1.0, round(self.case.prescription_gy / 25.0))
