@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m radpilot demo --out out/demo
+	$(PY) -m services demo --out out/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -109,7 +109,7 @@ k8s-validate: $(STAMP)
 	  echo "kubectl kustomize $$o | kubernetes-validate --strict -k $(K8S_VERSION)"; \
 	  $(VENV)/bin/kubectl kustomize $$o | $(VENV)/bin/kubernetes-validate --strict -k $(K8S_VERSION) --quiet - || exit 1; \
 	done
-	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q tests/test_k8s_manifests.py
+	K8S_VERSION=$(K8S_VERSION) $(PY) -m pytest -q tests/deploy/test_k8s_manifests.py
 
 # End to end on a kind cluster (needs docker and kind); skips with the reason where they are absent.
 kind-e2e: $(STAMP)
@@ -127,7 +127,7 @@ references: $(STAMP)
 # On a CUDA machine without pyRadPlan: CuPy tests, then the benchmark on an analytic phantom of
 # the TG-119 matrix's size (needs `pip install -e '.[gpu]'` or a CuPy already installed).
 bench-gpu:
-	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_gpu.py tests/test_objectives_fmo.py -p no:cacheprovider
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests/unit/fmo/test_gpu.py tests/unit/fmo/test_objectives_fmo.py -p no:cacheprovider
 	PYTHONPATH=. $(PYTHON) -m benchmarks.bench_fmo --case analytic-cshape --dose-grid-mm 1.5 --out out/bench/fmo-gpu.json
 
 bench-fmo-quick: $(STAMP)

@@ -23,7 +23,7 @@ from radpilot.agents.references import load_library, shipped_library_dir
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.llm.client import LLMSettings, client_or_none
-from radpilot.planning import plan_loop
+from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pathlib import Path
 from radpilot.agents.references import ReferencePlan, reference_dvh
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
-from radpilot.planning import case_anatomy_features, plan_loop
+from radpilot.loop.inprocess import case_anatomy_features, plan_loop
 from radpilot.protocol import load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from pathlib import Path
 from benchmarks.docsection import write_section
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
-from radpilot.planning import plan_loop
+from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -37,7 +37,7 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 def client_command(job: str, protocol: str, max_iterations: int) -> list[str]:
     """The in-cluster client: the same CLI the local tests use, against the orchestrator."""
     return [
-        "python3", "-m", "radpilot", "plan",
+        "python3", "-m", "services", "plan",
         "--orchestrator", f"radpilot-orchestrator.{NAMESPACE}.svc.cluster.local:50050",
         "--case", "analytic-cshape",
         "--protocol", f"{PROTOCOLS}/{protocol}",

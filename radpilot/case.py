@@ -14,9 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-
-class CaseError(ValueError):
-    """A case is malformed or a structure/beam reference does not exist."""
+from radpilot.errors import CaseError
 
 
 class StructureKind(enum.StrEnum):
@@ -112,6 +110,9 @@ class Case:
     dose_influence: sp.csr_matrix
     metadata: dict[str, Any] = field(default_factory=dict)
     case_id: str = ""
+    # loaded without its dose influence matrix (an empty one stands in): enough for dose
+    # statistics, images, DICOM export; not for optimisation or computing a dose
+    geometry_only: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -146,7 +147,14 @@ class Case:
         return int(self.dose_influence.shape[1])
 
     # -- dose ---------------------------------------------------------------------------------
+    def require_matrix(self) -> None:
+        if self.geometry_only:
+            raise CaseError(
+                f"case {self.case_id or self.name} was loaded without its dose influence matrix"
+            )
+
     def dose_rows(self, fluence: np.ndarray) -> np.ndarray:
+        self.require_matrix()
         return np.asarray(self.dose_influence @ np.asarray(fluence, dtype=np.float32))
 
     def dose_cube(self, dose_rows: np.ndarray) -> np.ndarray:

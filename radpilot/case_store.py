@@ -27,13 +27,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from radpilot.case import Beam, Case, CaseError, Grid, Structure, StructureKind
+from radpilot.errors import CaseNotFoundError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-class CaseNotFoundError(KeyError):
-    """No case with that id is in the store."""
 
 
 def default_store_root() -> Path:
@@ -83,6 +80,7 @@ class CaseStore:
     # -- write ------------------------------------------------------------------------------
     def save(self, case: Case, case_id: str, recipe: dict[str, Any] | None = None) -> str:
         """Write a case atomically under ``case_id``; an existing copy is kept as is."""
+        case.require_matrix()
         final = self.path(case_id)
         if (final / MANIFEST).is_file():
             return case_id
@@ -156,7 +154,9 @@ class CaseStore:
             out.append((s["name"], s["kind"], np.load(folder / entry["file"], allow_pickle=False)))
         return Grid.from_dict(m["grid"]), out
 
-    def load(self, case_id: str, verify: bool = False) -> Case:
+    def load(self, case_id: str, verify: bool = False, matrix: bool = True) -> Case:
+        """The stored case; ``matrix=False`` skips the dose influence matrix (the bulk of a
+        case: ~1 GB at a 3 mm grid) for readers that only need geometry and doses."""
         m = self.manifest(case_id)
         if m.get("format") != FORMAT_VERSION:
             raise CaseError(
@@ -171,10 +171,11 @@ class CaseStore:
                 raise CaseError(f"case {case_id!r}: file {p.name} does not match its recorded hash")
             return np.load(p, allow_pickle=False)
 
-        A = sp.csr_matrix(
-            (arr("A_data"), arr("A_indices"), arr("A_indptr")),
-            shape=tuple(m["dose_influence_shape"]),
-        )
+        shape = tuple(m["dose_influence_shape"])
+        if matrix:
+            A = sp.csr_matrix((arr("A_data"), arr("A_indices"), arr("A_indptr")), shape=shape)
+        else:
+            A = sp.csr_matrix(shape, dtype=np.float32)
         structures = [
             Structure(s["name"], StructureKind(s["kind"]), arr(s["array"])) for s in m["structures"]
         ]
@@ -190,6 +191,7 @@ class CaseStore:
             dose_influence=A,
             metadata=m.get("metadata", {}),
             case_id=case_id,
+            geometry_only=not matrix,
         )
 
     # -- artefacts (doses, fluences): content-addressed files beside the cases ---------------

@@ -14,15 +14,12 @@ from typing import Any
 import yaml
 
 from radpilot.case import Case
-from radpilot.evaluation.metrics import MetricError, parse_metric
+from radpilot.dosimetry import parse_metric
+from radpilot.errors import MetricError, ProtocolError
 from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
 from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
-
-
-class ProtocolError(ValueError):
-    """A protocol is malformed, contradictory, or does not fit the case."""
 
 
 @dataclass(frozen=True)

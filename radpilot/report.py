@@ -4,31 +4,20 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from radpilot.case import Case
 from radpilot.dicom.write import export_dicom
-from radpilot.evaluation.dvh import dvh_levels
-from radpilot.evaluation.images import dvh_plot, plane_images, structure_crops
+from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
-
-
-@dataclass
-class IterationRecord:
-    """What one outer-loop iteration produced, as the report shows it."""
-
-    iteration: int
-    objectives: list[ObjectiveTerm]
-    fmo: dict[str, Any]
-    check: ProtocolCheck
-    feedback: str = ""
-    llm_calls: list[dict[str, Any]] = field(default_factory=list)  # LLMCall.to_dict()
 
 
 @dataclass
@@ -41,6 +30,24 @@ class PlanReport:
     iterations: list[IterationRecord]
     best_iteration: int
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_records(
+        cls,
+        case: Case,
+        protocol: Protocol,
+        agent: str,
+        records: list[IterationRecord],
+        best_iteration: int,
+        dose_of: Callable[[ArtefactRef], np.ndarray],
+    ) -> PlanReport:
+        """The report of a run from its records; ``case`` needs no dose influence matrix."""
+        best = next(r for r in records if r.iteration == best_iteration)
+        if best.dose is None:
+            raise ValueError(f"iteration {best_iteration} has no stored dose")
+        plan = PlanDose(case, dose_of(best.dose))
+        plan.reuse_stats(best.stats)
+        return cls(case.name, protocol, agent, plan, best.check, records, best_iteration)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -76,9 +83,14 @@ class PlanReport:
                 {
                     "iteration": it.iteration,
                     "objectives": [o.to_dict() for o in it.objectives],
-                    "fmo": it.fmo,
+                    "fmo": it.fmo.to_json(),
                     "goals_met": it.check.all_passed,
-                    "feedback": it.feedback,
+                    "decision": it.decision,
+                    "findings": list(it.findings),
+                    "rationale": it.rationale,
+                    "physician_feedback": it.physician_feedback,
+                    "proposal": [o.to_dict() for o in it.proposal],
+                    "seconds": dict(it.seconds),
                 }
                 for it in self.iterations
             ],
@@ -87,13 +99,10 @@ class PlanReport:
     def write(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        cube = self.plan.cube()
-        images = {f"dose_{k}.png": v for k, v in plane_images(self.plan.case, cube).items()}
-        images.update(
-            {f"crop_{k}.png": v for k, v in structure_crops(self.plan.case, cube).items()}
-        )
-        levels = dvh_levels(float(self.plan.dose_rows.max()), 0.25)
-        images["dvh.png"] = dvh_plot(levels, self.plan.dvh_curves(levels))
+        images = {
+            f"{'' if k.startswith('crop_') or k == 'dvh' else 'dose_'}{k}.png": v
+            for k, v in dose_images(self.plan, with_dvh=True).items()
+        }
         for name, data in images.items():
             (out / name).write_bytes(data)
         summary = self.summary()
@@ -134,8 +143,9 @@ class PlanReport:
             )
             iter_rows += (
                 f"<tr><td>{it.iteration}</td><td>{weights}</td><td>{metrics}</td>"
-                f"<td>{it.fmo.get('iterations', '')} it, {it.fmo.get('seconds', 0):.2f} s, "
-                f"{e(str(it.fmo.get('backend', '')))}</td><td>{e(it.feedback)}</td></tr>"
+                f"<td>{it.fmo.iterations} it, {it.fmo.seconds:.2f} s, {e(it.fmo.backend)}, "
+                f"{'converged' if it.fmo.converged else 'not converged'} ({e(it.fmo.stop_reason)})"
+                f"</td><td>{e(it.summary_line())}</td></tr>"
             )
         llm_rows = "".join(
             f"<tr><td>{c['iteration']}</td><td>{e(c['role'])}</td><td>{e(c['model'])}</td>"
@@ -188,7 +198,7 @@ Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} =
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
 <h2>Target indices</h2><ul>{ti}</ul>
 <h2>Structure statistics (Gy)</h2><table><tr><th>structure</th><th>cc</th><th>min</th><th>mean</th><th>max</th><th>D95</th><th>D5</th></tr>{stat_rows}</table>
-<h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>feedback</th></tr>{iter_rows}</table>
+<h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>findings | planner rationale</th></tr>{iter_rows}</table>
 {llm_section}
 <h2>Images</h2>{imgs}
 <h2>DICOM</h2><p>{dicom_text}</p>

@@ -11,15 +11,12 @@ import os
 
 import numpy as np
 
+from radpilot.errors import WireError
 from radpilot.v1 import types_pb2
 
 # One limit for every service; gRPC's own message limit is set a little above it.
 MAX_ARRAY_BYTES = int(os.environ.get("RADPILOT_MAX_ARRAY_BYTES", str(16 * 1024 * 1024)))
 DTYPES = ("float32", "float64", "int32", "int64", "uint8", "bool")
-
-
-class WireError(ValueError):
-    """An array message is malformed or too large."""
 
 
 def to_ndarray(array: np.ndarray, limit: int = MAX_ARRAY_BYTES) -> types_pb2.NDArray:

@@ -66,23 +66,29 @@ class LocalCluster:
         self.procs[name].wait(10)
 
     def restart(self, name: str, timeout: float = 120.0) -> None:
-        """Start a killed service again with the same command (it may get a new port)."""
+        """Start a killed service again with the same command on the same port (its clients
+        reconnect to the address they know)."""
         if self.procs[name].poll() is None:
             self.kill(name)
         module, args, env = self.commands[name]
-        _start(self, name, module, args, env)
+        _start(self, name, module, args, env, f"127.0.0.1:{self.ports[name]}")
         self.ports[name] = _port(self, name, timeout)
         if name == "orchestrator":
             _wait_serving(self.orchestrator, timeout)
 
 
 def _start(
-    cluster: LocalCluster, name: str, module: str, args: list[str], env: dict[str, str]
+    cluster: LocalCluster,
+    name: str,
+    module: str,
+    args: list[str],
+    env: dict[str, str],
+    address: str = "127.0.0.1:0",
 ) -> None:
     cluster.commands[name] = (module, args, env)
     log = (cluster.run_dir / f"{name}.log").open("w")
     cluster.procs[name] = subprocess.Popen(
-        [sys.executable, "-m", module, "--address", "127.0.0.1:0", *args],
+        [sys.executable, "-m", module, "--address", address, *args],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -13,7 +13,7 @@ import warnings
 
 import optuna
 
-from radpilot.agents.rules_planner import MemoryEntry
+from radpilot.agents.types import MemoryEntry
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.protocol import Protocol

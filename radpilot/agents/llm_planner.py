@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
-from radpilot.agents.rules_planner import MemoryEntry, propose_rules
+from radpilot.agents.rules_planner import propose_rules
+from radpilot.agents.types import MemoryEntry, PlannerOutcome
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.llm import prompts
 from radpilot.llm.client import LLMCall, LLMClient, LLMError
@@ -29,14 +29,6 @@ MAX_DOSE_STEP_FRACTION = 0.2  # an objective dose may move by at most this x pre
 
 class ProposalError(ValueError):
     """The planner's answer is not a valid set of parameters; the message says what to fix."""
-
-
-@dataclass
-class PlannerOutcome:
-    objectives: list[ObjectiveTerm]
-    rationale: str
-    calls: list[LLMCall] = field(default_factory=list)
-    fallback: bool = False
 
 
 def validate_proposal(
@@ -110,7 +102,7 @@ class LLMPlanner:
         current: list[ObjectiveTerm],
         memory: list[MemoryEntry],
         references: list[dict[str, Any]],
-        feedback: str = "",
+        findings: str = "",
         physician: str = "",
     ) -> PlannerOutcome:
         keys = [t.key() for t in current]
@@ -120,7 +112,7 @@ class LLMPlanner:
             current,
             history_for_prompt(memory),
             references,
-            feedback,
+            findings,
             physician,
             MAX_WEIGHT_FACTOR,
             MAX_DOSE_STEP_FRACTION * protocol.prescription_gy,

@@ -23,6 +23,7 @@ import numpy as np
 
 from radpilot.case import Grid, StructureKind
 from radpilot.cases.derived import expand
+from radpilot.errors import ReferencePlanError
 from radpilot.evaluation.metrics import DVHTable, PlanDose
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
@@ -31,10 +32,6 @@ from radpilot.llm.prompts import goals_text
 NEAR_MM = 10.0
 MISSING_PENALTY = 1.0
 REFERENCE_FORMAT = 1
-
-
-class ReferencePlanError(ValueError):
-    """A reference plan file or record is malformed."""
 
 
 def anatomy_features(grid: Grid, structures: list[tuple[str, str, np.ndarray]]) -> dict[str, float]:

@@ -15,23 +15,14 @@ objective weights and doses:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
+from radpilot.agents.types import MemoryEntry
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.protocol import Protocol
 
 MAX_FACTOR = 3.0
 OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
-
-
-@dataclass(frozen=True)
-class MemoryEntry:
-    iteration: int
-    objectives: list[ObjectiveTerm]
-    check: ProtocolCheck
-    feedback: str = ""  # the physician's free text in force at this iteration
-    findings: tuple[str, ...] = ()  # the evaluator's findings on this iteration's plan
 
 
 def _step(r: GoalResult, gain: float) -> float:

@@ -8,27 +8,23 @@ solution: the loop stops after one plan, as nothing would change).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from radpilot.agents.bo_planner import propose_bo
 from radpilot.agents.llm_evaluator import LLMEvaluator, combine
-from radpilot.agents.llm_planner import LLMPlanner, PlannerOutcome
-from radpilot.agents.rules_planner import MemoryEntry, propose_rules
-from radpilot.evaluation.images import plane_images, structure_crops
+from radpilot.agents.llm_planner import LLMPlanner
+from radpilot.agents.rules_planner import propose_rules
+from radpilot.agents.types import EvaluationOutcome, MemoryEntry, PlannerOutcome
+from radpilot.errors import AgentNotConfiguredError
+from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
-from radpilot.evaluation.rules import Evaluation, evaluate_rules
+from radpilot.evaluation.rules import evaluate_rules
 from radpilot.fmo.objectives import ObjectiveTerm
-from radpilot.llm.client import LLMCall
 from radpilot.protocol import Protocol
 
 EVALUATOR_AGENTS = ("rules", "llm")
 PLANNER_AGENTS = ("rules", "llm", "bo", "fixed")
 JOB_AGENTS = PLANNER_AGENTS  # a job's agent names its planner; "llm" also picks the LLM evaluator
-
-
-class AgentNotConfiguredError(RuntimeError):
-    """The agent needs something this process lacks (an LLM endpoint)."""
 
 
 def check_agent(
@@ -45,14 +41,6 @@ def check_agent(
         )
 
 
-@dataclass
-class EvaluationOutcome:
-    evaluation: Evaluation
-    llm_decision: str = ""  # the model's own decision, before the guardrail
-    disagreement: bool = False
-    calls: list[LLMCall] = field(default_factory=list)
-
-
 def evaluator_agent(job_agent: str) -> str:
     return "llm" if job_agent == "llm" else "rules"
 
@@ -60,13 +48,6 @@ def evaluator_agent(job_agent: str) -> str:
 def memory_window(job_agent: str, entries: list[Any], length: int) -> list[Any]:
     """The memory the planner sees: the last L iterations, or all of them for BO."""
     return list(entries) if job_agent == "bo" else list(entries)[-length:]
-
-
-def dose_images(plan: PlanDose) -> dict[str, bytes]:
-    cube = plan.cube()
-    images = dict(plane_images(plan.case, cube))
-    images.update({f"crop_{k}": v for k, v in structure_crops(plan.case, cube).items()})
-    return images
 
 
 def evaluate_plan(
@@ -113,6 +94,6 @@ def propose_next(
     if agent == "bo":
         return PlannerOutcome(*propose_bo(protocol, memory, seed))
     if agent == "llm" and llm is not None:
-        feedback = "; ".join(memory[-1].findings)
-        return llm.propose(protocol, current, memory, references or [], feedback, physician)
+        findings = "; ".join(memory[-1].findings)
+        return llm.propose(protocol, current, memory, references or [], findings, physician)
     return PlannerOutcome(*propose_rules(protocol, current, memory[-1].check, memory))

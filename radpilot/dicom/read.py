@@ -31,6 +31,7 @@ import numpy as np
 
 from radpilot.case import Case, StructureKind
 from radpilot.case_store import CaseStore
+from radpilot.errors import DicomImportError
 from radpilot.protocol import Protocol, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ EXTERNAL_TYPES = {"EXTERNAL"}
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 MAX_FILES = 5000
 IMPORTER_VERSION = 2
-
-
-class DicomImportError(ValueError):
-    """The DICOM data cannot be planned on as it is; the message says what to fix."""
 
 
 @dataclass

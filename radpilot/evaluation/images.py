@@ -23,6 +23,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from radpilot.case import Case, StructureKind
+from radpilot.dosimetry import dvh_levels
+from radpilot.evaluation.metrics import PlanDose
 
 FIG_SIZE_IN = (6.0, 5.0)
 DPI = 100
@@ -188,3 +190,16 @@ def dvh_plot(
     ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
+
+
+def dose_images(plan: PlanDose, with_dvh: bool = False) -> dict[str, bytes]:
+    """Every image of one plan, rendered once: the three planes (``axial``, ``sagittal``,
+    ``coronal``), ``crop_<structure>`` for each organ and target, and ``dvh`` on request.
+    The vision evaluator, the evaluator's stored images and the report all take these."""
+    cube = plan.cube()
+    images = dict(plane_images(plan.case, cube))
+    images.update({f"crop_{k}": v for k, v in structure_crops(plan.case, cube).items()})
+    if with_dvh:
+        levels = dvh_levels(float(plan.dose_rows.max()), 0.25)
+        images["dvh"] = dvh_plot(levels, plan.dvh_curves(levels))
+    return images

@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from radpilot.case import Case, CaseError
-from radpilot.evaluation.dvh import cumulative_dvh, dose_at_volume, volume_at_dose
-
-_METRIC = re.compile(r"^(?P<kind>[DV])(?P<x>\d+(?:\.\d+)?)$")
-
-
-class MetricError(ValueError):
-    """A metric name cannot be parsed or evaluated."""
-
-
-def parse_metric(name: str) -> tuple[str, float | None]:
-    """Split a metric name: ``"D95"`` -> ``("D", 95.0)``, ``"mean"`` -> ``("mean", None)``."""
-    n = name.strip()
-    if n.lower() in ("mean", "max", "min"):
-        return n.lower(), None
-    m = _METRIC.match(n)
-    if not m:
-        raise MetricError(
-            f"unknown metric {name!r}: use Dx (dose to x % of the volume, e.g. D95), "
-            "Vx (% of the volume receiving x Gy, e.g. V30), mean, max or min"
-        )
-    x = float(m.group("x"))
-    if m.group("kind") == "D" and not 0 <= x <= 100:
-        raise MetricError(f"{name}: Dx needs x within 0..100 %")
-    return m.group("kind"), x
-
-
-def metric_value(dose: np.ndarray, name: str) -> float:
-    """Evaluate one metric on a structure's voxel doses (Gy, or % for Vx)."""
-    kind, x = parse_metric(name)
-    if dose.size == 0:
-        raise MetricError("cannot evaluate a metric on an empty structure")
-    if kind == "mean":
-        return float(np.mean(dose, dtype=np.float64))
-    if kind == "max":
-        return float(np.max(dose))
-    if kind == "min":
-        return float(np.min(dose))
-    assert x is not None
-    return dose_at_volume(dose, x) if kind == "D" else volume_at_dose(dose, x)
+from radpilot.dosimetry import (
+    cumulative_dvh,
+    dose_at_volume,
+    metric_value,
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +87,11 @@ class PlanDose:
         if self._stats is None:
             self._stats = self._compute_stats()
         return list(self._stats)
+
+    def reuse_stats(self, stats: list[dict[str, Any]]) -> None:
+        """Take statistics an evaluator already computed for this dose (same structures)."""
+        if [d.get("name") for d in stats] == self.case.structure_names:
+            self._stats = [StructureStats(**d) for d in stats]
 
     def _compute_stats(self) -> list[StructureStats]:
         out = []

@@ -25,10 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from radpilot.case import as_csr32
-
-
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here (no CuPy, no CUDA device)."""
+from radpilot.errors import BackendUnavailableError
 
 
 class MatrixOps(Protocol):

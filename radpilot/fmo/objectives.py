@@ -6,9 +6,9 @@ Every kind here is a mean squared penalty of a *shaped residual* over a structur
 
 where ``D`` is the objective dose and ``h`` is the identity (squared deviation), ``max(0, r)``
 (squared overdose) or ``min(0, r)`` (squared underdose). For these shapes ``h * h' = h``, so (*)
-simplifies to ``2 w / n * h``. Each class gives ``value`` and ``gradient`` side by side, plus the
-diagonal ``curvature`` the solver's exact line search uses. Arrays may be NumPy or CuPy: the array
-namespace ``xp`` is passed in, so one code path serves both.
+simplifies to ``2 w / n * h``. ``value_and_gradient`` gives both from one shaped residual; the
+solver's exact line search works on ``shaped`` and ``slope`` directly. Arrays may be NumPy or
+CuPy: the array namespace ``xp`` is passed in, so one code path serves both.
 
 To add a kind: subclass :class:`ObjectiveKind`, implement ``shaped`` and ``slope``, decorate with
 ``@register("name")``. The solver never branches on kind names.
@@ -20,11 +20,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from radpilot.errors import ObjectiveError
+
 _REGISTRY: dict[str, type[ObjectiveKind]] = {}
-
-
-class ObjectiveError(ValueError):
-    """An objective term is malformed (unknown kind, non-finite or negative numbers...)."""
 
 
 def register(name: str) -> Any:
@@ -69,11 +67,6 @@ class ObjectiveKind:
         h = self.shaped(dose - dose_gy, xp)
         return weight * float(xp.sum(h * h, dtype=xp.float64)) / max(n or dose.size, 1)
 
-    def gradient(
-        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
-    ) -> Any:
-        return (2.0 * weight / max(n or dose.size, 1)) * self.shaped(dose - dose_gy, xp)
-
     def value_and_gradient(
         self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
     ) -> tuple[float, Any]:
@@ -81,11 +74,6 @@ class ObjectiveKind:
         h = self.shaped(dose - dose_gy, xp)
         m = max(n or dose.size, 1)
         return weight * float(xp.sum(h * h, dtype=xp.float64)) / m, (2.0 * weight / m) * h
-
-    def curvature(
-        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
-    ) -> Any:
-        return (2.0 * weight / max(n or dose.size, 1)) * self.slope(dose - dose_gy, xp)
 
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
         """Voxels whose residual is within ``band`` of making the penalty active (a superset)."""

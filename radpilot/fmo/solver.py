@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from radpilot.case import Case, CaseError
-from radpilot.evaluation.dvh import dose_at_volume
+from radpilot.dosimetry import dose_at_volume
 from radpilot.fmo.backend import MatrixOps, make_ops
 from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, objective_kind, validate_terms
 
@@ -135,6 +135,7 @@ class FluenceOptimizer:
         self.case = case
         self._backend_name = backend
         self._threads = threads
+        case.require_matrix()
         self.ops: MatrixOps = make_ops(case.dose_influence, backend, threads=threads)
         self.xp = self.ops.xp
         self._rows: dict[str, np.ndarray] = {}

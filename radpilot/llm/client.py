@@ -29,6 +29,8 @@ from typing import Any
 
 import openai
 
+from radpilot.errors import AgentNotConfiguredError
+
 DEFAULT_MODEL = "gpt-4o"
 JSON_MODES = ("json_schema", "json_object", "text")
 
@@ -40,10 +42,6 @@ class LLMError(RuntimeError):
         super().__init__(message)
         self.call = call
         self.status = status
-
-
-class LLMNotConfiguredError(RuntimeError):
-    """No endpoint is configured (neither OPENAI_BASE_URL nor OPENAI_API_KEY is set)."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +173,7 @@ class LLMClient:
 
     def __init__(self, settings: LLMSettings) -> None:
         if not settings.configured:
-            raise LLMNotConfiguredError(
+            raise AgentNotConfiguredError(
                 "no LLM endpoint is configured: set OPENAI_BASE_URL (a local OpenAI-compatible "
                 "server) or OPENAI_API_KEY"
             )

@@ -209,7 +209,7 @@ def planner_messages(
     current: list[ObjectiveTerm],
     history: list[dict[str, Any]],
     references: list[dict[str, Any]],
-    feedback: str,
+    findings: str,
     physician: str,
     max_factor: float,
     max_dose_step_gy: float,
@@ -242,8 +242,8 @@ Approved plans for this protocol on similar anatomy, with the parameters that pr
 The most recent iterations for this plan, oldest first:
 {hist_text}
 
-Evaluator feedback on the latest plan:
-{feedback or "(none)"}
+The evaluator's findings on the latest plan:
+{findings or "(none)"}
 
 Physician's comments: {physician or "(none)"}
 

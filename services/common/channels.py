@@ -49,6 +49,10 @@ def open_channel(target: str, service_names: list[str]) -> grpc.Channel:
         options=[
             ("grpc.service_config", service_config(service_names)),
             ("grpc.enable_retries", 1),
+            # a restarted service is found again within seconds, not gRPC's default 2 minutes
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 5000),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],

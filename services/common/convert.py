@@ -6,11 +6,12 @@ import json
 from typing import Any
 
 from radpilot.evaluation.metrics import StructureStats
-from radpilot.evaluation.protocol_check import GoalResult
+from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo import ObjectiveTerm
 from radpilot.fmo.objectives import ObjectiveError
+from radpilot.loop.record import FmoStats, IterationRecord
 from radpilot.protocol import ClinicalGoal
-from radpilot.v1 import types_pb2
+from radpilot.v1 import orchestrator_pb2, types_pb2
 
 COMPARATORS = {"<=": types_pb2.COMPARATOR_AT_MOST, ">=": types_pb2.COMPARATOR_AT_LEAST}
 COMPARATOR_TEXT = {v: k for k, v in COMPARATORS.items()}
@@ -31,19 +32,14 @@ def terms_to_proto(terms: list[ObjectiveTerm]) -> list[types_pb2.ObjectiveTerm]:
     ]
 
 
-def fmo_stats_to_proto(stats: dict[str, Any]) -> types_pb2.FmoStats:
-    keys = (
-        "objective",
-        "objective_normalized",
-        "iterations",
-        "seconds",
-        "backend",
-        "converged",
-        "stop_reason",
-        "scale_factor",
-        "sparse_products",
-    )
-    return types_pb2.FmoStats(**{k: stats[k] for k in keys})
+def fmo_stats_to_proto(stats: FmoStats) -> types_pb2.FmoStats:
+    """The one FMO statistics message (fields the proto has; the rest stay in the record)."""
+    fields = types_pb2.FmoStats.DESCRIPTOR.fields_by_name
+    return types_pb2.FmoStats(**{k: v for k, v in stats.to_json().items() if k in fields})
+
+
+def fmo_stats_from_proto(m: types_pb2.FmoStats) -> FmoStats:
+    return FmoStats.from_json({f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields})
 
 
 def goal_result_to_proto(r: GoalResult) -> types_pb2.GoalResult:
@@ -71,6 +67,28 @@ def goal_result_from_proto(r: types_pb2.GoalResult) -> GoalResult:
         g.structure, g.metric, COMPARATOR_TEXT[g.comparator], g.limit, g.priority or 1, g.hard
     )
     return GoalResult(goal, r.achieved, r.passed, r.margin)
+
+
+def check_from_proto(goals: list[types_pb2.GoalResult]) -> ProtocolCheck:
+    return ProtocolCheck([goal_result_from_proto(r) for r in goals])
+
+
+def record_to_proto(r: IterationRecord) -> orchestrator_pb2.IterationRecord:
+    """An iteration record as the API shows it (GetPlanningJob)."""
+    return orchestrator_pb2.IterationRecord(
+        iteration=r.iteration,
+        objectives=terms_to_proto(r.objectives),
+        fmo=fmo_stats_to_proto(r.fmo),
+        goals=[goal_result_to_proto(g) for g in r.check.results],
+        findings=r.findings,
+        rationale=r.rationale,
+        physician_feedback=r.physician_feedback,
+        decision=r.decision,
+        llm_decision=r.llm_decision,
+        disagreement=r.disagreement,
+        llm_calls=[llm_call_to_proto({**c, "iteration": r.iteration}) for c in r.llm_calls],
+        reference_ids=r.reference_ids,
+    )
 
 
 def stats_to_proto(s: StructureStats) -> types_pb2.StructureStats:

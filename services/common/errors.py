@@ -8,37 +8,25 @@ from typing import Any
 
 import grpc
 
-from radpilot.agents.step import AgentNotConfiguredError
-from radpilot.case import CaseError
-from radpilot.case_store import CaseNotFoundError
-from radpilot.evaluation.metrics import MetricError
-from radpilot.fmo.backend import BackendUnavailableError
-from radpilot.fmo.objectives import ObjectiveError
-from radpilot.protocol import ProtocolError
-from radpilot.wire import WireError
+from radpilot.errors import (
+    CaseNotFoundError,
+    FailedPreconditionError,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
 
 
-class FailedPreconditionError(RuntimeError):
-    """The request is valid but the system is not in a state to serve it (say what to do first)."""
-
-
-class UnavailableError(RuntimeError):
-    """A dependency is down or overloaded; the caller may retry."""
-
-
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    # order matters: CaseNotFoundError is a KeyError, the rest ValueErrors
+    """The one mapping of domain errors (``radpilot.errors``) to status codes."""
+    # order matters: CaseNotFoundError is a KeyError; AgentNotConfiguredError a precondition
     if isinstance(exc, CaseNotFoundError | KeyError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, FailedPreconditionError | AgentNotConfiguredError):
+    if isinstance(exc, FailedPreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, UnavailableError | BackendUnavailableError):
+    if isinstance(exc, UnavailableError):
         return grpc.StatusCode.UNAVAILABLE
-    if isinstance(
-        exc, CaseError | ObjectiveError | ProtocolError | MetricError | WireError | ValueError
-    ):
+    if isinstance(exc, ValueError):  # CaseError, ProtocolError, MetricError, WireError, ...
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
 

@@ -7,11 +7,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from radpilot.agents.llm_evaluator import LLMEvaluator
-from radpilot.agents.step import EVALUATOR_AGENTS, check_agent, dose_images, evaluate_plan
+from radpilot.agents.step import EVALUATOR_AGENTS, check_agent, evaluate_plan
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
-from radpilot.evaluation.dvh import dvh_levels
-from radpilot.evaluation.images import dvh_plot
+from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import DVHTable, PlanDose, StructureStats
 from radpilot.evaluation.rules import Evaluation
 from radpilot.llm.client import LLMCall, LLMClient
@@ -42,7 +41,7 @@ class EvaluatorCore:
             if case_id in self._cases:
                 self._cases.move_to_end(case_id)
                 return self._cases[case_id]
-        case = self.store.load(case_id)
+        case = self.store.load(case_id, matrix=False)  # geometry and doses only
         with self._lock:
             self._cases[case_id] = case
             while len(self._cases) > self.max_cases:
@@ -67,8 +66,9 @@ class EvaluatorCore:
         plan = PlanDose(case, dose)
         pngs: dict[str, bytes] = {}
         if include_images or (agent == "llm" and self.llm is not None and self.llm.client.vision):
-            pngs = dose_images(plan)
-        outcome = evaluate_plan(agent, plan, protocol, self.llm, pngs or None)
+            pngs = dose_images(plan, with_dvh=include_images)  # rendered once for both uses
+        for_model = {k: v for k, v in pngs.items() if k != "dvh"}
+        outcome = evaluate_plan(agent, plan, protocol, self.llm, for_model or None)
         result = EvaluatorResult(
             outcome.evaluation,
             plan.stats(),
@@ -78,8 +78,6 @@ class EvaluatorCore:
             llm_calls=outcome.calls,
         )
         if include_images:
-            levels = dvh_levels(float(dose.max()), 0.25)
-            pngs["dvh"] = dvh_plot(levels, plan.dvh_curves(levels))
             result.images = {
                 name: self.store.put_bytes(case_id, f"image-{name}", data, "png")
                 for name, data in pngs.items()

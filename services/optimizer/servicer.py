@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from radpilot.loop.record import FmoStats
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
 from radpilot.wire import from_ndarray, to_ndarray
 from services.common.convert import fmo_stats_to_proto, terms_from_proto
@@ -46,7 +47,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             request.coverage_pct,
         )
         return optimizer_pb2.OptimizeResponse(
-            stats=fmo_stats_to_proto(out.result.stats()),
+            stats=fmo_stats_to_proto(FmoStats.from_json(out.result.stats())),
             fluence=to_ndarray(out.result.fluence),
             dose=types_pb2.ArtefactRef(
                 case_id=request.case_id, path=out.dose_path, sha256=out.dose_sha256

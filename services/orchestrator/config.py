@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from radpilot.agents.references import shipped_library_dir
+from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S
 from services.common.server import add_server_flags
 
 
@@ -22,6 +23,8 @@ class OrchestratorConfig:
     grace_s: float = 30.0
     # reference plans seeded into the job store's library at start ("" = none)
     references: str = str(shipped_library_dir())
+    # how long a job waits for an unavailable evaluator/planner/optimizer before it fails
+    retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -42,11 +45,19 @@ class OrchestratorConfig:
             default=env.get("RADPILOT_REFERENCES", cls.references),
             help="folder of reference-plan JSON files seeded into the library ('' for none)",
         )
+        ap.add_argument(
+            "--retry-budget-s",
+            type=float,
+            default=float(env.get("RADPILOT_RETRY_BUDGET_S", cls.retry_budget_s)),
+            help="seconds a job waits (retrying with backoff) for a service that is unavailable",
+        )
         add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
         optimizers = tuple(x.strip() for x in a.optimizers.split(",") if x.strip())
         if not optimizers:
             ap.error("--optimizers needs at least one address")
+        if not 0 <= a.retry_budget_s <= 86400:
+            ap.error("--retry-budget-s must be within 0..86400 seconds")
         return cls(
             a.address,
             a.case_store,
@@ -57,4 +68,5 @@ class OrchestratorConfig:
             a.reflection,
             a.grace_s,
             a.references,
+            a.retry_budget_s,
         )

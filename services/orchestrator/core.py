@@ -1,9 +1,7 @@
-"""Orchestrator core: cases, planning jobs and the outer loop (paper Algorithm 1) over gRPC.
-
-Each job runs in its own thread: Optimize -> Evaluate -> store -> Propose -> ... until the
-evaluator says the plan meets the protocol (and the deterministic check agrees) or the iteration
-budget is spent. Every iteration is stored before the next starts; a restarted orchestrator
-resumes unfinished jobs from their last stored iteration.
+"""Orchestrator core: cases, planning jobs, events, resume, cancellation, feedback, references
+and export. The loop itself is ``radpilot.loop.run_loop``: here it is wired to the other services
+(``ports.py``) and to the job store, one thread per job. Every iteration is stored before the
+next starts; a restarted orchestrator resumes unfinished jobs after their last stored iteration.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,33 +24,30 @@ from radpilot.agents.references import (
     nearest,
     reference_dvh,
 )
-from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent, memory_window
-from radpilot.case_store import CaseNotFoundError, CaseStore
+from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent
+from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
+from radpilot.errors import CaseNotFoundError, FailedPreconditionError, StepFailedError
 from radpilot.evaluation.metrics import PlanDose
-from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
+from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, best_iteration, finished
 from radpilot.protocol import ProtocolError, load_protocol_text
-from radpilot.report import IterationRecord, PlanReport
-from radpilot.v1 import (
-    evaluator_pb2,
-    evaluator_pb2_grpc,
-    optimizer_pb2,
-    optimizer_pb2_grpc,
-    planner_pb2,
-    planner_pb2_grpc,
-    types_pb2,
-)
-from services.common.convert import (
-    goal_result_from_proto,
-    goal_result_to_proto,
-    llm_call_from_proto,
-    terms_to_proto,
-)
-from services.common.errors import FailedPreconditionError
+from radpilot.report import PlanReport
+from radpilot.v1 import types_pb2
+from radpilot.wire import from_ndarray
 from services.common.metrics import ITERATIONS, JOBS
+from services.orchestrator.ports import (
+    Clients,
+    Deadlines,
+    GrpcEvaluator,
+    GrpcOptimizer,
+    GrpcPlanner,
+    JobContext,
+    JobSink,
+    StoppedError,
+)
 from services.orchestrator.store import TERMINAL, JobStore
 
 log = logging.getLogger(__name__)
@@ -61,36 +55,6 @@ NUM_REFERENCES = 3
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
 MAX_PROTOCOL_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class Deadlines:
-    optimize_s: float = 600.0
-    evaluate_s: float = 120.0
-    propose_s: float = 60.0
-
-
-@dataclass
-class Clients:
-    optimizer: optimizer_pb2_grpc.OptimizerServiceStub
-    evaluator: evaluator_pb2_grpc.EvaluatorServiceStub
-    planner: planner_pb2_grpc.PlannerServiceStub
-
-
-class _StoppedError(Exception):
-    """The orchestrator is shutting down: leave the job as it is, to be resumed."""
-
-
-def _goal_dict(r: types_pb2.GoalResult) -> dict[str, Any]:
-    return goal_result_from_proto(r).to_dict()
-
-
-def _check_from(goals: list[dict[str, Any]]) -> ProtocolCheck:
-    return ProtocolCheck([GoalResult.from_dict(g) for g in goals])
-
-
-def _goals_proto(goals: list[dict[str, Any]]) -> list[types_pb2.GoalResult]:
-    return [goal_result_to_proto(r) for r in _check_from(goals).results]
 
 
 def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
@@ -113,14 +77,6 @@ def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
         )
 
 
-def best_iteration(records: list[dict[str, Any]]) -> int:
-    """The best stored iteration by the protocol's priorities (then by how far goals are missed)."""
-    if not records:
-        return 0
-    scored = [(_check_from(r["goals"]), r["iteration"]) for r in records]
-    return max(scored, key=lambda s: (*s[0].rank(), -s[1]))[1]
-
-
 class Orchestrator:
     def __init__(
         self,
@@ -130,11 +86,16 @@ class Orchestrator:
         deadlines: Deadlines | None = None,
         references_dir: str | Path | None = None,
         num_references: int = NUM_REFERENCES,
+        retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
     ) -> None:
         self.jobs = jobs
         self.cases = cases
         self.clients = clients
         self.deadlines = deadlines or Deadlines()
+        self.retry_budget_s = retry_budget_s
+        migrated = self.jobs.migrate_records(self._store_legacy_fluence)
+        if migrated:
+            log.info("job store: %d iteration record(s) migrated to the typed format", migrated)
         self.num_references = num_references
         self._features: dict[str, dict[str, float]] = {}
         if references_dir is not None:
@@ -147,6 +108,11 @@ class Orchestrator:
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._guard = threading.Lock()
+
+    def _store_legacy_fluence(self, case_id: str, fluence_hex: str) -> ArtefactRef:
+        array = from_ndarray(types_pb2.NDArray.FromString(bytes.fromhex(fluence_hex)))
+        path, sha = self.cases.put_artefact(case_id, "fluence", array)
+        return ArtefactRef(path, sha)
 
     # -- cases ---------------------------------------------------------------------------------
     def create_case(self, builtin: str, parameters: dict[str, str]) -> tuple[str, list[str]]:
@@ -274,188 +240,49 @@ class Orchestrator:
         for t in list(self._threads.values()):
             t.join(timeout)
 
-    def wait(self, job_id: str, timeout: float) -> None:
-        t = self._threads.get(job_id)
-        if t is not None:
-            t.join(timeout)
-
     # -- the loop ------------------------------------------------------------------------------
-    def _check_stop(self, job_id: str) -> None:
-        if self._stop.is_set():
-            raise _StoppedError
-        if self._cancel[job_id].is_set() or self.jobs.job(job_id).state == "cancelled":
-            raise _StoppedError
-
     def _run(self, job_id: str) -> None:
         try:
             self._loop(job_id)
-        except _StoppedError:
+        except StoppedError:
             log.info("job %s paused or cancelled", job_id)
-        except grpc.RpcError as exc:
-            JOBS.labels("failed").inc()
-            msg = f"{exc.code().name}: {exc.details()}"
-            log.warning("job %s failed: %s", job_id, msg)
-            self.jobs.set_state(
-                job_id, "failed", error=msg, event={"kind": "failed", "message": msg}
-            )
+        except StepFailedError as exc:
+            self._fail(job_id, str(exc))
         except Exception as exc:
-            JOBS.labels("failed").inc()
             log.exception("job %s failed", job_id)
-            msg = f"{type(exc).__name__}: {exc}"
-            self.jobs.set_state(
-                job_id, "failed", error=msg, event={"kind": "failed", "message": msg}
-            )
+            self._fail(job_id, f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, job_id: str, msg: str) -> None:
+        JOBS.labels("failed").inc()
+        log.warning("job %s failed: %s", job_id, msg)
+        self.jobs.set_state(job_id, "failed", error=msg, event={"kind": "failed", "message": msg})
 
     def _loop(self, job_id: str) -> None:
         job = self.jobs.job(job_id)
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
-        records = self.jobs.iterations(job_id)
-        if records:
-            last = records[-1]
-            if last["decision"] == "meets_protocol" or not last["proposal"]:
-                self._finish(job_id, records)
-                return
-            objectives = [ObjectiveTerm.from_dict(o) for o in last["proposal"]]
-            warm = types_pb2.NDArray.FromString(bytes.fromhex(last["fluence_hex"]))
-        else:
-            objectives, warm = list(protocol.objectives), None
-        if not self.jobs.mark_running(job_id):
+        if not finished(self.jobs.iterations(job_id)) and not self.jobs.mark_running(job_id):
             return  # cancelled before it started
+        ctx = JobContext(
+            job_id,
+            job.case_id,
+            job.protocol_yaml,
+            job.agent,
+            protocol.prescription_gy,
+            protocol.coverage_pct,
+            protocol.target,
+        )
         c, d = self.clients, self.deadlines
-        for it in range(len(records) + 1, job.max_iterations + 1):
-            self._check_stop(job_id)
-            self.jobs.add_event(job_id, {"kind": "iteration_started", "iteration": it})
-            opt = c.optimizer.Optimize(
-                optimizer_pb2.OptimizeRequest(
-                    case_id=job.case_id,
-                    objectives=terms_to_proto(objectives),
-                    normalize_to=protocol.target,
-                    warm_start=warm,
-                    prescription_gy=protocol.prescription_gy,
-                    coverage_pct=protocol.coverage_pct,
-                ),
-                timeout=d.optimize_s,
-            )
-            fmo = {f.name: getattr(opt.stats, f.name) for f in opt.stats.DESCRIPTOR.fields}
-            fmo["replica"] = opt.replica
-            self.jobs.add_event(
-                job_id,
-                {
-                    "kind": "fmo_done",
-                    "iteration": it,
-                    "fmo": fmo,
-                    "message": f"served by {opt.replica}",
-                },
-            )
-            self._check_stop(job_id)
-            ev = c.evaluator.Evaluate(
-                evaluator_pb2.EvaluateRequest(
-                    case_id=job.case_id,
-                    dose=opt.dose,
-                    protocol_yaml=job.protocol_yaml,
-                    agent=evaluator_agent(job.agent),
-                ),
-                timeout=d.evaluate_s,
-            )
-            goals = [_goal_dict(r) for r in ev.goals]
-            llm_calls = [llm_call_from_proto(c) for c in ev.llm_calls]
-            # the guardrail: "meets protocol" only when the numbers say so, whatever the agent says
-            meets = ev.decision == evaluator_pb2.DECISION_MEETS_PROTOCOL and all(
-                g["passed"] for g in goals
-            )
-            self.jobs.add_event(
-                job_id,
-                {
-                    "kind": "evaluated",
-                    "iteration": it,
-                    "goals": goals,
-                    "message": "; ".join(ev.findings),
-                },
-            )
-            record: dict[str, Any] = {
-                "iteration": it,
-                "objectives": [o.to_dict() for o in objectives],
-                "fmo": fmo,
-                "goals": goals,
-                "findings": list(ev.findings),
-                "decision": "meets_protocol" if meets else "needs_improvement",
-                "dose": {"path": opt.dose.path, "sha256": opt.dose.sha256},
-                "fluence_hex": opt.fluence.SerializeToString().hex(),
-                "feedback": "\n".join(self.jobs.feedback_until(job_id, it)),
-                "proposal": [],
-                "rationale": "",
-                "llm_decision": ev.llm_decision,
-                "disagreement": ev.disagreement,
-                "reference_ids": [],
-                "llm_calls": llm_calls,
-            }
-            if not meets and it < job.max_iterations:
-                self._check_stop(job_id)
-                memory = memory_window(job.agent, [*records, record], job.memory_length)
-                refs = self._references(job.case_id, protocol.name) if job.agent == "llm" else []
-                record["reference_ids"] = [r.reference_id for r, _ in refs]
-                prop = c.planner.Propose(
-                    planner_pb2.ProposeRequest(
-                        protocol_yaml=job.protocol_yaml,
-                        agent=job.agent,
-                        current=terms_to_proto(objectives),
-                        memory=[
-                            planner_pb2.IterationMemory(
-                                iteration=m["iteration"],
-                                objectives=terms_to_proto(
-                                    [ObjectiveTerm.from_dict(o) for o in m["objectives"]]
-                                ),
-                                goals=_goals_proto(m["goals"]),
-                                findings=m["findings"],
-                                physician_feedback=m["feedback"],
-                            )
-                            for m in memory
-                        ],
-                        physician_feedback=record["feedback"],
-                        references=[
-                            types_pb2.ReferencePlan(
-                                reference_id=r.reference_id,
-                                description=r.description,
-                                objectives=terms_to_proto(r.objectives),
-                                results_text=r.results_text(),
-                                distance=dist,
-                            )
-                            for r, dist in refs
-                        ],
-                    ),
-                    timeout=d.propose_s,
-                )
-                record["llm_calls"] += [llm_call_from_proto(c) for c in prop.llm_calls]
-                record["proposal"] = [
-                    {
-                        "structure": t.structure,
-                        "kind": t.kind,
-                        "dose_gy": t.dose_gy,
-                        "weight": t.weight,
-                    }
-                    for t in prop.objectives
-                ]
-                record["rationale"] = prop.rationale
-            self._check_stop(job_id)
-            self.jobs.add_iteration(
-                job_id,
-                it,
-                record,
-                {
-                    "kind": "proposal",
-                    "iteration": it,
-                    "proposal": record["proposal"],
-                    "message": record["rationale"],
-                },
-            )
-            records.append(record)
-            ITERATIONS.labels(job.agent).inc()
-            proposal = [ObjectiveTerm.from_dict(o) for o in record["proposal"]]
-            if meets or proposal == objectives:
-                break  # done, or the planner would repeat the same plan
-            objectives = proposal
-            warm = opt.fluence
-        self._finish(job_id, records)
+        result = run_loop(
+            list(protocol.objectives),
+            GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s),
+            GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s),
+            GrpcPlanner(
+                c.planner, ctx, lambda: self._references(job.case_id, protocol.name), d.propose_s
+            ),
+            _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),
+            LoopSettings(job.max_iterations, job.memory_length, job.agent, self.retry_budget_s),
+        )
+        self._finish(job_id, result)
 
     # -- reference plans ------------------------------------------------------------------------
     def _case_features(self, case_id: str) -> dict[str, float]:
@@ -479,10 +306,10 @@ class Orchestrator:
             )
         records = self.jobs.iterations(job_id)
         iteration = iteration or best_iteration(records)
-        rec = next((r for r in records if r["iteration"] == iteration), None)
-        if rec is None:
+        rec = next((r for r in records if r.iteration == iteration), None)
+        if rec is None or rec.dose is None:
             raise ValueError(f"job {job_id} has no iteration {iteration}; it has 1..{len(records)}")
-        check = _check_from(rec["goals"])
+        check = rec.check
         if not check.all_hard_passed:
             raise FailedPreconditionError(
                 f"iteration {iteration} of job {job_id} misses hard goal(s) "
@@ -492,13 +319,14 @@ class Orchestrator:
         if len(description) > 2000:
             raise ValueError("description is limited to 2000 characters")
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
-        case = self.cases.load(job.case_id)
-        plan = PlanDose(case, self.cases.get_artefact(rec["dose"]["path"], rec["dose"]["sha256"]))
+        case = self.cases.load(job.case_id, matrix=False)
+        plan = PlanDose(case, self.cases.get_artefact(rec.dose.path, rec.dose.sha256))
+        plan.reuse_stats(rec.stats)
         ref = ReferencePlan(
             protocol=protocol.name,
             description=description or f"approved plan (agent {job.agent}, iteration {iteration})",
             features=self._case_features(job.case_id),
-            objectives=[ObjectiveTerm.from_dict(o) for o in rec["objectives"]],
+            objectives=list(rec.objectives),
             goals=[r.to_dict() for r in check.results],
             stats=[s.to_dict() for s in plan.stats()],
             source="approved",
@@ -507,13 +335,12 @@ class Orchestrator:
         self.jobs.add_reference(ref.reference_id, ref.protocol, ref.to_dict())
         return ref.reference_id, ref.protocol, len(self.jobs.references(ref.protocol))
 
-    def _finish(self, job_id: str, records: list[dict[str, Any]]) -> None:
+    def _finish(self, job_id: str, result: LoopResult) -> None:
         if self.jobs.job(job_id).state == "cancelled":
             return
-        best = best_iteration(records)
-        met = any(r["decision"] == "meets_protocol" for r in records)
-        msg = f"best plan: iteration {best} of {len(records)}" + (
-            " (meets the protocol)" if met else ""
+        best = result.best_iteration
+        msg = f"best plan: iteration {best} of {len(result.records)}" + (
+            " (meets the protocol)" if result.met_at else ""
         )
         JOBS.labels("succeeded").inc()
         self.jobs.set_state(
@@ -525,6 +352,7 @@ class Orchestrator:
 
     # -- export --------------------------------------------------------------------------------
     def report(self, job_id: str) -> PlanReport:
+        """The job's report from its stored records (geometry only: no matrix is loaded)."""
         job = self.jobs.job(job_id)
         records = self.jobs.iterations(job_id)
         if not records:
@@ -532,24 +360,14 @@ class Orchestrator:
                 f"job {job_id} has no completed iteration yet; export later"
             )
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
-        case = self.cases.load(job.case_id)
-        best = best_iteration(records)
-        rec = next(r for r in records if r["iteration"] == best)
-        plan = PlanDose(case, self.cases.get_artefact(rec["dose"]["path"], rec["dose"]["sha256"]))
-        iterations = [
-            IterationRecord(
-                r["iteration"],
-                [ObjectiveTerm.from_dict(o) for o in r["objectives"]],
-                r["fmo"],
-                _check_from(r["goals"]),
-                "; ".join(r["findings"])
-                + (f" | planner: {r['rationale']}" if r["rationale"] else ""),
-                [{**c, "iteration": r["iteration"]} for c in r.get("llm_calls", [])],
-            )
-            for r in records
-        ]
-        return PlanReport(
-            case.name, protocol, job.agent, plan, _check_from(rec["goals"]), iterations, best
+        case = self.cases.load(job.case_id, matrix=False)
+        return PlanReport.from_records(
+            case,
+            protocol,
+            job.agent,
+            records,
+            best_iteration(records),
+            lambda ref: self.cases.get_artefact(ref.path, ref.sha256),
         )
 
     def export(self, job_id: str) -> tuple[bytes, str]:
@@ -562,3 +380,22 @@ class Orchestrator:
                     if p.is_file():
                         z.write(p, p.relative_to(tmp).as_posix())
         return buf.getvalue(), f"radpilot-{job_id[:8]}.zip"
+
+
+class _CountingSink(JobSink):
+    """The job sink, counting stored iterations for the metrics endpoint."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        job_id: str,
+        stop: threading.Event,
+        cancel: threading.Event,
+        agent: str,
+    ) -> None:
+        super().__init__(jobs, job_id, stop, cancel)
+        self.agent = agent
+
+    def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
+        super().add(record, event)
+        ITERATIONS.labels(self.agent).inc()

@@ -71,7 +71,9 @@ def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorS
         planner_pb2_grpc.PlannerServiceStub(channels[2]),
     )
     refs = config.references if config.references and Path(config.references).is_dir() else None
-    core = Orchestrator(jobs, cases, clients, references_dir=refs)
+    core = Orchestrator(
+        jobs, cases, clients, references_dir=refs, retry_budget_s=config.retry_budget_s
+    )
     running = start_server(
         [
             (

@@ -9,10 +9,11 @@ from typing import Any
 
 import grpc
 
+from radpilot.evaluation.protocol_check import GoalResult
 from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
-from services.common.convert import llm_call_to_proto
-from services.orchestrator.core import Orchestrator, _goals_proto
+from services.common.convert import goal_result_to_proto, record_to_proto
+from services.orchestrator.core import Orchestrator
 
 MAX_UPLOAD_BYTES = 2 << 30
 
@@ -103,7 +104,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 kind=KINDS.get(e["kind"], pb.EVENT_KIND_UNSPECIFIED),
                 iteration=e.get("iteration", 0),
                 fmo=_fmo(e.get("fmo")),
-                goals=_goals_proto(e.get("goals", [])),
+                goals=[goal_result_to_proto(GoalResult.from_dict(g)) for g in e.get("goals", [])],
                 proposal=_terms(e.get("proposal", [])),
                 message=e.get("message", ""),
             )
@@ -118,26 +119,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             state=STATES[job.state],
             best_iteration=job.best_iteration,
             error=job.error,
-            iterations=[
-                pb.IterationRecord(
-                    iteration=r["iteration"],
-                    objectives=_terms(r["objectives"]),
-                    fmo=_fmo(r["fmo"]),
-                    goals=_goals_proto(r["goals"]),
-                    findings=r["findings"],
-                    rationale=r["rationale"],
-                    physician_feedback=r["feedback"],
-                    decision=r["decision"],
-                    llm_decision=r.get("llm_decision", ""),
-                    disagreement=r.get("disagreement", False),
-                    llm_calls=[
-                        llm_call_to_proto({**c, "iteration": r["iteration"]})
-                        for c in r.get("llm_calls", [])
-                    ],
-                    reference_ids=r.get("reference_ids", []),
-                )
-                for r in self.core.jobs.iterations(job.job_id)
-            ],
+            iterations=[record_to_proto(r) for r in self.core.jobs.iterations(job.job_id)],
         )
 
     def SubmitFeedback(

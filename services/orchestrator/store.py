@@ -8,9 +8,12 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from radpilot.loop.record import ArtefactRef, IterationRecord
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -182,27 +185,69 @@ class JobStore:
             (job_id, job_id, json.dumps(event)),
         )
 
-    def add_event(self, job_id: str, event: dict[str, Any]) -> None:
-        self._write([self._event_stmt(job_id, event)])
+    def add_event(self, job_id: str, event: dict[str, Any], once: bool = False) -> bool:
+        """Append an event; with ``once``, not when the job already has one of the same kind
+        for the same iteration (a resumed loop repeats its step, not its events)."""
+        with self._lock:
+            if once:
+                for (text,) in self._db.execute(
+                    "SELECT event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 50",
+                    (job_id,),
+                ):
+                    old = json.loads(text)
+                    if old.get("kind") == event.get("kind") and old.get("iteration") == event.get(
+                        "iteration"
+                    ):
+                        return False
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(*self._event_stmt(job_id, event))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self.changed.notify_all()
+        return True
 
-    def add_iteration(
-        self, job_id: str, iteration: int, record: dict[str, Any], event: dict[str, Any]
-    ) -> None:
+    def add_iteration(self, job_id: str, record: IterationRecord, event: dict[str, Any]) -> None:
+        """Store an iteration and its event in one transaction (never twice: primary key)."""
         self._write(
             [
                 (
                     "INSERT INTO iterations (job_id, iteration, record) VALUES (?,?,?)",
-                    (job_id, iteration, json.dumps(record)),
+                    (job_id, record.iteration, json.dumps(record.to_json())),
                 ),
                 self._event_stmt(job_id, event),
             ]
         )
 
-    def iterations(self, job_id: str) -> list[dict[str, Any]]:
+    def iterations(self, job_id: str) -> list[IterationRecord]:
         rows = self._query(
             "SELECT record FROM iterations WHERE job_id = ? ORDER BY iteration", (job_id,)
         )
-        return [json.loads(r[0]) for r in rows]
+        return [IterationRecord.from_json(json.loads(r[0])) for r in rows]
+
+    def migrate_records(self, store_fluence: Callable[[str, str], ArtefactRef]) -> int:
+        """Rewrite iteration records of the pre-typed format (fluence inline as hex) with the
+        fluence moved to the case store: ``store_fluence(case_id, hex) -> ref``. Returns how
+        many records were rewritten; each is rewritten in its own transaction."""
+        rows = self._query(
+            "SELECT i.job_id, i.iteration, i.record, j.case_id FROM iterations i"
+            " JOIN jobs j ON j.job_id = i.job_id WHERE i.record LIKE '%\"fluence_hex\"%'"
+        )
+        for job_id, iteration, text, case_id in rows:
+            record = IterationRecord.from_json(json.loads(text))
+            record.fluence = store_fluence(case_id, record.legacy_fluence_hex)
+            record.legacy_fluence_hex = ""
+            self._write(
+                [
+                    (
+                        "UPDATE iterations SET record = ? WHERE job_id = ? AND iteration = ?",
+                        (json.dumps(record.to_json()), job_id, iteration),
+                    )
+                ]
+            )
+        return len(rows)
 
     def events_since(self, job_id: str, seq: int) -> list[tuple[int, dict[str, Any]]]:
         rows = self._query(

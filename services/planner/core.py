@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from radpilot.agents.llm_planner import LLMPlanner, PlannerOutcome
-from radpilot.agents.rules_planner import MemoryEntry
+from radpilot.agents.llm_planner import LLMPlanner
 from radpilot.agents.step import PLANNER_AGENTS, check_agent, propose_next
+from radpilot.agents.types import MemoryEntry, PlannerOutcome
 from radpilot.fmo.objectives import ObjectiveTerm, validate_terms
 from radpilot.llm.client import LLMClient
 from radpilot.protocol import load_protocol_text

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import grpc
 
-from radpilot.agents.rules_planner import MemoryEntry
-from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.v1 import planner_pb2, planner_pb2_grpc, types_pb2
+from radpilot.agents.types import MemoryEntry
+from radpilot.v1 import planner_pb2, planner_pb2_grpc
 from services.common.convert import (
-    goal_result_from_proto,
+    check_from_proto,
     llm_call_to_proto,
     terms_from_proto,
     terms_to_proto,
 )
 from services.common.metrics import observe_llm_calls
 from services.planner.core import PlannerCore
-
-
-def check_from_proto(goals: list[types_pb2.GoalResult]) -> ProtocolCheck:
-    return ProtocolCheck([goal_result_from_proto(r) for r in goals])
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):

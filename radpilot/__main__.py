@@ -1,5 +1,0 @@
-import sys
-
-from radpilot.cli import main
-
-sys.exit(main())

@@ -1,0 +1,221 @@
+"""The outer loop's ports wired to the other services over gRPC, and its sink to the job store.
+
+The loop itself is ``radpilot.loop.run_loop``; here are only the translations: objective terms,
+goals and stats to and from protos, fluences kept in the case store, and gRPC status codes to
+the loop's domain errors (UNAVAILABLE -> ``UnavailableError``: the loop waits and retries the
+same step; anything else -> ``StepFailedError``: the job fails with that status and message).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from radpilot.agents.references import ReferencePlan
+from radpilot.case_store import CaseStore
+from radpilot.errors import StepFailedError, UnavailableError
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.loop import ArtefactRef, Evaluated, IterationRecord, Optimized, Proposal
+from radpilot.v1 import (
+    evaluator_pb2,
+    evaluator_pb2_grpc,
+    optimizer_pb2,
+    optimizer_pb2_grpc,
+    planner_pb2,
+    planner_pb2_grpc,
+    types_pb2,
+)
+from radpilot.wire import from_ndarray, to_ndarray
+from services.common.convert import (
+    check_from_proto,
+    fmo_stats_from_proto,
+    goal_result_to_proto,
+    llm_call_from_proto,
+    terms_from_proto,
+    terms_to_proto,
+)
+from services.orchestrator.store import JobStore
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    optimize_s: float = 600.0
+    evaluate_s: float = 120.0
+    propose_s: float = 60.0
+
+
+@dataclass
+class Clients:
+    optimizer: optimizer_pb2_grpc.OptimizerServiceStub
+    evaluator: evaluator_pb2_grpc.EvaluatorServiceStub
+    planner: planner_pb2_grpc.PlannerServiceStub
+
+
+class StoppedError(Exception):
+    """The orchestrator is shutting down or the job was cancelled: leave it as it is."""
+
+
+def _call(step: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except grpc.RpcError as exc:
+        code = exc.code()
+        message = f"{code.name}: {exc.details()}"
+        if code is grpc.StatusCode.UNAVAILABLE:
+            raise UnavailableError(f"{step}: {message}") from exc
+        raise StepFailedError(message) from exc
+
+
+@dataclass
+class JobContext:
+    """What every port of one job needs to know."""
+
+    job_id: str
+    case_id: str
+    protocol_yaml: str
+    agent: str
+    prescription_gy: float
+    coverage_pct: float
+    target: str
+
+
+class GrpcOptimizer:
+    def __init__(
+        self,
+        stub: optimizer_pb2_grpc.OptimizerServiceStub,
+        cases: CaseStore,
+        job: JobContext,
+        deadline_s: float,
+    ) -> None:
+        self.stub, self.cases, self.job, self.deadline_s = stub, cases, job, deadline_s
+
+    def optimize(self, objectives: list[ObjectiveTerm], warm: ArtefactRef | None) -> Optimized:
+        warm_msg = (
+            to_ndarray(self.cases.get_artefact(warm.path, warm.sha256))
+            if warm is not None
+            else None
+        )
+        request = optimizer_pb2.OptimizeRequest(
+            case_id=self.job.case_id,
+            objectives=terms_to_proto(objectives),
+            normalize_to=self.job.target,
+            warm_start=warm_msg,
+            prescription_gy=self.job.prescription_gy,
+            coverage_pct=self.job.coverage_pct,
+        )
+        r = _call("optimizer", lambda: self.stub.Optimize(request, timeout=self.deadline_s))
+        fmo = fmo_stats_from_proto(r.stats)
+        fmo.replica = r.replica
+        path, sha = self.cases.put_artefact(self.job.case_id, "fluence", from_ndarray(r.fluence))
+        return Optimized(ArtefactRef(r.dose.path, r.dose.sha256), ArtefactRef(path, sha), fmo)
+
+
+class GrpcEvaluator:
+    def __init__(
+        self,
+        stub: evaluator_pb2_grpc.EvaluatorServiceStub,
+        job: JobContext,
+        evaluator_agent: str,
+        deadline_s: float,
+    ) -> None:
+        self.stub, self.job, self.agent, self.deadline_s = stub, job, evaluator_agent, deadline_s
+
+    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+        request = evaluator_pb2.EvaluateRequest(
+            case_id=self.job.case_id,
+            dose=types_pb2.ArtefactRef(
+                case_id=self.job.case_id, path=dose.path, sha256=dose.sha256
+            ),
+            protocol_yaml=self.job.protocol_yaml,
+            agent=self.agent,
+        )
+        r = _call("evaluator", lambda: self.stub.Evaluate(request, timeout=self.deadline_s))
+        return Evaluated(
+            check=check_from_proto(list(r.goals)),
+            findings=list(r.findings),
+            meets=r.decision == evaluator_pb2.DECISION_MEETS_PROTOCOL,
+            llm_decision=r.llm_decision,
+            disagreement=r.disagreement,
+            llm_calls=[llm_call_from_proto(c) for c in r.llm_calls],
+            stats=[{f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields} for s in r.structures],
+        )
+
+
+class GrpcPlanner:
+    def __init__(
+        self,
+        stub: planner_pb2_grpc.PlannerServiceStub,
+        job: JobContext,
+        references: Callable[[], list[tuple[ReferencePlan, float]]],
+        deadline_s: float,
+    ) -> None:
+        self.stub, self.job, self.references, self.deadline_s = stub, job, references, deadline_s
+
+    def propose(
+        self, current: list[ObjectiveTerm], memory: list[IterationRecord], physician_feedback: str
+    ) -> Proposal:
+        refs = self.references() if self.job.agent == "llm" else []
+        request = planner_pb2.ProposeRequest(
+            protocol_yaml=self.job.protocol_yaml,
+            agent=self.job.agent,
+            current=terms_to_proto(current),
+            memory=[
+                planner_pb2.IterationMemory(
+                    iteration=m.iteration,
+                    objectives=terms_to_proto(m.objectives),
+                    goals=[goal_result_to_proto(g) for g in m.check.results],
+                    findings=m.findings,
+                    physician_feedback=m.physician_feedback,
+                )
+                for m in memory
+            ],
+            physician_feedback=physician_feedback,
+            references=[
+                types_pb2.ReferencePlan(
+                    reference_id=r.reference_id,
+                    description=r.description,
+                    objectives=terms_to_proto(r.objectives),
+                    results_text=r.results_text(),
+                    distance=dist,
+                )
+                for r, dist in refs
+            ],
+        )
+        r = _call("planner", lambda: self.stub.Propose(request, timeout=self.deadline_s))
+        return Proposal(
+            terms_from_proto(list(r.objectives)) if r.objectives else [],
+            r.rationale,
+            [llm_call_from_proto(c) for c in r.llm_calls],
+            [ref.reference_id for ref, _ in refs],
+        )
+
+
+class JobSink:
+    """The loop's records and events in the job store; stop requests from the orchestrator."""
+
+    def __init__(self, jobs: JobStore, job_id: str, stop: threading.Event, cancel: threading.Event):
+        self.jobs, self.job_id, self._stop, self._cancel = jobs, job_id, stop, cancel
+
+    def stored(self) -> list[IterationRecord]:
+        return self.jobs.iterations(self.job_id)
+
+    def physician_feedback(self, iteration: int) -> str:
+        return "\n".join(self.jobs.feedback_until(self.job_id, iteration))
+
+    def event(self, event: dict[str, Any]) -> None:
+        self.jobs.add_event(self.job_id, event, once=True)
+
+    def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
+        self.jobs.add_iteration(self.job_id, record, event)
+
+    def check_stop(self) -> None:
+        if self._stop.is_set() or self._cancel.is_set():
+            raise StoppedError
+        if self.jobs.job(self.job_id).state == "cancelled":
+            raise StoppedError

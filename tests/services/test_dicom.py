@@ -1,0 +1,318 @@
+"""DICOM in and out, checked by readers RadPilot does not write with (rt-utils for RTSTRUCT
+masks, SimpleITK and plain pydicom for RTDOSE): round trips, a patient written by other
+software, every validation error, and de-identification through the whole service path."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import zipfile
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pydicom
+import pytest
+
+from radpilot.case import Case
+from radpilot.case_store import CaseStore
+from radpilot.cases import load_builtin
+from radpilot.dicom.read import DicomImportError, import_dicom, scan_folder
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.loop.inprocess import plan_once
+from radpilot.protocol import BeamSpec, ProtocolError, load_protocol, load_protocol_text
+from tests.doubles.dicom_data import NEEDLES, edit, write_patient
+from tests.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
+FOREIGN_PROTOCOL = """
+name: foreign-test
+prescription: {target: PTV, dose_gy: 60.0}
+intent: Treat the PTV, spare the cord.
+goals:
+  - {structure: PTV, metric: D95, comparator: ">=", limit: 60}
+  - {structure: Cord, metric: max, comparator: "<=", limit: 45}
+objectives:
+  - {structure: PTV, kind: squared_deviation, dose_gy: 60, weight: 100}
+  - {structure: Cord, kind: squared_overdose, dose_gy: 30, weight: 20}
+  - {structure: NormalTissue, kind: squared_overdose, dose_gy: 30, weight: 5}
+structures:
+  Spinal_Cord: {name: Cord}
+beams: {gantry_deg: [0, 72, 144, 216, 288], bixel_mm: 8, dose_grid_mm: 8}
+"""
+
+
+@pytest.fixture(scope="module")
+def patient(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    folder = tmp_path_factory.mktemp("patient")
+    return folder, write_patient(folder)
+
+
+def _dx(dose: np.ndarray, pct: float) -> float:
+    return float(np.percentile(dose, 100.0 - pct))
+
+
+def _no_identifiers(text: str, where: str) -> None:
+    for needle in NEEDLES:
+        assert needle not in text, f"{needle!r} found in {where}"
+
+
+def test_foreign_patient_imports_plans_and_exports(
+    patient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, uids = patient
+    caplog.set_level(logging.DEBUG)
+    protocol = load_protocol_text(FOREIGN_PROTOCOL)
+    case, notes = import_dicom(folder, protocol)
+    kinds = {s.name: s.kind.value for s in case.structures}
+    assert kinds == {"PTV": "target", "Cord": "oar", "BODY": "external", "NormalTissue": "oar"}
+    assert case.case_id.startswith("dicom-") and len(case.beams) == 5
+    store = CaseStore(tmp_path / "store")
+    store.save(case, case.case_id)
+    again, again_notes = import_dicom(folder, protocol, store)  # same content: no second dij
+    assert again.case_id == case.case_id and "already imported" in again_notes[-1]
+    report = plan_once(store.load(case.case_id), protocol)
+    out = report.write(tmp_path / "out")
+    dose_file = out.parent / "dicom" / "RTDOSE.dcm"
+    assert dose_file.is_file() and not (out.parent / "dicom" / "CT").exists()
+    ds = pydicom.dcmread(dose_file)
+    assert ds.Modality == "RTDOSE" and ds.DoseUnits == "GY" and ds.DoseSummationType == "PLAN"
+    assert ds.FrameOfReferenceUID == uids["frame"] and ds.StudyInstanceUID == uids["study"]
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["series"]
+    dose = ds.pixel_array * float(ds.DoseGridScaling)
+    assert abs(dose.max() - report.plan.dose_rows.max()) < 1e-3
+    # nothing identifying anywhere RadPilot wrote
+    for p in [*out.parent.rglob("*"), *store.root.rglob("*.json")]:
+        if p.is_file() and p.suffix in (".html", ".json", ".dcm"):
+            _no_identifiers(p.read_bytes().decode("latin-1"), str(p))
+    _no_identifiers(json.dumps(case.metadata) + case.case_id + "".join(notes), "case metadata")
+    _no_identifiers(caplog.text, "logs")
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("not-dicom", "no DICOM file"),
+        ("missing-slice", "missing CT slice"),
+        ("duplicate-slice", "duplicate CT slices"),
+        ("uneven", "uneven CT slice spacing"),
+        ("other-series", "references CT series"),
+        ("other-frame", "frame of reference"),
+        ("orientation", "unsupported orientation"),
+        ("modality", "unsupported modality MR"),
+        ("empty-roi", "empty or degenerate"),
+        ("no-rtstruct", "no RTSTRUCT"),
+    ],
+)
+def test_bad_dicom_is_refused_clearly(patient, tmp_path: Path, breakage: str, message: str) -> None:
+    src, _ = patient
+    folder = tmp_path / "p"
+    shutil.copytree(src, folder)
+    cts = sorted(p for p in folder.iterdir() if p.name.startswith("IMG"))
+    rs = folder / "structures.dcm"
+    if breakage == "not-dicom":
+        shutil.rmtree(folder)
+        folder.mkdir()
+        (folder / "notes.txt").write_text("not an image")
+    elif breakage == "missing-slice":
+        cts[10].unlink()
+    elif breakage == "duplicate-slice":
+        shutil.copy(cts[5], folder / "IMG-dup")
+        edit(folder / "IMG-dup", SOPInstanceUID=pydicom.uid.generate_uid())
+    elif breakage == "uneven":
+        ds = pydicom.dcmread(cts[7])
+        edit(
+            cts[7],
+            ImagePositionPatient=[*ds.ImagePositionPatient[:2], ds.ImagePositionPatient[2] + 0.7],
+        )
+    elif breakage == "other-series":
+        r = pydicom.dcmread(rs)
+        r.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[
+            0
+        ].RTReferencedSeriesSequence[0].SeriesInstanceUID = pydicom.uid.generate_uid()
+        r.save_as(rs)
+    elif breakage == "other-frame":
+        r = pydicom.dcmread(rs)
+        r.ReferencedFrameOfReferenceSequence[0].FrameOfReferenceUID = pydicom.uid.generate_uid()
+        for roi in r.StructureSetROISequence:
+            roi.ReferencedFrameOfReferenceUID = r.ReferencedFrameOfReferenceSequence[
+                0
+            ].FrameOfReferenceUID
+        r.save_as(rs)
+    elif breakage == "orientation":
+        for p in cts:
+            edit(p, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
+    elif breakage == "modality":
+        for p in cts:
+            edit(p, Modality="MR", SOPClassUID="1.2.840.10008.5.1.4.1.1.4")
+    elif breakage == "empty-roi":
+        r = pydicom.dcmread(rs)
+        for rc in r.ROIContourSequence:
+            if rc.ReferencedROINumber == 3:  # Spinal_Cord
+                del rc.ContourSequence
+        r.save_as(rs)
+    elif breakage == "no-rtstruct":
+        rs.unlink()
+    with pytest.raises(DicomImportError, match=message):
+        import_dicom(folder, load_protocol_text(FOREIGN_PROTOCOL))
+
+
+def test_protocol_naming_a_missing_structure(patient) -> None:
+    folder, _ = patient
+    text = FOREIGN_PROTOCOL.replace("Spinal_Cord: {name: Cord}", "Spinal_Cord: {name: Cord2}")
+    with pytest.raises(ProtocolError, match=r"names structure\(s\) \['Cord'\]"):
+        import_dicom(folder, load_protocol_text(text))
+    assert scan_folder(folder).rois["PTV"].contours > 0
+
+
+@pytest.fixture(scope="module")
+def prostate(store: CaseStore) -> Case:
+    return load_builtin("tg119-prostate", store)
+
+
+def test_phantom_export_read_by_other_readers(prostate: Case, tmp_path: Path) -> None:
+    import SimpleITK
+    from rt_utils import RTStructBuilder
+
+    protocol = load_protocol(ROOT / "protocols" / "tg119_prostate.yaml")
+    report = plan_once(prostate, protocol)
+    report.write(tmp_path)
+    dicom = tmp_path / "dicom"
+    rt = RTStructBuilder.create_from(str(dicom / "CT"), str(dicom / "RTSTRUCT.dcm"))
+    image = SimpleITK.ReadImage(str(dicom / "RTDOSE.dcm"))
+    ds = pydicom.dcmread(dicom / "RTDOSE.dcm")
+    theirs_dose = SimpleITK.GetArrayFromImage(image).astype(np.float64) * float(ds.DoseGridScaling)
+    grid = prostate.grid
+    assert theirs_dose.shape == grid.shape
+    assert np.allclose(image.GetSpacing(), grid.spacing_mm[::-1])
+    assert np.allclose(image.GetOrigin(), grid.origin_mm[::-1])
+    ct0 = pydicom.dcmread(sorted((dicom / "CT").iterdir())[0])
+    assert ds.FrameOfReferenceUID == ct0.FrameOfReferenceUID
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ct0.SeriesInstanceUID
+    plan: PlanDose = report.plan
+    for s in prostate.structures:
+        if s.name == "NormalTissue":
+            continue
+        mask = np.transpose(rt.get_roi_mask_by_name(s.name), (2, 0, 1))  # rows, cols, slices
+        ours = s.mask(grid)
+        dice = 2 * (mask & ours).sum() / (mask.sum() + ours.sum())
+        assert dice >= 0.95, (s.name, dice)
+        d = theirs_dose[mask]
+        assert abs(d.mean() - plan.metric(s.name, "mean")) <= 0.01 * plan.metric(s.name, "mean")
+        for pct in (95, 5):
+            assert abs(_dx(d, pct) - plan.metric(s.name, f"D{pct}")) <= 0.5, (s.name, pct)
+
+
+def test_phantom_reimport_gives_the_same_structures_and_plan(
+    prostate: Case, tmp_path: Path
+) -> None:
+    protocol = load_protocol(ROOT / "protocols" / "tg119_prostate.yaml")
+    first = plan_once(prostate, protocol)
+    first.write(tmp_path)
+    beams = BeamSpec(tuple(b.gantry_deg for b in prostate.beams), (), 5.0, 5.0, None)
+    again, _ = import_dicom(tmp_path / "dicom", dataclasses.replace(protocol, beams=beams))
+    assert again.grid == prostate.grid
+    for s in again.structures:
+        a, b = s.mask(again.grid), prostate.structure(s.name).mask(prostate.grid)
+        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95, s.name
+    second = plan_once(again, protocol)
+    for s in ("PTV", "Rectum", "Bladder"):
+        m1, m2 = first.plan.metric(s, "mean"), second.plan.metric(s, "mean")
+        assert abs(m1 - m2) <= 0.01 * m1, s
+        for pct in (95, 5):
+            assert abs(first.plan.metric(s, f"D{pct}") - second.plan.metric(s, f"D{pct}")) <= 0.5
+
+
+def test_upload_plan_export_over_grpc_without_identifiers(
+    patient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from radpilot.llm.client import LLMSettings
+    from radpilot.v1 import orchestrator_pb2 as pb
+    from services.client import dicom_upload
+    from tests.doubles.cluster import LLMCluster
+    from tests.doubles.llm_server import ScriptedLLMServer, cooperative_responder
+
+    folder, uids = patient
+    caplog.set_level(logging.DEBUG)
+    with ScriptedLLMServer(cooperative_responder) as llm:
+        settings = LLMSettings(base_url=llm.base_url, model="scripted", backoff_s=0.01)
+        cluster = LLMCluster(tmp_path / "svc", settings, "")
+        try:
+            stub = cluster.stub
+            before = set((tmp_path / "svc" / "store").iterdir())
+            with pytest.raises(grpc.RpcError) as info:  # not a zip: refused, nothing stored
+                stub.CreateCase(
+                    iter(
+                        [
+                            pb.CreateCaseRequest(
+                                protocol_yaml=FOREIGN_PROTOCOL, dicom_zip_chunk=b"plain bytes"
+                            )
+                        ]
+                    )
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a zip" in (info.value.details() or "")
+            assert set((tmp_path / "svc" / "store").iterdir()) == before
+            created = stub.CreateCase(dicom_upload(folder, FOREIGN_PROTOCOL), timeout=300)
+            assert "Cord" in created.structures
+            job_id = stub.StartPlanning(
+                pb.StartPlanningRequest(
+                    case_id=created.case_id,
+                    protocol_yaml=FOREIGN_PROTOCOL,
+                    max_iterations=2,
+                    agent="llm",
+                ),
+                timeout=30,
+            ).job_id
+            for _ in stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300):
+                pass
+            job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=30)
+            assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+            bundle = stub.ExportPlan(pb.ExportPlanRequest(job_id=job_id), timeout=300).bundle
+        finally:
+            cluster.close()
+        requests = b"".join(llm.raw_bodies)
+    assert requests, "the LLM was called"
+    _no_identifiers(requests.decode("latin-1"), "LLM requests")
+    with zipfile.ZipFile(io.BytesIO(bundle)) as z:
+        assert "dicom/RTDOSE.dcm" in z.namelist()
+        rd = pydicom.dcmread(io.BytesIO(z.read("dicom/RTDOSE.dcm")))
+        for name in z.namelist():
+            _no_identifiers(z.read(name).decode("latin-1"), name)
+    assert rd.FrameOfReferenceUID == uids["frame"]
+    db = (tmp_path / "svc" / "store" / "jobs.sqlite").read_bytes()
+    _no_identifiers(db.decode("latin-1"), "job store")
+    _no_identifiers(caplog.text, "service logs")
+
+
+def test_cli_plans_a_dicom_folder(patient, tmp_path: Path) -> None:
+    from services.cli import main
+
+    folder, _ = patient
+    (tmp_path / "p.yaml").write_text(FOREIGN_PROTOCOL)
+    rc = main(
+        ["plan", "--dicom", str(folder), "--protocol", str(tmp_path / "p.yaml"), "--in-process",
+         "--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), "--max-iterations",
+         "2"]
+    )  # fmt: skip
+    assert rc == 0 and (tmp_path / "out" / "dicom" / "RTDOSE.dcm").is_file()
+    bad = main(
+        [
+            "plan",
+            "--dicom",
+            str(tmp_path),
+            "--protocol",
+            str(tmp_path / "p.yaml"),
+            "--in-process",
+            "--store",
+            str(tmp_path / "store"),
+            "--out",
+            str(tmp_path / "o2"),
+        ]
+    )
+    assert bad == 2  # a folder without DICOM: a clear message, no traceback
+    ids = CaseStore(tmp_path / "store").list_ids()
+    assert len(ids) == 1 and ids[0].startswith("dicom-")  # nothing half-imported was kept

@@ -1,0 +1,396 @@
+"""LLM evaluator and planner, the BO baseline and reference plans: in process and as a full job
+over real gRPC, against a local OpenAI-compatible server with scripted (and hostile) answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from radpilot.agents.bo_planner import plan_quality, propose_bo
+from radpilot.agents.llm_evaluator import LLMEvaluator
+from radpilot.agents.llm_planner import LLMPlanner
+from radpilot.agents.references import (
+    ReferencePlan,
+    load_library,
+    nearest,
+    shipped_library_dir,
+)
+from radpilot.agents.step import evaluate_plan
+from radpilot.agents.types import MemoryEntry
+from radpilot.case import Case
+from radpilot.evaluation.images import dose_images
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.rules import Decision
+from radpilot.fmo import FluenceOptimizer, FMOSettings
+from radpilot.llm.client import LLMClient, LLMSettings
+from radpilot.loop.inprocess import case_anatomy_features, plan_loop
+from radpilot.protocol import load_protocol
+from radpilot.v1 import orchestrator_pb2 as pb
+from tests.doubles.cluster import LLMCluster
+from tests.doubles.llm_server import Reply, ScriptedLLMServer, cooperative_responder, role_of
+from tests.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
+HARDER_PATH = ROOT / "protocols" / "tg119_cshape_harder.yaml"
+HARDER = HARDER_PATH.read_text()
+
+
+def settings(srv: ScriptedLLMServer, **kw: Any) -> LLMSettings:
+    return LLMSettings(base_url=srv.base_url, model="scripted", backoff_s=0.01, retries=1, **kw)
+
+
+class Hostile:
+    """The cooperative answers, except for the roles given, which get these replies in turn."""
+
+    def __init__(self, **scripts: list[Reply]) -> None:
+        self.scripts = scripts
+        self.seen: dict[str, int] = {}
+
+    def __call__(self, req: dict[str, Any]) -> Reply:
+        role = role_of(req)
+        if role in self.scripts:
+            n = self.seen.get(role, 0)
+            self.seen[role] = n + 1
+            replies = self.scripts[role]
+            return replies[min(n, len(replies) - 1)]
+        return cooperative_responder(req)
+
+
+@pytest.fixture(scope="module")
+def harder():
+    return load_protocol(HARDER_PATH)
+
+
+@pytest.fixture(scope="module")
+def first_plan(analytic_case: Case, harder) -> PlanDose:
+    opt = FluenceOptimizer(analytic_case)
+    result = opt.solve(harder.objectives, settings=FMOSettings(normalize_to="PTV"))
+    return PlanDose(analytic_case, result.dose_rows)
+
+
+def test_vision_request_carries_the_dose_images(first_plan: PlanDose, harder) -> None:
+    with ScriptedLLMServer(cooperative_responder) as srv:
+        ev = LLMEvaluator(LLMClient(settings(srv)))
+        out = evaluate_plan("llm", first_plan, harder, ev)
+        vision = [r for r in srv.requests if role_of(r) == "vision_expert"]
+    assert [c.role for c in out.calls] == ["dvh_expert", "vision_expert", "evaluator"]
+    names = set(dose_images(first_plan))
+    assert {"axial", "sagittal", "coronal"} <= names and any(n.startswith("crop_") for n in names)
+    parts = vision[0]["messages"][1]["content"]
+    urls = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
+    assert len(urls) == len(names) == out.calls[1].images
+    assert all(u.startswith("data:image/png;base64,iVBOR") for u in urls)  # PNG signature
+    dvh_prompt = srv.requests[0]["messages"][1]["content"]
+    assert "dose_Gy | " in dvh_prompt and "Core D10 <= 10 Gy" in dvh_prompt
+
+
+def test_guardrail_and_disagreement(first_plan: PlanDose, harder) -> None:
+    liar = Hostile(
+        evaluator=[Reply('{"decision": "meets_protocol", "unmet": [], "suggestions": ""}')]
+    )
+    with ScriptedLLMServer(liar) as srv:
+        out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(LLMClient(settings(srv))))
+    assert not out.evaluation.check.all_passed  # the analytic first plan misses PTV D10
+    assert out.llm_decision == "meets_protocol" and out.disagreement
+    assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT
+    assert any("disagree" in f for f in out.evaluation.findings)
+
+
+def test_unreadable_aggregator_retries_once_then_falls_back(first_plan, harder) -> None:
+    garbage = Hostile(evaluator=[Reply("I think it's fine?"), Reply("{not json")])
+    with ScriptedLLMServer(garbage) as srv:
+        out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(LLMClient(settings(srv))))
+    agg = [c for c in out.calls if c.role == "evaluator"]
+    assert [c.outcome for c in agg] == ["retried", "fallback"]
+    assert "could not be read" in srv.requests[-1]["messages"][-1]["content"]
+    assert out.llm_decision == "" and not out.disagreement  # the rule-based evaluation stands
+    assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT
+
+
+def test_text_only_model_skips_the_vision_expert(first_plan, harder) -> None:
+    with ScriptedLLMServer(cooperative_responder) as srv:
+        client = LLMClient(settings(srv, vision=False))
+        out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(client))
+    assert [(c.role, c.outcome) for c in out.calls][1] == ("vision_expert", "skipped")
+    assert "vision_expert" not in srv.roles()
+
+
+def _memory(first_plan: PlanDose, harder) -> list[MemoryEntry]:
+    ev = evaluate_plan("rules", first_plan, harder)
+    return [MemoryEntry(1, list(harder.objectives), ev.evaluation.check, "", ("PTV D10 high",))]
+
+
+@pytest.mark.parametrize(
+    ("replies", "outcomes", "fallback"),
+    [
+        (["```json\n{oops", None], ["retried", "used"], False),
+        (
+            ['{"terms": {"Bladder:squared_overdose": {"weight": 1, "dose_gy": 1}}}'] * 2,
+            ["retried", "fallback"],
+            True,
+        ),
+        (["NEG", "NAN"], ["retried", "fallback"], True),
+        ([Reply(status=500)], ["error"], True),
+    ],
+)
+def test_planner_validates_retries_and_falls_back(
+    first_plan, harder, replies: list[Any], outcomes: list[str], fallback: bool
+) -> None:
+    def bad_terms(weight: float) -> Reply:
+        terms = {t.key(): {"weight": weight, "dose_gy": t.dose_gy} for t in harder.objectives}
+        return Reply(json.dumps({"terms": terms, "rationale": "x"}))  # NaN: JSON's extension
+
+    script = []
+    for r in replies:
+        if r == "NEG":
+            script.append(bad_terms(-1.0))
+        elif r == "NAN":
+            script.append(bad_terms(math.nan))
+        elif isinstance(r, Reply):
+            script.append(r)
+        elif r is not None:
+            script.append(Reply(r))
+    with ScriptedLLMServer(Hostile(planner=script)) as srv:
+        if None in replies:  # the retry gets the cooperative (valid) answer
+            srv.responder = _then_cooperative(script[0])
+        planner = LLMPlanner(LLMClient(settings(srv)))
+        out = planner.propose(harder, list(harder.objectives), _memory(first_plan, harder), [])
+    assert [c.outcome for c in out.calls] == outcomes
+    assert out.fallback is fallback
+    assert all(t.weight > 0 and math.isfinite(t.weight) for t in out.objectives)
+    if fallback:
+        assert "fell back to a rule-based step" in out.rationale
+    else:
+        assert out.calls[-1].validation == "ok" and out.rationale.startswith("LLM planner")
+
+
+def _then_cooperative(first: Reply):
+    state = {"n": 0}
+
+    def responder(req: dict[str, Any]) -> Reply:
+        state["n"] += 1
+        return first if state["n"] == 1 else cooperative_responder(req)
+
+    return responder
+
+
+def _nudging(req: dict[str, Any]) -> Reply:
+    """An evaluator that is never satisfied and a planner that always changes something."""
+    role = role_of(req)
+    if role == "evaluator":
+        return Reply(
+            '{"decision": "needs_improvement", "unmet": [{"factor": "style", '
+            '"structure": "PTV", "reason": "taste"}], "suggestions": "more"}'
+        )
+    reply = cooperative_responder(req)
+    if role == "planner":
+        data = json.loads(reply.text)
+        for v in data["terms"].values():
+            v["weight"] *= 1.1
+        reply = Reply(json.dumps(data))
+    return reply
+
+
+def test_llm_that_never_says_done_runs_its_budget(analytic_case: Case, harder) -> None:
+    with ScriptedLLMServer(_nudging) as srv:
+        report = plan_loop(
+            analytic_case,
+            load_protocol(HARDER_PATH),
+            max_iterations=3,
+            agent="llm",
+            llm=LLMClient(settings(srv)),
+        )
+    assert len(report.iterations) == 3
+    roles = [c["role"] for c in report.summary()["llm_calls"]]
+    assert roles.count("evaluator") == 3 and roles.count("planner") == 2
+
+
+def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, first_plan) -> None:
+    memory = _memory(first_plan, harder)
+    a, _ = propose_bo(harder, memory, seed=1)
+    b, _ = propose_bo(harder, memory, seed=1)
+    assert a == b
+    for t, t0 in zip(a, harder.objectives, strict=True):
+        assert t0.weight / 10.0001 <= t.weight <= t0.weight * 10.0001 and t.dose_gy == t0.dose_gy
+    assert plan_quality(memory[0].check) < 0  # the first plan misses a goal
+    report = plan_loop(analytic_case, harder, max_iterations=10, agent="bo")
+    assert report.check.all_passed  # BO finds the core/hot-spot trade-off on this phantom
+    fixed = plan_loop(analytic_case, harder, max_iterations=5, agent="fixed")
+    assert len(fixed.iterations) == 1  # the class solution does not change: one plan
+
+
+def test_shipped_references_and_retrieval(analytic_case: Case) -> None:
+    library = load_library(shipped_library_dir())
+    for protocol in ("tg119-cshape-easier", "tg119-cshape-harder"):
+        refs = [r for r in library if r.protocol == protocol]
+        assert len(refs) >= 3, protocol
+        assert all(all(g["passed"] or not g["hard"] for g in r.goals) for r in refs)
+    feats = case_anatomy_features(analytic_case)
+    assert feats["vol:PTV"] > 0 and 0 < feats["near:Core"] <= 1
+    got = nearest(library, "tg119-cshape-harder", feats, k=2)
+    assert len(got) == 2 and got[0][1] <= got[1][1]
+    assert all(r.protocol == "tg119-cshape-harder" for r, _ in got)
+    assert "case_id" not in json.dumps([r.to_dict() for r in library])
+
+
+# -- a whole job over gRPC ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[ScriptedLLMServer]:
+    with ScriptedLLMServer(cooperative_responder) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def llm_cluster(tmp_path_factory, llm_server) -> Iterator[LLMCluster]:
+    c = LLMCluster(tmp_path_factory.mktemp("llm"), settings(llm_server), "")
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _run(stub, case_id: str, agent: str, max_iterations: int = 4) -> pb.GetPlanningJobResponse:
+    job_id = stub.StartPlanning(
+        pb.StartPlanningRequest(
+            case_id=case_id, protocol_yaml=HARDER, agent=agent, max_iterations=max_iterations
+        ),
+        timeout=30,
+    ).job_id
+    for _ in stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300):
+        pass
+    return stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=30)
+
+
+def test_llm_job_audit_trail_approval_and_references(
+    llm_cluster: LLMCluster, llm_server: ScriptedLLMServer, tmp_path: Path
+) -> None:
+    stub = llm_cluster.stub
+    case_id = stub.CreateCase(
+        iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
+        timeout=120,
+    ).case_id
+    first = len(llm_server.requests)
+    job = _run(stub, case_id, "llm", max_iterations=6)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    calls = [c for it in job.iterations for c in it.llm_calls]
+    vision = [c for c in calls if c.role == "vision_expert"]
+    planner = [c for c in calls if c.role == "planner"]
+    assert vision and all(c.images > 0 and len(c.image_sha256) == c.images for c in vision)
+    assert all("base64" not in c.request_json for c in calls)
+    assert len(job.iterations) > 1  # the first plan misses a goal on this phantom
+    assert job.iterations[-1].decision == "meets_protocol"
+    assert planner and all(c.outcome == "used" and c.validation == "ok" for c in planner)
+    # the validated weights were used: iteration 2 ran with what the planner proposed
+    prop = json.loads(planner[0].response_text)["terms"]
+    used = {f"{t.structure}:{t.kind}": t.weight for t in job.iterations[1].objectives}
+    assert used == {k: v["weight"] for k, v in prop.items()}
+    # no identifiers in what reached the model
+    for raw in llm_server.raw_bodies[first:]:
+        assert case_id.encode() not in raw and job.job_id.encode() not in raw
+    bundle = stub.ExportPlan(pb.ExportPlanRequest(job_id=job.job_id), timeout=120)
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
+        summary = json.loads(z.read("summary.json"))
+        html = z.read("report.html").decode()
+    assert len(summary["llm_calls"]) == len(calls)
+    assert set(summary["llm_calls"][0]) == {
+        "iteration",
+        "role",
+        "model",
+        "images",
+        "outcome",
+        "seconds",
+    }
+    assert "LLM audit trail" in html
+    # the same export through the CLI
+    from services.cli import main as cli
+
+    address = f"127.0.0.1:{llm_cluster.orch.port}"
+    assert cli(["export", job.job_id, str(tmp_path / "x"), "--orchestrator", address]) == 0
+    assert (tmp_path / "x" / "dicom" / "RTDOSE.dcm").is_file()
+    assert cli(["export", "no-such-job", str(tmp_path / "y"), "--orchestrator", address]) == 2
+
+    # approve: the plan joins the library and the next LLM job's planner is shown it
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ApprovePlan(pb.ApprovePlanRequest(job_id="nope"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as info:  # iteration 1 misses a hard goal
+        stub.ApprovePlan(pb.ApprovePlanRequest(job_id=job.job_id, iteration=1), timeout=60)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "hard goal" in (info.value.details() or "")
+    approved = stub.ApprovePlan(
+        pb.ApprovePlanRequest(job_id=job.job_id, description="phantom, scripted"), timeout=60
+    )
+    assert approved.protocol == "tg119-cshape-harder" and approved.references == 1
+    mark = len(llm_server.requests)
+    again = _run(stub, case_id, "llm", max_iterations=2)
+    assert again.iterations[0].reference_ids == [approved.reference_id]
+    prompts = [r for r in llm_server.requests[mark:] if role_of(r) == "planner"]
+    assert "phantom, scripted" in prompts[0]["messages"][1]["content"]
+    assert "DVH (% of each structure's volume" in prompts[0]["messages"][1]["content"]
+
+
+def test_llm_job_without_endpoint_fails_clearly(tmp_path: Path) -> None:
+    c = LLMCluster(tmp_path, LLMSettings(), "")
+    try:
+        case_id = c.stub.CreateCase(
+            iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
+            timeout=120,
+        ).case_id
+        job = _run(c.stub, case_id, "llm")
+        assert job.state == pb.JOB_STATE_FAILED
+        assert "FAILED_PRECONDITION" in job.error and "not configured" in job.error
+        bo = _run(c.stub, case_id, "bo", max_iterations=3)
+        assert bo.state == pb.JOB_STATE_SUCCEEDED and len(bo.iterations) >= 1
+    finally:
+        c.close()
+
+
+def test_reference_plan_round_trip() -> None:
+    r = load_library(shipped_library_dir())[0]
+    assert ReferencePlan.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert "achieved" in r.results_text() and r.dvh["levels_gy"]
+    assert "DVH (% of each structure's volume" in r.results_text()
+
+
+def test_endpoint_down_leaves_the_rules_evaluation(first_plan: PlanDose, harder) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = LLMClient(
+        LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0.01)
+    )
+    out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(client))
+    assert [(c.role, c.outcome) for c in out.calls] == [("dvh_expert", "fallback")]
+    assert "Connection" in out.calls[0].error and out.calls[0].attempts == 2
+    assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT and out.llm_decision == ""
+
+
+def test_create_case_and_approve_refusals(llm_cluster: LLMCluster) -> None:
+    stub = llm_cluster.stub
+
+    def code(fn, arg) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.RpcError) as info:
+            fn(arg, timeout=60)
+        return info.value.code(), info.value.details() or ""
+
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    got, details = code(stub.CreateCase, iter([]))
+    assert got == bad and "empty CreateCase stream" in details
+    both = iter([pb.CreateCaseRequest(builtin="analytic-cshape", dicom_zip_chunk=b"PK")])
+    assert code(stub.CreateCase, both)[0] == bad
+    no_protocol = iter([pb.CreateCaseRequest(dicom_zip_chunk=b"PK\x03\x04")])
+    got, details = code(stub.CreateCase, no_protocol)
+    assert got == bad and "protocol_yaml is empty" in details
+    got, details = code(stub.ApprovePlan, pb.ApprovePlanRequest())
+    assert got == bad and "job_id" in details

@@ -1,0 +1,76 @@
+"""The rule-based planner's steps, its backtracking, and the in-process loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radpilot.agents.rules_planner import propose_rules
+from radpilot.agents.types import MemoryEntry
+from radpilot.case import Case
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.protocol_check import check_protocol
+from radpilot.loop.inprocess import plan_loop
+from radpilot.protocol import load_protocol
+from tests.paths import REPO_ROOT
+
+PROTOCOLS = REPO_ROOT / "protocols"
+
+
+def _check(case: Case, ptv_hot: float, core: float):
+    protocol = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    dose = np.full(case.row_voxels.size, 5.0, dtype=np.float32)
+    ptv = case.rows_of("PTV")
+    dose[ptv] = 50.0
+    dose[ptv[: len(ptv) // 5]] = ptv_hot  # 20 % of the PTV at ptv_hot -> D10 = ptv_hot
+    dose[case.rows_of("Core")] = core
+    return protocol, check_protocol(PlanDose(case, dose), protocol)
+
+
+def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Case) -> None:
+    protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
+    new, why = propose_rules(
+        protocol, protocol.objectives, check, [MemoryEntry(1, protocol.objectives, check)]
+    )
+    old = {t.key(): t for t in protocol.objectives}
+    got = {t.key(): t for t in new}
+    assert got["Core:squared_overdose"].weight > old["Core:squared_overdose"].weight
+    assert got["Core:squared_overdose"].dose_gy < old["Core:squared_overdose"].dose_gy
+    assert got["PTV:squared_overdose"] == old["PTV:squared_overdose"]  # PTV goals are met
+    assert "Core D10 <= 10 Gy missed by 4.00 Gy" in why
+
+
+def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> None:
+    protocol, check = _check(analytic_case, 58.0, 5.0)  # PTV D10 58 > 55
+    new, _ = propose_rules(
+        protocol, protocol.objectives, check, [MemoryEntry(1, protocol.objectives, check)]
+    )
+    got = {t.key(): t for t in new}
+    assert got["PTV:squared_overdose"].weight > 500.0
+    assert got["PTV:squared_overdose"].dose_gy >= 50.5  # never asks the target to be under-dosed
+
+
+def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Case) -> None:
+    protocol, good = _check(analytic_case, 52.0, 10.5)
+    _, bad = _check(analytic_case, 58.0, 14.0)
+    assert bad.shortfall() > good.shortfall() and bad.rank() < good.rank()
+    best_objs = protocol.objectives
+    worse_objs = [t for t in protocol.objectives if t.structure != "NormalTissue"]
+    memory = [MemoryEntry(1, best_objs, good), MemoryEntry(2, worse_objs, bad)]
+    new, why = propose_rules(protocol, worse_objs, bad, memory)
+    assert "stepping again from iteration 1" in why
+    assert any(t.structure == "NormalTissue" for t in new)  # back on iteration 1's objectives
+    full, _ = propose_rules(protocol, best_objs, good, [MemoryEntry(1, best_objs, good)])
+    core = lambda ts: next(t for t in ts if t.key() == "Core:squared_overdose").weight  # noqa: E731
+    assert core(protocol.objectives) < core(new) < core(full)  # a smaller step than a fresh one
+
+
+def test_loop_stops_when_met_and_reports_the_best(analytic_case: Case) -> None:
+    protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
+    report = plan_loop(analytic_case, protocol, max_iterations=3)
+    assert 1 <= len(report.iterations) <= 3
+    assert report.best_iteration in [it.iteration for it in report.iterations]
+    if report.check.all_passed:
+        assert report.iterations[-1].iteration == report.best_iteration
+    with pytest.raises(ValueError, match="max_iterations"):
+        plan_loop(analytic_case, protocol, max_iterations=0)

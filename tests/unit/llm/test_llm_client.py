@@ -1,0 +1,180 @@
+"""The LLM client against a real local OpenAI-compatible server: retries, timeouts, a server
+that is down, structured output refused, token accounting, and the tolerant answer parsers."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from radpilot.agents.llm_evaluator import parse_evaluation
+from radpilot.agents.llm_planner import ProposalError, validate_proposal
+from radpilot.evaluation.rules import Decision
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.llm.client import LLMClient, LLMError, LLMSettings, image_part
+from radpilot.llm.parse import ParseError, find_json_object
+from tests.doubles.llm_server import Reply, ScriptedLLMServer
+
+
+class Script:
+    """Replies served in order (the last one repeats)."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies)
+        self.n = 0
+
+    def __call__(self, request: dict) -> Reply:
+        r = self.replies[min(self.n, len(self.replies) - 1)]
+        self.n += 1
+        return r
+
+
+@pytest.fixture
+def server() -> Iterator[ScriptedLLMServer]:
+    with ScriptedLLMServer(Script(Reply("hello"))) as srv:
+        yield srv
+
+
+def _client(srv: ScriptedLLMServer, **kw: object) -> LLMClient:
+    settings = {"base_url": srv.base_url, "model": "m", "backoff_s": 0.01, "retries": 2, **kw}
+    return LLMClient(LLMSettings(**settings))  # type: ignore[arg-type]
+
+
+def test_settings_from_env_and_not_configured() -> None:
+    s = LLMSettings.from_env(
+        {
+            "OPENAI_BASE_URL": "http://h:1/v1",
+            "RADPILOT_LLM_MODEL": "qwen",
+            "RADPILOT_LLM_VISION": "0",
+        }
+    )
+    assert (s.base_url, s.model, s.vision, s.configured) == ("http://h:1/v1", "qwen", False, True)
+    assert "api_key" not in s.describe()
+    with pytest.raises(match="OPENAI_BASE_URL"):
+        LLMClient(LLMSettings.from_env({}))
+    with pytest.raises(ValueError, match="json_mode"):
+        LLMSettings(json_mode="yaml")
+
+
+def test_answer_tokens_and_audit_without_image_bytes(server: ScriptedLLMServer) -> None:
+    client = _client(server)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(100)
+    text, call = client.chat(
+        "vision_expert",
+        [{"role": "user", "content": [{"type": "text", "text": "look"}, image_part(png)]}],
+    )
+    assert text == "hello" and call.outcome == "used" and call.attempts == 1
+    assert call.prompt_tokens > 0 and call.completion_tokens >= 1
+    assert call.images == 1 and len(call.image_sha256[0]) == 64
+    # the server saw the image as a data URL; the audit keeps only its hash
+    sent = server.requests[0]["messages"][0]["content"][1]["image_url"]["url"]
+    assert sent.startswith("data:image/png;base64,")
+    assert "base64" not in json.dumps(call.to_dict())
+
+
+def test_429_then_success_is_retried() -> None:
+    script = Script(Reply(status=429, headers={"Retry-After": "0"}), Reply("ok"))
+    with ScriptedLLMServer(script) as srv:
+        text, call = _client(srv).chat("planner", [{"role": "user", "content": "x"}])
+    assert text == "ok" and call.attempts == 2 and len(srv.requests) == 2
+
+
+def test_persistent_5xx_gives_up_after_the_retries() -> None:
+    with (
+        ScriptedLLMServer(Script(Reply(status=503))) as srv,
+        pytest.raises(LLMError, match="503") as info,
+    ):
+        _client(srv, retries=2).chat("planner", [{"role": "user", "content": "x"}])
+    assert info.value.call.attempts == 3 and info.value.call.outcome == "error"
+
+
+def test_timeout_and_server_down() -> None:
+    with (
+        ScriptedLLMServer(Script(Reply("late", delay_s=1.5))) as srv,
+        pytest.raises(LLMError, match="Timeout") as info,
+    ):
+        _client(srv, timeout_s=0.3, retries=1).chat("planner", [{"role": "user", "c": 1}])
+    assert info.value.call.attempts == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    client = LLMClient(LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", retries=1, backoff_s=0))
+    with pytest.raises(LLMError, match="Connection"):
+        client.chat("planner", [{"role": "user", "content": "x"}])
+
+
+def test_structured_output_refused_falls_back_to_text_mode() -> None:
+    def responder(req: dict) -> Reply:
+        if "response_format" in req:
+            return Reply(status=400, error="response_format is not supported")
+        return Reply("<DECISION>meets_protocol</DECISION>")
+
+    with ScriptedLLMServer(responder) as srv:
+        client = _client(srv)
+        text, call = client.chat("evaluator", [{"role": "user", "content": "x"}], schema={})
+    assert "DECISION" in text and call.request["response_format"] == "text"
+    assert srv.requests[0]["response_format"]["type"] == "json_schema"
+    assert "response_format" not in srv.requests[1]
+
+
+def test_json_found_in_prose_and_fences() -> None:
+    assert find_json_object('Sure! ```json\n{"a": 1}\n``` done') == {"a": 1}
+    assert find_json_object('thinking {"x": "}"} and finally {"a": {"b": 2}}') == {"a": {"b": 2}}
+    with pytest.raises(ParseError):
+        find_json_object("no json here {broken")
+
+
+def test_evaluation_parser_json_and_tagged_text() -> None:
+    d, unmet, _ = parse_evaluation(
+        '{"decision": "needs_improvement", "unmet": [{"factor": "D10", "structure": "Core",'
+        ' "reason": "12 Gy > 10 Gy"}], "suggestions": "spare the core"}'
+    )
+    assert d is Decision.NEEDS_IMPROVEMENT and unmet == ["Core: D10 - 12 Gy > 10 Gy"]
+    d, unmet, sug = parse_evaluation(
+        "Analysis...\n<DECISION>needs improvement</DECISION>\n<UNMET>\n- Core D10: 12 Gy\n"
+        "- PTV D10: 56 Gy\n</UNMET><SUGGESTIONS>more core weight</SUGGESTIONS>"
+    )
+    assert d is Decision.NEEDS_IMPROVEMENT and len(unmet) == 2 and sug == "more core weight"
+    assert parse_evaluation("<DECISION>meets_protocol")[0] is Decision.MEETS_PROTOCOL
+    for bad in ("the plan looks fine", '{"decision": "maybe"}', '{"decision": "x", "unmet": 3}'):
+        with pytest.raises(ParseError):
+            parse_evaluation(bad)
+
+
+CURRENT = [
+    ObjectiveTerm("PTV", "squared_deviation", 50.0, 100.0),
+    ObjectiveTerm("Core", "squared_overdose", 8.0, 100.0),
+]
+
+
+def _terms(**over: dict) -> dict:
+    base = {
+        "PTV:squared_deviation": {"weight": 120.0, "dose_gy": 50.0},
+        "Core:squared_overdose": {"weight": 200.0, "dose_gy": 7.0},
+    }
+    base.update(over)
+    return {"terms": base, "rationale": "more core"}
+
+
+def test_proposal_validation() -> None:
+    terms, why = validate_proposal(_terms(), CURRENT, 50.0)
+    assert [t.weight for t in terms] == [120.0, 200.0] and terms[1].dose_gy == 7.0
+    assert why == "more core"
+    bad = [
+        ({"terms": []}, '"terms"'),
+        ({"terms": {**_terms()["terms"], "Bladder:squared_overdose": {"weight": 1}}}, "unknown"),
+        ({"terms": {"PTV:squared_deviation": {"weight": 1, "dose_gy": 50}}}, "missing"),
+        (_terms(**{"Core:squared_overdose": {"weight": -5, "dose_gy": 7}}), "positive"),
+        (_terms(**{"Core:squared_overdose": {"weight": math.nan, "dose_gy": 7}}), "finite"),
+        (_terms(**{"Core:squared_overdose": {"weight": "lots", "dose_gy": 7}}), "numbers"),
+        (_terms(**{"Core:squared_overdose": {"weight": 100, "dose_gy": -1}}), "negative"),
+        (_terms(**{"Core:squared_overdose": {"weight": 10000, "dose_gy": 7}}), "within"),
+        (_terms(**{"Core:squared_overdose": {"weight": 100, "dose_gy": 30}}), "at most"),
+        (_terms(**{"Core:squared_overdose": {"weight": True, "dose_gy": 7}}), "boolean"),
+    ]
+    for data, match in bad:
+        with pytest.raises(ProposalError, match=match):
+            validate_proposal(data, CURRENT, 50.0)

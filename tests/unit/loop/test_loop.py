@@ -1,0 +1,247 @@
+"""The outer loop over in-memory ports: stopping rules, guardrail, ranking, memory window,
+resume from a sink, retries within a budget, and the record's JSON form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from radpilot.errors import StepFailedError, UnavailableError
+from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.loop import (
+    ArtefactRef,
+    Evaluated,
+    FmoStats,
+    IterationRecord,
+    LoopSettings,
+    Optimized,
+    Proposal,
+    best_iteration,
+    run_loop,
+)
+from radpilot.loop.inprocess import MemorySink
+from radpilot.protocol import ClinicalGoal
+
+CORE = ClinicalGoal("Core", "D10", "<=", 10.0, 1, True)
+SOFT = ClinicalGoal("PTV", "D10", "<=", 55.0, 2, False)
+START = [ObjectiveTerm("Core", "squared_overdose", 10.0, 1.0)]
+
+
+def _check(core_gy: float, soft_gy: float = 50.0) -> ProtocolCheck:
+    return ProtocolCheck(
+        [GoalResult(g, v, v <= g.limit, g.limit - v) for g, v in ((CORE, core_gy), (SOFT, soft_gy))]
+    )
+
+
+class FakeOptimizer:
+    """Core D10 falls as the core weight rises: 16 Gy at weight 1, minus 2 Gy per doubling."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[ObjectiveTerm], ArtefactRef | None]] = []
+
+    def optimize(self, objectives: list[ObjectiveTerm], warm: ArtefactRef | None) -> Optimized:
+        self.calls.append((objectives, warm))
+        n = len(self.calls)
+        w = objectives[0].weight
+        return Optimized(
+            ArtefactRef(f"dose-{n}:{w}"), ArtefactRef(f"fluence-{n}"), FmoStats(iterations=n)
+        )
+
+
+class FakeEvaluator:
+    def __init__(self, says_meets: bool | None = None, soft_gy: float = 50.0) -> None:
+        self.says_meets, self.soft_gy = says_meets, soft_gy
+        self.calls = 0
+
+    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+        import math
+
+        self.calls += 1
+        weight = float(dose.path.split(":")[1])
+        check = _check(16.0 - 2.0 * math.log2(weight), self.soft_gy)
+        meets = check.all_passed if self.says_meets is None else self.says_meets
+        return Evaluated(check, [r.finding() for r in check.results], meets)
+
+
+class DoublingPlanner:
+    def __init__(self, same: bool = False) -> None:
+        self.same = same
+        self.memories: list[list[int]] = []
+
+    def propose(
+        self, current: list[ObjectiveTerm], memory: list[IterationRecord], physician_feedback: str
+    ) -> Proposal:
+        self.memories.append([m.iteration for m in memory])
+        if self.same:
+            return Proposal(list(current), "nothing to change")
+        t = current[0]
+        return Proposal([ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight * 2)], "double")
+
+
+def _run(
+    evaluator: Any = None,
+    planner: Any = None,
+    sink: Any = None,
+    optimizer: Any = None,
+    **settings: Any,
+) -> tuple[Any, FakeOptimizer, DoublingPlanner, MemorySink]:
+    opt = optimizer or FakeOptimizer()
+    plan = planner or DoublingPlanner()
+    sink = sink or MemorySink()
+    result = run_loop(
+        START,
+        opt,
+        evaluator or FakeEvaluator(),
+        plan,
+        sink,
+        LoopSettings(**{"max_iterations": 6, **settings}),
+    )
+    return result, opt, plan, sink
+
+
+def test_stops_when_met_and_warm_starts_from_the_previous_fluence() -> None:
+    # weights 1, 2, 4, 8: core 16, 14, 12, 10 -> met at iteration 4
+    result, opt, _, sink = _run()
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4]
+    assert result.met_at == 4 and result.best_iteration == 4
+    assert result.records[-1].meets and result.records[-1].proposal == []
+    assert opt.calls[0][1] is None
+    assert [c[1].path for c in opt.calls[1:] if c[1]] == ["fluence-1", "fluence-2", "fluence-3"]
+    assert [o.weight for o in result.records[2].objectives] == [4.0]
+    assert len(sink.records) == 4
+
+
+def test_guardrail_overrides_an_evaluator_that_says_meets_too_early() -> None:
+    result, *_ = _run(evaluator=FakeEvaluator(says_meets=True))
+    assert [r.decision for r in result.records[:3]] == ["needs_improvement"] * 3
+    assert result.met_at == 4
+
+
+def test_a_missed_soft_goal_is_not_met_and_the_budget_ends_the_loop() -> None:
+    result, opt, *_ = _run(evaluator=FakeEvaluator(soft_gy=60.0), max_iterations=5)
+    assert len(result.records) == 5 and len(opt.calls) == 5
+    assert result.met_at == 0
+    assert result.records[-1].proposal == []  # no proposal after the last FMO
+
+
+def test_a_planner_with_nothing_new_ends_the_loop() -> None:
+    result, opt, *_ = _run(planner=DoublingPlanner(same=True))
+    assert len(result.records) == 1 and len(opt.calls) == 1
+
+
+@pytest.mark.parametrize(("agent", "expected"), [("rules", [4, 5]), ("bo", [1, 2, 3, 4, 5])])
+def test_memory_window(agent: str, expected: list[int]) -> None:
+    _, _, planner, _ = _run(
+        evaluator=FakeEvaluator(soft_gy=60.0), memory_length=2, agent=agent, max_iterations=6
+    )
+    assert planner.memories[-1] == expected
+
+
+def test_ranking_prefers_fewer_hard_misses_then_smaller_shortfall_then_earlier() -> None:
+    def rec(i: int, core: float, soft: float) -> IterationRecord:
+        return IterationRecord(i, START, FmoStats(), _check(core, soft))
+
+    assert best_iteration([rec(1, 11.0, 50.0), rec(2, 10.5, 50.0), rec(3, 9.0, 60.0)]) == 3
+    assert best_iteration([rec(1, 12.0, 50.0), rec(2, 10.5, 50.0)]) == 2
+    assert best_iteration([rec(1, 9.0, 50.0), rec(2, 9.0, 50.0)]) == 1
+    assert best_iteration([]) == 0
+
+
+class StopsAfter(MemorySink):
+    """A sink whose process is 'shut down' once it holds n records."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def check_stop(self) -> None:
+        if len(self.records) == self.n:
+            raise KeyboardInterrupt
+
+
+def test_resume_continues_after_the_last_stored_iteration() -> None:
+    interrupted = StopsAfter(2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(sink=interrupted)
+    sink = MemorySink()
+    sink.records = list(interrupted.records)
+    result, opt, _, _ = _run(sink=sink)
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4]
+    assert len(opt.calls) == 2  # only iterations 3 and 4 ran
+    assert opt.calls[0][0][0].weight == 4.0  # the stored proposal of iteration 2
+    assert opt.calls[0][1] == interrupted.records[-1].fluence
+
+
+def test_resume_of_a_finished_run_calls_nothing() -> None:
+    done, *_ = _run()
+    sink = MemorySink()
+    sink.records = list(done.records)
+    result, opt, _, _ = _run(sink=sink)
+    assert opt.calls == [] and result.best_iteration == 4
+
+
+class FlakyEvaluator(FakeEvaluator):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+        if self.failures > 0:
+            self.failures -= 1
+            raise UnavailableError("evaluator: UNAVAILABLE: connection refused")
+        return super().evaluate(dose)
+
+
+def test_an_unavailable_service_is_retried_without_repeating_stored_work() -> None:
+    ev = FlakyEvaluator(failures=3)
+    result, opt, *_ = _run(evaluator=ev, retry_first_s=0.01, retry_budget_s=5)
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4]
+    assert len(opt.calls) == 4  # the optimizer did not run again for the retried evaluation
+    assert ev.calls == 4
+
+
+def test_the_retry_budget_ends_in_a_clear_failure() -> None:
+    with pytest.raises(StepFailedError, match=r"evaluator did not come back within the 0\.05 s"):
+        _run(evaluator=FlakyEvaluator(failures=100), retry_first_s=0.01, retry_budget_s=0.05)
+
+
+def test_a_stop_request_is_honoured_between_steps() -> None:
+    sink = StopsAfter(2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(sink=sink)
+    assert len(sink.records) == 2
+
+
+def test_settings_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_iterations"):
+        LoopSettings(max_iterations=0)
+    with pytest.raises(ValueError, match="memory_length"):
+        LoopSettings(memory_length=0)
+
+
+def test_record_json_round_trip_and_the_previous_format() -> None:
+    result, *_ = _run()
+    for r in result.records:
+        again = IterationRecord.from_json(r.to_json())
+        assert again.to_json() == r.to_json()
+    old = {
+        "iteration": 1,
+        "objectives": [o.to_dict() for o in START],
+        "fmo": {"iterations": 12, "converged": True, "replica": "opt-1", "unknown": 1},
+        "goals": [r.to_dict() for r in _check(11.0).results],
+        "findings": ["x"],
+        "decision": "needs_improvement",
+        "dose": {"path": "artefacts/c/dose-1.npy", "sha256": "ab"},
+        "fluence_hex": "0a0b",
+        "feedback": "spare the core",
+        "proposal": [],
+        "rationale": "",
+    }
+    rec = IterationRecord.from_json(old)
+    assert rec.physician_feedback == "spare the core"
+    assert rec.legacy_fluence_hex == "0a0b" and rec.fluence is None
+    assert rec.fmo.iterations == 12 and rec.fmo.replica == "opt-1"
+    assert rec.check.failed[0].goal.structure == "Core"
+    assert "fluence_hex" not in rec.to_json()

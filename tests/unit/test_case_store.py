@@ -1,0 +1,74 @@
+"""The case store: round trip, atomic writes, integrity check, recipe caching, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radpilot.case import Case, CaseError
+from radpilot.case_store import CaseNotFoundError, CaseStore
+from radpilot.cases import builtin_case_id, builtin_params, load_builtin
+
+
+def test_round_trip_is_exact(analytic_case: Case, tmp_path) -> None:
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c1")
+    back = store.load("c1", verify=True)
+    assert back.structure_names == analytic_case.structure_names
+    assert back.grid == analytic_case.grid
+    assert back.beams == analytic_case.beams
+    assert (back.dose_influence != analytic_case.dose_influence).nnz == 0
+    np.testing.assert_array_equal(back.row_voxels, analytic_case.row_voxels)
+    for a, b in zip(back.structures, analytic_case.structures, strict=True):
+        np.testing.assert_array_equal(a.voxel_indices, b.voxel_indices)
+    assert not list((tmp_path / "tmp").iterdir())  # nothing half-written left behind
+
+
+def test_corruption_is_detected(analytic_case: Case, tmp_path) -> None:
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c2")
+    f = store.path("c2") / "ct_hu.npy"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CaseError, match="hash"):
+        store.load("c2", verify=True)
+
+
+def test_leftover_temp_dirs_are_cleaned(tmp_path) -> None:
+    (tmp_path / "tmp" / "half.case").mkdir(parents=True)
+    store = CaseStore(tmp_path)
+    assert not list((tmp_path / "tmp").iterdir())
+    assert store.list_ids() == []
+
+
+def test_unknown_case_and_params(tmp_path) -> None:
+    store = CaseStore(tmp_path)
+    with pytest.raises(CaseNotFoundError):
+        store.load("nope")
+    with pytest.raises(CaseNotFoundError):
+        store.load("../etc")
+    with pytest.raises(CaseError, match="unknown case"):
+        load_builtin("prostate-xyz", store)
+    with pytest.raises(CaseError, match="no parameter"):
+        builtin_params("analytic-cshape", grid=3)
+    with pytest.raises(CaseError, match="not a float"):
+        builtin_params("analytic-cshape", spacing_mm="fine")
+
+
+def test_same_recipe_loads_from_store(tmp_path) -> None:
+    store = CaseStore(tmp_path)
+    a = load_builtin("analytic-cshape", store, spacing_mm=8.0)
+    assert a.case_id == builtin_case_id("analytic-cshape", spacing_mm=8.0)
+    assert store.list_ids() == [a.case_id]
+    b = load_builtin("analytic-cshape", store, spacing_mm=8.0)
+    assert b.case_id == a.case_id and b.dose_influence.nnz == a.dose_influence.nnz
+    assert builtin_case_id("analytic-cshape", spacing_mm=6.0) != a.case_id
+
+
+def test_cli_lists_builtin_cases(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import main
+
+    assert main(["cases"]) == 0
+    out = capsys.readouterr().out
+    assert "tg119-cshape" in out and "analytic-cshape" in out
