@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks deploy
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms references lock image image-smoke k8s-validate kind-e2e clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms bench-convergence references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -119,6 +119,9 @@ kind-e2e: $(STAMP)
 # next to the TG-119 institutions' mean; rewrites its section of docs/benchmarks.md.
 bench-phantoms: $(STAMP)
 	$(PY) -m benchmarks.tg119_phantoms --doc docs/benchmarks.md
+
+bench-convergence: $(STAMP)
+	$(PY) -m benchmarks.fmo_convergence --doc docs/benchmarks.md
 
 # Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
 references: $(STAMP)

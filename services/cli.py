@@ -28,7 +28,9 @@ from radpilot.cases import BUILTIN_CASES, load_builtin
 from radpilot.errors import AgentNotConfiguredError
 from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import plan_loop, plan_once
+from radpilot.loop.record import FmoStats
 from radpilot.protocol import ProtocolError, load_protocol
+from services.client import progress_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_PROTOCOL = ROOT / "protocols" / "tg119_cshape_harder.yaml"
@@ -67,6 +69,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
         llm = None
         if args.agent == "llm":
             llm = LLMClient(LLMSettings.from_env(model=args.llm_model))
+        print(f"{'it':>3} {'FMO s':>6} {'FMO it':>6} {'conv':>4} {'':>12}  goals")
+        fmo: dict[int, Any] = {}
+
+        def progress(e: dict[str, Any]) -> None:  # the same live table as --local
+            if e["kind"] == "fmo_done":
+                fmo[e["iteration"]] = FmoStats.from_json(e["fmo"])
+            elif e["kind"] == "evaluated":
+                goals = [
+                    f"{g['structure']} {g['metric']} {g['achieved']:.2f} "
+                    f"({'ok' if g['passed'] else 'MISS'})"
+                    for g in e["goals"]
+                ]
+                print(progress_line(e["iteration"], fmo.get(e["iteration"]), "", goals))
+            elif e["kind"] == "proposal" and e.get("message"):
+                print(f"    planner: {e['message'][:160]}")
+
         report = plan_loop(
             case,
             protocol,
@@ -76,6 +94,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             agent=args.agent,
             llm=llm,
             references=load_library(shipped_library_dir()) if args.agent == "llm" else None,
+            on_event=progress,
         )
     report.seconds["case"] = t_case
     report.seconds["total"] = time.perf_counter() - t0

@@ -18,6 +18,20 @@ from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
 from services.common.auth import BearerToken
 
 
+def progress_line(iteration: int, fmo: Any, replica: str, goals: list[str]) -> str:
+    """One row of the live progress table: the FMO's time, iterations and whether it converged
+    (a stop at its iteration limit says so, with the reason, on a line of its own)."""
+    if fmo is None:
+        head = f"{iteration:>3} {'-':>6} {'-':>6} {'-':>4}"
+    else:
+        conv = "yes" if fmo.converged else "NO"
+        head = f"{iteration:>3} {fmo.seconds:6.2f} {fmo.iterations:>6} {conv:>4}"
+    line = f"{head} {replica:>12}  " + "; ".join(goals)
+    if fmo is not None and not fmo.converged:
+        line += f"\n    FMO did not converge: {fmo.stop_reason} after {fmo.iterations} iterations"
+    return line
+
+
 def _goal_text(g: types_pb2.GoalResult) -> str:
     mark = "ok" if g.passed else "MISS"
     return f"{g.goal.structure} {g.goal.metric} {g.achieved:.2f} ({mark})"
@@ -81,7 +95,7 @@ def plan_remote(
             timeout=60,
         ).job_id
         echo(f"job {job_id} on case {created.case_id}")
-        echo(f"{'it':>3} {'FMO s':>6} {'replica':>12}  goals")
+        echo(f"{'it':>3} {'FMO s':>6} {'FMO it':>6} {'conv':>4} {'replica':>12}  goals")
         fmo: dict[int, types_pb2.FmoStats] = {}
         replica: dict[int, str] = {}
         for e in stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=timeout_s):
@@ -89,11 +103,13 @@ def plan_remote(
                 fmo[e.iteration] = e.fmo
                 replica[e.iteration] = e.message.removeprefix("served by ")
             elif e.kind == pb.EVENT_KIND_EVALUATED:
-                s = fmo.get(e.iteration)
-                secs = f"{s.seconds:6.2f}" if s else "     -"
                 echo(
-                    f"{e.iteration:>3} {secs} {replica.get(e.iteration, ''):>12}  "
-                    + "; ".join(_goal_text(g) for g in e.goals)
+                    progress_line(
+                        e.iteration,
+                        fmo.get(e.iteration),
+                        replica.get(e.iteration, ""),
+                        [_goal_text(g) for g in e.goals],
+                    )
                 )
             elif e.kind == pb.EVENT_KIND_PROPOSAL and e.message:
                 echo(f"    planner: {e.message[:160]}")

@@ -57,6 +57,11 @@ class GoalResult:
         )
 
 
+def relative_miss(r: GoalResult) -> float:
+    """A missed goal's shortfall relative to its limit (0 when met)."""
+    return 0.0 if r.passed else abs(r.margin) / max(abs(r.goal.limit), 1.0)
+
+
 @dataclass(frozen=True)
 class ProtocolCheck:
     results: list[GoalResult]
@@ -74,7 +79,7 @@ class ProtocolCheck:
         return [r for r in self.results if not r.passed]
 
     def score(self) -> tuple[int, ...]:
-        """Sort key (bigger is better): failures counted by priority, hard before soft."""
+        """Failure counts (bigger is better): hard failures, then failures per priority level."""
         key: list[int] = [-sum(1 for r in self.failed if r.goal.hard)]
         for p in sorted({r.goal.priority for r in self.results}):
             key.append(-sum(1 for r in self.failed if r.goal.priority == p))
@@ -84,13 +89,27 @@ class ProtocolCheck:
         """How far the goals are missed: relative misses, hard goals x10, divided by priority."""
         total = 0.0
         for r in self.failed:
-            rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
-            total += rel * (10.0 if r.goal.hard else 1.0) / r.goal.priority
+            total += relative_miss(r) * (10.0 if r.goal.hard else 1.0) / r.goal.priority
         return total
 
     def rank(self) -> tuple[float, ...]:
-        """Sort key for "which plan is best" (bigger is better): score, then smaller shortfall."""
-        return (*self.score(), -self.shortfall())
+        """Sort key for "which plan is best" (bigger is better), as a physicist ranks plans: hard
+        goals first, priority by priority (1 first), each level by the summed size of its
+        misses relative to their limits, then by how many; then soft goals the same way. A plan that
+        misses a higher-priority goal by more never wins, however many lower ones it meets."""
+        levels = sorted({r.goal.priority for r in self.results})
+        key: list[float] = []
+        for hard in (True, False):
+            for p in levels:
+                misses = [
+                    relative_miss(r)
+                    for r in self.failed
+                    if r.goal.hard is hard and r.goal.priority == p
+                ]
+                # the size first (to 0.01 %, so float noise does not decide), then the count:
+                # a plan that meets a goal beats one that misses it by a hair
+                key += [-round(sum(misses), 4), -len(misses)]
+        return tuple(key)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -45,7 +45,7 @@ GREW = "working set grew"
 
 @dataclass(frozen=True)
 class FMOSettings:
-    max_iter: int = 400
+    max_iter: int = 1000  # the first FMO of every shipped case converges well within it
     rel_tol: float = 1e-5
     patience: int = 3
     memory: int = 10

@@ -50,6 +50,8 @@ def test_easier_protocol_is_met_with_its_initial_objectives(tg119_case: Case) ->
     protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
     report = plan_once(tg119_case, protocol)
     assert report.check.all_passed, [r.finding() for r in report.check.results]
+    fmo = report.iterations[0].fmo  # converges by its own criterion with the default settings
+    assert fmo.converged and fmo.stop_reason.startswith("relative decrease"), fmo
 
 
 def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_path) -> None:

@@ -245,3 +245,22 @@ def test_record_json_round_trip_and_the_previous_format() -> None:
     assert rec.fmo.iterations == 12 and rec.fmo.replica == "opt-1"
     assert rec.check.failed[0].goal.structure == "Core"
     assert "fluence_hex" not in rec.to_json()
+
+
+def test_ranking_follows_priority_and_the_size_of_each_miss() -> None:
+    cover = ClinicalGoal("PTV", "D95", ">=", 50.0, 1, True)
+    organ = ClinicalGoal("Core", "D10", "<=", 10.0, 2, True)
+
+    def rec(i: int, d95: float, core: float) -> IterationRecord:
+        results = [
+            GoalResult(cover, d95, d95 >= 50.0, d95 - 50.0),
+            GoalResult(organ, core, core <= 10.0, 10.0 - core),
+        ]
+        return IterationRecord(i, START, FmoStats(), ProtocolCheck(results))
+
+    # missing priority 1 by 1 % loses to meeting it while missing priority 2 by 50 %
+    assert best_iteration([rec(1, 49.5, 9.0), rec(2, 50.0, 15.0)]) == 2
+    # a plan that meets a goal beats one that misses it by a hair (float noise included)
+    assert best_iteration([rec(1, 50.0, 10.00001), rec(2, 50.0, 9.99)]) == 2
+    # within a level, the smaller relative miss wins
+    assert best_iteration([rec(1, 50.0, 12.0), rec(2, 50.0, 11.0)]) == 2
