@@ -16,8 +16,13 @@ PROTOCOLS = ROOT / "protocols"
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_llm_endpoint_from_the_environment() -> Iterator[None]:
-    """Tests that want an LLM start their own local server; none inherits the developer's."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("OPENAI_")}
+    """Tests that want an LLM start their own local server, and tests that want an API token set
+    their own: none inherits the developer's."""
+    saved = {
+        k: os.environ.pop(k)
+        for k in list(os.environ)
+        if k.startswith("OPENAI_") or k.startswith("RADPILOT_API_TOKEN")
+    }
     yield
     os.environ.update(saved)
 

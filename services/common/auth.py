@@ -113,3 +113,11 @@ class BearerToken(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return continuation(self._with_token(client_call_details), request_iterator)
+
+
+def access_interceptors(token: str | None = None) -> list[grpc.ServerInterceptor]:
+    """The server side of access control, the same for every service: with a token (given, or
+    from RADPILOT_API_TOKEN / RADPILOT_API_TOKEN_FILE when None) every call but health needs it;
+    without one the service is open (a single-user workstation)."""
+    token = load_token() if token is None else token
+    return [TokenInterceptor(token)] if token else []

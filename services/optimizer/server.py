@@ -6,6 +6,7 @@ import logging
 
 from radpilot.case_store import CaseStore
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc
+from services.common.auth import access_interceptors
 from services.common.server import RunningServer, start_server
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.core import OptimizerCore
@@ -15,7 +16,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["OptimizerService"].full_name
 
 
-def serve(config: OptimizerConfig) -> RunningServer:
+def serve(config: OptimizerConfig, token: str | None = None) -> RunningServer:
+    """Start the service; ``token`` (default: from the environment) guards every call but health."""
     store = CaseStore(config.case_store) if config.case_store else CaseStore()
     core = OptimizerCore(store, backend=config.backend, max_cases=config.max_cases)
     running = start_server(
@@ -28,6 +30,7 @@ def serve(config: OptimizerConfig) -> RunningServer:
         [SERVICE_NAME],
         config.address,
         enable_reflection=config.reflection,
+        interceptors=access_interceptors(token),
     )
     core.warm_up()
     running.set_serving(True)

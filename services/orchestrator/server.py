@@ -16,7 +16,7 @@ from radpilot.v1 import (
     orchestrator_pb2_grpc,
     planner_pb2_grpc,
 )
-from services.common.auth import BearerToken, TokenInterceptor, load_token
+from services.common.auth import BearerToken, access_interceptors, load_token
 from services.common.channels import open_channel, replica_target
 from services.common.server import RunningServer, start_server
 from services.evaluator.server import SERVICE_NAME as EVALUATOR
@@ -84,7 +84,7 @@ def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorS
         [SERVICE_NAME],
         config.address,
         enable_reflection=config.reflection,
-        interceptors=[TokenInterceptor(token)] if token else [],
+        interceptors=access_interceptors(token),
     )
     resumed = core.resume_unfinished()
     running.set_serving(True)
