@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from radpilot.llm.client import LLMSettings
+
 
 @dataclass
 class Reply:
@@ -237,6 +239,11 @@ def cooperative_responder(request: dict[str, Any]) -> Reply:
             json.dumps({"terms": terms, "rationale": f"doubled the weights on {sorted(weak)}"})
         )
     return Reply("I can only answer RadPilot's prompts.")
+
+
+def scripted_settings(server: ScriptedLLMServer, **kw: Any) -> LLMSettings:
+    """Client settings for a scripted server: its URL, a model name, fast retries."""
+    return LLMSettings(base_url=server.base_url, model="scripted", backoff_s=0.01, retries=1, **kw)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,16 +33,18 @@ from radpilot.loop.inprocess import case_anatomy_features, plan_loop
 from radpilot.protocol import load_protocol
 from radpilot.v1 import orchestrator_pb2 as pb
 from tests.doubles.cluster import LLMCluster
-from tests.doubles.llm_server import Reply, ScriptedLLMServer, cooperative_responder, role_of
+from tests.doubles.llm_server import (
+    Reply,
+    ScriptedLLMServer,
+    cooperative_responder,
+    role_of,
+    scripted_settings,
+)
 from tests.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
 HARDER_PATH = ROOT / "protocols" / "tg119_cshape_harder.yaml"
 HARDER = HARDER_PATH.read_text()
-
-
-def settings(srv: ScriptedLLMServer, **kw: Any) -> LLMSettings:
-    return LLMSettings(base_url=srv.base_url, model="scripted", backoff_s=0.01, retries=1, **kw)
 
 
 class Hostile:
@@ -76,7 +78,7 @@ def first_plan(analytic_case: Case, harder) -> PlanDose:
 
 def test_vision_request_carries_the_dose_images(first_plan: PlanDose, harder) -> None:
     with ScriptedLLMServer(cooperative_responder) as srv:
-        ev = LLMEvaluator(LLMClient(settings(srv)))
+        ev = LLMEvaluator(LLMClient(scripted_settings(srv)))
         out = evaluate_plan("llm", first_plan, harder, ev)
         vision = [r for r in srv.requests if role_of(r) == "vision_expert"]
     assert [c.role for c in out.calls] == ["dvh_expert", "vision_expert", "evaluator"]
@@ -95,7 +97,9 @@ def test_guardrail_and_disagreement(first_plan: PlanDose, harder) -> None:
         evaluator=[Reply('{"decision": "meets_protocol", "unmet": [], "suggestions": ""}')]
     )
     with ScriptedLLMServer(liar) as srv:
-        out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(LLMClient(settings(srv))))
+        out = evaluate_plan(
+            "llm", first_plan, harder, LLMEvaluator(LLMClient(scripted_settings(srv)))
+        )
     assert not out.evaluation.check.all_passed  # the analytic first plan misses PTV D10
     assert out.llm_decision == "meets_protocol" and out.disagreement
     assert out.evaluation.decision is Decision.NEEDS_IMPROVEMENT
@@ -105,7 +109,9 @@ def test_guardrail_and_disagreement(first_plan: PlanDose, harder) -> None:
 def test_unreadable_aggregator_retries_once_then_falls_back(first_plan, harder) -> None:
     garbage = Hostile(evaluator=[Reply("I think it's fine?"), Reply("{not json")])
     with ScriptedLLMServer(garbage) as srv:
-        out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(LLMClient(settings(srv))))
+        out = evaluate_plan(
+            "llm", first_plan, harder, LLMEvaluator(LLMClient(scripted_settings(srv)))
+        )
     agg = [c for c in out.calls if c.role == "evaluator"]
     assert [c.outcome for c in agg] == ["retried", "fallback"]
     assert "could not be read" in srv.requests[-1]["messages"][-1]["content"]
@@ -115,7 +121,7 @@ def test_unreadable_aggregator_retries_once_then_falls_back(first_plan, harder) 
 
 def test_text_only_model_skips_the_vision_expert(first_plan, harder) -> None:
     with ScriptedLLMServer(cooperative_responder) as srv:
-        client = LLMClient(settings(srv, vision=False))
+        client = LLMClient(scripted_settings(srv, vision=False))
         out = evaluate_plan("llm", first_plan, harder, LLMEvaluator(client))
     assert [(c.role, c.outcome) for c in out.calls][1] == ("vision_expert", "skipped")
     assert "vision_expert" not in srv.roles()
@@ -159,7 +165,7 @@ def test_planner_validates_retries_and_falls_back(
     with ScriptedLLMServer(Hostile(planner=script)) as srv:
         if None in replies:  # the retry gets the cooperative (valid) answer
             srv.responder = _then_cooperative(script[0])
-        planner = LLMPlanner(LLMClient(settings(srv)))
+        planner = LLMPlanner(LLMClient(scripted_settings(srv)))
         out = planner.propose(harder, list(harder.objectives), _memory(first_plan, harder), [])
     assert [c.outcome for c in out.calls] == outcomes
     assert out.fallback is fallback
@@ -204,7 +210,7 @@ def test_llm_that_never_says_done_runs_its_budget(analytic_case: Case, harder) -
             load_protocol(HARDER_PATH),
             max_iterations=3,
             agent="llm",
-            llm=LLMClient(settings(srv)),
+            llm=LLMClient(scripted_settings(srv)),
         )
     assert len(report.iterations) == 3
     roles = [c["role"] for c in report.summary()["llm_calls"]]
@@ -241,14 +247,8 @@ def test_shipped_references_and_retrieval(analytic_case: Case) -> None:
 
 # -- a whole job over gRPC ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def llm_server() -> Iterator[ScriptedLLMServer]:
-    with ScriptedLLMServer(cooperative_responder) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
 def llm_cluster(tmp_path_factory, llm_server) -> Iterator[LLMCluster]:
-    c = LLMCluster(tmp_path_factory.mktemp("llm"), settings(llm_server), "")
+    c = LLMCluster(tmp_path_factory.mktemp("llm"), scripted_settings(llm_server), "")
     try:
         yield c
     finally:

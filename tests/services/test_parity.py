@@ -10,12 +10,12 @@ import pytest
 
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
-from radpilot.llm.client import LLMClient, LLMSettings
+from radpilot.llm.client import LLMClient
 from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import load_protocol_text
 from radpilot.v1 import orchestrator_pb2 as pb
 from tests.doubles.cluster import LLMCluster
-from tests.doubles.llm_server import ScriptedLLMServer, cooperative_responder
+from tests.doubles.llm_server import ScriptedLLMServer, scripted_settings
 from tests.paths import PROTOCOLS
 
 HARDER = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text()
@@ -23,18 +23,8 @@ PARAMS = {"spacing_mm": "8"}
 
 
 @pytest.fixture(scope="module")
-def llm_server() -> Iterator[ScriptedLLMServer]:
-    with ScriptedLLMServer(cooperative_responder) as srv:
-        yield srv
-
-
-def _settings(srv: ScriptedLLMServer) -> LLMSettings:
-    return LLMSettings(base_url=srv.base_url, model="scripted", backoff_s=0.01, retries=1)
-
-
-@pytest.fixture(scope="module")
 def services(tmp_path_factory, llm_server) -> Iterator[LLMCluster]:
-    c = LLMCluster(tmp_path_factory.mktemp("parity"), _settings(llm_server), "")
+    c = LLMCluster(tmp_path_factory.mktemp("parity"), scripted_settings(llm_server), "")
     try:
         yield c
     finally:
@@ -70,7 +60,7 @@ def test_in_process_and_services_give_the_same_iterations(
 ) -> None:
     remote = _remote(services, agent, max_iterations)
     case = load_builtin("analytic-cshape", CaseStore(services.root / "store"), **PARAMS)
-    llm = LLMClient(_settings(llm_server)) if agent == "llm" else None
+    llm = LLMClient(scripted_settings(llm_server)) if agent == "llm" else None
     local = plan_loop(
         case,
         load_protocol_text(HARDER, "harder"),
