@@ -50,6 +50,20 @@ class AgentNotConfiguredError(FailedPreconditionError):
     """An agent needs something this process lacks (an LLM endpoint)."""
 
 
+# -- the request clashes with what exists (ALREADY_EXISTS) -----------------------------------
+class ConflictError(RuntimeError):
+    """The request reuses an identifier (an idempotency key) for something different."""
+
+
+# -- storage is full (RESOURCE_EXHAUSTED) or cannot be written (FAILED_PRECONDITION) ---------
+class StorageFullError(RuntimeError):
+    """The case store or job database has no space left; nothing was written."""
+
+
+class StorageReadOnlyError(FailedPreconditionError):
+    """The case store or job database cannot be written (read-only or no permission)."""
+
+
 # -- a dependency is down (UNAVAILABLE) ----------------------------------------------------
 class UnavailableError(RuntimeError):
     """A dependency (a service, a device) is down or overloaded; the caller may retry."""

@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
 from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc, types_pb2
 from services.common.auth import BearerToken
+from services.common.server import MAX_MESSAGE_BYTES
+from services.common.tls import TlsConfig, open_plain_or_tls
+
+
+def orchestrator_channel(address: str, tls: TlsConfig | None = None) -> grpc.Channel:
+    """A channel to the orchestrator's public API: TLS when RADPILOT_TLS_CA (and, for a client
+    certificate, RADPILOT_TLS_CERT/KEY) are set, plaintext otherwise."""
+    tls = TlsConfig.from_env(public=True) if tls is None else tls
+    return open_plain_or_tls(address, tls, [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+
+
+def orchestrator_stub(
+    channel: grpc.Channel, token: str
+) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
+    return orchestrator_pb2_grpc.OrchestratorServiceStub(
+        grpc.intercept_channel(channel, BearerToken(token))
+    )
 
 
 def progress_line(iteration: int, fmo: Any, replica: str, goals: list[str]) -> str:
@@ -40,20 +58,38 @@ def _goal_text(g: types_pb2.GoalResult) -> str:
 CHUNK = 1 << 20
 
 
-def dicom_upload(folder: str | Path, protocol_yaml: str) -> Iterator[pb.CreateCaseRequest]:
-    """A folder of DICOM files as a zip, streamed in 1 MiB CreateCase messages."""
+def zip_folder(folder: str | Path) -> IO[bytes]:
+    """A folder of DICOM files as a zip in a temporary file (not in memory), rewound."""
     root = Path(folder)
     if not root.is_dir():
-        raise ValueError(f"--dicom {folder}: not a folder")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        raise ValueError(f"--dicom {folder}: not a folder (give the folder of the CT series)")
+    out = tempfile.TemporaryFile(prefix="radpilot-upload-")  # noqa: SIM115 (the caller closes it)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(root.rglob("*")):
             if p.is_file():
                 z.write(p, p.relative_to(root).as_posix())
-    data = buf.getvalue()
-    yield pb.CreateCaseRequest(protocol_yaml=protocol_yaml, dicom_zip_chunk=data[:CHUNK])
-    for k in range(CHUNK, len(data), CHUNK):
-        yield pb.CreateCaseRequest(dicom_zip_chunk=data[k : k + CHUNK])
+    out.seek(0)
+    return out
+
+
+def upload_messages(zipped: IO[bytes], protocol_yaml: str) -> Iterator[pb.CreateCaseRequest]:
+    """A zip streamed in 1 MiB CreateCase messages (the protocol rides on the first)."""
+    first = True
+    with zipped:
+        while True:
+            chunk = zipped.read(CHUNK)
+            if not chunk and not first:
+                return
+            yield pb.CreateCaseRequest(
+                protocol_yaml=protocol_yaml if first else "", dicom_zip_chunk=chunk
+            )
+            first = False
+
+
+def dicom_upload(folder: str | Path, protocol_yaml: str) -> Iterator[pb.CreateCaseRequest]:
+    """A folder of DICOM files as a zip, streamed in 1 MiB CreateCase messages. The folder is
+    zipped before the first message, so a bad folder fails here and not inside a gRPC call."""
+    return upload_messages(zip_folder(folder), protocol_yaml)
 
 
 def plan_remote(
@@ -71,10 +107,8 @@ def plan_remote(
     dicom: str | Path | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    with grpc.insecure_channel(orchestrator) as raw:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            grpc.intercept_channel(raw, BearerToken(token))
-        )
+    with orchestrator_channel(orchestrator) as raw:
+        stub = orchestrator_stub(raw, token)
         if dicom:
             created = stub.CreateCase(dicom_upload(dicom, protocol_yaml), timeout=1800)
             for note in created.notes:

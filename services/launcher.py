@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.tls import TlsConfig, open_plain_or_tls
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,6 +42,7 @@ class LaunchError(RuntimeError):
 class LocalCluster:
     run_dir: Path
     token: str
+    tls: TlsConfig = field(default_factory=TlsConfig)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     commands: dict[str, tuple[str, list[str], dict[str, str]]] = field(default_factory=dict)
@@ -74,7 +77,11 @@ class LocalCluster:
         _start(self, name, module, args, env, f"127.0.0.1:{self.ports[name]}")
         self.ports[name] = _port(self, name, timeout)
         if name == "orchestrator":
-            _wait_serving(self.orchestrator, timeout)
+            _wait_serving(self.orchestrator, timeout, self.tls)
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the orchestrator (TLS when the cluster runs with it)."""
+        return open_plain_or_tls(self.orchestrator, self.tls)
 
 
 def _start(
@@ -117,14 +124,19 @@ def launch(
     optimizer_replicas: int = 1,
     token: str | None = None,
     timeout: float = 120.0,
+    tls: TlsConfig | None = None,
 ) -> LocalCluster:
+    """Start the services; ``tls`` (default: RADPILOT_TLS_* of this process) runs every port
+    with TLS and the services' channels with mutual TLS."""
     if optimizer_replicas < 1:
         raise ValueError("optimizer_replicas must be at least 1")
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(run, token if token is not None else secrets.token_urlsafe(24))
+    tls = TlsConfig.from_env(public=True) if tls is None else tls
+    cluster = LocalCluster(run, token if token is not None else secrets.token_urlsafe(24), tls)
     env = {
         **os.environ,
+        **tls.env(),
         "RADPILOT_CASE_STORE": str(case_store),
         "RADPILOT_API_TOKEN": cluster.token,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -161,16 +173,16 @@ def launch(
             env,
         )
         cluster.ports["orchestrator"] = _port(cluster, "orchestrator", timeout)
-        _wait_serving(cluster.orchestrator, timeout)
+        _wait_serving(cluster.orchestrator, timeout, tls)
     except BaseException:
         cluster.stop(5)
         raise
     return cluster
 
 
-def _wait_serving(address: str, timeout: float) -> None:
+def _wait_serving(address: str, timeout: float, tls: TlsConfig | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with open_plain_or_tls(address, tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             try:

@@ -16,12 +16,12 @@ PROTOCOLS = ROOT / "protocols"
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_llm_endpoint_from_the_environment() -> Iterator[None]:
-    """Tests that want an LLM start their own local server, and tests that want an API token set
-    their own: none inherits the developer's."""
+    """Tests that want an LLM start their own local server, and tests that want an API token or
+    TLS set their own: none inherits the developer's."""
     saved = {
         k: os.environ.pop(k)
         for k in list(os.environ)
-        if k.startswith("OPENAI_") or k.startswith("RADPILOT_API_TOKEN")
+        if k.startswith(("OPENAI_", "RADPILOT_API_TOKEN", "RADPILOT_TLS_", "RADPILOT_HEALTH_"))
     }
     yield
     os.environ.update(saved)
@@ -43,3 +43,16 @@ def analytic_case(store: CaseStore) -> Case:
 def tg119_case(store: CaseStore) -> Case:
     """TG-119 C-shape at the default (coarse) 5 mm grid and 5 mm bixels."""
     return load_builtin("tg119-cshape", store)
+
+
+# what the bad-input suite (tests/services/test_bad_inputs.py) tried, printed after the run
+BAD_INPUT_COUNTS: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if BAD_INPUT_COUNTS:
+        terminalreporter.write_line(
+            f"bad-input suite: {BAD_INPUT_COUNTS['tried']} bad inputs tried, "
+            f"{BAD_INPUT_COUNTS['clear']} answered with a clear client error; "
+            f"{BAD_INPUT_COUNTS['auth_tried']} auth probes, {BAD_INPUT_COUNTS['auth_held']} held"
+        )

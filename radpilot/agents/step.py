@@ -41,6 +41,11 @@ def check_agent(
         )
 
 
+def served_agents(agents: tuple[str, ...], llm_configured: bool) -> list[str]:
+    """The agents an instance can serve: all of them, less ``llm`` without an endpoint."""
+    return [a for a in agents if a != "llm" or llm_configured]
+
+
 def evaluator_agent(job_agent: str) -> str:
     return "llm" if job_agent == "llm" else "rules"
 

@@ -71,3 +71,15 @@ class EvaluateResponse(_message.Message):
     disagreement: bool
     llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
     def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ...) -> None: ...
+
+class GetEvaluatorCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetEvaluatorCapabilitiesResponse(_message.Message):
+    __slots__ = ("agents", "llm_configured")
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    llm_configured: bool
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ...) -> None: ...

@@ -40,6 +40,11 @@ class EvaluatorServiceStub:
                 request_serializer=radpilot_dot_v1_dot_evaluator__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_evaluator__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.GetEvaluatorCapabilities = channel.unary_unary(
+                '/radpilot.v1.EvaluatorService/GetEvaluatorCapabilities',
+                request_serializer=radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServiceServicer:
@@ -52,6 +57,13 @@ class EvaluatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEvaluatorCapabilities(self, request, context):
+        """Which agents this instance can serve (e.g. whether an LLM endpoint is configured).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_EvaluatorServiceServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=radpilot_dot_v1_dot_evaluator__pb2.EvaluateRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_evaluator__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'GetEvaluatorCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEvaluatorCapabilities,
+                    request_deserializer=radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class EvaluatorService:
             '/radpilot.v1.EvaluatorService/Evaluate',
             radpilot_dot_v1_dot_evaluator__pb2.EvaluateRequest.SerializeToString,
             radpilot_dot_v1_dot_evaluator__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEvaluatorCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.EvaluatorService/GetEvaluatorCapabilities',
+            radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesRequest.SerializeToString,
+            radpilot_dot_v1_dot_evaluator__pb2.GetEvaluatorCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,3 +48,15 @@ class ProposeResponse(_message.Message):
     llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
     fallback: bool
     def __init__(self, objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., rationale: _Optional[str] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+
+class GetPlannerCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetPlannerCapabilitiesResponse(_message.Message):
+    __slots__ = ("agents", "llm_configured")
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    LLM_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedScalarFieldContainer[str]
+    llm_configured: bool
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ...) -> None: ...

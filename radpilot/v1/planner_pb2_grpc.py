@@ -40,6 +40,11 @@ class PlannerServiceStub:
                 request_serializer=radpilot_dot_v1_dot_planner__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_planner__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.GetPlannerCapabilities = channel.unary_unary(
+                '/radpilot.v1.PlannerService/GetPlannerCapabilities',
+                request_serializer=radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -52,6 +57,13 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPlannerCapabilities(self, request, context):
+        """Which agents this instance can serve (e.g. whether an LLM endpoint is configured).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +71,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.Propose,
                     request_deserializer=radpilot_dot_v1_dot_planner__pb2.ProposeRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_planner__pb2.ProposeResponse.SerializeToString,
+            ),
+            'GetPlannerCapabilities': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPlannerCapabilities,
+                    request_deserializer=radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +106,33 @@ class PlannerService:
             '/radpilot.v1.PlannerService/Propose',
             radpilot_dot_v1_dot_planner__pb2.ProposeRequest.SerializeToString,
             radpilot_dot_v1_dot_planner__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPlannerCapabilities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.PlannerService/GetPlannerCapabilities',
+            radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesRequest.SerializeToString,
+            radpilot_dot_v1_dot_planner__pb2.GetPlannerCapabilitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ import json
 import grpc
 
 from services.common.server import MAX_MESSAGE_BYTES
+from services.common.tls import TlsConfig, open_plain_or_tls
 
 RETRY_POLICY = {
     "maxAttempts": 4,
@@ -43,10 +44,15 @@ def replica_target(addresses: list[str]) -> str:
     return "ipv4:" + ",".join(addresses)
 
 
-def open_channel(target: str, service_names: list[str]) -> grpc.Channel:
-    return grpc.insecure_channel(
+def open_channel(
+    target: str, service_names: list[str], tls: TlsConfig | None = None
+) -> grpc.Channel:
+    """A channel to every replica behind ``target``; TLS (and a client certificate) when
+    ``tls`` is enabled."""
+    return open_plain_or_tls(
         target,
-        options=[
+        tls,
+        [
             ("grpc.service_config", service_config(service_names)),
             ("grpc.enable_retries", 1),
             # a restarted service is found again within seconds, not gRPC's default 2 minutes

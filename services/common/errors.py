@@ -10,7 +10,9 @@ import grpc
 
 from radpilot.errors import (
     CaseNotFoundError,
+    ConflictError,
     FailedPreconditionError,
+    StorageFullError,
     UnavailableError,
 )
 
@@ -22,6 +24,10 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     # order matters: CaseNotFoundError is a KeyError; AgentNotConfiguredError a precondition
     if isinstance(exc, CaseNotFoundError | KeyError):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, ConflictError):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(exc, StorageFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, FailedPreconditionError):
         return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(exc, UnavailableError):

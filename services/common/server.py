@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from radpilot.wire import MAX_ARRAY_BYTES
 from services.common.errors import ErrorInterceptor
 from services.common.metrics import MetricsInterceptor, start_metrics_server
+from services.common.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class RunningServer:
     health: health.HealthServicer
     port: int
     services: Sequence[str]
+    health_server: grpc.Server | None = None  # plaintext health only, beside a TLS port
+    health_port: int = 0
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -48,6 +51,40 @@ class RunningServer:
         """Not-serving first (load balancers stop sending), then drain, then stop."""
         self.set_serving(False)
         self.server.stop(grace_s).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+
+
+class BindError(RuntimeError):
+    """The server's address cannot be listened on (taken, or not an address of this host)."""
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise BindError(
+            f"cannot listen on {address}: the port is in use (is another RadPilot service "
+            "running there?) or the host is not one of this machine's addresses; "
+            "choose another --address"
+        )
+    return port
+
+
+# no SO_REUSEPORT: a second server on a taken port fails at start instead of sharing it
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # clients re-resolve and spread onto new replicas when connections age out
+    ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 10 * 60 * 1000),
+]
 
 
 def start_server(
@@ -57,18 +94,23 @@ def start_server(
     workers: int = 8,
     enable_reflection: bool = False,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    tls: TlsConfig | None = None,
+    public: bool = False,
+    health_address: str | None = None,
 ) -> RunningServer:
-    """Start a server on ``address`` (port 0 picks one); its health starts NOT_SERVING."""
+    """Start a server on ``address`` (port 0 picks one); its health starts NOT_SERVING.
+
+    ``tls`` (default: from RADPILOT_TLS_*; ``public`` for the orchestrator's API) makes the port
+    TLS or mutual TLS. ``health_address`` (default: RADPILOT_HEALTH_ADDRESS, "" for none) adds a
+    plaintext port that serves only health, for probes that cannot speak TLS (Kubernetes')."""
+    tls = TlsConfig.from_env(public=public) if tls is None else tls
+    credentials = tls.server_credentials() if tls.enabled else None
+    if health_address is None:
+        health_address = os.environ.get("RADPILOT_HEALTH_ADDRESS", "")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
         interceptors=[MetricsInterceptor(), *interceptors, ErrorInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            # clients re-resolve and spread onto new replicas when connections age out
-            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
-            ("grpc.max_connection_age_grace_ms", 10 * 60 * 1000),
-        ],
+        options=SERVER_OPTIONS,
     )
     for add, servicer in register:
         add(servicer, server)
@@ -78,11 +120,20 @@ def start_server(
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot bind {address}")
+    port = _bind(server, address, credentials)
+    health_server, health_port = None, 0
+    if health_address:
+        health_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _bind(health_server, health_address, None)
     server.start()
-    running = RunningServer(server, health_servicer, port, service_names)
+    if health_server is not None:
+        health_server.start()
+    running = RunningServer(
+        server, health_servicer, port, service_names, health_server, health_port
+    )
     running.set_serving(False)
     return running
 

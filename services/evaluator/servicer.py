@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from radpilot.agents.step import EVALUATOR_AGENTS, served_agents
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
 from services.common.convert import goal_result_to_proto, llm_call_to_proto, stats_to_proto
@@ -19,6 +20,14 @@ DECISIONS = {
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def __init__(self, core: EvaluatorCore) -> None:
         self.core = core
+
+    def GetEvaluatorCapabilities(
+        self, request: evaluator_pb2.GetEvaluatorCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> evaluator_pb2.GetEvaluatorCapabilitiesResponse:
+        llm = self.core.llm is not None
+        return evaluator_pb2.GetEvaluatorCapabilitiesResponse(
+            agents=served_agents(EVALUATOR_AGENTS, llm), llm_configured=llm
+        )
 
     def Evaluate(
         self, request: evaluator_pb2.EvaluateRequest, context: grpc.ServicerContext

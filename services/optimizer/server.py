@@ -8,6 +8,7 @@ from radpilot.case_store import CaseStore
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc
 from services.common.auth import access_interceptors
 from services.common.server import RunningServer, start_server
+from services.common.tls import TlsConfig
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.core import OptimizerCore
 from services.optimizer.servicer import OptimizerServicer
@@ -16,8 +17,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = optimizer_pb2.DESCRIPTOR.services_by_name["OptimizerService"].full_name
 
 
-def serve(config: OptimizerConfig, token: str | None = None) -> RunningServer:
-    """Start the service; ``token`` (default: from the environment) guards every call but health."""
+def serve(
+    config: OptimizerConfig, token: str | None = None, tls: TlsConfig | None = None
+) -> RunningServer:
+    """Start the service; ``token`` (default: from the environment) guards every call but health,
+    ``tls`` (default: RADPILOT_TLS_*) makes its port (mutual) TLS."""
     store = CaseStore(config.case_store) if config.case_store else CaseStore()
     core = OptimizerCore(store, backend=config.backend, max_cases=config.max_cases)
     running = start_server(
@@ -31,6 +35,7 @@ def serve(config: OptimizerConfig, token: str | None = None) -> RunningServer:
         config.address,
         enable_reflection=config.reflection,
         interceptors=access_interceptors(token),
+        tls=tls,
     )
     core.warm_up()
     running.set_serving(True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from radpilot.agents.references import shipped_library_dir
 from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S
 from services.common.server import add_server_flags
+from services.orchestrator.core import DEFAULT_LEASE_S
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,11 @@ class OrchestratorConfig:
     references: str = str(shipped_library_dir())
     # how long a job waits for an unavailable evaluator/planner/optimizer before it fails
     retry_budget_s: float = DEFAULT_RETRY_BUDGET_S
+    # a running job's lease in the job store: another orchestrator on the same database takes
+    # the job over only when its holder stopped renewing for this long
+    lease_s: float = DEFAULT_LEASE_S
+    # who holds the leases ("" = <host>:<port>, unique while the port is bound exclusively)
+    instance_id: str = ""
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -51,8 +57,21 @@ class OrchestratorConfig:
             default=float(env.get("RADPILOT_RETRY_BUDGET_S", cls.retry_budget_s)),
             help="seconds a job waits (retrying with backoff) for a service that is unavailable",
         )
+        ap.add_argument(
+            "--job-lease-s",
+            type=float,
+            default=float(env.get("RADPILOT_JOB_LEASE_S", cls.lease_s)),
+            help="seconds a crashed orchestrator's jobs stay reserved before another takes them",
+        )
+        ap.add_argument(
+            "--instance-id",
+            default=env.get("RADPILOT_ORCHESTRATOR_ID", cls.instance_id),
+            help="this orchestrator's name in job leases (default: host:port)",
+        )
         add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
+        if not 1 <= a.job_lease_s <= 3600:
+            ap.error("--job-lease-s must be within 1..3600 seconds")
         optimizers = tuple(x.strip() for x in a.optimizers.split(",") if x.strip())
         if not optimizers:
             ap.error("--optimizers needs at least one address")
@@ -69,4 +88,6 @@ class OrchestratorConfig:
             a.grace_s,
             a.references,
             a.retry_budget_s,
+            a.job_lease_s,
+            a.instance_id,
         )

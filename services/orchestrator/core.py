@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
 import tempfile
 import threading
 import zipfile
@@ -29,7 +31,15 @@ from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
-from radpilot.errors import CaseNotFoundError, FailedPreconditionError, StepFailedError
+from radpilot.errors import (
+    AgentNotConfiguredError,
+    CaseNotFoundError,
+    FailedPreconditionError,
+    StepFailedError,
+    StorageFullError,
+    StorageReadOnlyError,
+    UnavailableError,
+)
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
 from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, best_iteration, finished
@@ -47,6 +57,7 @@ from services.orchestrator.ports import (
     JobContext,
     JobSink,
     StoppedError,
+    llm_missing,
 )
 from services.orchestrator.store import TERMINAL, JobStore
 
@@ -55,6 +66,12 @@ NUM_REFERENCES = 3
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
 MAX_PROTOCOL_BYTES = 1 << 20
+DEFAULT_LEASE_S = 30.0
+
+
+def default_owner() -> str:
+    """Who holds a job's lease when no instance id is configured: host and process."""
+    return f"{socket.gethostname()}:pid{os.getpid()}"
 
 
 def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
@@ -87,8 +104,14 @@ class Orchestrator:
         references_dir: str | Path | None = None,
         num_references: int = NUM_REFERENCES,
         retry_budget_s: float = DEFAULT_RETRY_BUDGET_S,
+        lease_s: float = DEFAULT_LEASE_S,
+        owner: str = "",
     ) -> None:
         self.jobs = jobs
+        # a job runs only in the orchestrator holding its lease (renewed every lease_s / 3);
+        # a crashed orchestrator's jobs are taken over once their leases expire
+        self.lease_s = lease_s
+        self.owner = owner or default_owner()
         self.cases = cases
         self.clients = clients
         self.deadlines = deadlines or Deadlines()
@@ -108,6 +131,7 @@ class Orchestrator:
         self._threads: dict[str, threading.Thread] = {}
         self._stop = threading.Event()
         self._guard = threading.Lock()
+        self._keeper: threading.Thread | None = None
 
     def _store_legacy_fluence(self, case_id: str, fluence_hex: str) -> ArtefactRef:
         array = from_ndarray(types_pb2.NDArray.FromString(bytes.fromhex(fluence_hex)))
@@ -169,6 +193,17 @@ class Orchestrator:
             raise CaseNotFoundError(f"case {case_id!r} does not exist: call CreateCase first")
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         _check_names(protocol, self.cases.manifest(case_id))
+        if agent == "llm":
+            missing = llm_missing(self.clients)
+            if missing:
+                which = " and ".join(missing) + (
+                    " services have" if len(missing) > 1 else " service has"
+                )
+                raise AgentNotConfiguredError(
+                    f"agent 'llm' needs an LLM endpoint and the {which} none: set OPENAI_BASE_URL "
+                    "(and OPENAI_API_KEY if it needs one) there and restart, or start the job "
+                    "with agent rules or bo"
+                )
         job, created = self.jobs.create_job(
             case_id, protocol_yaml, max_iterations, memory_length, agent, idempotency_key or None
         )
@@ -178,13 +213,31 @@ class Orchestrator:
         return job.job_id
 
     def resume_unfinished(self) -> list[str]:
-        ids = self.jobs.unfinished()
-        for job_id in ids:
-            log.info("resuming job %s", job_id)
-            self._launch(job_id)
-        return ids
+        """Resume the unfinished jobs no other orchestrator holds, and from now on keep the
+        leases of running jobs and take over jobs whose holder's lease expired."""
+        resumed = [job_id for job_id in self.jobs.claimable(self.owner) if self._launch(job_id)]
+        for job_id in resumed:
+            log.info("resumed job %s", job_id)
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._keep_leases, name="job-leases", daemon=True
+            )
+            self._keeper.start()
+        return resumed
 
-    def _launch(self, job_id: str) -> None:
+    def _running_here(self, job_id: str) -> bool:
+        with self._guard:
+            t = self._threads.get(job_id)
+            return t is not None and t.is_alive()
+
+    def _launch(self, job_id: str) -> bool:
+        """Run a job in this process if its lease can be taken; False when another holds it."""
+        if self._stop.is_set() or self._running_here(job_id):
+            return False
+        holder = self.jobs.claim(job_id, self.owner, self.lease_s)
+        if holder:
+            log.info("job %s is run by orchestrator %s; not starting it here", job_id, holder)
+            return False
         with self._guard:
             self._cancel[job_id] = threading.Event()
             t = threading.Thread(
@@ -192,6 +245,25 @@ class Orchestrator:
             )
             self._threads[job_id] = t
         t.start()
+        return True
+
+    def _keep_leases(self) -> None:
+        while not self._stop.wait(max(0.1, self.lease_s / 3)):
+            try:
+                with self._guard:
+                    held = [j for j, t in self._threads.items() if t.is_alive()]
+                for job_id in self.jobs.renew(held, self.owner, self.lease_s):
+                    log.warning("job %s: lease lost to another orchestrator; stopping here", job_id)
+                    self._cancel[job_id].set()
+                for job_id in self.jobs.claimable(self.owner):
+                    if self._launch(job_id):
+                        log.info("took over job %s (its orchestrator's lease expired)", job_id)
+            except Exception:  # a busy or failing database must not end lease keeping
+                log.exception("keeping job leases failed; retrying")
+
+    def holds(self, job_id: str) -> bool:
+        lease = self.jobs.lease(job_id)
+        return lease is not None and lease[0] == self.owner
 
     def cancel(self, job_id: str) -> str:
         job = self.jobs.job(job_id)
@@ -235,10 +307,13 @@ class Orchestrator:
                 self.jobs.changed.wait(timeout=1.0)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop running jobs between steps (they stay 'running' in the store, to be resumed)."""
+        """Stop running jobs between steps (they stay 'running' in the store, their leases
+        released, to be resumed by this or another orchestrator)."""
         self._stop.set()
         for t in list(self._threads.values()):
             t.join(timeout)
+        if self._keeper is not None:
+            self._keeper.join(timeout)
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self, job_id: str) -> None:
@@ -251,11 +326,22 @@ class Orchestrator:
         except Exception as exc:
             log.exception("job %s failed", job_id)
             self._fail(job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.jobs.release(job_id, self.owner)
 
     def _fail(self, job_id: str, msg: str) -> None:
+        if not self.holds(job_id):
+            log.warning("job %s: not failing it (another orchestrator holds it): %s", job_id, msg)
+            return
         JOBS.labels("failed").inc()
         log.warning("job %s failed: %s", job_id, msg)
-        self.jobs.set_state(job_id, "failed", error=msg, event={"kind": "failed", "message": msg})
+        try:
+            self.jobs.set_state(
+                job_id, "failed", error=msg, event={"kind": "failed", "message": msg}
+            )
+        except (StorageFullError, StorageReadOnlyError, UnavailableError) as exc:
+            # the job stays 'running' and is tried again once the database can be written
+            log.error("job %s: cannot record its failure: %s", job_id, exc)
 
     def _loop(self, job_id: str) -> None:
         job = self.jobs.job(job_id)
@@ -336,7 +422,7 @@ class Orchestrator:
         return ref.reference_id, ref.protocol, len(self.jobs.references(ref.protocol))
 
     def _finish(self, job_id: str, result: LoopResult) -> None:
-        if self.jobs.job(job_id).state == "cancelled":
+        if self.jobs.job(job_id).state == "cancelled" or not self.holds(job_id):
             return
         best = result.best_iteration
         msg = f"best plan: iteration {best} of {len(result.records)}" + (

@@ -57,6 +57,34 @@ class Clients:
     planner: planner_pb2_grpc.PlannerServiceStub
 
 
+def llm_missing(clients: Clients, timeout_s: float = 10.0) -> list[str]:
+    """The services (evaluator, planner) that answer that they have no LLM endpoint. One that
+    cannot be reached now is not counted: the job waits for it like for any other step."""
+    asks: list[tuple[str, Callable[[], Any]]] = [
+        (
+            "evaluator",
+            lambda: clients.evaluator.GetEvaluatorCapabilities(
+                evaluator_pb2.GetEvaluatorCapabilitiesRequest(), timeout=timeout_s
+            ),
+        ),
+        (
+            "planner",
+            lambda: clients.planner.GetPlannerCapabilities(
+                planner_pb2.GetPlannerCapabilitiesRequest(), timeout=timeout_s
+            ),
+        ),
+    ]
+    missing = []
+    for name, ask in asks:
+        try:
+            if not ask().llm_configured:
+                missing.append(name)
+        except grpc.RpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+    return missing
+
+
 class StoppedError(Exception):
     """The orchestrator is shutting down or the job was cancelled: leave it as it is."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from radpilot.v1 import (
 from services.common.auth import BearerToken, access_interceptors, load_token
 from services.common.channels import open_channel, replica_target
 from services.common.server import RunningServer, start_server
+from services.common.tls import TlsConfig
 from services.evaluator.server import SERVICE_NAME as EVALUATOR
 from services.optimizer.server import SERVICE_NAME as OPTIMIZER
 from services.orchestrator.config import OrchestratorConfig
@@ -51,14 +53,20 @@ class OrchestratorServer:
         self.core.jobs.close()
 
 
-def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorServer:
+def serve(
+    config: OrchestratorConfig, token: str | None = None, tls: TlsConfig | None = None
+) -> OrchestratorServer:
+    """Start the orchestrator. ``tls`` (default: RADPILOT_TLS_*) secures its public port
+    (client certificates only when RADPILOT_TLS_CLIENT_AUTH=1) and its channels to the other
+    services, which it presents its certificate to (mutual TLS)."""
+    tls = TlsConfig.from_env(public=True) if tls is None else tls
     cases = CaseStore(config.case_store) if config.case_store else CaseStore()
     jobs = JobStore(config.job_db or cases.root / "jobs.sqlite")
     token = load_token() if token is None else token
     client_interceptors = [BearerToken(token)] if token else []
 
     def channel(target: str, service: str) -> grpc.Channel:
-        return grpc.intercept_channel(open_channel(target, [service]), *client_interceptors)
+        return grpc.intercept_channel(open_channel(target, [service], tls), *client_interceptors)
 
     channels = [
         channel(replica_target(list(config.optimizers)), OPTIMIZER),
@@ -72,7 +80,13 @@ def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorS
     )
     refs = config.references if config.references and Path(config.references).is_dir() else None
     core = Orchestrator(
-        jobs, cases, clients, references_dir=refs, retry_budget_s=config.retry_budget_s
+        jobs,
+        cases,
+        clients,
+        references_dir=refs,
+        retry_budget_s=config.retry_budget_s,
+        lease_s=config.lease_s,
+        owner=config.instance_id or _owner(config.address),
     )
     running = start_server(
         [
@@ -85,8 +99,18 @@ def serve(config: OrchestratorConfig, token: str | None = None) -> OrchestratorS
         config.address,
         enable_reflection=config.reflection,
         interceptors=access_interceptors(token),
+        tls=tls,
     )
+    if not config.instance_id:
+        core.owner = _owner(config.address, running.port)
     resumed = core.resume_unfinished()
     running.set_serving(True)
     log.info("orchestrator serving on port %d (%d job(s) resumed)", running.port, len(resumed))
     return OrchestratorServer(running, core, channels, resumed)
+
+
+def _owner(address: str, port: int = 0) -> str:
+    """host:port names an orchestrator uniquely (ports are bound exclusively), and a restart on
+    the same port takes its own jobs back at once instead of waiting for the leases to expire."""
+    bound = port or address.rpartition(":")[2]
+    return f"{socket.gethostname()}:{bound}"

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radpilot.errors import ConflictError
 from radpilot.loop.record import ArtefactRef, IterationRecord
+from radpilot.storage import storage_faults
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -34,6 +36,8 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE TABLE IF NOT EXISTS reference_plans (
   reference_id TEXT PRIMARY KEY, protocol TEXT NOT NULL, plan TEXT NOT NULL,
   source TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+  job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
 
 INSERT_JOB = (
@@ -56,27 +60,49 @@ class Job:
     error: str
 
 
+def _same_request(job: Job, request: tuple[Any, ...]) -> Job:
+    """The job an idempotency key names, if it was created by the same request."""
+    fields = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent")
+    differ = [f for f, v in zip(fields, request, strict=True) if getattr(job, f) != v]
+    if differ:
+        raise ConflictError(
+            f"idempotency key {job.idempotency_key!r} was used for job {job.job_id} with a "
+            f"different request ({', '.join(differ)} differ): send a new key for a new job"
+        )
+    return job
+
+
 class JobStore:
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._where = f"the job database at {path}"
+        with storage_faults(self._where):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout=5000")  # another orchestrator may be writing
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on every write
 
     def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
+        """Run the statements in one transaction: all stored, or none (a full or read-only
+        database raises StorageFullError / StorageReadOnlyError and leaves it as it was)."""
+        with storage_faults(self._where), self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.changed.notify_all()
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if SQLite has not already (it does on a full disk)."""
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -93,12 +119,13 @@ class JobStore:
         idempotency_key: str | None,
     ) -> tuple[Job, bool]:
         """The new job, or the existing one for the same idempotency key; (job, created)."""
+        request = (case_id, protocol_yaml, max_iterations, memory_length, agent)
         if idempotency_key:
             existing = self._query(
                 "SELECT job_id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
             )
             if existing:
-                return self.job(existing[0][0]), False
+                return _same_request(self.job(existing[0][0]), request), False
         job_id = uuid.uuid4().hex
         now = time.time()
         try:
@@ -125,7 +152,7 @@ class JobStore:
             row = self._query(
                 "SELECT job_id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
             )
-            return self.job(row[0][0]), False
+            return _same_request(self.job(row[0][0]), request), False
         return self.job(job_id), True
 
     def job(self, job_id: str) -> Job:
@@ -146,9 +173,66 @@ class JobStore:
             r[0] for r in self._query("SELECT job_id FROM jobs WHERE state IN ('queued','running')")
         ]
 
+    # -- leases: one orchestrator runs a job ------------------------------------------------------
+    def claim(self, job_id: str, owner: str, lease_s: float) -> str:
+        """Take (or extend) the lease on a job for ``owner``; "" when it is now ours, else the
+        owner that holds an unexpired lease. Atomic across processes (BEGIN IMMEDIATE)."""
+        now = time.time()
+        with storage_faults(self._where), self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute(
+                    "SELECT owner, expires FROM leases WHERE job_id = ?", (job_id,)
+                ).fetchone()
+                if row is not None and row[0] != owner and row[1] > now:
+                    self._rollback()
+                    return str(row[0])
+                self._db.execute(
+                    "INSERT OR REPLACE INTO leases (job_id, owner, expires) VALUES (?,?,?)",
+                    (job_id, owner, now + lease_s),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        return ""
+
+    def renew(self, job_ids: list[str], owner: str, lease_s: float) -> list[str]:
+        """Extend ``owner``'s leases; returns the jobs whose lease it no longer holds."""
+        lost = []
+        expires = time.time() + lease_s
+        for job_id in job_ids:
+            with storage_faults(self._where), self._lock:
+                cur = self._db.execute(
+                    "UPDATE leases SET expires = ? WHERE job_id = ? AND owner = ?",
+                    (expires, job_id, owner),
+                )
+            if cur.rowcount != 1:
+                lost.append(job_id)
+        return lost
+
+    def release(self, job_id: str, owner: str) -> None:
+        with storage_faults(self._where), self._lock:
+            self._db.execute("DELETE FROM leases WHERE job_id = ? AND owner = ?", (job_id, owner))
+
+    def lease(self, job_id: str) -> tuple[str, float] | None:
+        """(owner, expires) of a job's lease, if any."""
+        rows = self._query("SELECT owner, expires FROM leases WHERE job_id = ?", (job_id,))
+        return (str(rows[0][0]), float(rows[0][1])) if rows else None
+
+    def claimable(self, owner: str) -> list[str]:
+        """Unfinished jobs nobody else holds: no lease, an expired one, or ``owner``'s own."""
+        rows = self._query(
+            "SELECT j.job_id FROM jobs j LEFT JOIN leases l ON l.job_id = j.job_id"
+            " WHERE j.state IN ('queued','running')"
+            " AND (l.owner IS NULL OR l.owner = ? OR l.expires <= ?) ORDER BY j.created",
+            (owner, time.time()),
+        )
+        return [r[0] for r in rows]
+
     def mark_running(self, job_id: str) -> bool:
         """queued/running -> running; False when the job was cancelled (or ended) meanwhile."""
-        with self._lock:
+        with storage_faults(self._where), self._lock:
             cur = self._db.execute(
                 "UPDATE jobs SET state = 'running', updated = ? WHERE job_id = ?"
                 " AND state IN ('queued', 'running')",
@@ -188,7 +272,7 @@ class JobStore:
     def add_event(self, job_id: str, event: dict[str, Any], once: bool = False) -> bool:
         """Append an event; with ``once``, not when the job already has one of the same kind
         for the same iteration (a resumed loop repeats its step, not its events)."""
-        with self._lock:
+        with storage_faults(self._where), self._lock:
             if once:
                 for (text,) in self._db.execute(
                     "SELECT event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 50",
@@ -204,7 +288,7 @@ class JobStore:
                 self._db.execute(*self._event_stmt(job_id, event))
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._rollback()
                 raise
             self.changed.notify_all()
         return True

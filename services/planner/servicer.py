@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from radpilot.agents.step import PLANNER_AGENTS, served_agents
 from radpilot.agents.types import MemoryEntry
 from radpilot.v1 import planner_pb2, planner_pb2_grpc
 from services.common.convert import (
@@ -19,6 +20,14 @@ from services.planner.core import PlannerCore
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, core: PlannerCore | None = None) -> None:
         self.core = core or PlannerCore()
+
+    def GetPlannerCapabilities(
+        self, request: planner_pb2.GetPlannerCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> planner_pb2.GetPlannerCapabilitiesResponse:
+        llm = self.core.llm is not None
+        return planner_pb2.GetPlannerCapabilitiesResponse(
+            agents=served_agents(PLANNER_AGENTS, llm), llm_configured=llm
+        )
 
     def Propose(
         self, request: planner_pb2.ProposeRequest, context: grpc.ServicerContext

@@ -106,9 +106,12 @@ def policy_violations(objs: list[dict[str, Any]]) -> list[str]:
                     )
                     if port not in ports:
                         bad.append(f"{cn}: {probe} port {port!r} is not a container port")
+            mounted = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
             for e in c.get("env", []):
                 secretish = any(k in e["name"].upper() for k in ("KEY", "TOKEN", "PASSWORD"))
-                if secretish and "value" in e:
+                # a path to a file on a mounted volume (a Secret) names a secret, it is not one
+                a_file = str(e.get("value", "")).startswith(tuple(mounted)) if mounted else False
+                if secretish and "value" in e and not a_file:
                     bad.append(f"{cn}: env {e['name']} has an inline value; use a secretKeyRef")
     for o in objs:
         if o["kind"] == "Secret" and (o.get("data") or o.get("stringData")):
@@ -226,3 +229,27 @@ def test_protocol_copies_match_the_protocols() -> None:
         assert (K8S / "base" / "protocols" / name).read_text() == (
             ROOT / "protocols" / name
         ).read_text(), name
+
+
+def test_the_tls_overlay_mounts_the_certificates_and_probes_health_in_plaintext() -> None:
+    objs = [d for d in yaml.safe_load_all(render(K8S / "overlays" / "kind-tls")) if d]
+    pods = _pods(objs)
+    assert len(pods) == 4
+    for name, tpl in pods:
+        c = tpl["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in tpl["spec"]["volumes"]}
+        assert mounts["/etc/radpilot/tls"] == "tls", name
+        assert volumes["tls"]["secret"]["secretName"] == "radpilot-tls", name
+        assert env["RADPILOT_TLS_CERT"] == "/etc/radpilot/tls/tls.crt", name
+        assert env["RADPILOT_TLS_KEY"] == "/etc/radpilot/tls/tls.key", name
+        assert env["RADPILOT_TLS_CA"] == "/etc/radpilot/tls/ca.crt", name
+        assert env["RADPILOT_HEALTH_ADDRESS"].endswith(":8086"), name
+        assert {"name": "health", "containerPort": 8086} in c["ports"], name
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if probe in c:
+                assert c[probe]["grpc"]["port"] == 8086, f"{name} {probe}"
+    plain = [d for d in yaml.safe_load_all(render(K8S / "overlays" / "kind")) if d]
+    for _name, tpl in _pods(plain):
+        assert "RADPILOT_TLS_CERT" not in {e["name"] for e in tpl["spec"]["containers"][0]["env"]}

@@ -10,6 +10,7 @@ import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -37,7 +38,7 @@ TOKEN = "t0ken"
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, **orchestrator: Any) -> None:
         self.root = root
         store = str(root / "store")
         self.workers = [
@@ -56,6 +57,7 @@ class Cluster:
             optimizers=tuple(f"127.0.0.1:{w.port}" for w in self.workers[:2]),
             evaluator=f"127.0.0.1:{self.workers[2].port}",
             planner=f"127.0.0.1:{self.workers[3].port}",
+            **orchestrator,
         )
         self.start_orchestrator()
 
@@ -208,7 +210,7 @@ def test_feedback_cancel_and_bad_input(cluster: Cluster, case_id: str) -> None:
                 max_iterations=3,
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
-            ">= 0",
+            "within 0..1e+06",
         ),
         (
             S(case_id=case_id, protocol_yaml=HARDER, max_iterations=0),
