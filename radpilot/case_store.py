@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,9 @@ import scipy.sparse as sp
 
 from radpilot.case import Beam, Case, CaseError, Grid, Structure, StructureKind
 from radpilot.errors import CaseNotFoundError
+from radpilot.storage import storage_faults
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -57,11 +61,16 @@ def _sha256_file(path: Path) -> str:
 class CaseStore:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_store_root()
-        (self.root / "cases").mkdir(parents=True, exist_ok=True)
+        self._where = f"the case store at {self.root}"
+        with storage_faults(self._where):
+            (self.root / "cases").mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp"
         if tmp.exists():  # leftovers of writers that died; never a valid case
             shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only store still serves reads; writes say why not
+            log.warning("%s: no work folder (%s); writes will fail", self._where, exc.strerror)
 
     def path(self, case_id: str) -> Path:
         if not case_id or "/" in case_id or case_id.startswith("."):
@@ -84,6 +93,10 @@ class CaseStore:
         final = self.path(case_id)
         if (final / MANIFEST).is_file():
             return case_id
+        with storage_faults(self._where):
+            return self._save(case, case_id, final, recipe)
+
+    def _save(self, case: Case, case_id: str, final: Path, recipe: dict[str, Any] | None) -> str:
         work = Path(tempfile.mkdtemp(prefix=f"{case_id}.", dir=self.root / "tmp"))
         try:
             A = case.dose_influence
@@ -211,11 +224,16 @@ class CaseStore:
         rel = f"artefacts/{case_id}/{kind}-{sha[:32]}.{ext}"
         final = self.root / rel
         if not final.is_file():
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)
+            with storage_faults(self._where):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, final)  # readers see the whole file or none
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
         return rel, sha
 
     def get_bytes(self, rel_path: str, sha256: str = "") -> bytes:

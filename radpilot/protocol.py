@@ -16,10 +16,30 @@ import yaml
 from radpilot.case import Case
 from radpilot.dosimetry import parse_metric
 from radpilot.errors import MetricError, ProtocolError
-from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveError, ObjectiveTerm, validate_terms
 from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
+
+# physical ranges, checked when a protocol is read (a value outside says what is allowed)
+MAX_PRESCRIPTION_GY = 150.0
+GRID_MM = (1.0, 20.0)  # dose grid spacing and bixel size
+MAX_BEAMS = 72
+MAX_PRIORITY = 100
+MAX_PROTOCOL_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32  # a protocol is three levels deep; deeper nesting is refused, not recursed
+TOP_LEVEL = (
+    "name",
+    "version",
+    "case",
+    "prescription",
+    "intent",
+    "goals",
+    "objectives",
+    "structures",
+    "beams",
+)
+PRESCRIPTION_FIELDS = ("target", "dose_gy", "coverage_pct")
 
 
 @dataclass(frozen=True)
@@ -171,36 +191,44 @@ def _beams(raw: Any) -> BeamSpec | None:
     iso = raw.get("isocenter_mm")
     if iso is not None and (not isinstance(iso, list) or len(iso) != 3):
         raise ProtocolError("beams.isocenter_mm must be [x, y, z] in patient millimetres")
-    bixel = _num(raw.get("bixel_mm", 5.0), "beams.bixel_mm")
-    grid = _num(raw.get("dose_grid_mm", 5.0), "beams.dose_grid_mm")
-    if bixel <= 0 or grid <= 0:
-        raise ProtocolError("beams.bixel_mm and beams.dose_grid_mm must be positive")
+    if len(gantry) > MAX_BEAMS:
+        raise ProtocolError(f"beams.gantry_deg lists {len(gantry)} beams; at most {MAX_BEAMS}")
+    bixel = _num(raw.get("bixel_mm", 5.0), "beams.bixel_mm", *GRID_MM)
+    grid = _num(raw.get("dose_grid_mm", 5.0), "beams.dose_grid_mm", *GRID_MM)
     return BeamSpec(
-        tuple(_num(g, "beams.gantry_deg[]") for g in gantry),
-        tuple(_num(c, "beams.couch_deg[]") for c in couch),
+        tuple(_num(g, "beams.gantry_deg[]", -360.0, 360.0) for g in gantry),
+        tuple(_num(c, "beams.couch_deg[]", -360.0, 360.0) for c in couch),
         bixel,
         grid,
         (
-            _num(iso[0], "beams.isocenter_mm[0]"),
-            _num(iso[1], "beams.isocenter_mm[1]"),
-            _num(iso[2], "beams.isocenter_mm[2]"),
+            _num(iso[0], "beams.isocenter_mm[0]", -5000.0, 5000.0),
+            _num(iso[1], "beams.isocenter_mm[1]", -5000.0, 5000.0),
+            _num(iso[2], "beams.isocenter_mm[2]", -5000.0, 5000.0),
         )
         if iso is not None
         else None,
     )
 
 
-def _num(value: Any, where: str) -> float:
+def _num(
+    value: Any, where: str, low: float = -math.inf, high: float = math.inf, open_low: bool = False
+) -> float:
+    """A finite number within [low, high] (or (low, high] with ``open_low``)."""
+    if isinstance(value, bool):
+        raise ProtocolError(f"{where} must be a number, got {value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ProtocolError(f"{where} must be a number, got {value!r}") from None
     if not math.isfinite(v):
         raise ProtocolError(f"{where} must be finite, got {value!r}")
+    if v > high or v < low or (open_low and v == low):
+        lo = f"({low:g}" if open_low else f"[{low:g}"
+        raise ProtocolError(f"{where} is {v:g}; the allowed range is {lo}, {high:g}]")
     return v
 
 
-def _goal(raw: Any, i: int) -> ClinicalGoal:
+def _goal(raw: Any, i: int, prescription_gy: float) -> ClinicalGoal:
     where = f"goals[{i}]"
     if not isinstance(raw, dict):
         raise ProtocolError(f"{where} must be a mapping with structure, metric, comparator, limit")
@@ -218,16 +246,35 @@ def _goal(raw: Any, i: int) -> ClinicalGoal:
     comparator = str(raw["comparator"]).strip()
     if comparator not in COMPARATORS:
         raise ProtocolError(f"{where}.comparator must be '<=' or '>=', got {comparator!r}")
-    limit = _num(raw["limit"], f"{where}.limit")
-    if limit < 0 or (kind == "V" and limit > 100):
-        raise ProtocolError(f"{where}.limit {limit} is out of range for {metric}")
+    # a volume in %, or a dose up to twice the prescription
+    high = 100.0 if kind == "V" else 2 * prescription_gy
+    limit = _num(raw["limit"], f"{where}.limit ({metric})", 0.0, high)
     priority = raw.get("priority", 1)
-    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 1:
-        raise ProtocolError(f"{where}.priority must be an integer >= 1 (1 = most important)")
+    if (
+        not isinstance(priority, int)
+        or isinstance(priority, bool)
+        or not 1 <= priority <= MAX_PRIORITY
+    ):
+        raise ProtocolError(
+            f"{where}.priority must be an integer within 1..{MAX_PRIORITY} (1 = most important)"
+        )
     hard = raw.get("hard", True)
     if not isinstance(hard, bool):
         raise ProtocolError(f"{where}.hard must be true or false")
     return ClinicalGoal(str(raw["structure"]), metric, comparator, limit, priority, hard)
+
+
+def _objective(raw: Any, i: int, prescription_gy: float) -> ObjectiveTerm:
+    where = f"objectives[{i}]"
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{where} must be a mapping with structure, kind, dose_gy, weight")
+    try:
+        term = ObjectiveTerm.from_dict(raw)
+    except ObjectiveError as exc:
+        raise ProtocolError(f"{where}: {exc}") from None
+    _num(term.dose_gy, f"{where}.dose_gy", 0.0, 2 * prescription_gy, open_low=True)
+    _num(term.weight, f"{where}.weight", 0.0, MAX_WEIGHT)
+    return term
 
 
 def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
@@ -236,25 +283,33 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
     for key in ("name", "prescription", "goals", "objectives"):
         if key not in data:
             raise ProtocolError(f"{source}: missing required field {key!r}")
+    unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
+    if unknown:
+        raise ProtocolError(
+            f"{source}: unknown field(s) {unknown}; a protocol has {', '.join(TOP_LEVEL)}"
+        )
     rx = data["prescription"]
     if not isinstance(rx, dict) or "target" not in rx or "dose_gy" not in rx:
         raise ProtocolError(f"{source}: prescription needs target and dose_gy")
-    dose = _num(rx["dose_gy"], "prescription.dose_gy")
-    if dose <= 0:
-        raise ProtocolError("prescription.dose_gy must be positive")
-    coverage = _num(rx.get("coverage_pct", 95.0), "prescription.coverage_pct")
+    unknown = sorted(map(str, set(rx) - set(PRESCRIPTION_FIELDS)))
+    if unknown:
+        raise ProtocolError(
+            f"prescription has unknown field(s) {unknown}; it has {', '.join(PRESCRIPTION_FIELDS)}"
+        )
+    dose = _num(rx["dose_gy"], "prescription.dose_gy", 0.0, MAX_PRESCRIPTION_GY, open_low=True)
+    coverage = _num(rx.get("coverage_pct", 95.0), "prescription.coverage_pct", 0.0, 100.0)
     if not 0 < coverage < 100:
         raise ProtocolError("prescription.coverage_pct must be within (0, 100)")
     goals_raw = data["goals"]
     if not isinstance(goals_raw, list) or not goals_raw:
         raise ProtocolError(f"{source}: goals must be a non-empty list")
-    goals = [_goal(g, i) for i, g in enumerate(goals_raw)]
+    goals = [_goal(g, i, dose) for i, g in enumerate(goals_raw)]
     _check_contradictions(goals)
     obj_raw = data["objectives"]
     if not isinstance(obj_raw, list) or not obj_raw:
         raise ProtocolError(f"{source}: objectives must be a non-empty list")
+    objectives = [_objective(o, i, dose) for i, o in enumerate(obj_raw)]
     try:
-        objectives = [ObjectiveTerm.from_dict(o if isinstance(o, dict) else {}) for o in obj_raw]
         validate_terms(objectives)
     except ObjectiveError as exc:
         raise ProtocolError(f"{source}: objectives: {exc}") from None
@@ -289,11 +344,52 @@ def _check_contradictions(goals: list[ClinicalGoal]) -> None:
                 )
 
 
+class _PlainYamlLoader(yaml.SafeLoader):
+    """Safe YAML without anchors or aliases (no 'billion laughs') and with bounded nesting
+    (no recursion the interpreter cannot take)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ProtocolError(
+                f"YAML aliases (*{event.anchor}) are not allowed in a protocol "
+                f"(line {event.start_mark.line + 1}): write the value out"
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None):
+            raise ProtocolError(
+                f"YAML anchors (&{event.anchor}) are not allowed in a protocol "
+                f"(line {event.start_mark.line + 1}): write the value out"
+            )
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise ProtocolError(
+                f"the protocol nests deeper than {MAX_YAML_DEPTH} levels "
+                f"(line {event.start_mark.line + 1})"
+            )
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def load_protocol_text(text: str, source: str = "<protocol>") -> Protocol:
+    size = len(text.encode())
+    if size > MAX_PROTOCOL_BYTES:
+        raise ProtocolError(
+            f"{source} is {size} bytes; protocols are limited to {MAX_PROTOCOL_BYTES} bytes"
+        )
+    loader = _PlainYamlLoader(text)
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ProtocolError(f"{source}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
     return parse_protocol(data, source)
 
 

@@ -8,6 +8,11 @@ radpilot plan --orchestrator H:P ... # plan through a running orchestrator ($RAD
 radpilot plan --agent llm ...        # LLM evaluator + planner ($OPENAI_BASE_URL, $OPENAI_API_KEY)
 radpilot approve JOB --orchestrator H:P  # add a finished job's plan to the reference library
 radpilot cases          # list built-in cases
+
+Exit codes: 0 done; 2 bad input (a flag, file, protocol or value to fix); 3 a service is unavailable
+or timed out (retry later); 4 not found or not possible now (a job id, a finished job, an agent
+without its endpoint); 1 anything else (a failed job, an internal error). Errors print one line;
+--debug prints the traceback too.
 """
 
 from __future__ import annotations
@@ -25,7 +30,12 @@ from radpilot.agents.references import load_library, shipped_library_dir
 from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
 from radpilot.cases import BUILTIN_CASES, load_builtin
-from radpilot.errors import AgentNotConfiguredError
+from radpilot.errors import (
+    AgentNotConfiguredError,
+    CaseNotFoundError,
+    FailedPreconditionError,
+    UnavailableError,
+)
 from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import plan_loop, plan_once
 from radpilot.loop.record import FmoStats
@@ -123,6 +133,8 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
 
     protocol_yaml = Path(args.protocol).read_text() if Path(args.protocol).is_file() else ""
     load_protocol(args.protocol)  # clear errors before any service starts
+    if args.dicom and not Path(args.dicom).is_dir():
+        raise ValueError(f"--dicom {args.dicom}: not a folder (give the folder of the CT series)")
     if args.agent == "none":
         raise ValueError("--agent none plans in process only; drop --local/--orchestrator")
     if args.local and args.agent == "llm" and not LLMSettings.from_env().configured:
@@ -174,23 +186,12 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
 
 
 def _call_orchestrator(address: str, method: str, request: Any, timeout: float) -> Any:
-    """One call to a running orchestrator (token from $RADPILOT_API_TOKEN); None on an error,
-    which is printed with its status code."""
-    import grpc
-
-    from radpilot.v1 import orchestrator_pb2_grpc
-    from services.common.auth import BearerToken
+    """One call to a running orchestrator (token from $RADPILOT_API_TOKEN)."""
+    from services.client import orchestrator_channel, orchestrator_stub
 
     token = os.environ.get("RADPILOT_API_TOKEN", "")
-    with grpc.insecure_channel(address) as raw:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            grpc.intercept_channel(raw, BearerToken(token))
-        )
-        try:
-            return getattr(stub, method)(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            print(f"radpilot: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return None
+    with orchestrator_channel(address) as raw:
+        return getattr(orchestrator_stub(raw, token), method)(request, timeout=timeout)
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
@@ -200,8 +201,6 @@ def cmd_approve(args: argparse.Namespace) -> int:
         job_id=args.job, iteration=args.iteration, description=args.description
     )
     r = _call_orchestrator(args.orchestrator, "ApprovePlan", request, 120)
-    if r is None:
-        return 2
     print(f"reference {r.reference_id} added to {r.protocol} ({r.references} reference plan(s))")
     return 0
 
@@ -215,8 +214,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     r = _call_orchestrator(
         args.orchestrator, "ExportPlan", pb.ExportPlanRequest(job_id=args.job), 600
     )
-    if r is None:
-        return 2
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(io.BytesIO(r.bundle)) as z:
@@ -251,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="radpilot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="print tracebacks of errors")
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("plan", "demo"):
         p = sub.add_parser(
@@ -321,12 +319,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+EXIT_OTHER, EXIT_BAD_INPUT, EXIT_UNAVAILABLE, EXIT_STATE = 1, 2, 3, 4
+_STATUS_EXIT = {
+    "INVALID_ARGUMENT": EXIT_BAD_INPUT,
+    "OUT_OF_RANGE": EXIT_BAD_INPUT,
+    "UNAVAILABLE": EXIT_UNAVAILABLE,
+    "DEADLINE_EXCEEDED": EXIT_UNAVAILABLE,
+    "RESOURCE_EXHAUSTED": EXIT_UNAVAILABLE,
+    "NOT_FOUND": EXIT_STATE,
+    "FAILED_PRECONDITION": EXIT_STATE,
+    "ALREADY_EXISTS": EXIT_STATE,
+}
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one line) for an error that ends a command."""
+    code = getattr(exc, "code", None)
+    if callable(code) and hasattr(exc, "details"):  # a gRPC status from a service
+        name = code().name
+        details = (exc.details() or "").strip().splitlines()
+        return _STATUS_EXIT.get(name, EXIT_OTHER), f"{name}: {details[0] if details else ''}"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, AgentNotConfiguredError | FailedPreconditionError | CaseNotFoundError):
+        return EXIT_STATE, first
+    if isinstance(exc, UnavailableError):
+        return EXIT_UNAVAILABLE, first
+    if isinstance(exc, CaseError | ProtocolError | ValueError | FileNotFoundError):
+        return EXIT_BAD_INPUT, first
+    from services.launcher import LaunchError
+
+    if isinstance(exc, LaunchError):
+        return EXIT_UNAVAILABLE, f"{first} (see the service logs under the run folder)"
+    return EXIT_OTHER, f"{type(exc).__name__}: {first}"
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "cases":
         for name, spec in BUILTIN_CASES.items():
             print(f"{name:18s} {spec.description}")
@@ -337,16 +364,26 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_approve(args)
     if args.command == "export":
         return cmd_export(args)
+    return cmd_plan(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
-        return cmd_plan(args)
-    except (
-        CaseError,
-        ProtocolError,
-        ValueError,
-        AgentNotConfiguredError,
-    ) as exc:
-        print(f"radpilot: {exc}", file=sys.stderr)
-        return 2
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("radpilot: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        status, line = describe_failure(exc)
+        print(f"radpilot: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

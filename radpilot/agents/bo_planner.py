@@ -15,7 +15,7 @@ import optuna
 
 from radpilot.agents.types import MemoryEntry
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
 
 SPAN_DECADES = 1.0
@@ -67,7 +67,12 @@ def propose_bo(
         used += 1
     trial = study.ask(dist)
     terms = [
-        ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight * 10 ** trial.params[_param(k)])
+        ObjectiveTerm(
+            t.structure,
+            t.kind,
+            t.dose_gy,
+            min(MAX_WEIGHT, t.weight * 10 ** trial.params[_param(k)]),
+        )
         for k, t in base.items()
     ]
     best = max((plan_quality(m.check) for m in memory), default=float("nan"))

@@ -15,7 +15,7 @@ from typing import Any
 
 from radpilot.agents.rules_planner import propose_rules
 from radpilot.agents.types import MemoryEntry, PlannerOutcome
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm import prompts
 from radpilot.llm.client import LLMCall, LLMClient, LLMError
 from radpilot.llm.parse import ParseError, find_json_object
@@ -60,8 +60,10 @@ def validate_proposal(
             raise ProposalError(f"{key}: weight must be a number, not a boolean")
         if not (math.isfinite(weight) and math.isfinite(dose)):
             raise ProposalError(f"{key}: weight and dose_gy must be finite numbers")
-        if weight <= 0:
-            raise ProposalError(f"{key}: weight must be positive, got {weight:g}")
+        if not 0 < weight <= MAX_WEIGHT:
+            raise ProposalError(
+                f"{key}: weight must be positive and at most {MAX_WEIGHT:g}, got {weight:g}"
+            )
         if dose < 0:
             raise ProposalError(f"{key}: dose_gy must not be negative, got {dose:g}")
         ratio = weight / old.weight if old.weight > 0 else MAX_WEIGHT_FACTOR

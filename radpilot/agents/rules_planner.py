@@ -18,7 +18,7 @@ import itertools
 
 from radpilot.agents.types import MemoryEntry
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
 
 MAX_FACTOR = 3.0
@@ -93,7 +93,7 @@ def _push(
                 new_dose = max(
                     floor, min(old.dose_gy if old else unit, unit - (unit - floor) * 0.5)
                 )
-            weight = old.weight * factor if old else _median_weight(objectives)
+            weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
             terms[key] = ObjectiveTerm(g.structure, "squared_overdose", round(new_dose, 3), weight)
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}, "
@@ -113,7 +113,7 @@ def _push(
             )
             old = terms.get(key)
             dose = old.dose_gy if old else (g.limit if g.unit == "Gy" else protocol.prescription_gy)
-            weight = old.weight * factor if old else _median_weight(objectives)
+            weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
             terms[key] = ObjectiveTerm(g.structure, key.split(":")[1], dose, weight)
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,44 @@ BUILTIN_CASES: dict[str, Builtin] = {
 }
 
 
+# the allowed range of every built-in case parameter (checked before anything is built)
+PARAM_RANGES: dict[str, tuple[float, float]] = {
+    "spacing_mm": (1.0, 20.0),
+    "dose_grid_mm": (1.0, 20.0),
+    "bixel_mm": (1.0, 20.0),
+    "ct_grid_mm": (0.5, 2.5),
+    "num_beams": (1, 72),
+    "prescription_gy": (1.0, 150.0),
+    "body_radius_mm": (30.0, 300.0),
+    "body_length_mm": (30.0, 600.0),
+    "sigma_mm": (0.5, 20.0),
+    "sigma_per_mm_depth": (0.0, 0.2),
+    "cutoff_sigmas": (1.0, 6.0),
+    "mu_per_mm": (0.0, 0.05),
+    "buildup_mm": (0.0, 50.0),
+}
+
+
+def _checked(key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    try:
+        if kind is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            v: Any = int(value)
+        elif kind is int:
+            f = float(value)
+            if not math.isfinite(f) or f != int(f):
+                raise ValueError
+            v = int(f)
+        else:
+            v = kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CaseError(f"case parameter {key}={value!r} is not a {kind.__name__}") from None
+    low, high = PARAM_RANGES[key]
+    if not (math.isfinite(v) and low <= v <= high):
+        raise CaseError(f"case parameter {key}={value!r} is outside its range {low:g}..{high:g}")
+    return v
+
+
 def builtin_params(name: str, **overrides: Any) -> Any:
     """Typed parameters for a built-in case; unknown names or parameters raise CaseError."""
     if name not in BUILTIN_CASES:
@@ -62,15 +101,7 @@ def builtin_params(name: str, **overrides: Any) -> Any:
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
         raise CaseError(f"case {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
-    values = {}
-    for key, value in overrides.items():
-        default = getattr(ptype(), key)
-        try:
-            values[key] = type(default)(value)
-        except (TypeError, ValueError) as exc:
-            raise CaseError(
-                f"case parameter {key}={value!r} is not a {type(default).__name__}"
-            ) from exc
+    values = {key: _checked(key, value, getattr(ptype(), key)) for key, value in overrides.items()}
     return ptype(**values)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from collections import Counter
@@ -111,8 +112,61 @@ def _short(uid: str) -> str:
     return "…" + uid[-12:]
 
 
+MAX_MATRIX = 4096  # rows or columns of a CT slice
+
+
+def check_pixels(p: Path) -> None:
+    """One CT slice's pixel data is complete and its rescale usable; DicomImportError names the
+    file otherwise (before any of it reaches the importer)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(p)
+        pixel_bytes = ds.get("PixelData")
+    except Exception as exc:  # pydicom raises many kinds on a damaged file
+        raise DicomImportError(
+            f"CT slice {p.name} cannot be read ({type(exc).__name__}): export the series again"
+        ) from None
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    bits = int(getattr(ds, "BitsAllocated", 0) or 0)
+    samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if not (0 < rows <= MAX_MATRIX and 0 < cols <= MAX_MATRIX):
+        raise DicomImportError(
+            f"CT slice {p.name} is {rows} x {cols} pixels; 1..{MAX_MATRIX} rows and columns"
+        )
+    if bits not in (8, 16, 32) or samples != 1:
+        raise DicomImportError(
+            f"CT slice {p.name} has BitsAllocated {bits} and SamplesPerPixel {samples}: a CT "
+            "slice is greyscale (1 sample) of 8, 16 or 32 bits"
+        )
+    if pixel_bytes is None:
+        raise DicomImportError(f"CT slice {p.name} has no PixelData")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_compressed:
+        expected = rows * cols * (bits // 8) * samples * frames
+        if len(pixel_bytes) < expected:
+            raise DicomImportError(
+                f"CT slice {p.name}: PixelData holds {len(pixel_bytes)} bytes, Rows x Columns x "
+                f"BitsAllocated/8 = {expected}: the file is truncated or corrupt; export it again"
+            )
+    for tag, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = getattr(ds, tag, default)
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value) or (tag == "RescaleSlope" and value == 0):
+            raise DicomImportError(
+                f"CT slice {p.name} has {tag} {raw!r}: it must be a finite number"
+                + (" other than 0" if tag == "RescaleSlope" else "")
+            )
+
+
 def _check_slices(files: list[tuple[Path, Any]]) -> tuple[list[Path], float]:
     first = files[0][1]
+    for p, _ in files:
+        check_pixels(p)
     for p, ds in files:
         iop = np.array([float(v) for v in getattr(ds, "ImageOrientationPatient", [])])
         if iop.shape != (6,) or not np.allclose(iop, AXIAL, atol=1e-3):

@@ -113,6 +113,11 @@ class SquaredUnderdose(ObjectiveKind):
         return (r < 0).astype(r.dtype)
 
 
+MAX_WEIGHT = 1e6  # weights span at most 12 orders of magnitude: [0, 1e6]
+MAX_OBJECTIVE_DOSE_GY = 300.0  # twice the highest prescription a protocol may have
+TERM_FIELDS = ("structure", "kind", "dose_gy", "weight")
+
+
 @dataclass(frozen=True)
 class ObjectiveTerm:
     """One term of the FMO objective: (structure, kind, objective dose in Gy, weight)."""
@@ -127,16 +132,15 @@ class ObjectiveTerm:
             objective_kind(self.kind)  # raises with the list of known kinds
         if not self.structure:
             raise ObjectiveError("an objective term needs a structure name")
-        if not math.isfinite(self.dose_gy) or self.dose_gy < 0:
+        if not (math.isfinite(self.dose_gy) and 0 <= self.dose_gy <= MAX_OBJECTIVE_DOSE_GY):
             raise ObjectiveError(
-                f"objective dose for {self.structure} ({self.kind}) must be a finite number"
-                " >= 0 Gy,"
-                f" got {self.dose_gy}"
+                f"objective dose for {self.structure} ({self.kind}) must be a finite number "
+                f"within 0..{MAX_OBJECTIVE_DOSE_GY:g} Gy, got {self.dose_gy}"
             )
-        if not math.isfinite(self.weight) or self.weight < 0:
+        if not (math.isfinite(self.weight) and 0 <= self.weight <= MAX_WEIGHT):
             raise ObjectiveError(
-                f"weight for {self.structure} ({self.kind}) must be a finite number >= 0,"
-                f" got {self.weight}"
+                f"weight for {self.structure} ({self.kind}) must be a finite number within "
+                f"0..{MAX_WEIGHT:g}, got {self.weight}"
             )
 
     def key(self) -> str:
@@ -153,12 +157,20 @@ class ObjectiveTerm:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ObjectiveTerm:
-        missing = {"structure", "kind", "dose_gy", "weight"} - set(d)
+        missing = set(TERM_FIELDS) - set(d)
         if missing:
             raise ObjectiveError(f"objective term {d} lacks {sorted(missing)}")
+        unknown = set(d) - set(TERM_FIELDS)
+        if unknown:
+            raise ObjectiveError(
+                f"objective term for {d.get('structure')!r} has unknown field(s) "
+                f"{sorted(map(str, unknown))}; a term has {', '.join(TERM_FIELDS)}"
+            )
         try:
+            if isinstance(d["dose_gy"], bool) or isinstance(d["weight"], bool):
+                raise TypeError("a boolean is not a number")
             dose, weight = float(d["dose_gy"]), float(d["weight"])
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise ObjectiveError(f"objective term {d}: dose_gy and weight must be numbers") from exc
         return cls(str(d["structure"]), str(d["kind"]), dose, weight)
 

@@ -13,6 +13,7 @@ import numpy as np
 from radpilot.case_store import CaseStore
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
 from radpilot.fmo.backend import make_ops
+from radpilot.protocol import MAX_PRESCRIPTION_GY
 from services.common.metrics import FMO_ITERATIONS, FMO_SECONDS, OPTIMIZE_IN_FLIGHT
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,9 @@ class Optimized:
     result: FMOResult
     dose_path: str
     dose_sha256: str
+
+
+MAX_FMO_ITERATIONS = 100_000
 
 
 class OptimizerCore:
@@ -87,13 +91,17 @@ class OptimizerCore:
         prescription_gy: float = 0.0,
         coverage_pct: float = 0.0,
     ) -> Optimized:
+        if not 0 <= max_iterations <= MAX_FMO_ITERATIONS:
+            raise ValueError(
+                f"max_iterations must be within 0..{MAX_FMO_ITERATIONS} (0 = the default)"
+            )
+        if not (np.isfinite(prescription_gy) and 0 <= prescription_gy <= MAX_PRESCRIPTION_GY):
+            raise ValueError(
+                f"prescription_gy must be within 0..{MAX_PRESCRIPTION_GY:g} Gy (0 = the case's)"
+            )
         opt, _ = self.prepare(case_id)
         if warm_start is not None and warm_start.size == 0:
             warm_start = None
-        if max_iterations < 0:
-            raise ValueError("max_iterations must be >= 0 (0 = the default)")
-        if not (np.isfinite(prescription_gy) and prescription_gy >= 0):
-            raise ValueError("prescription_gy must be a finite dose >= 0 (0 = the case's)")
         if not (coverage_pct == 0 or 0 < coverage_pct < 100):
             raise ValueError("coverage_pct must be within (0, 100), or 0 for the default 95")
         settings = FMOSettings(

@@ -105,6 +105,9 @@ def test_foreign_patient_imports_plans_and_exports(
         ("modality", "unsupported modality MR"),
         ("empty-roi", "empty or degenerate"),
         ("no-rtstruct", "no RTSTRUCT"),
+        ("truncated-pixels", r"IMG\S* PixelData holds 100 bytes.*truncated"),
+        ("cut-file", r"CT slice IMG\S* cannot be read|truncated"),
+        ("rescale", r"IMG\S* has RescaleSlope .*other than 0"),
     ],
 )
 def test_bad_dicom_is_refused_clearly(patient, tmp_path: Path, breakage: str, message: str) -> None:
@@ -156,6 +159,15 @@ def test_bad_dicom_is_refused_clearly(patient, tmp_path: Path, breakage: str, me
         r.save_as(rs)
     elif breakage == "no-rtstruct":
         rs.unlink()
+    elif breakage == "truncated-pixels":
+        ds = pydicom.dcmread(cts[3])
+        ds.PixelData = ds.PixelData[:100]
+        ds.save_as(cts[3])
+    elif breakage == "cut-file":
+        data = cts[4].read_bytes()
+        cts[4].write_bytes(data[: len(data) // 2])
+    elif breakage == "rescale":
+        edit(cts[6], RescaleSlope=0)
     with pytest.raises(DicomImportError, match=message):
         import_dicom(folder, load_protocol_text(FOREIGN_PROTOCOL))
 

@@ -316,7 +316,7 @@ def test_llm_job_audit_trail_approval_and_references(
     address = f"127.0.0.1:{llm_cluster.orch.port}"
     assert cli(["export", job.job_id, str(tmp_path / "x"), "--orchestrator", address]) == 0
     assert (tmp_path / "x" / "dicom" / "RTDOSE.dcm").is_file()
-    assert cli(["export", "no-such-job", str(tmp_path / "y"), "--orchestrator", address]) == 2
+    assert cli(["export", "no-such-job", str(tmp_path / "y"), "--orchestrator", address]) == 4
 
     # approve: the plan joins the library and the next LLM job's planner is shown it
     with pytest.raises(grpc.RpcError) as info:
@@ -338,16 +338,19 @@ def test_llm_job_audit_trail_approval_and_references(
     assert "DVH (% of each structure's volume" in prompts[0]["messages"][1]["content"]
 
 
-def test_llm_job_without_endpoint_fails_clearly(tmp_path: Path) -> None:
+def test_llm_job_without_endpoint_is_refused_at_start(tmp_path: Path) -> None:
     c = LLMCluster(tmp_path, LLMSettings(), "")
     try:
         case_id = c.stub.CreateCase(
             iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
             timeout=120,
         ).case_id
-        job = _run(c.stub, case_id, "llm")
-        assert job.state == pb.JOB_STATE_FAILED
-        assert "FAILED_PRECONDITION" in job.error and "not configured" in job.error
+        jobs = c.orch.core.jobs.job_count()
+        with pytest.raises(grpc.RpcError) as info:
+            _run(c.stub, case_id, "llm")
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "evaluator and planner services have none" in info.value.details()
+        assert c.orch.core.jobs.job_count() == jobs  # nothing was queued
         bo = _run(c.stub, case_id, "bo", max_iterations=3)
         assert bo.state == pb.JOB_STATE_SUCCEEDED and len(bo.iterations) >= 1
     finally:

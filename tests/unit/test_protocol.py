@@ -47,9 +47,10 @@ def test_shipped_protocols_load(name: str) -> None:
         (BASE.replace('comparator: ">="', 'comparator: "=="'), "comparator"),
         (BASE.replace("limit: 50}", "limit: .nan}"), "finite"),
         (BASE.replace("priority: 2", "priority: 0"), "priority"),
-        (BASE.replace("weight: 1}", "weight: -2}"), ">= 0"),
-        (BASE.replace("dose_gy: 50}", "dose_gy: 0}"), "positive"),
-        (BASE.replace("goals:\n", "goals: []\nx:\n"), "non-empty"),
+        (BASE.replace("weight: 1}", "weight: -2}"), r"within 0\.\.1e\+06"),
+        (BASE.replace("dose_gy: 50}", "dose_gy: 0}"), r"allowed range is \(0, 150\]"),
+        (BASE.replace("goals:\n", "goals: []\nx:\n"), r"unknown field\(s\) \['x'\]"),
+        (BASE.replace("goals:\n", "goals: []\n") + "\n", "non-empty|mapping"),
         (
             BASE + "  - {structure: PTV, kind: squared_deviation, dose_gy: 50, weight: 2}\n",
             "repeat",
@@ -91,3 +92,55 @@ def test_check_pass_fail_and_margins(analytic_case: Case) -> None:
     check2 = check_protocol(PlanDose(analytic_case, dose), p)
     assert not check2.all_hard_passed
     assert check2.score() < check.score()
+
+
+# every value with a physical range, and every field name, is checked when the protocol is read
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("dose_gy: 50}", "dose_gy: 1e308}"), r"prescription.dose_gy is 1e\+308.*\(0, 150\]"),
+        (
+            ("dose_gy: 50, weight", "dose_gy: 0, weight"),
+            r"objectives\[0\].dose_gy is 0.*\(0, 100\]",
+        ),
+        (("dose_gy: 50, weight", "dose_gy: 1e308, weight"), r"objectives\[0\]: objective dose"),
+        (("dose_gy: 50, weight", "dose_gy: 120, weight"), r"objectives\[0\].dose_gy is 120"),
+        (("weight: 1}", "weight: 1e308}"), r"weight .* within 0\.\.1e\+06"),
+        (("weight: 1}", "weight: 1, shape: 3}"), r"unknown field\(s\) \['shape'\]"),
+        (("weight: 1}", "weight: true}"), "must be numbers"),
+        (("limit: 50}", "limit: 1e308}"), r"goals\[0\].limit \(D95\) is 1e\+308.*\[0, 100\]"),
+        (("dose_gy: 50}", "dose_gy: 50, boost: 2}"), r"prescription has unknown field"),
+        (("priority: 2", "priority: 1000"), r"within 1\.\.100"),
+        (
+            ("name: t", "name: t\nbeams: {gantry_deg: [0], bixel_mm: 0}"),
+            r"bixel_mm is 0.*\[1, 20\]",
+        ),
+        (("name: t", "name: t\nbeams: {gantry_deg: [0], dose_grid_mm: .inf}"), "finite"),
+        (
+            ("name: t", "name: t\nbeams: {gantry_deg: [" + ", ".join(["0"] * 73) + "]}"),
+            "at most 72",
+        ),
+    ],
+)
+def test_values_outside_their_physical_range_are_refused_with_the_range(
+    edit: tuple[str, str], message: str
+) -> None:
+    assert edit[0] in BASE or edit[0] == "name: t"
+    with pytest.raises(ProtocolError, match=message):
+        load_protocol_text(BASE.replace(*edit, 1))
+
+
+def test_yaml_aliases_anchors_and_deep_nesting_are_refused_before_they_cost_anything() -> None:
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdef", "bcdefg", strict=True)
+    )
+    with pytest.raises(ProtocolError, match="anchors"):
+        load_protocol_text(BASE + "intent: " + "\n" + bomb)
+    with pytest.raises(ProtocolError, match="aliases"):
+        load_protocol_text(BASE.replace("name: t", "name: *n"))
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ProtocolError, match="nests deeper than 32"):
+        load_protocol_text(BASE + "intent: " + deep + "\n")
+    with pytest.raises(ProtocolError, match="limited to"):
+        load_protocol_text(BASE + "intent: '" + "x" * (1 << 20) + "'\n")
