@@ -232,7 +232,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     store = args.store or str(CaseStore().root)
     cluster = launch(store, args.run_dir, args.optimizer_replicas)
-    print(f"orchestrator: {cluster.orchestrator}")
+    tls = " (TLS: clients need RADPILOT_TLS_CA)" if cluster.tls.enabled else ""
+    print(f"orchestrator: {cluster.orchestrator}{tls}")
     print(f"token: {cluster.token}   (send it as 'authorization: Bearer <token>')")
     print(f"logs: {cluster.run_dir}; Ctrl-C or SIGTERM stops all services", flush=True)
     stop = threading.Event()
