@@ -56,7 +56,26 @@ def _params(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+LLM_FLAGS = {
+    "llm_model": "RADPILOT_LLM_MODEL",
+    "llm_temperature": "RADPILOT_LLM_TEMPERATURE",
+    "llm_seed": "RADPILOT_LLM_SEED",
+    "llm_max_tokens": "RADPILOT_LLM_MAX_TOKENS",
+}
+
+
+def _llm_flags_to_env(args: argparse.Namespace) -> None:
+    """--llm-* flags become the variables the LLM client reads, here and in the services
+    ``--local`` launches (checked at once, so a bad value fails before anything starts)."""
+    for flag, var in LLM_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            os.environ[var] = str(value)
+    LLMSettings.from_env()
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    _llm_flags_to_env(args)
     if args.local or args.orchestrator:
         return cmd_plan_remote(args)
     t0 = time.perf_counter()
@@ -78,7 +97,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         llm = None
         if args.agent == "llm":
-            llm = LLMClient(LLMSettings.from_env(model=args.llm_model))
+            llm = LLMClient(LLMSettings.from_env())
         print(f"{'it':>3} {'FMO s':>6} {'FMO it':>6} {'conv':>4} {'':>12}  goals")
         fmo: dict[int, Any] = {}
 
@@ -282,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
             "weights), fixed (class solution); none = one FMO with the initial objectives",
         )
         p.add_argument("--llm-model", default=None, help="default $RADPILOT_LLM_MODEL or gpt-4o")
+        p.add_argument("--llm-temperature", type=float, default=None, help="default 0")
+        p.add_argument("--llm-seed", type=int, default=None, help="default none")
+        p.add_argument("--llm-max-tokens", type=int, default=None, help="default 2000")
         p.add_argument(
             "--print-summary",
             action="store_true",

@@ -14,11 +14,18 @@ from dataclasses import dataclass, field
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision, Evaluation
 from radpilot.llm import prompts
-from radpilot.llm.client import LLMCall, LLMClient, LLMError, image_part
+from radpilot.llm.client import LLMCall, LLMClient, LLMError, LLMSettings, image_part
 from radpilot.llm.parse import ParseError, bullet_lines, find_json_object, tagged_block
 from radpilot.protocol import Protocol
 
 log = logging.getLogger(__name__)
+AGGREGATOR_ATTEMPTS = 2  # the aggregator is asked again once when its answer cannot be read
+CALLS_PER_STEP = 2 + AGGREGATOR_ATTEMPTS  # DVH expert, vision expert, aggregator
+
+
+def step_budget_s(settings: LLMSettings) -> float:
+    """The longest one evaluation's LLM calls may take."""
+    return CALLS_PER_STEP * settings.worst_call_s()
 
 
 @dataclass
@@ -125,9 +132,9 @@ class LLMEvaluator:
                 # a text-only model rejects images (HTTP 400): go on with the DVH review alone
                 exc.call.outcome = "skipped" if exc.status == 400 else "error"
                 out.calls.append(exc.call)
-        structured = self.client.settings.json_mode != "text"
+        structured = self.client.json_mode != "text"
         messages = prompts.aggregator_messages(protocol, dvh_report, vision_report, structured)
-        for attempt in (1, 2):
+        for attempt in range(1, AGGREGATOR_ATTEMPTS + 1):
             try:
                 text, call = self.client.chat(
                     "evaluator",

@@ -17,11 +17,19 @@ from radpilot.agents.rules_planner import propose_rules
 from radpilot.agents.types import MemoryEntry, PlannerOutcome
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm import prompts
-from radpilot.llm.client import LLMCall, LLMClient, LLMError
+from radpilot.llm.client import LLMCall, LLMClient, LLMError, LLMSettings
 from radpilot.llm.parse import ParseError, find_json_object
 from radpilot.protocol import Protocol
 
 log = logging.getLogger(__name__)
+
+PLANNER_ATTEMPTS = 2  # asked again once when its answer is invalid
+
+
+def step_budget_s(settings: LLMSettings) -> float:
+    """The longest one proposal's LLM calls may take."""
+    return PLANNER_ATTEMPTS * settings.worst_call_s()
+
 
 MAX_WEIGHT_FACTOR = 5.0  # a weight may change by at most this factor per iteration
 MAX_DOSE_STEP_FRACTION = 0.2  # an objective dose may move by at most this x prescription
@@ -108,7 +116,7 @@ class LLMPlanner:
         physician: str = "",
     ) -> PlannerOutcome:
         keys = [t.key() for t in current]
-        structured = self.client.settings.json_mode != "text"
+        structured = self.client.json_mode != "text"
         messages = prompts.planner_messages(
             protocol,
             current,
@@ -121,7 +129,7 @@ class LLMPlanner:
         )
         calls: list[LLMCall] = []
         reason = ""
-        for attempt in (1, 2):
+        for attempt in range(1, PLANNER_ATTEMPTS + 1):
             try:
                 text, call = self.client.chat(
                     "planner",

@@ -7,7 +7,16 @@ at a model server inside its own network:
   that ignores keys needs none; a placeholder is sent);
 - ``RADPILOT_LLM_MODEL`` (default ``gpt-4o``), ``RADPILOT_LLM_TIMEOUT_S`` (per request, 120),
   ``RADPILOT_LLM_RETRIES`` (3), ``RADPILOT_LLM_VISION`` (1; 0 for a text-only model),
-  ``RADPILOT_LLM_JSON`` (``json_schema`` | ``json_object`` | ``text``: how strict output is asked).
+  ``RADPILOT_LLM_JSON`` (``json_schema`` | ``json_object`` | ``text``: how strict output is asked),
+  ``RADPILOT_LLM_TEMPERATURE`` (0), ``RADPILOT_LLM_SEED`` (none), ``RADPILOT_LLM_MAX_TOKENS``
+  (2000), ``RADPILOT_LLM_BREAKER_FAILURES`` (3) and ``RADPILOT_LLM_BREAKER_COOLDOWN_S`` (300).
+
+An endpoint that refuses the structured-output request (HTTP 400, 422, or a 500 that names the
+response format, as llama.cpp's server answers) is asked again less strictly: ``json_schema`` ->
+``json_object`` -> tagged text, remembered for the client's life. A circuit breaker stops calling
+an endpoint after N failed calls in a row, for a cool-down: the agents fall back at once instead of
+waiting out every timeout. ``worst_call_s`` is the longest one logical call may take (all attempts
+and backoffs), from which the orchestrator derives its step deadlines.
 
 Retries (429, 5xx, timeouts, refused connections) are done here with exponential backoff and
 jitter, honouring ``Retry-After``, so that every attempt is counted in the audit record. Image bytes
@@ -55,12 +64,32 @@ class LLMSettings:
     vision: bool = True
     json_mode: str = "json_schema"
     temperature: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 2000
+    breaker_failures: int = 3  # failed calls in a row that open the circuit (0 = never)
+    breaker_cooldown_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.json_mode not in JSON_MODES:
             raise ValueError(f"json_mode must be one of {', '.join(JSON_MODES)}")
         if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
             raise ValueError("timeout_s must be positive; retries and backoff_s not negative")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be within 0..2, got {self.temperature}")
+        if not 16 <= self.max_tokens <= 100_000:
+            raise ValueError(f"max_tokens must be within 16..100000, got {self.max_tokens}")
+        if self.breaker_failures < 0 or self.breaker_cooldown_s < 0:
+            raise ValueError("breaker_failures and breaker_cooldown_s must not be negative")
+
+    def worst_call_s(self) -> float:
+        """The longest one logical call can take: every attempt timing out, with the longest
+        backoffs (jitter at most 1.5x; Retry-After is capped at 60 s)."""
+        backoffs = sum(max(self.backoff_s * 2**k * 1.5, 0.0) for k in range(self.retries))
+        return (self.retries + 1) * self.timeout_s + backoffs
+
+    def parameters(self) -> dict[str, Any]:
+        """The sampling parameters sent with (and recorded for) every call."""
+        return {"temperature": self.temperature, "seed": self.seed, "max_tokens": self.max_tokens}
 
     @property
     def configured(self) -> bool:
@@ -78,6 +107,11 @@ class LLMSettings:
             "backoff_s": float(e.get("RADPILOT_LLM_BACKOFF_S") or 1.0),
             "vision": (e.get("RADPILOT_LLM_VISION") or "1").lower() not in ("0", "false", "no"),
             "json_mode": e.get("RADPILOT_LLM_JSON") or "json_schema",
+            "temperature": float(e.get("RADPILOT_LLM_TEMPERATURE") or 0.0),
+            "seed": int(e["RADPILOT_LLM_SEED"]) if e.get("RADPILOT_LLM_SEED") else None,
+            "max_tokens": int(e.get("RADPILOT_LLM_MAX_TOKENS") or 2000),
+            "breaker_failures": int(e.get("RADPILOT_LLM_BREAKER_FAILURES") or 3),
+            "breaker_cooldown_s": float(e.get("RADPILOT_LLM_BREAKER_COOLDOWN_S") or 300.0),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -91,6 +125,8 @@ class LLMSettings:
             "retries": self.retries,
             "vision": self.vision,
             "json_mode": self.json_mode,
+            **self.parameters(),
+            "breaker": f"{self.breaker_failures} failures, {self.breaker_cooldown_s:g} s",
         }
 
 
@@ -188,6 +224,8 @@ class LLMClient:
         self._lock = threading.Lock()
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self._failures_in_a_row = 0
+        self._open_until = 0.0  # the circuit is open (no calls) until this monotonic time
 
     @property
     def vision(self) -> bool:
@@ -207,12 +245,33 @@ class LLMClient:
         *,
         schema: dict[str, Any] | None = None,
         schema_name: str = "answer",
-        max_tokens: int = 2000,
+        max_tokens: int | None = None,
     ) -> tuple[str, LLMCall]:
         """One logical call with retries. Raises LLMError (its audit record attached as .call)."""
         audited, hashes = _redact(messages)
-        call = LLMCall(role, self.settings.model, {"messages": audited}, image_sha256=hashes)
+        params = self.settings.parameters()
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        call = LLMCall(
+            role,
+            self.settings.model,
+            {"messages": audited, "parameters": params},
+            image_sha256=hashes,
+        )
         t0 = time.perf_counter()
+        with self._lock:
+            closed_in = self._open_until - time.monotonic()
+        if closed_in > 0:
+            call.validation = "circuit open"
+            return self._fail(
+                call,
+                t0,
+                0,
+                f"circuit open: {self.settings.breaker_failures} calls in a row failed; the "
+                f"endpoint is not called for another {closed_in:.0f} s",
+                None,
+                count=False,
+            )
         attempt = 0
         while True:
             attempt += 1
@@ -220,23 +279,26 @@ class LLMClient:
             kwargs: dict[str, Any] = {
                 "model": self.settings.model,
                 "messages": messages,
-                "temperature": self.settings.temperature,
-                "max_tokens": max_tokens,
+                "temperature": params["temperature"],
+                "max_tokens": params["max_tokens"],
             }
+            if params["seed"] is not None:
+                kwargs["seed"] = params["seed"]
             if fmt is not None:
                 kwargs["response_format"] = fmt
             call.request["response_format"] = fmt["type"] if fmt else "text"
             try:
                 resp = self._client.chat.completions.create(**kwargs)
-            except openai.BadRequestError as exc:
-                if fmt is not None and "response_format" in str(exc).lower():
-                    # the endpoint does not do structured output: ask for tagged text from now on
-                    with self._lock:
-                        self._json_mode = "text"
-                    continue
-                return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
             except openai.APIStatusError as exc:  # 429 (RateLimitError) and 5xx are retried
                 code = exc.status_code
+                if fmt is not None and _refuses_format(code, exc):
+                    # no structured output of this kind here: ask less strictly from now on
+                    # (llama.cpp's server says so with a 500, vLLM with a 400 or 422)
+                    self._downgrade(fmt["type"])
+                    attempt -= 1  # not a failed attempt: the same question, asked differently
+                    continue
+                if code == 400:
+                    return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
                 if (code == 429 or code >= 500) and attempt <= self.settings.retries:
                     self._sleep(attempt, exc.response.headers.get("retry-after"))
                     continue
@@ -261,8 +323,32 @@ class LLMClient:
                 self.completion_tokens += call.completion_tokens
         if not text.strip():
             call.outcome, call.error = "error", "empty answer"
+            self._record(ok=False)
             raise LLMError("the model returned an empty answer", call)
+        self._record(ok=True)
         return text, call
+
+    def _downgrade(self, current: str) -> None:
+        with self._lock:
+            if self._json_mode == current:
+                self._json_mode = "json_object" if current == "json_schema" else "text"
+
+    @property
+    def json_mode(self) -> str:
+        """How structured output is asked for now (after any downgrade)."""
+        return self._json_mode
+
+    def _record(self, ok: bool) -> None:
+        """Count failed calls in a row; open the circuit when there are enough."""
+        with self._lock:
+            if ok:
+                self._failures_in_a_row = 0
+                return
+            self._failures_in_a_row += 1
+            n = self.settings.breaker_failures
+            if n and self._failures_in_a_row >= n:
+                self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+                self._failures_in_a_row = 0
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
         delay = self.settings.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
@@ -272,11 +358,27 @@ class LLMClient:
         time.sleep(delay)
 
     def _fail(
-        self, call: LLMCall, t0: float, attempts: int, message: str, status: int | None
+        self,
+        call: LLMCall,
+        t0: float,
+        attempts: int,
+        message: str,
+        status: int | None,
+        count: bool = True,
     ) -> tuple[str, LLMCall]:
         call.outcome, call.error = "error", message
         call.attempts, call.seconds = attempts, time.perf_counter() - t0
+        if count and status != 400:  # a rejected request says nothing of the endpoint's health
+            self._record(ok=False)
         raise LLMError(message, call, status)
+
+
+_FORMAT_WORDS = ("response_format", "json_schema", "json_object", "response format", "grammar")
+
+
+def _refuses_format(code: int, exc: Exception) -> bool:
+    """An answer that says the endpoint cannot do the requested structured output."""
+    return code in (400, 422, 500) and any(w in str(exc).lower() for w in _FORMAT_WORDS)
 
 
 def _brief(exc: Exception) -> str:

@@ -54,9 +54,11 @@ class GetPlannerCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetPlannerCapabilitiesResponse(_message.Message):
-    __slots__ = ("agents", "llm_configured")
+    __slots__ = ("agents", "llm_configured", "llm_step_budget_s")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     LLM_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    LLM_STEP_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedScalarFieldContainer[str]
     llm_configured: bool
-    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ...) -> None: ...
+    llm_step_budget_s: float
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ..., llm_step_budget_s: _Optional[float] = ...) -> None: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from radpilot.agents.llm_evaluator import step_budget_s
 from radpilot.agents.step import EVALUATOR_AGENTS, served_agents
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
@@ -24,9 +25,11 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def GetEvaluatorCapabilities(
         self, request: evaluator_pb2.GetEvaluatorCapabilitiesRequest, context: grpc.ServicerContext
     ) -> evaluator_pb2.GetEvaluatorCapabilitiesResponse:
-        llm = self.core.llm is not None
+        llm = self.core.llm
         return evaluator_pb2.GetEvaluatorCapabilitiesResponse(
-            agents=served_agents(EVALUATOR_AGENTS, llm), llm_configured=llm
+            agents=served_agents(EVALUATOR_AGENTS, llm is not None),
+            llm_configured=llm is not None,
+            llm_step_budget_s=step_budget_s(llm.client.settings) if llm is not None else 0.0,
         )
 
     def Evaluate(

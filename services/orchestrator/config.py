@@ -31,6 +31,11 @@ class OrchestratorConfig:
     lease_s: float = DEFAULT_LEASE_S
     # who holds the leases ("" = <host>:<port>, unique while the port is bound exclusively)
     instance_id: str = ""
+    # per-step deadlines of the gRPC calls (seconds); LLM steps get at least what the evaluator's
+    # and the planner's LLM settings can take (services/orchestrator/ports.Deadlines.for_llm)
+    optimize_deadline_s: float = 600.0
+    evaluate_deadline_s: float = 120.0
+    propose_deadline_s: float = 60.0
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> OrchestratorConfig:
@@ -68,8 +73,22 @@ class OrchestratorConfig:
             default=env.get("RADPILOT_ORCHESTRATOR_ID", cls.instance_id),
             help="this orchestrator's name in job leases (default: host:port)",
         )
+        for step, default in (
+            ("optimize", cls.optimize_deadline_s),
+            ("evaluate", cls.evaluate_deadline_s),
+            ("propose", cls.propose_deadline_s),
+        ):
+            ap.add_argument(
+                f"--{step}-deadline-s",
+                type=float,
+                default=float(env.get(f"RADPILOT_{step.upper()}_DEADLINE_S", default)),
+                help=f"deadline of one {step} call in seconds",
+            )
         add_server_flags(ap, cls.grace_s)
         a = ap.parse_args(argv)
+        for step in ("optimize", "evaluate", "propose"):
+            if not 1 <= getattr(a, f"{step}_deadline_s") <= 86400:
+                ap.error(f"--{step}-deadline-s must be within 1..86400 seconds")
         if not 1 <= a.job_lease_s <= 3600:
             ap.error("--job-lease-s must be within 1..3600 seconds")
         optimizers = tuple(x.strip() for x in a.optimizers.split(",") if x.strip())
@@ -90,4 +109,7 @@ class OrchestratorConfig:
             a.retry_budget_s,
             a.job_lease_s,
             a.instance_id,
+            a.optimize_deadline_s,
+            a.evaluate_deadline_s,
+            a.propose_deadline_s,
         )

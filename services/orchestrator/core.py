@@ -57,7 +57,7 @@ from services.orchestrator.ports import (
     JobContext,
     JobSink,
     StoppedError,
-    llm_missing,
+    llm_status,
 )
 from services.orchestrator.store import TERMINAL, JobStore
 
@@ -194,7 +194,7 @@ class Orchestrator:
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         _check_names(protocol, self.cases.manifest(case_id))
         if agent == "llm":
-            missing = llm_missing(self.clients)
+            missing = [name for name, (ok, _) in llm_status(self.clients).items() if not ok]
             if missing:
                 which = " and ".join(missing) + (
                     " services have" if len(missing) > 1 else " service has"
@@ -358,6 +358,14 @@ class Orchestrator:
             protocol.target,
         )
         c, d = self.clients, self.deadlines
+        if job.agent == "llm":
+            d = d.for_llm(llm_status(c))
+            log.info(
+                "job %s: LLM step deadlines evaluate %.0f s, propose %.0f s",
+                job_id,
+                d.evaluate_s,
+                d.propose_s,
+            )
         result = run_loop(
             list(protocol.objectives),
             GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s),

@@ -43,11 +43,26 @@ from services.orchestrator.store import JobStore
 T = TypeVar("T")
 
 
+LLM_STEP_MARGIN_S = 30.0  # the non-LLM work of an evaluation or a proposal, and the transport
+
+
 @dataclass(frozen=True)
 class Deadlines:
     optimize_s: float = 600.0
     evaluate_s: float = 120.0
     propose_s: float = 60.0
+
+    def for_llm(self, status: dict[str, tuple[bool, float]]) -> Deadlines:
+        """Deadlines an LLM step can always meet: at least the service's longest LLM step (every
+        call timing out after all its attempts) plus a margin for the step's own work, so a slow
+        endpoint ends in the agent's fallback, not in DEADLINE_EXCEEDED."""
+        evaluate = status.get("evaluator", (False, 0.0))[1]
+        propose = status.get("planner", (False, 0.0))[1]
+        return Deadlines(
+            self.optimize_s,
+            max(self.evaluate_s, evaluate + LLM_STEP_MARGIN_S) if evaluate else self.evaluate_s,
+            max(self.propose_s, propose + LLM_STEP_MARGIN_S) if propose else self.propose_s,
+        )
 
 
 @dataclass
@@ -57,9 +72,9 @@ class Clients:
     planner: planner_pb2_grpc.PlannerServiceStub
 
 
-def llm_missing(clients: Clients, timeout_s: float = 10.0) -> list[str]:
-    """The services (evaluator, planner) that answer that they have no LLM endpoint. One that
-    cannot be reached now is not counted: the job waits for it like for any other step."""
+def llm_status(clients: Clients, timeout_s: float = 10.0) -> dict[str, tuple[bool, float]]:
+    """For the evaluator and the planner: (has an LLM endpoint, longest LLM step in seconds).
+    A service that cannot be reached now is left out: the job waits for it like for any step."""
     asks: list[tuple[str, Callable[[], Any]]] = [
         (
             "evaluator",
@@ -74,15 +89,16 @@ def llm_missing(clients: Clients, timeout_s: float = 10.0) -> list[str]:
             ),
         ),
     ]
-    missing = []
+    out = {}
     for name, ask in asks:
         try:
-            if not ask().llm_configured:
-                missing.append(name)
+            answer = ask()
         except grpc.RpcError as exc:
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
-    return missing
+            continue
+        out[name] = (bool(answer.llm_configured), float(answer.llm_step_budget_s))
+    return out
 
 
 class StoppedError(Exception):

@@ -25,6 +25,7 @@ from services.evaluator.server import SERVICE_NAME as EVALUATOR
 from services.optimizer.server import SERVICE_NAME as OPTIMIZER
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.core import Clients, Orchestrator
+from services.orchestrator.ports import Deadlines
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.store import JobStore
 from services.planner.server import SERVICE_NAME as PLANNER
@@ -86,6 +87,9 @@ def serve(
         references_dir=refs,
         retry_budget_s=config.retry_budget_s,
         lease_s=config.lease_s,
+        deadlines=Deadlines(
+            config.optimize_deadline_s, config.evaluate_deadline_s, config.propose_deadline_s
+        ),
         owner=config.instance_id or _owner(config.address),
     )
     running = start_server(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from radpilot.agents.llm_planner import step_budget_s
 from radpilot.agents.step import PLANNER_AGENTS, served_agents
 from radpilot.agents.types import MemoryEntry
 from radpilot.v1 import planner_pb2, planner_pb2_grpc
@@ -24,9 +25,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def GetPlannerCapabilities(
         self, request: planner_pb2.GetPlannerCapabilitiesRequest, context: grpc.ServicerContext
     ) -> planner_pb2.GetPlannerCapabilitiesResponse:
-        llm = self.core.llm is not None
+        llm = self.core.llm
         return planner_pb2.GetPlannerCapabilitiesResponse(
-            agents=served_agents(PLANNER_AGENTS, llm), llm_configured=llm
+            agents=served_agents(PLANNER_AGENTS, llm is not None),
+            llm_configured=llm is not None,
+            llm_step_budget_s=step_budget_s(llm.client.settings) if llm is not None else 0.0,
         )
 
     def Propose(

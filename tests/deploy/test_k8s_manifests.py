@@ -118,7 +118,9 @@ def policy_violations(objs: list[dict[str, Any]]) -> list[str]:
             bad.append(f"Secret {o['metadata']['name']} carries inline values")
         if o["kind"] == "ConfigMap":
             for k, v in (o.get("data") or {}).items():
-                if any(s in k.upper() for s in ("KEY", "TOKEN", "PASSWORD")) and v:
+                # a token budget (RADPILOT_LLM_MAX_TOKENS) is a number, not a credential
+                counted = k.upper().endswith("_MAX_TOKENS")
+                if any(s in k.upper() for s in ("KEY", "TOKEN", "PASSWORD")) and v and not counted:
                     bad.append(f"ConfigMap {o['metadata']['name']}: {k} holds a secret value")
     templates = _pods(objs)
     for o in objs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -19,7 +20,7 @@ from services.planner.server import serve as serve_planner
 
 
 class LLMCluster:
-    def __init__(self, root: Path, llm: LLMSettings, refs: str) -> None:
+    def __init__(self, root: Path, llm: LLMSettings, refs: str, **orchestrator: Any) -> None:
         self.root = root
         store = str(root / "store")
         self.workers = [
@@ -35,6 +36,7 @@ class LLMCluster:
                 evaluator=f"127.0.0.1:{self.workers[1].port}",
                 planner=f"127.0.0.1:{self.workers[2].port}",
                 references=refs,
+                **orchestrator,
             ),
             token="",
         )

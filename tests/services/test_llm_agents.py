@@ -397,3 +397,69 @@ def test_create_case_and_approve_refusals(llm_cluster: LLMCluster) -> None:
     assert got == bad and "protocol_yaml is empty" in details
     got, details = code(stub.ApprovePlan, pb.ApprovePlanRequest())
     assert got == bad and "job_id" in details
+
+
+def test_a_slow_endpoint_ends_in_fallbacks_and_an_open_circuit_not_a_failed_job(
+    tmp_path: Path,
+) -> None:
+    """The orchestrator's configured step deadlines (1 s) are shorter than one LLM call may take
+    (0.5 s x 2 attempts per call, 4 calls per evaluation): the LLM steps get deadlines derived
+    from the services' LLM settings, every call times out, the agents fall back, and after two
+    failures in a row the circuit opens and the endpoint is not called any more."""
+    with ScriptedLLMServer(lambda req: Reply("too late", delay_s=3.0)) as srv:
+        settings = scripted_settings(srv, timeout_s=0.5, breaker_failures=2)
+        c = LLMCluster(tmp_path, settings, "", evaluate_deadline_s=1.0, propose_deadline_s=1.0)
+        try:
+            case_id = c.stub.CreateCase(
+                iter(
+                    [
+                        pb.CreateCaseRequest(
+                            builtin="analytic-cshape", parameters={"spacing_mm": "8"}
+                        )
+                    ]
+                ),
+                timeout=120,
+            ).case_id
+            job = _run(c.stub, case_id, "llm", max_iterations=3)
+        finally:
+            c.close()
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    calls = [call for it in job.iterations for call in it.llm_calls]
+    assert calls and not any(call.outcome == "used" for call in calls)
+    assert any(
+        "timed out" in call.error.lower() or "timeout" in call.error.lower() for call in calls
+    )
+    assert any(call.validation == "circuit open" and call.attempts == 0 for call in calls)
+    planner = [call for call in calls if call.role == "planner"]
+    assert planner and all(
+        json.loads(call.request_json)["parameters"]["max_tokens"] for call in planner
+    )
+
+
+def test_llm_flags_reach_the_services_that_plan_local_launches(
+    llm_server: ScriptedLLMServer, tmp_path: Path
+) -> None:
+    """--llm-model / --llm-seed / --llm-temperature / --llm-max-tokens with --local: the launched
+    evaluator and planner send them (they were ignored before)."""
+    import os
+    import subprocess
+    import sys
+
+    sent_before = len(llm_server.requests)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RADPILOT_LLM_")},
+        "OPENAI_BASE_URL": llm_server.base_url,
+        "RADPILOT_LLM_BACKOFF_S": "0.01",
+    }
+    argv = [sys.executable, "-m", "services", "plan", "--local", "--agent", "llm"]
+    argv += ["--case", "analytic-cshape", "--param", "spacing_mm=8", "--max-iterations", "1"]
+    argv += ["--store", str(tmp_path / "store"), "--out", str(tmp_path / "out")]
+    argv += ["--llm-model", "hospital-model-7b", "--llm-seed", "11", "--llm-temperature", "0.2"]
+    argv += ["--llm-max-tokens", "900"]
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    sent = llm_server.requests[sent_before:]
+    assert sent
+    assert {(r["model"], r["seed"], r["temperature"], r["max_tokens"]) for r in sent} == {
+        ("hospital-model-7b", 11, 0.2, 900)
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -117,7 +118,96 @@ def test_structured_output_refused_falls_back_to_text_mode() -> None:
         text, call = client.chat("evaluator", [{"role": "user", "content": "x"}], schema={})
     assert "DECISION" in text and call.request["response_format"] == "text"
     assert srv.requests[0]["response_format"]["type"] == "json_schema"
-    assert "response_format" not in srv.requests[1]
+    assert srv.requests[1]["response_format"]["type"] == "json_object"
+    assert "response_format" not in srv.requests[2]
+    assert call.attempts == 1 and client.json_mode == "text"  # remembered, not retried
+
+
+# how common OpenAI-compatible servers refuse a response format they cannot do
+SERVER_QUIRKS = {
+    # llama.cpp's server: HTTP 500 for a json_schema it cannot turn into a grammar
+    "llama.cpp": (500, {"json_schema"}, "Failed to parse grammar from response_format json_schema"),
+    # vLLM: 400 when guided decoding is not available for the schema
+    "vllm": (400, {"json_schema"}, "guided decoding: unsupported json_schema in response_format"),
+    # a server that validates the request body: 422 for any response_format
+    "strict-validator": (422, {"json_schema", "json_object"}, "Unprocessable: response_format"),
+}
+
+
+@pytest.mark.parametrize("server", sorted(SERVER_QUIRKS))
+def test_each_servers_way_of_refusing_a_format_leads_to_one_it_accepts(server: str) -> None:
+    status, refused, message = SERVER_QUIRKS[server]
+
+    def responder(req: dict) -> Reply:
+        kind = req.get("response_format", {}).get("type")
+        if kind in refused:
+            return Reply(status=status, error=message)
+        return Reply('{"decision": "meets_protocol"}')
+
+    with ScriptedLLMServer(responder) as srv:
+        client = _client(srv)
+        for _ in range(2):
+            text, call = client.chat("evaluator", [{"role": "user", "content": "x"}], schema={})
+            assert "meets_protocol" in text and call.outcome == "used"
+    accepted = "text" if "json_object" in refused else "json_object"
+    assert client.json_mode == accepted
+    # the second call went straight to the accepted mode: no repeated refusals
+    assert len(srv.requests) == len(refused) + 2
+
+
+def test_a_500_that_is_not_about_the_format_is_retried_not_downgraded() -> None:
+    with ScriptedLLMServer(lambda req: Reply(status=500, error="CUDA out of memory")) as srv:
+        client = _client(srv)
+        with pytest.raises(LLMError, match="HTTP 500"):
+            client.chat("evaluator", [{"role": "user", "content": "x"}], schema={})
+    assert client.json_mode == "json_schema"
+    assert all(r["response_format"]["type"] == "json_schema" for r in srv.requests)
+
+
+def test_the_circuit_opens_after_failures_in_a_row_and_closes_after_the_cool_down() -> None:
+    answers = iter([Reply(status=503, error="down")] * 4 + [Reply("back")] * 10)
+    with ScriptedLLMServer(lambda req: next(answers)) as srv:
+        client = LLMClient(
+            LLMSettings(
+                base_url=srv.base_url,
+                retries=0,
+                backoff_s=0,
+                breaker_failures=2,
+                breaker_cooldown_s=0.5,
+            )
+        )
+        for _ in range(2):
+            with pytest.raises(LLMError, match="HTTP 503"):
+                client.chat("planner", [{"role": "user", "content": "x"}])
+        sent = len(srv.requests)
+        with pytest.raises(LLMError, match="circuit open") as info:
+            client.chat("planner", [{"role": "user", "content": "x"}])
+        assert len(srv.requests) == sent  # not called while open
+        assert info.value.call.attempts == 0 and info.value.call.validation == "circuit open"
+        time.sleep(0.6)
+        with pytest.raises(LLMError, match="HTTP 503"):  # half-open: one try, still down
+            client.chat("planner", [{"role": "user", "content": "x"}])
+        with pytest.raises(LLMError, match="HTTP 503"):
+            client.chat("planner", [{"role": "user", "content": "x"}])
+        time.sleep(0.6)
+        text, call = client.chat("planner", [{"role": "user", "content": "x"}])
+    assert text == "back" and call.request["parameters"]["max_tokens"] == 2000
+
+
+def test_sampling_parameters_are_sent_and_recorded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADPILOT_LLM_SEED", "7")
+    monkeypatch.setenv("RADPILOT_LLM_TEMPERATURE", "0.3")
+    monkeypatch.setenv("RADPILOT_LLM_MAX_TOKENS", "512")
+    with ScriptedLLMServer(lambda req: Reply("ok")) as srv:
+        monkeypatch.setenv("OPENAI_BASE_URL", srv.base_url)
+        client = LLMClient(LLMSettings.from_env())
+        _, call = client.chat("planner", [{"role": "user", "content": "x"}])
+    sent = srv.requests[0]
+    assert (sent["seed"], sent["temperature"], sent["max_tokens"]) == (7, 0.3, 512)
+    assert call.request["parameters"] == {"temperature": 0.3, "seed": 7, "max_tokens": 512}
+    with pytest.raises(ValueError, match="temperature"):
+        LLMSettings(temperature=5)
+    assert LLMSettings(timeout_s=10, retries=2, backoff_s=1).worst_call_s() == 30 + 1.5 + 3
 
 
 def test_json_found_in_prose_and_fences() -> None:
