@@ -165,7 +165,14 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
     try:
         if args.local:
             store = args.store or str(CaseStore().root)
-            cluster = launch(store, Path(args.out) / "run", args.optimizer_replicas)
+            # its own job database (unless RADPILOT_JOB_DB says otherwise): another run's jobs
+            # are never resumed by this one, nor this one's by the next
+            run_dir = Path(args.out) / "run"
+            job_db = os.environ.get("RADPILOT_JOB_DB") or run_dir / "jobs.sqlite"
+            if not os.environ.get("RADPILOT_JOB_DB"):  # an earlier run's, in the same --out
+                for old in run_dir.glob("jobs.sqlite*"):
+                    old.unlink()
+            cluster = launch(store, run_dir, args.optimizer_replicas, job_db=job_db)
             address, token = cluster.orchestrator, cluster.token
             print(f"services up: {address}, {args.optimizer_replicas} optimizer replica(s)")
         else:

@@ -125,9 +125,11 @@ def launch(
     token: str | None = None,
     timeout: float = 120.0,
     tls: TlsConfig | None = None,
+    job_db: str | Path | None = None,
 ) -> LocalCluster:
     """Start the services; ``tls`` (default: RADPILOT_TLS_* of this process) runs every port
-    with TLS and the services' channels with mutual TLS."""
+    with TLS and the services' channels with mutual TLS. ``job_db`` (default: RADPILOT_JOB_DB,
+    else ``<case store>/jobs.sqlite``) is the orchestrator's job database."""
     if optimizer_replicas < 1:
         raise ValueError("optimizer_replicas must be at least 1")
     run = Path(run_dir)
@@ -137,6 +139,7 @@ def launch(
     env = {
         **os.environ,
         **tls.env(),
+        **({"RADPILOT_JOB_DB": str(job_db)} if job_db else {}),
         "RADPILOT_CASE_STORE": str(case_store),
         "RADPILOT_API_TOKEN": cluster.token,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),

@@ -77,11 +77,15 @@ class GetEvaluatorCapabilitiesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetEvaluatorCapabilitiesResponse(_message.Message):
-    __slots__ = ("agents", "llm_configured", "llm_step_budget_s")
+    __slots__ = ("agents", "llm_configured", "llm_step_budget_s", "llm_model", "llm_endpoint")
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     LLM_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
     LLM_STEP_BUDGET_S_FIELD_NUMBER: _ClassVar[int]
+    LLM_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LLM_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedScalarFieldContainer[str]
     llm_configured: bool
     llm_step_budget_s: float
-    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ..., llm_step_budget_s: _Optional[float] = ...) -> None: ...
+    llm_model: str
+    llm_endpoint: str
+    def __init__(self, agents: _Optional[_Iterable[str]] = ..., llm_configured: _Optional[bool] = ..., llm_step_budget_s: _Optional[float] = ..., llm_model: _Optional[str] = ..., llm_endpoint: _Optional[str] = ...) -> None: ...

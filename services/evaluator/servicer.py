@@ -30,6 +30,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             agents=served_agents(EVALUATOR_AGENTS, llm is not None),
             llm_configured=llm is not None,
             llm_step_budget_s=step_budget_s(llm.client.settings) if llm is not None else 0.0,
+            llm_model=llm.client.settings.model if llm is not None else "",
+            llm_endpoint=llm.client.settings.describe()["base_url"] if llm is not None else "",
         )
 
     def Evaluate(

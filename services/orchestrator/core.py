@@ -7,6 +7,7 @@ next starts; a restarted orchestrator resumes unfinished jobs after their last s
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import socket
@@ -56,6 +57,7 @@ from services.orchestrator.ports import (
     GrpcPlanner,
     JobContext,
     JobSink,
+    LlmInfo,
     StoppedError,
     llm_status,
 )
@@ -193,8 +195,12 @@ class Orchestrator:
             raise CaseNotFoundError(f"case {case_id!r} does not exist: call CreateCase first")
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         _check_names(protocol, self.cases.manifest(case_id))
+        llm = ""
         if agent == "llm":
-            missing = [name for name, (ok, _) in llm_status(self.clients).items() if not ok]
+            status = llm_status(self.clients)
+            # recorded only when both answered (one that is down now is checked at resume)
+            llm = _llm_identity(status) if len(status) == 2 else ""
+            missing = [name for name, info in status.items() if not info.configured]
             if missing:
                 which = " and ".join(missing) + (
                     " services have" if len(missing) > 1 else " service has"
@@ -205,7 +211,13 @@ class Orchestrator:
                     "with agent rules or bo"
                 )
         job, created = self.jobs.create_job(
-            case_id, protocol_yaml, max_iterations, memory_length, agent, idempotency_key or None
+            case_id,
+            protocol_yaml,
+            max_iterations,
+            memory_length,
+            agent,
+            idempotency_key or None,
+            llm,
         )
         if created:
             JOBS.labels("started").inc()
@@ -359,7 +371,17 @@ class Orchestrator:
         )
         c, d = self.clients, self.deadlines
         if job.agent == "llm":
-            d = d.for_llm(llm_status(c))
+            status = llm_status(c)
+            now = _llm_identity(status)
+            if job.llm and len(status) == 2 and now != job.llm:
+                # never send a job's data to an endpoint or model it was not started with
+                self._fail(
+                    job_id,
+                    f"this job was started with the LLM endpoints {job.llm}; the services now "
+                    f"use {now}: not resumed here. Start a new job to plan with them.",
+                )
+                return
+            d = d.for_llm(status)
             log.info(
                 "job %s: LLM step deadlines evaluate %.0f s, propose %.0f s",
                 job_id,
@@ -474,6 +496,11 @@ class Orchestrator:
                     if p.is_file():
                         z.write(p, p.relative_to(tmp).as_posix())
         return buf.getvalue(), f"radpilot-{job_id[:8]}.zip"
+
+
+def _llm_identity(status: dict[str, LlmInfo]) -> str:
+    """The LLM endpoints and models of the evaluator and the planner, as stored with a job."""
+    return json.dumps({name: info.identity() for name, info in sorted(status.items())})
 
 
 class _CountingSink(JobSink):

@@ -52,12 +52,12 @@ class Deadlines:
     evaluate_s: float = 120.0
     propose_s: float = 60.0
 
-    def for_llm(self, status: dict[str, tuple[bool, float]]) -> Deadlines:
+    def for_llm(self, status: dict[str, LlmInfo]) -> Deadlines:
         """Deadlines an LLM step can always meet: at least the service's longest LLM step (every
         call timing out after all its attempts) plus a margin for the step's own work, so a slow
         endpoint ends in the agent's fallback, not in DEADLINE_EXCEEDED."""
-        evaluate = status.get("evaluator", (False, 0.0))[1]
-        propose = status.get("planner", (False, 0.0))[1]
+        evaluate = status["evaluator"].step_budget_s if "evaluator" in status else 0.0
+        propose = status["planner"].step_budget_s if "planner" in status else 0.0
         return Deadlines(
             self.optimize_s,
             max(self.evaluate_s, evaluate + LLM_STEP_MARGIN_S) if evaluate else self.evaluate_s,
@@ -72,9 +72,22 @@ class Clients:
     planner: planner_pb2_grpc.PlannerServiceStub
 
 
-def llm_status(clients: Clients, timeout_s: float = 10.0) -> dict[str, tuple[bool, float]]:
-    """For the evaluator and the planner: (has an LLM endpoint, longest LLM step in seconds).
-    A service that cannot be reached now is left out: the job waits for it like for any step."""
+@dataclass(frozen=True)
+class LlmInfo:
+    """What the evaluator or the planner says of its LLM endpoint."""
+
+    configured: bool
+    step_budget_s: float
+    model: str
+    endpoint: str
+
+    def identity(self) -> str:
+        return f"{self.model} at {self.endpoint}" if self.configured else "none"
+
+
+def llm_status(clients: Clients, timeout_s: float = 10.0) -> dict[str, LlmInfo]:
+    """The evaluator's and the planner's LLM endpoints. A service that cannot be reached now is
+    left out: the job waits for it like for any step."""
     asks: list[tuple[str, Callable[[], Any]]] = [
         (
             "evaluator",
@@ -97,7 +110,12 @@ def llm_status(clients: Clients, timeout_s: float = 10.0) -> dict[str, tuple[boo
             if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
             continue
-        out[name] = (bool(answer.llm_configured), float(answer.llm_step_budget_s))
+        out[name] = LlmInfo(
+            bool(answer.llm_configured),
+            float(answer.llm_step_budget_s),
+            answer.llm_model,
+            answer.llm_endpoint,
+        )
     return out
 
 

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS leases (
 
 INSERT_JOB = (
     "INSERT INTO jobs (job_id, idempotency_key, case_id, protocol_yaml, max_iterations,"
-    " memory_length, agent, state, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    " memory_length, agent, state, created, updated, llm) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -58,6 +58,7 @@ class Job:
     state: str
     best_iteration: int
     error: str
+    llm: str = ""  # the LLM endpoints and models the job was started with (JSON), "" = none
 
 
 def _same_request(job: Job, request: tuple[Any, ...]) -> Job:
@@ -82,6 +83,9 @@ class JobStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "llm" not in columns:  # job stores of earlier versions
+                self._db.execute("ALTER TABLE jobs ADD COLUMN llm TEXT NOT NULL DEFAULT ''")
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on every write
 
@@ -117,6 +121,7 @@ class JobStore:
         memory_length: int,
         agent: str,
         idempotency_key: str | None,
+        llm: str = "",
     ) -> tuple[Job, bool]:
         """The new job, or the existing one for the same idempotency key; (job, created)."""
         request = (case_id, protocol_yaml, max_iterations, memory_length, agent)
@@ -144,6 +149,7 @@ class JobStore:
                             "queued",
                             now,
                             now,
+                            llm,
                         ),
                     )
                 ]
@@ -158,7 +164,7 @@ class JobStore:
     def job(self, job_id: str) -> Job:
         rows = self._query(
             "SELECT job_id, idempotency_key, case_id, protocol_yaml, max_iterations, memory_length,"
-            " agent, state, best_iteration, error FROM jobs WHERE job_id = ?",
+            " agent, state, best_iteration, error, llm FROM jobs WHERE job_id = ?",
             (job_id,),
         )
         if not rows:

@@ -463,3 +463,61 @@ def test_llm_flags_reach_the_services_that_plan_local_launches(
     assert {(r["model"], r["seed"], r["temperature"], r["max_tokens"]) for r in sent} == {
         ("hospital-model-7b", 11, 0.2, 900)
     }
+    # the run kept its jobs in its own database, not the case store's shared one
+    assert (tmp_path / "out" / "run" / "jobs.sqlite").is_file()
+    assert not (tmp_path / "store" / "jobs.sqlite").exists()
+
+
+def test_a_job_is_never_resumed_with_another_llm_endpoint(tmp_path: Path) -> None:
+    """A job records the LLM endpoints and models it was started with; an orchestrator whose
+    services use others fails it clearly instead of sending its data elsewhere."""
+    with (
+        ScriptedLLMServer(cooperative_responder) as first,
+        ScriptedLLMServer(cooperative_responder) as second,
+    ):
+        c = LLMCluster(tmp_path, scripted_settings(first), "")
+        try:
+            case_id = c.stub.CreateCase(
+                iter(
+                    [
+                        pb.CreateCaseRequest(
+                            builtin="analytic-cshape", parameters={"spacing_mm": "8"}
+                        )
+                    ]
+                ),
+                timeout=120,
+            ).case_id
+            req = pb.StartPlanningRequest(
+                case_id=case_id, protocol_yaml=HARDER, agent="llm", max_iterations=6
+            )
+            job_id = c.stub.StartPlanning(req, timeout=30).job_id
+            recorded = json.loads(c.orch.core.jobs.job(job_id).llm)
+            assert recorded == {
+                "evaluator": f"scripted at {first.base_url}",
+                "planner": f"scripted at {first.base_url}",
+            }
+            for e in c.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=120):
+                if e.kind == pb.EVENT_KIND_PROPOSAL:
+                    break  # one iteration stored: stop the services mid-job
+        finally:
+            c.close()
+        c = LLMCluster(tmp_path, scripted_settings(second), "")
+        try:
+            job = _wait_job(c.stub, job_id)
+        finally:
+            c.close()
+    assert job.state == pb.JOB_STATE_FAILED
+    assert "not resumed here" in job.error and second.base_url in job.error
+    assert not second.requests  # nothing of the job went to the other endpoint
+
+
+def _wait_job(stub: Any, job_id: str, timeout: float = 60) -> pb.GetPlanningJobResponse:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=10)
+        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not end")
