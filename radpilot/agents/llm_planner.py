@@ -33,6 +33,10 @@ def step_budget_s(settings: LLMSettings) -> float:
 
 MAX_WEIGHT_FACTOR = 5.0  # a weight may change by at most this factor per iteration
 MAX_DOSE_STEP_FRACTION = 0.2  # an objective dose may move by at most this x prescription
+# over the whole job: a weight stays within this factor of the protocol's initial weight, and an
+# objective dose within 0..2 x prescription (a drifting model cannot walk anywhere step by step)
+MAX_TOTAL_WEIGHT_FACTOR = 100.0
+STEP_TOLERANCE = 1e-6  # relative: a step of exactly the bound is not refused by rounding
 
 
 class ProposalError(ValueError):
@@ -40,9 +44,15 @@ class ProposalError(ValueError):
 
 
 def validate_proposal(
-    data: dict[str, Any], current: list[ObjectiveTerm], prescription_gy: float
+    data: dict[str, Any],
+    current: list[ObjectiveTerm],
+    prescription_gy: float,
+    initial: list[ObjectiveTerm] | None = None,
 ) -> tuple[list[ObjectiveTerm], str]:
-    """Check a parsed answer against the current terms; raise ProposalError naming the fault."""
+    """Check a parsed answer against the current terms (the step) and the protocol's initial
+    ones (the total range); raise ProposalError naming the fault."""
+    start = {t.key(): t for t in (initial or [])}
+    tol = 1 + STEP_TOLERANCE
     terms = data.get("terms")
     if not isinstance(terms, dict):
         raise ProposalError('the answer needs a "terms" object keyed by "<structure>:<kind>"')
@@ -75,15 +85,29 @@ def validate_proposal(
         if dose < 0:
             raise ProposalError(f"{key}: dose_gy must not be negative, got {dose:g}")
         ratio = weight / old.weight if old.weight > 0 else MAX_WEIGHT_FACTOR
-        if not 1 / MAX_WEIGHT_FACTOR <= ratio <= MAX_WEIGHT_FACTOR:
+        if not 1 / (MAX_WEIGHT_FACTOR * tol) <= ratio <= MAX_WEIGHT_FACTOR * tol:
             raise ProposalError(
                 f"{key}: weight {weight:g} is {ratio:.3g} x the current {old.weight:g}; "
                 f"keep it within 1/{MAX_WEIGHT_FACTOR:g}..{MAX_WEIGHT_FACTOR:g} x"
             )
-        if abs(dose - old.dose_gy) > max_step + 1e-9:
+        if abs(dose - old.dose_gy) > max_step * tol + 1e-9:
             raise ProposalError(
                 f"{key}: dose_gy {dose:g} moves {abs(dose - old.dose_gy):.3g} Gy from "
                 f"{old.dose_gy:g}; at most {max_step:g} Gy per iteration"
+            )
+        first = start.get(key)
+        if first is not None and first.weight > 0:
+            total = weight / first.weight
+            if not 1 / (MAX_TOTAL_WEIGHT_FACTOR * tol) <= total <= MAX_TOTAL_WEIGHT_FACTOR * tol:
+                raise ProposalError(
+                    f"{key}: weight {weight:g} is {total:.3g} x the protocol's {first.weight:g}; "
+                    f"over the whole plan keep it within 1/{MAX_TOTAL_WEIGHT_FACTOR:g}.."
+                    f"{MAX_TOTAL_WEIGHT_FACTOR:g} x"
+                )
+        if dose > 2 * prescription_gy * tol:
+            raise ProposalError(
+                f"{key}: dose_gy {dose:g} is above twice the prescription "
+                f"({2 * prescription_gy:g} Gy)"
             )
         out.append(ObjectiveTerm(old.structure, old.kind, dose, weight))
     rationale = data.get("rationale", "")
@@ -145,7 +169,7 @@ class LLMPlanner:
             calls.append(call)
             try:
                 terms, rationale = validate_proposal(
-                    find_json_object(text), current, protocol.prescription_gy
+                    find_json_object(text), current, protocol.prescription_gy, protocol.objectives
                 )
             except (ParseError, ProposalError) as exc:
                 call.validation = str(exc)

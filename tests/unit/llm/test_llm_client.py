@@ -268,3 +268,28 @@ def test_proposal_validation() -> None:
     for data, match in bad:
         with pytest.raises(ProposalError, match=match):
             validate_proposal(data, CURRENT, 50.0)
+
+
+def test_a_step_of_exactly_the_bound_passes_and_drift_is_bounded_over_the_whole_plan() -> None:
+    # exactly 1/5 and 5 x the current weight, and exactly 20 % of the prescription in dose
+    for w, d in ((100.0 / 5, 8.0), (100.0 * 5, 8.0), (100.0, 8.0 + 0.2 * 50)):
+        on_the_bound = _terms(**{"Core:squared_overdose": {"weight": w, "dose_gy": d}})
+        validate_proposal(on_the_bound, CURRENT, 50.0)
+    for w in (3 / 7, 5 / 7):  # w / (5 w) rounds to just below 1/5 for these
+        current = [ObjectiveTerm("PTV", "squared_deviation", 50.0, 120.0),
+                   ObjectiveTerm("Core", "squared_overdose", 7.0, w * 5)]  # fmt: skip
+        validate_proposal(
+            _terms(**{"Core:squared_overdose": {"weight": w, "dose_gy": 7.0}}), current, 50.0
+        )
+    # a model that drifts a little each step cannot leave the range around the protocol's values
+    initial = [ObjectiveTerm("PTV", "squared_deviation", 50.0, 120.0),
+               ObjectiveTerm("Core", "squared_overdose", 7.0, 2.0)]  # fmt: skip
+    drifted = _terms(**{"Core:squared_overdose": {"weight": 250.0, "dose_gy": 7.0}})
+    with pytest.raises(ProposalError, match="protocol's 2"):
+        validate_proposal(drifted, CURRENT, 50.0, initial)
+    far = [ObjectiveTerm("PTV", "squared_deviation", 50.0, 120.0),
+           ObjectiveTerm("Core", "squared_overdose", 95.0, 200.0)]  # fmt: skip
+    with pytest.raises(ProposalError, match="twice the prescription"):
+        validate_proposal(
+            _terms(**{"Core:squared_overdose": {"weight": 200.0, "dose_gy": 104.0}}), far, 50.0
+        )
