@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
+from radpilot.agents.step import served_agents
 from radpilot.evaluation.metrics import StructureStats
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo import ObjectiveTerm
@@ -131,4 +133,21 @@ def llm_call_from_proto(m: types_pb2.LlmCall) -> dict[str, Any]:
         "completion_tokens": m.completion_tokens,
         "request": json.loads(m.request_json) if m.request_json else {},
         "response_text": m.response_text,
+    }
+
+
+def llm_capabilities(
+    agents: tuple[str, ...], llm: Any, step_budget: Callable[[Any], float]
+) -> dict[str, Any]:
+    """The fields of a Get*Capabilities answer for a service whose LLM agent is ``llm`` (an
+    LLMEvaluator/LLMPlanner, or None without an endpoint)."""
+    if llm is None:
+        return {"agents": served_agents(agents, False), "llm_configured": False}
+    settings = llm.client.settings
+    return {
+        "agents": served_agents(agents, True),
+        "llm_configured": True,
+        "llm_step_budget_s": step_budget(settings),
+        "llm_model": settings.model,
+        "llm_endpoint": settings.describe()["base_url"],
     }

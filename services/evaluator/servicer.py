@@ -5,10 +5,15 @@ from __future__ import annotations
 import grpc
 
 from radpilot.agents.llm_evaluator import step_budget_s
-from radpilot.agents.step import EVALUATOR_AGENTS, served_agents
+from radpilot.agents.step import EVALUATOR_AGENTS
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
-from services.common.convert import goal_result_to_proto, llm_call_to_proto, stats_to_proto
+from services.common.convert import (
+    goal_result_to_proto,
+    llm_call_to_proto,
+    llm_capabilities,
+    stats_to_proto,
+)
 from services.common.metrics import observe_llm_calls
 from services.evaluator.core import EvaluatorCore
 
@@ -25,13 +30,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def GetEvaluatorCapabilities(
         self, request: evaluator_pb2.GetEvaluatorCapabilitiesRequest, context: grpc.ServicerContext
     ) -> evaluator_pb2.GetEvaluatorCapabilitiesResponse:
-        llm = self.core.llm
         return evaluator_pb2.GetEvaluatorCapabilitiesResponse(
-            agents=served_agents(EVALUATOR_AGENTS, llm is not None),
-            llm_configured=llm is not None,
-            llm_step_budget_s=step_budget_s(llm.client.settings) if llm is not None else 0.0,
-            llm_model=llm.client.settings.model if llm is not None else "",
-            llm_endpoint=llm.client.settings.describe()["base_url"] if llm is not None else "",
+            **llm_capabilities(EVALUATOR_AGENTS, self.core.llm, step_budget_s)
         )
 
     def Evaluate(

@@ -5,12 +5,13 @@ from __future__ import annotations
 import grpc
 
 from radpilot.agents.llm_planner import step_budget_s
-from radpilot.agents.step import PLANNER_AGENTS, served_agents
+from radpilot.agents.step import PLANNER_AGENTS
 from radpilot.agents.types import MemoryEntry
 from radpilot.v1 import planner_pb2, planner_pb2_grpc
 from services.common.convert import (
     check_from_proto,
     llm_call_to_proto,
+    llm_capabilities,
     terms_from_proto,
     terms_to_proto,
 )
@@ -25,13 +26,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def GetPlannerCapabilities(
         self, request: planner_pb2.GetPlannerCapabilitiesRequest, context: grpc.ServicerContext
     ) -> planner_pb2.GetPlannerCapabilitiesResponse:
-        llm = self.core.llm
         return planner_pb2.GetPlannerCapabilitiesResponse(
-            agents=served_agents(PLANNER_AGENTS, llm is not None),
-            llm_configured=llm is not None,
-            llm_step_budget_s=step_budget_s(llm.client.settings) if llm is not None else 0.0,
-            llm_model=llm.client.settings.model if llm is not None else "",
-            llm_endpoint=llm.client.settings.describe()["base_url"] if llm is not None else "",
+            **llm_capabilities(PLANNER_AGENTS, self.core.llm, step_budget_s)
         )
 
     def Propose(

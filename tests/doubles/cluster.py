@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from radpilot.llm.client import LLMSettings
+from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc
 from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve as serve_evaluator
@@ -48,3 +49,11 @@ class LLMCluster:
         self.orch.stop(1.0)
         for w in self.workers:
             w.stop(1.0)
+
+
+def analytic_case(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, spacing_mm: int = 8) -> str:
+    """CreateCase of the analytic C-shape on a coarse grid (seconds); its case id."""
+    request = pb.CreateCaseRequest(
+        builtin="analytic-cshape", parameters={"spacing_mm": str(spacing_mm)}
+    )
+    return stub.CreateCase(iter([request]), timeout=120).case_id

@@ -32,7 +32,7 @@ from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import case_anatomy_features, plan_loop
 from radpilot.protocol import load_protocol
 from radpilot.v1 import orchestrator_pb2 as pb
-from tests.doubles.cluster import LLMCluster
+from tests.doubles.cluster import LLMCluster, analytic_case
 from tests.doubles.llm_server import (
     Reply,
     ScriptedLLMServer,
@@ -41,6 +41,7 @@ from tests.doubles.llm_server import (
     scripted_settings,
 )
 from tests.paths import REPO_ROOT
+from tests.services.test_orchestrator import _wait
 
 ROOT = REPO_ROOT
 HARDER_PATH = ROOT / "protocols" / "tg119_cshape_harder.yaml"
@@ -271,10 +272,7 @@ def test_llm_job_audit_trail_approval_and_references(
     llm_cluster: LLMCluster, llm_server: ScriptedLLMServer, tmp_path: Path
 ) -> None:
     stub = llm_cluster.stub
-    case_id = stub.CreateCase(
-        iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
-        timeout=120,
-    ).case_id
+    case_id = analytic_case(stub)
     first = len(llm_server.requests)
     job = _run(stub, case_id, "llm", max_iterations=6)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
@@ -341,10 +339,7 @@ def test_llm_job_audit_trail_approval_and_references(
 def test_llm_job_without_endpoint_is_refused_at_start(tmp_path: Path) -> None:
     c = LLMCluster(tmp_path, LLMSettings(), "")
     try:
-        case_id = c.stub.CreateCase(
-            iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
-            timeout=120,
-        ).case_id
+        case_id = analytic_case(c.stub)
         jobs = c.orch.core.jobs.job_count()
         with pytest.raises(grpc.RpcError) as info:
             _run(c.stub, case_id, "llm")
@@ -410,16 +405,7 @@ def test_a_slow_endpoint_ends_in_fallbacks_and_an_open_circuit_not_a_failed_job(
         settings = scripted_settings(srv, timeout_s=0.5, breaker_failures=2)
         c = LLMCluster(tmp_path, settings, "", evaluate_deadline_s=1.0, propose_deadline_s=1.0)
         try:
-            case_id = c.stub.CreateCase(
-                iter(
-                    [
-                        pb.CreateCaseRequest(
-                            builtin="analytic-cshape", parameters={"spacing_mm": "8"}
-                        )
-                    ]
-                ),
-                timeout=120,
-            ).case_id
+            case_id = analytic_case(c.stub)
             job = _run(c.stub, case_id, "llm", max_iterations=3)
         finally:
             c.close()
@@ -477,16 +463,7 @@ def test_a_job_is_never_resumed_with_another_llm_endpoint(tmp_path: Path) -> Non
     ):
         c = LLMCluster(tmp_path, scripted_settings(first), "")
         try:
-            case_id = c.stub.CreateCase(
-                iter(
-                    [
-                        pb.CreateCaseRequest(
-                            builtin="analytic-cshape", parameters={"spacing_mm": "8"}
-                        )
-                    ]
-                ),
-                timeout=120,
-            ).case_id
+            case_id = analytic_case(c.stub)
             req = pb.StartPlanningRequest(
                 case_id=case_id, protocol_yaml=HARDER, agent="llm", max_iterations=6
             )
@@ -503,21 +480,9 @@ def test_a_job_is_never_resumed_with_another_llm_endpoint(tmp_path: Path) -> Non
             c.close()
         c = LLMCluster(tmp_path, scripted_settings(second), "")
         try:
-            job = _wait_job(c.stub, job_id)
+            job = _wait(c.stub, job_id)
         finally:
             c.close()
     assert job.state == pb.JOB_STATE_FAILED
     assert "not resumed here" in job.error and second.base_url in job.error
     assert not second.requests  # nothing of the job went to the other endpoint
-
-
-def _wait_job(stub: Any, job_id: str, timeout: float = 60) -> pb.GetPlanningJobResponse:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=10)
-        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} did not end")
