@@ -16,7 +16,7 @@ import yaml
 from radpilot.case import Case
 from radpilot.dosimetry import parse_metric
 from radpilot.errors import MetricError, ProtocolError
-from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveError, ObjectiveTerm, validate_terms
+from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
 from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
@@ -272,8 +272,8 @@ def _objective(raw: Any, i: int, prescription_gy: float) -> ObjectiveTerm:
         term = ObjectiveTerm.from_dict(raw)
     except ObjectiveError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
+    # the weight's range is the term's own (ObjectiveTerm); the dose's depends on the protocol
     _num(term.dose_gy, f"{where}.dose_gy", 0.0, 2 * prescription_gy, open_low=True)
-    _num(term.weight, f"{where}.weight", 0.0, MAX_WEIGHT)
     return term
 
 

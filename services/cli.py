@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from radpilot.agents.references import load_library, shipped_library_dir
 from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
@@ -168,9 +170,10 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
             # its own job database (unless RADPILOT_JOB_DB says otherwise): another run's jobs
             # are never resumed by this one, nor this one's by the next
             run_dir = Path(args.out) / "run"
-            job_db = os.environ.get("RADPILOT_JOB_DB") or run_dir / "jobs.sqlite"
-            if not os.environ.get("RADPILOT_JOB_DB"):  # an earlier run's, in the same --out
-                for old in run_dir.glob("jobs.sqlite*"):
+            job_db: str | Path | None = os.environ.get("RADPILOT_JOB_DB")
+            if not job_db:
+                job_db = run_dir / "jobs.sqlite"
+                for old in run_dir.glob("jobs.sqlite*"):  # an earlier run's, in the same --out
                     old.unlink()
             cluster = launch(store, run_dir, args.optimizer_replicas, job_db=job_db)
             address, token = cluster.orchestrator, cluster.token
@@ -364,9 +367,8 @@ _STATUS_EXIT = {
 
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an error that ends a command."""
-    code = getattr(exc, "code", None)
-    if callable(code) and hasattr(exc, "details"):  # a gRPC status from a service
-        name = code().name
+    if isinstance(exc, grpc.RpcError):  # a status from a service
+        name = exc.code().name
         details = (exc.details() or "").strip().splitlines()
         return _STATUS_EXIT.get(name, EXIT_OTHER), f"{name}: {details[0] if details else ''}"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -79,10 +79,6 @@ class LocalCluster:
         if name == "orchestrator":
             _wait_serving(self.orchestrator, timeout, self.tls)
 
-    def channel(self) -> grpc.Channel:
-        """A channel to the orchestrator (TLS when the cluster runs with it)."""
-        return open_plain_or_tls(self.orchestrator, self.tls)
-
 
 def _start(
     cluster: LocalCluster,

@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 NUM_REFERENCES = 3
 MAX_ITERATIONS = 50
 MAX_MEMORY = 20
-MAX_PROTOCOL_BYTES = 1 << 20
 DEFAULT_LEASE_S = 30.0
 
 
@@ -186,14 +185,9 @@ class Orchestrator:
             raise ValueError(f"memory_length must be within 1..{MAX_MEMORY}, got {memory_length}")
         if not case_id:
             raise ValueError("case_id is empty: call CreateCase first")
-        if len(protocol_yaml.encode()) > MAX_PROTOCOL_BYTES:
-            raise ValueError(
-                f"protocol_yaml is {len(protocol_yaml.encode())} bytes; protocols are limited to "
-                f"{MAX_PROTOCOL_BYTES} bytes"
-            )
+        protocol = load_protocol_text(protocol_yaml, "protocol_yaml")  # size, YAML, ranges
         if case_id not in self.cases:
             raise CaseNotFoundError(f"case {case_id!r} does not exist: call CreateCase first")
-        protocol = load_protocol_text(protocol_yaml, "protocol_yaml")
         _check_names(protocol, self.cases.manifest(case_id))
         llm = ""
         if agent == "llm":

@@ -174,11 +174,6 @@ class JobStore:
     def job_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM jobs")[0][0])
 
-    def unfinished(self) -> list[str]:
-        return [
-            r[0] for r in self._query("SELECT job_id FROM jobs WHERE state IN ('queued','running')")
-        ]
-
     # -- leases: one orchestrator runs a job ------------------------------------------------------
     def claim(self, job_id: str, owner: str, lease_s: float) -> str:
         """Take (or extend) the lease on a job for ``owner``; "" when it is now ours, else the
