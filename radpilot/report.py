@@ -74,11 +74,12 @@ class PlanReport:
             "structures": [s.to_dict() for s in self.plan.stats()],
             "target_indices": self.plan.target_indices(),
             "seconds": self.seconds,
+            # the whole audit trail: role, model, endpoint, parameters (in the request),
+            # attempts, outcome, validation, error, tokens, seconds, request and answer text
             "llm_calls": [
-                {k: c[k] for k in ("iteration", "role", "model", "images", "outcome", "seconds")}
-                for it in self.iterations
-                for c in it.llm_calls
+                {**c, "iteration": it.iteration} for it in self.iterations for c in it.llm_calls
             ],
+            "llm_outcomes": _count_outcomes(self.iterations),
             "per_iteration": [
                 {
                     "iteration": it.iteration,
@@ -167,7 +168,8 @@ class PlanReport:
             else ""
         )
         imgs = "".join(
-            f'<figure><img src="{e(n)}" alt="{e(n)}"><figcaption>{e(n)}</figcaption></figure>'
+            f'<figure><img src="{e(n)}" alt="{e(n)}"{" class=wide" if n.startswith("crop_") else ""}>'
+            f"<figcaption>{e(n)}</figcaption></figure>"
             for n in images
         )
         ti = "".join(
@@ -189,7 +191,7 @@ class PlanReport:
 <html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary["case"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}tr.pass td{{background:#e8f6e8}}
-tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}</style></head>
+tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}img.wide{{max-width:1100px}}</style></head>
 <body><h1>Plan report: {e(summary["case"])}</h1>
 <p>Protocol <b>{e(summary["protocol"])}</b>, agent <b>{e(summary["agent"])}</b>. Best plan from iteration
 {summary["best_iteration"]} of {summary["iterations"]}: it <b>{verdict}</b>.
@@ -213,3 +215,12 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _count_outcomes(iterations: list[IterationRecord]) -> dict[str, int]:
+    """How many LLM calls ended in each outcome (used, retried, fallback, overridden, ...)."""
+    counts: dict[str, int] = {}
+    for it in iterations:
+        for c in it.llm_calls:
+            counts[c.get("outcome", "")] = counts.get(c.get("outcome", ""), 0) + 1
+    return counts

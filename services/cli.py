@@ -125,6 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             agent=args.agent,
             llm=llm,
             references=load_library(shipped_library_dir()) if args.agent == "llm" else None,
+            physician=args.feedback,
             on_event=progress,
         )
     report.seconds["case"] = t_case
@@ -191,6 +192,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
             args.memory,
             args.out,
             dicom=args.dicom,
+            feedback=args.feedback,
         )
     finally:
         if cluster is not None:
@@ -318,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--print-summary",
             action="store_true",
             help="end with one line 'SUMMARY <json>' (for scripts reading a pod's log)",
+        )
+        p.add_argument(
+            "--feedback",
+            default="",
+            metavar="TEXT",
+            help="the physician's comments, from the first iteration on (read by the LLM "
+            "evaluator and planner; no patient identifiers)",
         )
         p.add_argument("--max-iterations", type=int, default=6)
         p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")

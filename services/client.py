@@ -105,6 +105,7 @@ def plan_remote(
     echo: Callable[[str], None] = print,
     timeout_s: float = 3600.0,
     dicom: str | Path | None = None,
+    feedback: str = "",
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     with orchestrator_channel(orchestrator) as raw:
@@ -125,6 +126,7 @@ def plan_remote(
                 max_iterations=max_iterations,
                 memory_length=memory_length,
                 agent=agent,
+                physician_feedback=feedback,
             ),
             timeout=60,
         ).job_id

@@ -1,15 +1,20 @@
 """The LLM evaluator: a DVH expert, a vision expert and an aggregator (paper §2.2).
 
-The deterministic protocol check stays the guardrail: the combined decision is "meets protocol"
-only when the numbers pass, whatever the model says; when the model and the numbers disagree,
-the disagreement is recorded. When the endpoint fails or the aggregator's answer cannot be read
-after one retry, the rule-based evaluation stands and the fallback is recorded.
+The DVH expert sees the plan's DVH and statistics next to the approved reference plans' results
+and the physician's comments; the aggregator sees the experts' reviews only as fenced, untrusted
+text. An expert's review that names none of the protocol's structures is recorded as ``invalid``
+and not passed on. The deterministic protocol check stays the guardrail: the combined decision is
+"meets protocol" only when the numbers pass, whatever the model says; an overruled "meets" is
+recorded as ``overridden``, and the disagreement is recorded. When the endpoint fails or the
+aggregator's answer cannot be read after one retry, the rule-based evaluation stands and the
+fallback is recorded.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision, Evaluation
@@ -83,9 +88,34 @@ def parse_evaluation(text: str) -> tuple[Decision, list[str], str]:
     return decision, unmet, tagged_block(text, "SUGGESTIONS") or ""
 
 
+def sanity_problem(report: str, protocol: Protocol) -> str:
+    """Why an expert's review cannot be passed on ("" when it can): it must talk about the plan,
+    i.e. name at least one structure of the protocol's goals."""
+    names = {g.structure for g in protocol.goals} | {protocol.target}
+    text = report.lower()
+    if not any(n.lower() in text for n in names):
+        listed = ", ".join(sorted(names))
+        return f"invalid: the review names none of the protocol's structures ({listed})"
+    return ""
+
+
 class LLMEvaluator:
     def __init__(self, client: LLMClient) -> None:
         self.client = client
+
+    def _expert(
+        self, out: LLMJudgement, role: str, messages: list[dict[str, Any]], protocol: Protocol
+    ) -> str | None:
+        """One expert's review, or None when it failed (LLMError propagates) or is not usable."""
+        report, call = self.client.chat(role, messages)
+        out.calls.append(call)
+        problem = sanity_problem(report, protocol)
+        if problem:
+            call.outcome, call.validation = "invalid", problem
+            log.warning("%s answer not used: %s", role, problem)
+            return None
+        call.validation = "ok"
+        return report
 
     def judge(
         self,
@@ -93,47 +123,29 @@ class LLMEvaluator:
         protocol: Protocol,
         rules: Evaluation,
         images: dict[str, bytes] | None,
+        references: list[dict[str, Any]] | None = None,
+        physician: str = "",
     ) -> LLMJudgement:
         out = LLMJudgement(None)
-        stats = plan.stats()
-        dvh = plan.dvh_table()
         try:
-            dvh_report, call = self.client.chat(
-                "dvh_expert", prompts.dvh_expert_messages(protocol, dvh, stats, rules.check)
+            dvh_report = self._expert(
+                out,
+                "dvh_expert",
+                prompts.dvh_expert_messages(
+                    protocol, plan.dvh_table(), plan.stats(), rules.check, references, physician
+                ),
+                protocol,
             )
-            call.validation = "ok"
-            out.calls.append(call)
         except LLMError as exc:
             exc.call.outcome = "fallback"
             out.calls.append(exc.call)
             log.warning("DVH expert failed (%s); the rule-based evaluation stands", exc)
             return out
-        vision_report: str | None = None
-        if not self.client.vision or not images:
-            why = "text-only model configured" if not self.client.vision else "no images"
-            out.calls.append(
-                LLMCall(
-                    "vision_expert",
-                    self.client.settings.model,
-                    {},
-                    outcome="skipped",
-                    validation=why,
-                )
-            )
-        else:
-            try:
-                vision_report, call = self.client.chat(
-                    "vision_expert",
-                    prompts.vision_expert_messages(protocol, images, image_part),
-                )
-                call.validation = "ok"
-                out.calls.append(call)
-            except LLMError as exc:
-                # a text-only model rejects images (HTTP 400): go on with the DVH review alone
-                exc.call.outcome = "skipped" if exc.status == 400 else "error"
-                out.calls.append(exc.call)
+        vision_report = self._vision(out, protocol, images)
         structured = self.client.json_mode != "text"
-        messages = prompts.aggregator_messages(protocol, dvh_report, vision_report, structured)
+        messages = prompts.aggregator_messages(
+            protocol, dvh_report, vision_report, structured, physician
+        )
         for attempt in range(1, AGGREGATOR_ATTEMPTS + 1):
             try:
                 text, call = self.client.chat(
@@ -165,6 +177,44 @@ class LLMEvaluator:
                 ]
         return out
 
+    def _vision(
+        self, out: LLMJudgement, protocol: Protocol, images: dict[str, bytes] | None
+    ) -> str | None:
+        """The dose-image review, or None (skipped, refused, failed or not usable)."""
+        if not self.client.vision or not images:
+            if self.client.images_refused:
+                why = f"switched off: the endpoint refused images ({self.client.images_refused})"
+            elif not self.client.settings.vision:
+                why = "text-only model configured"
+            else:
+                why = "no images"
+            out.calls.append(
+                LLMCall(
+                    "vision_expert",
+                    self.client.settings.model,
+                    {},
+                    outcome="skipped",
+                    validation=why,
+                    endpoint=self.client.endpoint,
+                )
+            )
+            return None
+        try:
+            return self._expert(
+                out,
+                "vision_expert",
+                prompts.vision_expert_messages(protocol, images, image_part),
+                protocol,
+            )
+        except LLMError as exc:
+            # a text-only model rejects images (HTTP 400): go on with the DVH review alone; the
+            # client sends no more images to this endpoint
+            exc.call.outcome = "skipped" if exc.status == 400 else "error"
+            if self.client.images_refused:
+                exc.call.validation = "the endpoint refused images: vision expert switched off"
+            out.calls.append(exc.call)
+            return None
+
 
 def combine(rules: Evaluation, judgement: LLMJudgement) -> tuple[Evaluation, bool]:
     """The guarded decision and whether model and numbers disagreed."""
@@ -184,6 +234,13 @@ def combine(rules: Evaluation, judgement: LLMJudgement) -> tuple[Evaluation, boo
             f"{'every goal is met' if numbers_pass else 'goals are missed'}"
             + ("; the protocol check decides" if llm_meets else "")
         )
+    if llm_meets and not numbers_pass:
+        # the audit says which answer the protocol check reversed
+        for call in reversed(judgement.calls):
+            if call.role == "evaluator" and call.outcome == "used":
+                call.outcome = "overridden"
+                call.validation = "overridden: goals are missed, the protocol check decides"
+                break
     meets = llm_meets and numbers_pass
     decision = Decision.MEETS_PROTOCOL if meets else Decision.NEEDS_IMPROVEMENT
     return Evaluation(decision, rules.check, findings, rules.measures), disagreement

@@ -1,10 +1,11 @@
 """The LLM planner: reference plans + recent iterations + feedback -> new weights and doses.
 
 The answer must be strict JSON over exactly the current objective terms. It is validated — known
-keys only, every key present, finite numbers, positive weights, non-negative doses, and a bounded
-change per iteration — before anything is used. An invalid answer gets one retry that quotes the
-validation error; a second invalid answer, or an endpoint that fails, falls back to one step of
-the rule-based planner. Every call and every fallback is recorded.
+keys only, every key present, finite numbers, positive weights, non-negative doses, a bounded
+change per iteration and a bounded total change from the protocol's initial terms — before anything
+is used. An invalid answer, or one that changes nothing while goals fail, gets one retry that says
+what was wrong; a second such answer, or an endpoint that fails, falls back to one step of the
+rule-based planner. Every call and every fallback is recorded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from radpilot.agents.rules_planner import propose_rules
 from radpilot.agents.types import MemoryEntry, PlannerOutcome
+from radpilot.evaluation.metrics import DVHTable
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm import prompts
 from radpilot.llm.client import LLMCall, LLMClient, LLMError, LLMSettings
@@ -114,16 +116,31 @@ def validate_proposal(
     return out, rationale if isinstance(rationale, str) else str(rationale)
 
 
+NO_CHANGE_TOLERANCE = 1e-6  # relative: a proposal this close to the current terms is no change
+
+
 def history_for_prompt(memory: list[MemoryEntry]) -> list[dict[str, Any]]:
     return [
         {
             "iteration": m.iteration,
             "objectives": m.objectives,
             "results": prompts.goals_text(m.check),
-            "findings": "; ".join(m.findings),
+            "findings": list(m.findings),
+            "stats": list(m.stats),
+            "dvh": DVHTable.from_dict(m.dvh) if m.dvh else None,
         }
         for m in memory
     ]
+
+
+def unchanged(proposed: list[ObjectiveTerm], current: list[ObjectiveTerm]) -> bool:
+    """True when a proposal leaves every weight and objective dose where it is."""
+    now = {t.key(): t for t in current}
+    return all(
+        math.isclose(t.weight, now[t.key()].weight, rel_tol=NO_CHANGE_TOLERANCE)
+        and math.isclose(t.dose_gy, now[t.key()].dose_gy, rel_tol=NO_CHANGE_TOLERANCE, abs_tol=1e-9)
+        for t in proposed
+    )
 
 
 class LLMPlanner:
@@ -136,7 +153,7 @@ class LLMPlanner:
         current: list[ObjectiveTerm],
         memory: list[MemoryEntry],
         references: list[dict[str, Any]],
-        findings: str = "",
+        findings: list[str] | None = None,
         physician: str = "",
     ) -> PlannerOutcome:
         keys = [t.key() for t in current]
@@ -146,13 +163,14 @@ class LLMPlanner:
             current,
             history_for_prompt(memory),
             references,
-            findings,
+            list(findings or []),
             physician,
             MAX_WEIGHT_FACTOR,
             MAX_DOSE_STEP_FRACTION * protocol.prescription_gy,
         )
         calls: list[LLMCall] = []
         reason = ""
+        goals_fail = bool(memory) and not memory[-1].check.all_passed
         for attempt in range(1, PLANNER_ATTEMPTS + 1):
             try:
                 text, call = self.client.chat(
@@ -171,6 +189,11 @@ class LLMPlanner:
                 terms, rationale = validate_proposal(
                     find_json_object(text), current, protocol.prescription_gy, protocol.objectives
                 )
+                if goals_fail and unchanged(terms, current):
+                    raise ProposalError(
+                        "it changes nothing while goals are still missed; change at least one "
+                        "weight or objective dose towards the missed goals"
+                    )
             except (ParseError, ProposalError) as exc:
                 call.validation = str(exc)
                 call.outcome = "retried" if attempt == 1 else "fallback"

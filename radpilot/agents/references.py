@@ -24,7 +24,7 @@ import numpy as np
 from radpilot.case import Grid, StructureKind
 from radpilot.cases.derived import expand
 from radpilot.errors import ReferencePlanError
-from radpilot.evaluation.metrics import DVHTable, PlanDose
+from radpilot.evaluation.metrics import DVHTable, PlanDose, compact_dvh_step
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.llm.prompts import goals_text
@@ -97,12 +97,7 @@ class ReferencePlan:
         return "\n".join(lines)
 
     def dvh_table(self) -> DVHTable:
-        names = list(self.dvh["volume_pct"])
-        return DVHTable(
-            np.asarray(self.dvh["levels_gy"], dtype=np.float64),
-            names,
-            np.stack([np.asarray(self.dvh["volume_pct"][n]) for n in names], axis=1),
-        )
+        return DVHTable.from_dict(self.dvh)
 
     def for_prompt(self) -> dict[str, Any]:
         return {
@@ -144,9 +139,7 @@ class ReferencePlan:
 def reference_dvh(plan: PlanDose, prescription_gy: float) -> dict[str, Any]:
     """A compact DVH for a reference plan: one row per 10 % of the prescription, no NormalTissue."""
     names = [s.name for s in plan.case.structures if s.name != "NormalTissue"]
-    return plan.dvh_table(
-        step_gy=max(1.0, round(prescription_gy / 10.0)), structures=names
-    ).to_dict()
+    return plan.dvh_table(step_gy=compact_dvh_step(prescription_gy), structures=names).to_dict()
 
 
 def nearest(

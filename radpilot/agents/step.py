@@ -61,6 +61,8 @@ def evaluate_plan(
     protocol: Protocol,
     llm: LLMEvaluator | None = None,
     images: dict[str, bytes] | None = None,
+    references: list[dict[str, Any]] | None = None,
+    physician: str = "",
 ) -> EvaluationOutcome:
     check_agent(agent, EVALUATOR_AGENTS, "evaluator", llm is not None)
     rules = evaluate_rules(plan, protocol)
@@ -68,7 +70,7 @@ def evaluate_plan(
         return EvaluationOutcome(rules)
     if images is None and llm.client.vision:
         images = dose_images(plan)
-    judgement = llm.judge(plan, protocol, rules, images)
+    judgement = llm.judge(plan, protocol, rules, images, references or [], physician)
     evaluation, disagreement = combine(rules, judgement)
     return EvaluationOutcome(
         evaluation,
@@ -99,6 +101,6 @@ def propose_next(
     if agent == "bo":
         return PlannerOutcome(*propose_bo(protocol, memory, seed))
     if agent == "llm" and llm is not None:
-        findings = "; ".join(memory[-1].findings)
+        findings = list(memory[-1].findings)
         return llm.propose(protocol, current, memory, references or [], findings, physician)
     return PlannerOutcome(*propose_rules(protocol, current, memory[-1].check, memory))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.evaluation.rules import Evaluation
@@ -19,6 +20,8 @@ class MemoryEntry:
     check: ProtocolCheck
     physician_feedback: str = ""  # the physician's free text in force at this iteration
     findings: tuple[str, ...] = ()  # the evaluator's findings on this iteration's plan
+    stats: tuple[dict[str, Any], ...] = ()  # StructureStats.to_dict() of this iteration's plan
+    dvh: dict[str, Any] = field(default_factory=dict)  # DVHTable.compact().to_dict()
 
 
 @dataclass

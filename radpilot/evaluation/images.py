@@ -3,8 +3,9 @@
 - ``plane_images``: axial, sagittal and coronal slices through the isocentre: CT in grey, the dose
   as a colour wash (doses under 10 % of the prescription left clear), structure contours, and a
   colour bar in Gy.
-- ``structure_crops``: for each non-external structure, the axial slice through its centroid
-  cropped to the structure's extent plus a 5-pixel margin, with the same colour scale.
+- ``structure_crops``: for each non-external structure, the axial, sagittal and coronal slices
+  through its centroid, each cropped to the structure's extent plus a 5-pixel margin, side by side
+  in one image, with the same colour scale.
 - ``dvh_plot``: cumulative DVH curves.
 
 Axial images show anterior up; sagittal and coronal show superior up. Pixel spacing is honoured.
@@ -29,6 +30,7 @@ from radpilot.evaluation.metrics import PlanDose
 FIG_SIZE_IN = (6.0, 5.0)
 DPI = 100
 CROP_MARGIN_PX = 5
+CROP_FIG_WIDTH_IN = 13.0
 COLOURBAR_LABEL = "Dose [Gy]"
 COLORS = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -147,30 +149,46 @@ def plane_images(case: Case, dose_cube: np.ndarray, title: str = "") -> dict[str
     return {k: _png(f) for k, f in plane_figures(case, dose_cube, title).items()}
 
 
+PLANE_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}  # the cube axis each plane cuts
+
+
+def _crop_window(mask: np.ndarray) -> tuple[slice, slice]:
+    rows, cols = np.nonzero(mask)
+    nr, nc = mask.shape
+    return (
+        slice(max(0, rows.min() - CROP_MARGIN_PX), min(nr, rows.max() + 1 + CROP_MARGIN_PX)),
+        slice(max(0, cols.min() - CROP_MARGIN_PX), min(nc, cols.max() + 1 + CROP_MARGIN_PX)),
+    )
+
+
+def _through_structure(mask3d: np.ndarray, zyx: np.ndarray, plane: str) -> int:
+    """The slice of ``plane`` through the structure's centroid (or, for a concave structure that
+    misses its own centroid, through its median)."""
+    axis = PLANE_AXIS[plane]
+    index = round(float(zyx[:, axis].mean()))
+    if not _slice(mask3d, plane, index).any():
+        index = int(np.median(zyx[:, axis]))
+    return index
+
+
 def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
-    """Per-structure axial crops (structure extent + 5 px margin) through each centroid."""
+    """Per structure, one image of three panels: axial, sagittal and coronal slices through its
+    centroid, each cropped to the structure's extent plus a 5-pixel margin (same colour scale)."""
     vmax = _colour_max(case, dose_cube)
     out = {}
     for s in case.structures:
-        if s.kind is StructureKind.EXTERNAL or s.name == "NormalTissue":
+        if s.kind is StructureKind.EXTERNAL or s.name == "NormalTissue" or not s.voxel_indices.size:
             continue
+        mask3d = s.mask(case.grid)
         zyx = np.stack(np.unravel_index(s.voxel_indices, case.grid.shape), axis=1)
-        iz = round(float(zyx[:, 0].mean()))
-        mask = s.mask(case.grid)[iz]
-        if not mask.any():  # a concave structure may miss its own centroid slice
-            iz = int(np.median(zyx[:, 0]))
-            mask = s.mask(case.grid)[iz]
-        ys, xs = np.nonzero(mask)
-        ny, nx = mask.shape
-        window = (
-            slice(max(0, ys.min() - CROP_MARGIN_PX), min(ny, ys.max() + 1 + CROP_MARGIN_PX)),
-            slice(max(0, xs.min() - CROP_MARGIN_PX), min(nx, xs.max() + 1 + CROP_MARGIN_PX)),
-        )
-        fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
-        im = _draw(ax, case, dose_cube, "axial", iz, vmax, window)
-        fig.colorbar(im, ax=ax, label=COLOURBAR_LABEL)
-        ax.set_title(f"{s.name} (axial crop)")
-        fig.tight_layout()
+        fig, axes = plt.subplots(1, 3, figsize=(CROP_FIG_WIDTH_IN, FIG_SIZE_IN[1]))
+        shown = []
+        for ax, plane in zip(axes, ("axial", "sagittal", "coronal"), strict=True):
+            index = _through_structure(mask3d, zyx, plane)
+            window = _crop_window(_slice(mask3d, plane, index))
+            shown.append(_draw(ax, case, dose_cube, plane, index, vmax, window))
+            ax.set_title(f"{s.name}: {plane}", fontsize=9)
+        fig.colorbar(shown[0], ax=list(axes), label=COLOURBAR_LABEL, shrink=0.8)
         out[s.name] = _png(fig)
     return out
 

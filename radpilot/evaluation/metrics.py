@@ -171,3 +171,37 @@ class DVHTable:
                 for j, s in enumerate(self.structures)
             },
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DVHTable:
+        names = list(d.get("volume_pct", {}))
+        levels = np.asarray(d.get("levels_gy", []), dtype=np.float64)
+        if not names:
+            return cls(levels, [], np.zeros((levels.size, 0)))
+        return cls(
+            levels,
+            names,
+            np.stack([np.asarray(d["volume_pct"][n], dtype=np.float64) for n in names], axis=1),
+        )
+
+    def compact(
+        self, prescription_gy: float, skip: tuple[str, ...] = ("NormalTissue",)
+    ) -> DVHTable:
+        """The same DVH on a coarse step (about a tenth of the prescription; the reference plans'
+        step), interpolated between this table's levels: what a planner's memory keeps of a plan.
+        """
+        step = compact_dvh_step(prescription_gy)
+        top = float(self.levels_gy[-1]) if self.levels_gy.size else 0.0
+        levels = np.arange(0.0, top + step, step)
+        keep = [j for j, n in enumerate(self.structures) if n not in skip]
+        cols = [np.interp(levels, self.levels_gy, self.volume_pct[:, j]) for j in keep]
+        return DVHTable(
+            levels,
+            [self.structures[j] for j in keep],
+            np.stack(cols, axis=1) if cols else np.zeros((levels.size, 0)),
+        )
+
+
+def compact_dvh_step(prescription_gy: float) -> float:
+    """The dose step of compact DVH tables (reference plans, the planner's memory)."""
+    return float(max(1.0, round(prescription_gy / 10.0)))

@@ -13,10 +13,13 @@ at a model server inside its own network:
 
 An endpoint that refuses the structured-output request (HTTP 400, 422, or a 500 that names the
 response format, as llama.cpp's server answers) is asked again less strictly: ``json_schema`` ->
-``json_object`` -> tagged text, remembered for the client's life. A circuit breaker stops calling
-an endpoint after N failed calls in a row, for a cool-down: the agents fall back at once instead of
-waiting out every timeout. ``worst_call_s`` is the longest one logical call may take (all attempts
-and backoffs), from which the orchestrator derives its step deadlines.
+``json_object`` -> tagged text, remembered for the client's life; one that refuses images (a 400,
+or llama.cpp's 500, naming them) gets no more images from this client (the vision expert is
+switched off, recorded).
+A circuit breaker stops calling an endpoint after N failed calls in a row, for a cool-down: the
+agents fall back at once instead of waiting out every timeout. ``worst_call_s`` is the longest
+one logical call may take (all attempts and backoffs), from which the orchestrator derives its
+step deadlines.
 
 Retries (429, 5xx, timeouts, refused connections) are done here with exponential backoff and
 jitter, honouring ``Retry-After``, so that every attempt is counted in the audit record. Image bytes
@@ -142,11 +145,14 @@ class LLMCall:
     completion_tokens: int = 0
     seconds: float = 0.0
     attempts: int = 0
-    outcome: str = "used"  # used | retried | fallback | error | skipped
+    # used | retried | fallback | error | skipped | overridden (the protocol check reversed the
+    # model's "meets") | invalid (an expert's answer failed a sanity check and was not used)
+    outcome: str = "used"
     validation: str = ""  # the parse/validation result, "ok" or what was wrong
     error: str = ""
     image_sha256: list[str] = field(default_factory=list)
     iteration: int = 0
+    endpoint: str = ""  # the base URL the call went to (never the key)
 
     @property
     def images(self) -> int:
@@ -157,6 +163,7 @@ class LLMCall:
             "iteration": self.iteration,
             "role": self.role,
             "model": self.model,
+            "endpoint": self.endpoint,
             "images": self.images,
             "image_sha256": list(self.image_sha256),
             "outcome": self.outcome,
@@ -226,10 +233,16 @@ class LLMClient:
         self.completion_tokens = 0
         self._failures_in_a_row = 0
         self._open_until = 0.0  # the circuit is open (no calls) until this monotonic time
+        self.images_refused = ""  # why the endpoint refused images (then no more are sent)
 
     @property
     def vision(self) -> bool:
-        return self.settings.vision
+        """Whether images may be sent: configured so, and not refused by the endpoint."""
+        return self.settings.vision and not self.images_refused
+
+    @property
+    def endpoint(self) -> str:
+        return self.settings.base_url or "(openai default)"
 
     def _response_format(self, schema: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
         if schema is None or self._json_mode == "text":
@@ -257,6 +270,7 @@ class LLMClient:
             self.settings.model,
             {"messages": audited, "parameters": params},
             image_sha256=hashes,
+            endpoint=self.endpoint,
         )
         t0 = time.perf_counter()
         with self._lock:
@@ -297,6 +311,12 @@ class LLMClient:
                     self._downgrade(fmt["type"])
                     attempt -= 1  # not a failed attempt: the same question, asked differently
                     continue
+                if hashes and code in (400, 500) and _refuses_images(exc):
+                    # a text-only model (vLLM and Ollama say 400; llama.cpp without its vision
+                    # projector may say 500): no more images to this endpoint, and no retry
+                    with self._lock:
+                        self.images_refused = _brief(exc)
+                    return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
                 if code == 400:
                     return self._fail(call, t0, attempt, f"rejected: {_brief(exc)}", 400)
                 if (code == 429 or code >= 500) and attempt <= self.settings.retries:
@@ -379,6 +399,14 @@ _FORMAT_WORDS = ("response_format", "json_schema", "json_object", "response form
 def _refuses_format(code: int, exc: Exception) -> bool:
     """An answer that says the endpoint cannot do the requested structured output."""
     return code in (400, 422, 500) and any(w in str(exc).lower() for w in _FORMAT_WORDS)
+
+
+_IMAGE_WORDS = ("image", "multimodal", "vision", "mmproj")
+
+
+def _refuses_images(exc: Exception) -> bool:
+    """A 400 that says the model cannot take images."""
+    return any(w in str(exc).lower() for w in _IMAGE_WORDS)
 
 
 def _brief(exc: Exception) -> str:

@@ -46,6 +46,7 @@ class Evaluated:
     disagreement: bool = False
     llm_calls: list[dict[str, Any]] = field(default_factory=list)
     stats: list[dict[str, Any]] = field(default_factory=list)
+    dvh: dict[str, Any] = field(default_factory=dict)  # DVHTable.compact().to_dict()
 
 
 @dataclass
@@ -64,8 +65,9 @@ class OptimizerPort(Protocol):
 
 
 class EvaluatorPort(Protocol):
-    def evaluate(self, dose: ArtefactRef) -> Evaluated:
-        """Judge one plan dose against the protocol. UnavailableError: retry."""
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
+        """Judge one plan dose against the protocol (and the physician's comments in force).
+        UnavailableError: retry."""
         ...
 
 
@@ -184,7 +186,8 @@ def run_loop(
         )
         sink.check_stop()
         t0 = time.perf_counter()
-        ev = _retrying(settings, sink, "evaluator", partial(evaluator.evaluate, opt.dose))
+        feedback = sink.physician_feedback(it)
+        ev = _retrying(settings, sink, "evaluator", partial(evaluator.evaluate, opt.dose, feedback))
         seconds["evaluate"] = time.perf_counter() - t0
         meets = ev.meets and ev.check.all_passed  # the guardrail
         sink.event(
@@ -204,12 +207,13 @@ def run_loop(
             decision=MEETS if meets else NEEDS_IMPROVEMENT,
             dose=opt.dose,
             fluence=opt.fluence,
-            physician_feedback=sink.physician_feedback(it),
+            physician_feedback=feedback,
             llm_decision=ev.llm_decision,
             disagreement=ev.disagreement,
             llm_calls=[{**c, "iteration": it} for c in ev.llm_calls],
             seconds=seconds,
             stats=list(ev.stats),
+            dvh=dict(ev.dvh),
         )
         if not meets and it < settings.max_iterations:
             sink.check_stop()

@@ -84,6 +84,7 @@ class LibraryEvaluator:
         agent: str,
         arrays: MemoryArtefacts,
         llm: LLMEvaluator | None = None,
+        references: list[ReferencePlan] | None = None,
     ) -> None:
         self.case, self.protocol, self.agent, self.arrays, self.llm = (
             case,
@@ -92,10 +93,18 @@ class LibraryEvaluator:
             arrays,
             llm,
         )
+        self.references = references or []
 
-    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
         plan = PlanDose(self.case, self.arrays.get(dose))
-        out = evaluate_plan(self.agent, plan, self.protocol, self.llm)
+        out = evaluate_plan(
+            self.agent,
+            plan,
+            self.protocol,
+            self.llm,
+            references=[r.for_prompt() for r in self.references],
+            physician=physician_feedback,
+        )
         return Evaluated(
             check=out.evaluation.check,
             findings=list(out.evaluation.findings),
@@ -104,13 +113,20 @@ class LibraryEvaluator:
             disagreement=out.disagreement,
             llm_calls=[c.to_dict() for c in out.calls],
             stats=[s.to_dict() for s in plan.stats()],
+            dvh=plan.dvh_table().compact(self.protocol.prescription_gy).to_dict(),
         )
 
 
 def memory_entries(records: list[IterationRecord]) -> list[MemoryEntry]:
     return [
         MemoryEntry(
-            r.iteration, list(r.objectives), r.check, r.physician_feedback, tuple(r.findings)
+            r.iteration,
+            list(r.objectives),
+            r.check,
+            r.physician_feedback,
+            tuple(r.findings),
+            tuple(r.stats),
+            dict(r.dvh),
         )
         for r in records
     ]
@@ -220,6 +236,7 @@ def plan_loop(
             evaluator_agent(agent),
             arrays,
             LLMEvaluator(llm) if use_llm and llm else None,
+            refs,
         ),
         LibraryPlanner(protocol, agent, LLMPlanner(llm) if use_llm and llm else None, refs),
         MemorySink(physician, on_event),

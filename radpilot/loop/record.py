@@ -81,6 +81,7 @@ class IterationRecord:
     llm_calls: list[dict[str, Any]] = field(default_factory=list)  # LLMCall.to_dict()
     seconds: dict[str, float] = field(default_factory=dict)  # optimize, evaluate, propose
     stats: list[dict[str, Any]] = field(default_factory=list)  # StructureStats.to_dict()
+    dvh: dict[str, Any] = field(default_factory=dict)  # compact DVH (DVHTable.to_dict())
     legacy_fluence_hex: str = ""  # only in records read from the pre-typed store format
 
     @property
@@ -111,6 +112,7 @@ class IterationRecord:
             "llm_calls": [{**c, "iteration": self.iteration} for c in self.llm_calls],
             "seconds": dict(self.seconds),
             "stats": list(self.stats),
+            "dvh": dict(self.dvh),
         }
 
     @classmethod
@@ -133,5 +135,6 @@ class IterationRecord:
             llm_calls=list(d.get("llm_calls", [])),
             seconds=dict(d.get("seconds", {})),
             stats=list(d.get("stats", [])),
+            dvh=dict(d.get("dvh") or {}),
             legacy_fluence_hex=d.get("fluence_hex", ""),
         )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radpilot.v1 import types_pb2 as radpilot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradpilot/v1/evaluator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\x88\x01\n\x0f\x45valuateRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12&\n\x04\x64ose\x18\x02 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef\x12\x15\n\rprotocol_yaml\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x16\n\x0einclude_images\x18\x05 \x01(\x08\"E\n\x08\x44vhTable\x12\x11\n\tlevels_gy\x18\x01 \x03(\x01\x12\x12\n\nstructures\x18\x02 \x03(\t\x12\x12\n\nvolume_pct\x18\x03 \x03(\x01\"\xbf\x03\n\x10\x45valuateResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.Decision\x12&\n\x05goals\x18\x02 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12/\n\nstructures\x18\x03 \x03(\x0b\x32\x1b.radpilot.v1.StructureStats\x12\"\n\x03\x64vh\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.DvhTable\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x39\n\x06images\x18\x06 \x03(\x0b\x32).radpilot.v1.EvaluateResponse.ImagesEntry\x12\x1a\n\x12\x61ll_hard_goals_met\x18\x07 \x01(\x08\x12\x14\n\x0cllm_decision\x18\x08 \x01(\t\x12\x14\n\x0c\x64isagreement\x18\t \x01(\x08\x12\'\n\tllm_calls\x18\n \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x1aG\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef:\x02\x38\x01\"!\n\x1fGetEvaluatorCapabilitiesRequest\"\x8e\x01\n GetEvaluatorCapabilitiesResponse\x12\x0e\n\x06\x61gents\x18\x01 \x03(\t\x12\x16\n\x0ellm_configured\x18\x02 \x01(\x08\x12\x19\n\x11llm_step_budget_s\x18\x03 \x01(\x01\x12\x11\n\tllm_model\x18\x04 \x01(\t\x12\x14\n\x0cllm_endpoint\x18\x05 \x01(\t*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45\x43ISION_NEEDS_IMPROVEMENT\x10\x01\x12\x1b\n\x17\x44\x45\x43ISION_MEETS_PROTOCOL\x10\x02\x32\xd4\x01\n\x10\x45valuatorService\x12G\n\x08\x45valuate\x12\x1c.radpilot.v1.EvaluateRequest\x1a\x1d.radpilot.v1.EvaluateResponse\x12w\n\x18GetEvaluatorCapabilities\x12,.radpilot.v1.GetEvaluatorCapabilitiesRequest\x1a-.radpilot.v1.GetEvaluatorCapabilitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradpilot/v1/evaluator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xd4\x01\n\x0f\x45valuateRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12&\n\x04\x64ose\x18\x02 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef\x12\x15\n\rprotocol_yaml\x18\x03 \x01(\t\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x16\n\x0einclude_images\x18\x05 \x01(\x08\x12.\n\nreferences\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ReferencePlan\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\"\xbf\x03\n\x10\x45valuateResponse\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.Decision\x12&\n\x05goals\x18\x02 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12/\n\nstructures\x18\x03 \x03(\x0b\x32\x1b.radpilot.v1.StructureStats\x12\"\n\x03\x64vh\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.DvhTable\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x39\n\x06images\x18\x06 \x03(\x0b\x32).radpilot.v1.EvaluateResponse.ImagesEntry\x12\x1a\n\x12\x61ll_hard_goals_met\x18\x07 \x01(\x08\x12\x14\n\x0cllm_decision\x18\x08 \x01(\t\x12\x14\n\x0c\x64isagreement\x18\t \x01(\x08\x12\'\n\tllm_calls\x18\n \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x1aG\n\x0bImagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef:\x02\x38\x01\"!\n\x1fGetEvaluatorCapabilitiesRequest\"\x8e\x01\n GetEvaluatorCapabilitiesResponse\x12\x0e\n\x06\x61gents\x18\x01 \x03(\t\x12\x16\n\x0ellm_configured\x18\x02 \x01(\x08\x12\x19\n\x11llm_step_budget_s\x18\x03 \x01(\x01\x12\x11\n\tllm_model\x18\x04 \x01(\t\x12\x14\n\x0cllm_endpoint\x18\x05 \x01(\t*a\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x44\x45\x43ISION_NEEDS_IMPROVEMENT\x10\x01\x12\x1b\n\x17\x44\x45\x43ISION_MEETS_PROTOCOL\x10\x02\x32\xd4\x01\n\x10\x45valuatorService\x12G\n\x08\x45valuate\x12\x1c.radpilot.v1.EvaluateRequest\x1a\x1d.radpilot.v1.EvaluateResponse\x12w\n\x18GetEvaluatorCapabilities\x12,.radpilot.v1.GetEvaluatorCapabilitiesRequest\x1a-.radpilot.v1.GetEvaluatorCapabilitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVALUATERESPONSE_IMAGESENTRY']._loaded_options = None
   _globals['_EVALUATERESPONSE_IMAGESENTRY']._serialized_options = b'8\001'
-  _globals['_DECISION']._serialized_start=909
-  _globals['_DECISION']._serialized_end=1006
+  _globals['_DECISION']._serialized_start=914
+  _globals['_DECISION']._serialized_end=1011
   _globals['_EVALUATEREQUEST']._serialized_start=70
-  _globals['_EVALUATEREQUEST']._serialized_end=206
-  _globals['_DVHTABLE']._serialized_start=208
-  _globals['_DVHTABLE']._serialized_end=277
-  _globals['_EVALUATERESPONSE']._serialized_start=280
-  _globals['_EVALUATERESPONSE']._serialized_end=727
-  _globals['_EVALUATERESPONSE_IMAGESENTRY']._serialized_start=656
-  _globals['_EVALUATERESPONSE_IMAGESENTRY']._serialized_end=727
-  _globals['_GETEVALUATORCAPABILITIESREQUEST']._serialized_start=729
-  _globals['_GETEVALUATORCAPABILITIESREQUEST']._serialized_end=762
-  _globals['_GETEVALUATORCAPABILITIESRESPONSE']._serialized_start=765
-  _globals['_GETEVALUATORCAPABILITIESRESPONSE']._serialized_end=907
-  _globals['_EVALUATORSERVICE']._serialized_start=1009
-  _globals['_EVALUATORSERVICE']._serialized_end=1221
+  _globals['_EVALUATEREQUEST']._serialized_end=282
+  _globals['_EVALUATERESPONSE']._serialized_start=285
+  _globals['_EVALUATERESPONSE']._serialized_end=732
+  _globals['_EVALUATERESPONSE_IMAGESENTRY']._serialized_start=661
+  _globals['_EVALUATERESPONSE_IMAGESENTRY']._serialized_end=732
+  _globals['_GETEVALUATORCAPABILITIESREQUEST']._serialized_start=734
+  _globals['_GETEVALUATORCAPABILITIESREQUEST']._serialized_end=767
+  _globals['_GETEVALUATORCAPABILITIESRESPONSE']._serialized_start=770
+  _globals['_GETEVALUATORCAPABILITIESRESPONSE']._serialized_end=912
+  _globals['_EVALUATORSERVICE']._serialized_start=1014
+  _globals['_EVALUATORSERVICE']._serialized_end=1226
 # @@protoc_insertion_point(module_scope)

@@ -18,28 +18,22 @@ DECISION_NEEDS_IMPROVEMENT: Decision
 DECISION_MEETS_PROTOCOL: Decision
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("case_id", "dose", "protocol_yaml", "agent", "include_images")
+    __slots__ = ("case_id", "dose", "protocol_yaml", "agent", "include_images", "references", "physician_feedback")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     DOSE_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     dose: _types_pb2.ArtefactRef
     protocol_yaml: str
     agent: str
     include_images: bool
-    def __init__(self, case_id: _Optional[str] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., include_images: _Optional[bool] = ...) -> None: ...
-
-class DvhTable(_message.Message):
-    __slots__ = ("levels_gy", "structures", "volume_pct")
-    LEVELS_GY_FIELD_NUMBER: _ClassVar[int]
-    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
-    VOLUME_PCT_FIELD_NUMBER: _ClassVar[int]
-    levels_gy: _containers.RepeatedScalarFieldContainer[float]
-    structures: _containers.RepeatedScalarFieldContainer[str]
-    volume_pct: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, levels_gy: _Optional[_Iterable[float]] = ..., structures: _Optional[_Iterable[str]] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
+    references: _containers.RepeatedCompositeFieldContainer[_types_pb2.ReferencePlan]
+    physician_feedback: str
+    def __init__(self, case_id: _Optional[str] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., include_images: _Optional[bool] = ..., references: _Optional[_Iterable[_Union[_types_pb2.ReferencePlan, _Mapping]]] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("decision", "goals", "structures", "dvh", "findings", "images", "all_hard_goals_met", "llm_decision", "disagreement", "llm_calls")
@@ -63,14 +57,14 @@ class EvaluateResponse(_message.Message):
     decision: Decision
     goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
     structures: _containers.RepeatedCompositeFieldContainer[_types_pb2.StructureStats]
-    dvh: DvhTable
+    dvh: _types_pb2.DvhTable
     findings: _containers.RepeatedScalarFieldContainer[str]
     images: _containers.MessageMap[str, _types_pb2.ArtefactRef]
     all_hard_goals_met: bool
     llm_decision: str
     disagreement: bool
     llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
-    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ...) -> None: ...
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., structures: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[_types_pb2.DvhTable, _Mapping]] = ..., findings: _Optional[_Iterable[str]] = ..., images: _Optional[_Mapping[str, _types_pb2.ArtefactRef]] = ..., all_hard_goals_met: _Optional[bool] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ...) -> None: ...
 
 class GetEvaluatorCapabilitiesRequest(_message.Message):
     __slots__ = ()

@@ -72,20 +72,22 @@ class CreateCaseResponse(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., structures: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartPlanningRequest(_message.Message):
-    __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key")
+    __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key", "physician_feedback")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     protocol_yaml: str
     max_iterations: int
     memory_length: int
     agent: str
     idempotency_key: str
-    def __init__(self, case_id: _Optional[str] = ..., protocol_yaml: _Optional[str] = ..., max_iterations: _Optional[int] = ..., memory_length: _Optional[int] = ..., agent: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    physician_feedback: str
+    def __init__(self, case_id: _Optional[str] = ..., protocol_yaml: _Optional[str] = ..., max_iterations: _Optional[int] = ..., memory_length: _Optional[int] = ..., agent: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
 
 class StartPlanningResponse(_message.Message):
     __slots__ = ("job_id",)

@@ -88,6 +88,16 @@ class StructureStats(_message.Message):
     d5_gy: float
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., volume_cc: _Optional[float] = ..., min_gy: _Optional[float] = ..., mean_gy: _Optional[float] = ..., max_gy: _Optional[float] = ..., d95_gy: _Optional[float] = ..., d50_gy: _Optional[float] = ..., d5_gy: _Optional[float] = ...) -> None: ...
 
+class DvhTable(_message.Message):
+    __slots__ = ("levels_gy", "structures", "volume_pct")
+    LEVELS_GY_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURES_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_PCT_FIELD_NUMBER: _ClassVar[int]
+    levels_gy: _containers.RepeatedScalarFieldContainer[float]
+    structures: _containers.RepeatedScalarFieldContainer[str]
+    volume_pct: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, levels_gy: _Optional[_Iterable[float]] = ..., structures: _Optional[_Iterable[str]] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
+
 class FmoStats(_message.Message):
     __slots__ = ("objective", "objective_normalized", "iterations", "seconds", "backend", "converged", "stop_reason", "scale_factor", "sparse_products")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
@@ -121,7 +131,7 @@ class ArtefactRef(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., path: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class LlmCall(_message.Message):
-    __slots__ = ("iteration", "role", "model", "images", "image_sha256", "outcome", "validation", "error", "seconds", "attempts", "prompt_tokens", "completion_tokens", "request_json", "response_text")
+    __slots__ = ("iteration", "role", "model", "images", "image_sha256", "outcome", "validation", "error", "seconds", "attempts", "prompt_tokens", "completion_tokens", "request_json", "response_text", "endpoint")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +146,7 @@ class LlmCall(_message.Message):
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_JSON_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TEXT_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     role: str
     model: str
@@ -150,7 +161,8 @@ class LlmCall(_message.Message):
     completion_tokens: int
     request_json: str
     response_text: str
-    def __init__(self, iteration: _Optional[int] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[int] = ..., image_sha256: _Optional[_Iterable[str]] = ..., outcome: _Optional[str] = ..., validation: _Optional[str] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., request_json: _Optional[str] = ..., response_text: _Optional[str] = ...) -> None: ...
+    endpoint: str
+    def __init__(self, iteration: _Optional[int] = ..., role: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[int] = ..., image_sha256: _Optional[_Iterable[str]] = ..., outcome: _Optional[str] = ..., validation: _Optional[str] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ..., attempts: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., request_json: _Optional[str] = ..., response_text: _Optional[str] = ..., endpoint: _Optional[str] = ...) -> None: ...
 
 class ReferencePlan(_message.Message):
     __slots__ = ("reference_id", "description", "objectives", "results_text", "distance")

@@ -6,8 +6,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
+from radpilot.agents.references import ReferencePlan
 from radpilot.agents.step import served_agents
-from radpilot.evaluation.metrics import StructureStats
+from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo import ObjectiveTerm
 from radpilot.fmo.objectives import ObjectiveError
@@ -93,8 +96,52 @@ def record_to_proto(r: IterationRecord) -> orchestrator_pb2.IterationRecord:
     )
 
 
-def stats_to_proto(s: StructureStats) -> types_pb2.StructureStats:
-    return types_pb2.StructureStats(**s.to_dict())
+def stats_to_proto(s: StructureStats | dict[str, Any]) -> types_pb2.StructureStats:
+    return types_pb2.StructureStats(**(s if isinstance(s, dict) else s.to_dict()))
+
+
+def stats_from_proto(m: types_pb2.StructureStats) -> dict[str, Any]:
+    """``StructureStats.to_dict()`` of a message."""
+    return {f.name: getattr(m, f.name) for f in m.DESCRIPTOR.fields}
+
+
+def dvh_to_proto(table: DVHTable) -> types_pb2.DvhTable:
+    return types_pb2.DvhTable(
+        levels_gy=[float(v) for v in table.levels_gy],
+        structures=table.structures,
+        volume_pct=[float(v) for v in table.volume_pct.ravel()],
+    )
+
+
+def dvh_from_proto(m: types_pb2.DvhTable) -> DVHTable:
+    levels = np.asarray(m.levels_gy, dtype=np.float64)
+    names = list(m.structures)
+    values = np.asarray(m.volume_pct, dtype=np.float64)
+    if values.size != levels.size * len(names):
+        raise ValueError(
+            f"dvh: volume_pct has {values.size} values; expected levels x structures = "
+            f"{levels.size} x {len(names)}"
+        )
+    return DVHTable(levels, names, values.reshape(levels.size, len(names)))
+
+
+def reference_to_proto(ref: ReferencePlan, distance: float) -> types_pb2.ReferencePlan:
+    return types_pb2.ReferencePlan(
+        reference_id=ref.reference_id,
+        description=ref.description,
+        objectives=terms_to_proto(ref.objectives),
+        results_text=ref.results_text(),
+        distance=distance,
+    )
+
+
+def reference_from_proto(m: types_pb2.ReferencePlan) -> dict[str, Any]:
+    """A reference plan as the LLM agents' prompts take it (``ReferencePlan.for_prompt()``)."""
+    return {
+        "description": m.description,
+        "objectives": terms_from_proto(list(m.objectives)) if m.objectives else [],
+        "results": m.results_text,
+    }
 
 
 def llm_call_to_proto(c: dict[str, Any]) -> types_pb2.LlmCall:
@@ -114,6 +161,7 @@ def llm_call_to_proto(c: dict[str, Any]) -> types_pb2.LlmCall:
         completion_tokens=int(c.get("completion_tokens", 0)),
         request_json=json.dumps(c.get("request", {}), sort_keys=True),
         response_text=c.get("response_text", ""),
+        endpoint=c.get("endpoint", ""),
     )
 
 
@@ -133,6 +181,7 @@ def llm_call_from_proto(m: types_pb2.LlmCall) -> dict[str, Any]:
         "completion_tokens": m.completion_tokens,
         "request": json.loads(m.request_json) if m.request_json else {},
         "response_text": m.response_text,
+        "endpoint": m.endpoint,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from radpilot.agents.llm_evaluator import LLMEvaluator
 from radpilot.agents.step import EVALUATOR_AGENTS, check_agent, evaluate_plan
@@ -56,6 +57,8 @@ class EvaluatorCore:
         protocol_yaml: str,
         agent: str = "rules",
         include_images: bool = False,
+        references: list[dict[str, Any]] | None = None,
+        physician: str = "",
     ) -> EvaluatorResult:
         agent = agent or "rules"
         check_agent(agent, EVALUATOR_AGENTS, "evaluator", self.llm is not None)
@@ -68,7 +71,9 @@ class EvaluatorCore:
         if include_images or (agent == "llm" and self.llm is not None and self.llm.client.vision):
             pngs = dose_images(plan, with_dvh=include_images)  # rendered once for both uses
         for_model = {k: v for k, v in pngs.items() if k != "dvh"}
-        outcome = evaluate_plan(agent, plan, protocol, self.llm, for_model or None)
+        outcome = evaluate_plan(
+            agent, plan, protocol, self.llm, for_model or None, references, physician
+        )
         result = EvaluatorResult(
             outcome.evaluation,
             plan.stats(),

@@ -9,9 +9,11 @@ from radpilot.agents.step import EVALUATOR_AGENTS
 from radpilot.evaluation.rules import Decision
 from radpilot.v1 import evaluator_pb2, evaluator_pb2_grpc, types_pb2
 from services.common.convert import (
+    dvh_to_proto,
     goal_result_to_proto,
     llm_call_to_proto,
     llm_capabilities,
+    reference_from_proto,
     stats_to_proto,
 )
 from services.common.metrics import observe_llm_calls
@@ -50,6 +52,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             request.protocol_yaml,
             request.agent,
             request.include_images,
+            references=[reference_from_proto(r) for r in request.references],
+            physician=request.physician_feedback,
         )
         ev = out.evaluation
         observe_llm_calls(out.llm_calls)
@@ -57,11 +61,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             decision=DECISIONS[ev.decision],
             goals=[goal_result_to_proto(r) for r in ev.check.results],
             structures=[stats_to_proto(s) for s in out.stats],
-            dvh=evaluator_pb2.DvhTable(
-                levels_gy=[float(v) for v in out.dvh.levels_gy],
-                structures=out.dvh.structures,
-                volume_pct=[float(v) for v in out.dvh.volume_pct.ravel()],
-            ),
+            dvh=dvh_to_proto(out.dvh),
             findings=ev.findings,
             images={
                 name: types_pb2.ArtefactRef(case_id=request.case_id, path=path, sha256=sha)

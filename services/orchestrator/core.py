@@ -173,6 +173,7 @@ class Orchestrator:
         memory_length: int,
         agent: str,
         idempotency_key: str = "",
+        physician_feedback: str = "",
     ) -> str:
         agent = agent or "rules"
         check_agent(agent, JOB_AGENTS)
@@ -185,6 +186,7 @@ class Orchestrator:
             raise ValueError(f"memory_length must be within 1..{MAX_MEMORY}, got {memory_length}")
         if not case_id:
             raise ValueError("case_id is empty: call CreateCase first")
+        _check_feedback(physician_feedback)
         protocol = load_protocol_text(protocol_yaml, "protocol_yaml")  # size, YAML, ranges
         if case_id not in self.cases:
             raise CaseNotFoundError(f"case {case_id!r} does not exist: call CreateCase first")
@@ -212,6 +214,7 @@ class Orchestrator:
             agent,
             idempotency_key or None,
             llm,
+            physician_feedback.strip(),
         )
         if created:
             JOBS.labels("started").inc()
@@ -287,6 +290,7 @@ class Orchestrator:
     def submit_feedback(self, job_id: str, text: str) -> int:
         if not text.strip():
             raise ValueError("feedback text is empty")
+        _check_feedback(text)
         job = self.jobs.job(job_id)
         if job.state in TERMINAL:
             raise FailedPreconditionError(
@@ -382,13 +386,15 @@ class Orchestrator:
                 d.evaluate_s,
                 d.propose_s,
             )
+
+        def references() -> list[tuple[ReferencePlan, float]]:
+            return self._references(job.case_id, protocol.name)
+
         result = run_loop(
             list(protocol.objectives),
             GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s),
-            GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s),
-            GrpcPlanner(
-                c.planner, ctx, lambda: self._references(job.case_id, protocol.name), d.propose_s
-            ),
+            GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
+            GrpcPlanner(c.planner, ctx, references, d.propose_s),
             _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),
             LoopSettings(job.max_iterations, job.memory_length, job.agent, self.retry_budget_s),
         )
@@ -514,3 +520,14 @@ class _CountingSink(JobSink):
     def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
         super().add(record, event)
         ITERATIONS.labels(self.agent).inc()
+
+
+MAX_FEEDBACK_CHARS = 10_000
+
+
+def _check_feedback(text: str) -> None:
+    if len(text) > MAX_FEEDBACK_CHARS:
+        raise ValueError(
+            f"physician feedback is {len(text)} characters; keep it under {MAX_FEEDBACK_CHARS} "
+            "(the LLM agents read the first 2,000)"
+        )

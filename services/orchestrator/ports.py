@@ -18,6 +18,7 @@ import grpc
 from radpilot.agents.references import ReferencePlan
 from radpilot.case_store import CaseStore
 from radpilot.errors import StepFailedError, UnavailableError
+from radpilot.evaluation.metrics import DVHTable
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop import ArtefactRef, Evaluated, IterationRecord, Optimized, Proposal
 from radpilot.v1 import (
@@ -32,9 +33,14 @@ from radpilot.v1 import (
 from radpilot.wire import from_ndarray, to_ndarray
 from services.common.convert import (
     check_from_proto,
+    dvh_from_proto,
+    dvh_to_proto,
     fmo_stats_from_proto,
     goal_result_to_proto,
     llm_call_from_proto,
+    reference_to_proto,
+    stats_from_proto,
+    stats_to_proto,
     terms_from_proto,
     terms_to_proto,
 )
@@ -185,10 +191,13 @@ class GrpcEvaluator:
         job: JobContext,
         evaluator_agent: str,
         deadline_s: float,
+        references: Callable[[], list[tuple[ReferencePlan, float]]] | None = None,
     ) -> None:
         self.stub, self.job, self.agent, self.deadline_s = stub, job, evaluator_agent, deadline_s
+        self.references = references
 
-    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
+        refs = self.references() if self.agent == "llm" and self.references else []
         request = evaluator_pb2.EvaluateRequest(
             case_id=self.job.case_id,
             dose=types_pb2.ArtefactRef(
@@ -196,6 +205,8 @@ class GrpcEvaluator:
             ),
             protocol_yaml=self.job.protocol_yaml,
             agent=self.agent,
+            references=[reference_to_proto(ref, dist) for ref, dist in refs],
+            physician_feedback=physician_feedback,
         )
         r = _call("evaluator", lambda: self.stub.Evaluate(request, timeout=self.deadline_s))
         return Evaluated(
@@ -205,7 +216,12 @@ class GrpcEvaluator:
             llm_decision=r.llm_decision,
             disagreement=r.disagreement,
             llm_calls=[llm_call_from_proto(c) for c in r.llm_calls],
-            stats=[{f.name: getattr(s, f.name) for f in s.DESCRIPTOR.fields} for s in r.structures],
+            stats=[stats_from_proto(s) for s in r.structures],
+            dvh=(
+                dvh_from_proto(r.dvh).compact(self.job.prescription_gy).to_dict()
+                if r.dvh.structures
+                else {}
+            ),
         )
 
 
@@ -234,20 +250,13 @@ class GrpcPlanner:
                     goals=[goal_result_to_proto(g) for g in m.check.results],
                     findings=m.findings,
                     physician_feedback=m.physician_feedback,
+                    stats=[stats_to_proto(st) for st in m.stats],
+                    dvh=dvh_to_proto(DVHTable.from_dict(m.dvh)) if m.dvh else None,
                 )
                 for m in memory
             ],
             physician_feedback=physician_feedback,
-            references=[
-                types_pb2.ReferencePlan(
-                    reference_id=r.reference_id,
-                    description=r.description,
-                    objectives=terms_to_proto(r.objectives),
-                    results_text=r.results_text(),
-                    distance=dist,
-                )
-                for r, dist in refs
-            ],
+            references=[reference_to_proto(ref, dist) for ref, dist in refs],
         )
         r = _call("planner", lambda: self.stub.Propose(request, timeout=self.deadline_s))
         return Proposal(

@@ -92,6 +92,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request.memory_length,
             request.agent,
             request.idempotency_key,
+            request.physician_feedback,
         )
         return pb.StartPlanningResponse(job_id=job_id)
 

@@ -122,8 +122,10 @@ class JobStore:
         agent: str,
         idempotency_key: str | None,
         llm: str = "",
+        feedback: str = "",
     ) -> tuple[Job, bool]:
-        """The new job, or the existing one for the same idempotency key; (job, created)."""
+        """The new job, or the existing one for the same idempotency key; (job, created).
+        ``feedback``: the physician's comments from iteration 1, stored with the job."""
         request = (case_id, protocol_yaml, max_iterations, memory_length, agent)
         if idempotency_key:
             existing = self._query(
@@ -151,7 +153,17 @@ class JobStore:
                             now,
                             llm,
                         ),
-                    )
+                    ),
+                    *(
+                        [
+                            (
+                                "INSERT INTO feedback (job_id, text, applies_from) VALUES (?,?,1)",
+                                (job_id, feedback),
+                            )
+                        ]
+                        if feedback
+                        else []
+                    ),
                 ]
             )
         except sqlite3.IntegrityError:  # a concurrent request with the same key won

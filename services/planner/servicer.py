@@ -10,8 +10,11 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.v1 import planner_pb2, planner_pb2_grpc
 from services.common.convert import (
     check_from_proto,
+    dvh_from_proto,
     llm_call_to_proto,
     llm_capabilities,
+    reference_from_proto,
+    stats_from_proto,
     terms_from_proto,
     terms_to_proto,
 )
@@ -42,17 +45,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 check_from_proto(list(m.goals)),
                 m.physician_feedback,
                 tuple(m.findings),
+                tuple(stats_from_proto(st) for st in m.stats),
+                dvh_from_proto(m.dvh).to_dict() if m.dvh.structures else {},
             )
             for m in request.memory
         ]
-        references = [
-            {
-                "description": r.description,
-                "objectives": terms_from_proto(list(r.objectives)),
-                "results": r.results_text,
-            }
-            for r in request.references
-        ]
+        references = [reference_from_proto(r) for r in request.references]
         out = self.core.propose(
             request.agent,
             request.protocol_yaml,

@@ -198,6 +198,7 @@ class ScriptedLLMServer:
 
 
 _GOAL = re.compile(r"^- (\S+) (\S+) (<=|>=) (\S+) \S+: achieved (\S+) \S+ \((met|NOT met)", re.M)
+_TARGET = re.compile(r"^Target: (\S+), prescription", re.M)
 _CURRENT = re.compile(r"^Current parameters: (\{.*\})$", re.M)
 
 
@@ -205,14 +206,17 @@ def cooperative_responder(request: dict[str, Any]) -> Reply:
     """Answers each RadPilot prompt sensibly from the numbers in it (a stand-in for a model)."""
     role = role_of(request)
     text = _text_of(request)
+    target = (_TARGET.findall(text) or ["the target"])[0]
     if role == "dvh_expert":
-        missed = [m for m in _GOAL.findall(text) if m[5] == "NOT met"]
+        own = text.split("Values of the protocol's metrics")[-1]  # not the reference plans'
+        missed = [m for m in _GOAL.findall(own) if m[5] == "NOT met"]
         lines = [f"{s} {metric} {cmp} {lim}: achieved {a}" for s, metric, cmp, lim, a, _ in missed]
         return Reply(
-            "Analysis: " + ("; ".join(lines) + " are not met." if lines else "every goal is met.")
+            "Analysis: "
+            + ("; ".join(lines) + " are not met." if lines else f"every goal is met; {target} ok.")
         )
     if role == "vision_expert":
-        return Reply("The high dose follows the target; no hot spot is visible outside it.")
+        return Reply(f"The high dose follows {target}; no hot spot is visible outside it.")
     if role == "evaluator":
         needs = "are not met" in text
         unmet = []

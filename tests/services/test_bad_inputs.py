@@ -204,6 +204,7 @@ def bad_inputs(s: Services, tmp: Path) -> list[tuple[str, Callable[[], Any], grp
         ("max_iterations -1", lambda: _start(s, max_iterations=-1), IA),
         ("memory_length 1000", lambda: _start(s, memory_length=1000), IA),
         ("unknown agent", lambda: _start(s, agent="gpt"), IA),
+        ("physician feedback of 20,000 characters", lambda: _start(s, physician_feedback="x" * 20000), IA),
         ("llm agent without an endpoint", lambda: _start(s, agent="llm"), FP),
         ("empty case id", lambda: _start(s, case_id=""), IA),
         ("unknown case id", lambda: _start(s, case_id="nope-123"), NF),
@@ -236,6 +237,7 @@ def bad_inputs(s: Services, tmp: Path) -> list[tuple[str, Callable[[], Any], grp
         ("cancel a finished job", lambda: s.orch.CancelPlanning(pb.CancelPlanningRequest(job_id=s.job_id), timeout=10), FP),
         ("feedback to a finished job", lambda: s.orch.SubmitFeedback(pb.SubmitFeedbackRequest(job_id=s.job_id, text="more"), timeout=10), FP),
         ("empty feedback", lambda: s.orch.SubmitFeedback(pb.SubmitFeedbackRequest(job_id=s.job_id, text=" "), timeout=10), IA),
+        ("feedback of 20,000 characters", lambda: s.orch.SubmitFeedback(pb.SubmitFeedbackRequest(job_id=s.job_id, text="x" * 20000), timeout=10), IA),
         ("approve a missing iteration", lambda: s.orch.ApprovePlan(pb.ApprovePlanRequest(job_id=s.job_id, iteration=99), timeout=30), IA),
         # -- the worker services --------------------------------------------------------------
         ("optimize: unknown case", lambda: s.opt.Optimize(opt(case_id="nope", objectives=[_term()]), timeout=30), NF),

@@ -39,8 +39,8 @@ def test_structure_crops_and_dvh_plot(analytic_case: Case) -> None:
     plan = _plan(analytic_case)
     crops = images.structure_crops(analytic_case, plan.cube())
     assert set(crops) == {"PTV", "Core"}  # external and derived structures are not cropped
-    for data in crops.values():
-        assert Image.open(io.BytesIO(data)).size == (600, 500)
+    for data in crops.values():  # three panels side by side: axial, sagittal, coronal
+        assert Image.open(io.BytesIO(data)).size == (int(images.CROP_FIG_WIDTH_IN * 100), 500)
     levels = dvh_levels(55.0, 1.0)
     png = images.dvh_plot(levels, plan.dvh_curves(levels))
     assert png.startswith(PNG_MAGIC)

@@ -55,7 +55,7 @@ class FakeEvaluator:
         self.says_meets, self.soft_gy = says_meets, soft_gy
         self.calls = 0
 
-    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
         import math
 
         self.calls += 1
@@ -187,7 +187,7 @@ class FlakyEvaluator(FakeEvaluator):
         super().__init__()
         self.failures = failures
 
-    def evaluate(self, dose: ArtefactRef) -> Evaluated:
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
         if self.failures > 0:
             self.failures -= 1
             raise UnavailableError("evaluator: UNAVAILABLE: connection refused")
