@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks deploy
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms bench-convergence references lock image image-smoke k8s-validate kind-e2e clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms bench-convergence llm-local-check references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -22,6 +22,7 @@ help:
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
 	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
+	@echo "make llm-local-check LLM_GGUF=model.gguf  the llm agent against a local llama.cpp server"
 	@echo "make references     regenerate the shipped reference plans (protocols/references)"
 	@echo "make image          build the container image (podman or docker); make lock repins its dependencies"
 	@echo "make image-smoke    podman build from a local Debian base + orchestrator health check"
@@ -122,6 +123,11 @@ bench-phantoms: $(STAMP)
 
 bench-convergence: $(STAMP)
 	$(PY) -m benchmarks.fmo_convergence --doc docs/benchmarks.md
+
+# The llm agent for two iterations against llama.cpp's server on a GGUF model file (built in
+# .venv-llama once); skipped, with the reason, without LLM_GGUF. See docs/agents.md.
+llm-local-check: $(STAMP)
+	$(PY) -m benchmarks.llm_local_check --gguf "$(LLM_GGUF)"
 
 # Regenerate the reference plans shipped in protocols/references/ (see docs/agents.md).
 references: $(STAMP)
