@@ -29,7 +29,7 @@ from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
-from radpilot.fmo.backend import gpu_available
+from radpilot.fmo.backend import cpu_layout, gpu_available
 from radpilot.fmo.reference import solve_lbfgsb
 
 log = logging.getLogger("bench_fmo")
@@ -195,7 +195,7 @@ def spmv_profile(opt: FluenceOptimizer, case: Case, repeats: int = 10) -> dict[s
     x = np.random.default_rng(0).random(A.shape[1]).astype(np.float32)
     g = np.random.default_rng(1).random(A.shape[0]).astype(np.float32)
     ops = opt.ops
-    ops.matvec(x), ops.rmatvec(g)
+    ops.matvec(x), ops.rmatvec(g)  # warm (and, for numba, compiled) before timing
     t0 = time.perf_counter()
     for _ in range(repeats):
         ops.matvec(x)
@@ -204,8 +204,11 @@ def spmv_profile(opt: FluenceOptimizer, case: Case, repeats: int = 10) -> dict[s
     for _ in range(repeats):
         ops.rmatvec(g)
     rmv = (time.perf_counter() - t0) / repeats
-    bytes_per_product = A.nnz * 8 + A.shape[0] * 4 * 2  # values + indices, vectors in and out
+    per_nnz = float(getattr(ops, "bytes_per_nonzero", 8.0))  # float32 CSR: value + index
+    bytes_per_product = A.nnz * per_nnz + A.shape[0] * 4 * 2  # matrix, vectors in and out
     return {
+        "matrix": opt.matrix,
+        "bytes_per_nonzero": per_nnz,
         "matvec_seconds": mv,
         "rmatvec_seconds": rmv,
         "spmv_seconds_per_iteration": mv + rmv,
@@ -295,12 +298,19 @@ def main() -> int:
         case_seconds,
     )
     t0 = time.perf_counter()
-    opt = FluenceOptimizer(case)
+    csr = FluenceOptimizer(case, matrix="csr")
     prepare = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compressed = FluenceOptimizer(case, matrix="compressed")
+    compressed.ops.matvec(np.zeros(case.num_beamlets, np.float32))  # numba compiles here
+    prepare_compressed = time.perf_counter() - t0
 
     runs: dict[str, dict[str, Any]] = {}
-    runs["radpilot_cpu"] = run_radpilot(opt, TERMS)
-    first_fluence = runs["radpilot_cpu"]["fluence"]
+    runs["radpilot_cpu_csr"] = run_radpilot(csr, TERMS)
+    runs["radpilot_cpu_compressed"] = run_radpilot(compressed, TERMS)
+    opt = compressed if cpu_layout(case.num_beamlets) == "compressed" else csr  # the default
+    default_run = f"radpilot_cpu_{opt.matrix}"
+    first_fluence = runs[default_run]["fluence"]
     if not args.skip_pyradplan:
         log.info("pyRadPlan: computing its own dij object and optimising ...")
         runs["pyradplan"] = run_pyradplan(params, TERMS, opt)
@@ -317,12 +327,12 @@ def main() -> int:
     # warm start after a 2x weight change, against a cold solve of the changed problem
     changed = doubled_core(TERMS)
     warm = run_radpilot(opt, changed, x0=first_fluence)
-    cold = run_radpilot(FluenceOptimizer(case), changed)
+    cold = run_radpilot(FluenceOptimizer(case, matrix=opt.matrix), changed)
     target2 = min(warm["objective"], cold["objective"]) * (1 + TOLERANCE)
     results["radpilot_cpu_warm"] = summarise("radpilot_cpu_warm", warm, target2)
     results["radpilot_cpu_cold_changed"] = summarise("radpilot_cpu_cold_changed", cold, target2)
 
-    ours = results["radpilot_cpu"]["seconds"]
+    ours = results[default_run]["seconds"]
     ratios = {"vs_scipy": results["scipy_lbfgsb"]["seconds"] / ours}
     if "pyradplan" in results:
         ratios["vs_pyradplan"] = results["pyradplan"]["seconds"] / ours
@@ -330,6 +340,9 @@ def main() -> int:
         results["radpilot_cpu_cold_changed"]["seconds"] / results["radpilot_cpu_warm"]["seconds"]
     )
     ratios["warm_vs_cold_full_convergence"] = cold["seconds_total"] / warm["seconds_total"]
+    ratios["compressed_vs_csr"] = (
+        results["radpilot_cpu_csr"]["seconds"] / results["radpilot_cpu_compressed"]["seconds"]
+    )
     if "radpilot_gpu" in results:
         ratios["gpu_vs_cpu"] = ours / results["radpilot_gpu"]["seconds"]
 
@@ -344,13 +357,16 @@ def main() -> int:
             "nnz": int(case.dose_influence.nnz),
             "case_load_seconds": case_seconds,
             "backend_prepare_seconds": prepare,
+            "compressed_prepare_seconds": prepare_compressed,
+            "default_matrix": opt.matrix,
         },
         "objective_terms": [t.to_dict() for t in TERMS],
         "warm_start_terms": [t.to_dict() for t in changed],
         "target": {"best_objective": best, "tolerance": TOLERANCE},
         "results": results,
         "ratios": ratios,
-        "spmv": spmv_profile(opt, case),
+        "spmv": spmv_profile(csr, case),
+        "spmv_compressed": spmv_profile(compressed, case),
         "gpu": {"available": gpu_ok, "reason": gpu_why},
         "machine": machine(),
         "command": "make bench-fmo",
@@ -368,6 +384,15 @@ def main() -> int:
 BEGIN, END = "<!-- bench-fmo:begin -->", "<!-- bench-fmo:end -->"
 
 
+def _spmv_line(p: dict[str, Any]) -> str:
+    return (
+        f"- {p.get('matrix', 'csr')} ({p.get('bytes_per_nonzero', 8.0):.2f} bytes per non-zero): "
+        f"A x {p['matvec_seconds'] * 1e3:.1f} ms, A^T g {p['rmatvec_seconds'] * 1e3:.1f} ms, "
+        f"{p['spmv_seconds_per_iteration'] * 1e3:.1f} ms per iteration, "
+        f"~{p['effective_gb_per_s']:.1f} GB/s effective"
+    )
+
+
 def write_doc(path: Path, r: dict[str, Any]) -> None:
     c, res, m = r["case"], r["results"], r["machine"]
     rows = []
@@ -383,7 +408,7 @@ def write_doc(path: Path, r: dict[str, Any]) -> None:
 ## FMO: RadPilot vs SciPy L-BFGS-B vs pyRadPlan (`make bench-fmo`)
 
 Case `{c["name"]}`: {c["dose_grid_mm"]:g} mm dose grid, {c["bixel_mm"]:g} mm bixels, {c["beams"]} beams,
-A = {c["rows"]} rows x {c["beamlets"]} beamlets, {c["nnz"]:.3g} non-zeros (float32 CSR).
+A = {c["rows"]} rows x {c["beamlets"]} beamlets, {c["nnz"]:.3g} non-zeros (stored as float32 CSR; the compressed layout is built from it).
 Objective: {", ".join(f"{t['structure']} {t['kind']} {t['dose_gy']:g} Gy w={t['weight']:g}" for t in r["objective_terms"])}.
 Target = best final objective x (1 + {r["target"]["tolerance"]:g}); "seconds" = time until a solver first
 reaches it (its whole run if never). RadPilot's iterates are re-evaluated on the full objective after
@@ -398,9 +423,9 @@ plan, timed against a cold solve of the same changed problem on a fresh optimize
 Ratios (their seconds / ours; bigger is better):
 {ratio_lines}
 
-Sparse products (CPU backend, {m["cores"]} threads): A x {sp["matvec_seconds"] * 1e3:.1f} ms,
-A^T g {sp["rmatvec_seconds"] * 1e3:.1f} ms, {sp["spmv_seconds_per_iteration"] * 1e3:.1f} ms per iteration,
-~{sp["effective_gb_per_s"]:.1f} GB/s effective.
+Sparse products (CPU backend, {m["cores"]} threads; the default layout is `{c.get("default_matrix", "csr")}`, the
+ratios above compare its run with the others):
+{chr(10).join(_spmv_line(p) for p in (sp, r.get("spmv_compressed")) if p)}
 
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB; Python {m["python"]}, NumPy {m["numpy"]},
 SciPy {m["scipy"]}. GPU: {"present" if r["gpu"]["available"] else "absent (" + r["gpu"]["reason"] + ")"}.

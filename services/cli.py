@@ -78,6 +78,8 @@ def _llm_flags_to_env(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     _llm_flags_to_env(args)
+    if getattr(args, "matrix", None):  # here and in the services --local launches
+        os.environ["RADPILOT_FMO_MATRIX"] = args.matrix
     if args.local or args.orchestrator:
         return cmd_plan_remote(args)
     t0 = time.perf_counter()
@@ -305,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", default="out/demo" if name == "demo" else "out/plan")
         p.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "auto"])
+        p.add_argument(
+            "--matrix",
+            default=None,
+            choices=["auto", "compressed", "csr"],
+            help="CPU matrix layout (default $RADPILOT_FMO_MATRIX or auto: compressed 16-bit "
+            "where numba is there and the case has < 65,536 beamlets)",
+        )
         p.add_argument(
             "--agent",
             default="rules",

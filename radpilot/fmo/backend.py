@@ -73,6 +73,7 @@ class CpuOps:
     """NumPy/SciPy backend with block-parallel sparse products."""
 
     name = "numpy"
+    matrix = "csr"
     xp = np
 
     def __init__(self, A: sp.spmatrix, threads: int | None = None) -> None:
@@ -129,6 +130,7 @@ class CupyOps:
     """CuPy backend: ``A`` and ``A.T`` as cuSPARSE CSR matrices resident on the GPU."""
 
     name = "cupy"
+    matrix = "csr"
 
     def __init__(self, A: sp.spmatrix, device: int = 0) -> None:
         try:
@@ -180,12 +182,81 @@ def gpu_available() -> tuple[bool, str]:
     return (n > 0, "" if n > 0 else "no CUDA device")
 
 
-def make_ops(A: sp.spmatrix, backend: str = "numpy", threads: int | None = None) -> MatrixOps:
-    if backend in ("numpy", "cpu"):
+MATRIX_LAYOUTS = ("auto", "compressed", "csr")
+DEFAULT_MATRIX = "auto"
+# What ``auto`` means on the CPU. Measured on the 3 mm TG-119 matrix on the 2-core development
+# machine (docs/benchmarks.md), the products are bound by arithmetic per non-zero, not by memory
+# bandwidth, and the compressed layout is not faster there; float32 CSR stays the default. Where
+# many cores share one memory bus (bandwidth-bound), set RADPILOT_FMO_MATRIX=compressed.
+AUTO_LAYOUT = "csr"
+
+
+def matrix_layout(matrix: str | None = None) -> str:
+    """The CPU matrix layout asked for: the argument, else $RADPILOT_FMO_MATRIX, else auto."""
+    value = (matrix or os.environ.get("RADPILOT_FMO_MATRIX") or DEFAULT_MATRIX).strip().lower()
+    if value not in MATRIX_LAYOUTS:
+        raise ValueError(
+            f"unknown matrix layout {value!r} (RADPILOT_FMO_MATRIX / --matrix); use "
+            f"{', '.join(MATRIX_LAYOUTS)}"
+        )
+    return value
+
+
+def cpu_layout(num_beamlets: int, matrix: str | None = None) -> str:
+    """The CPU layout a matrix with ``num_beamlets`` columns gets: ``compressed`` or ``csr``.
+    BackendUnavailableError when ``compressed`` is asked for and cannot be had."""
+    from radpilot.fmo.compressed import MAX_COLUMNS, numba_available
+
+    layout = matrix_layout(matrix)
+    explicit = layout == "compressed"
+    if layout == "auto":
+        layout = AUTO_LAYOUT
+    if layout == "csr":
+        return "csr"
+    ok, why = numba_available()
+    fits = num_beamlets <= MAX_COLUMNS
+    if explicit and not (ok and fits):
+        raise BackendUnavailableError(
+            f"the compressed matrix cannot be used here: {why or f'{num_beamlets} beamlets'}; "
+            "use --matrix csr"
+        )
+    return "compressed" if ok and fits else "csr"
+
+
+def _cpu_ops(A: sp.spmatrix, threads: int | None, matrix: str | None) -> MatrixOps:
+    if cpu_layout(int(A.shape[1]), matrix) == "csr":
         return CpuOps(A, threads=threads)
+    from radpilot.fmo.compressed import CompressedCpuOps
+
+    return CompressedCpuOps(A, threads=threads)
+
+
+def subset_ops(
+    ops: MatrixOps,
+    A: sp.spmatrix,
+    rows: np.ndarray,
+    backend: str,
+    threads: int | None = None,
+    matrix: str | None = None,
+) -> MatrixOps:
+    """The backend for rows ``rows`` of ``A`` (a working set); the compressed layout takes its
+    own rows without quantising again."""
+    subset = getattr(ops, "subset", None)
+    if subset is not None:
+        return subset(rows)
+    return make_ops(A[rows], backend, threads=threads, matrix=matrix)
+
+
+def make_ops(
+    A: sp.spmatrix, backend: str = "numpy", threads: int | None = None, matrix: str | None = None
+) -> MatrixOps:
+    """The backend for ``A``. ``matrix`` (CPU only): ``compressed`` (16-bit indices and values,
+    numba kernels), ``csr`` (float32 SciPy CSR) or ``auto`` (``AUTO_LAYOUT``)."""
+    if backend in ("numpy", "cpu"):
+        return _cpu_ops(A, threads, matrix)
     if backend in ("cupy", "gpu"):
         return CupyOps(A)
     if backend == "auto":
         ok, _ = gpu_available()
-        return CupyOps(A) if ok else CpuOps(A, threads=threads)
+        return CupyOps(A) if ok else _cpu_ops(A, threads, matrix)
     raise ValueError(f"unknown FMO backend {backend!r}; use numpy, cupy or auto")

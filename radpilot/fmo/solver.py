@@ -37,7 +37,7 @@ import numpy as np
 
 from radpilot.case import Case, CaseError
 from radpilot.dosimetry import dose_at_volume
-from radpilot.fmo.backend import MatrixOps, make_ops
+from radpilot.fmo.backend import MatrixOps, make_ops, subset_ops
 from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, objective_kind, validate_terms
 
 GREW = "working set grew"
@@ -131,12 +131,19 @@ class _State:
 class FluenceOptimizer:
     """Holds one case's dose influence matrix on a backend; solves many FMO problems on it."""
 
-    def __init__(self, case: Case, backend: str = "numpy", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        case: Case,
+        backend: str = "numpy",
+        threads: int | None = None,
+        matrix: str | None = None,
+    ) -> None:
         self.case = case
         self._backend_name = backend
         self._threads = threads
+        self._matrix = matrix
         case.require_matrix()
-        self.ops: MatrixOps = make_ops(case.dose_influence, backend, threads=threads)
+        self.ops: MatrixOps = make_ops(case.dose_influence, backend, threads=threads, matrix=matrix)
         self.xp = self.ops.xp
         self._rows: dict[str, np.ndarray] = {}
         self.sparse_products = 0
@@ -144,6 +151,11 @@ class FluenceOptimizer:
     @property
     def backend(self) -> str:
         return self.ops.name
+
+    @property
+    def matrix(self) -> str:
+        """The matrix layout in use: ``compressed`` or ``csr``."""
+        return str(getattr(self.ops, "matrix", "csr"))
 
     def host_rows(self, structure: str) -> np.ndarray:
         if structure not in self._rows:
@@ -214,7 +226,14 @@ class FluenceOptimizer:
     def _space(self, terms: list[_Term], rows: np.ndarray | None) -> _Space:
         if rows is None:
             return _Space(self.ops, terms, None)
-        ops = make_ops(self.case.dose_influence[rows], self._backend_name, threads=self._threads)
+        ops = subset_ops(
+            self.ops,
+            self.case.dose_influence,
+            rows,
+            self._backend_name,
+            threads=self._threads,
+            matrix=self._matrix,
+        )
         mapped = []
         for t in terms:
             full = self.host_rows(t.term.structure)

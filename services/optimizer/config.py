@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from radpilot.fmo.backend import MATRIX_LAYOUTS
 from services.common.server import add_server_flags
 
 
@@ -19,6 +20,7 @@ class OptimizerConfig:
     replica: str = ""
     reflection: bool = False
     grace_s: float = 120.0  # longer than the longest solve
+    matrix: str = "auto"  # CPU matrix layout: auto | compressed | csr
 
     @classmethod
     def from_env_and_args(cls, argv: list[str] | None = None) -> OptimizerConfig:
@@ -28,6 +30,12 @@ class OptimizerConfig:
         ap.add_argument("--case-store", default=env.get("RADPILOT_CASE_STORE", ""))
         ap.add_argument("--backend", default=env.get("RADPILOT_FMO_BACKEND", cls.backend))
         ap.add_argument(
+            "--matrix",
+            default=env.get("RADPILOT_FMO_MATRIX") or cls.matrix,
+            choices=MATRIX_LAYOUTS,
+            help="CPU matrix layout: compressed (16-bit, numba), csr (float32) or auto",
+        )
+        ap.add_argument(
             "--max-cases", type=int, default=int(env.get("RADPILOT_MAX_CASES", cls.max_cases))
         )
         ap.add_argument("--replica", default=env.get("RADPILOT_REPLICA", socket.gethostname()))
@@ -36,5 +44,12 @@ class OptimizerConfig:
         if a.max_cases < 1:
             ap.error("--max-cases must be at least 1")
         return cls(
-            a.address, a.case_store, a.backend, a.max_cases, a.replica, a.reflection, a.grace_s
+            a.address,
+            a.case_store,
+            a.backend,
+            a.max_cases,
+            a.replica,
+            a.reflection,
+            a.grace_s,
+            a.matrix,
         )

@@ -40,9 +40,12 @@ MAX_FMO_ITERATIONS = 100_000
 
 
 class OptimizerCore:
-    def __init__(self, store: CaseStore, backend: str = "numpy", max_cases: int = 4) -> None:
+    def __init__(
+        self, store: CaseStore, backend: str = "numpy", max_cases: int = 4, matrix: str = ""
+    ) -> None:
         self.store = store
         self.backend = backend
+        self.matrix = matrix or None  # None: $RADPILOT_FMO_MATRIX or auto
         self.max_cases = max_cases
         self._optimizers: OrderedDict[str, FluenceOptimizer] = OrderedDict()
         self._locks: dict[str, threading.Lock] = {}
@@ -52,8 +55,13 @@ class OptimizerCore:
         """Exercise the backend once (imports, thread pool, device) before reporting ready."""
         import scipy.sparse as sp
 
-        ops = make_ops(sp.identity(4, dtype=np.float32, format="csr"), self.backend)
+        ops = make_ops(
+            sp.identity(4, dtype=np.float32, format="csr"), self.backend, matrix=self.matrix
+        )
         ops.rmatvec(ops.matvec(ops.asarray(np.ones(4, dtype=np.float32))))
+        subset = getattr(ops, "subset", None)  # the compressed layout's kernels compile here
+        if subset is not None:
+            subset(np.arange(2)).matvec(np.ones(4, dtype=np.float32))
 
     def _lock(self, case_id: str) -> threading.Lock:
         with self._guard:
@@ -66,7 +74,7 @@ class OptimizerCore:
             opt = self._optimizers.get(case_id)
             if opt is None:
                 case = self.store.load(case_id)  # CaseNotFoundError -> NOT_FOUND
-                opt = FluenceOptimizer(case, backend=self.backend)
+                opt = FluenceOptimizer(case, backend=self.backend, matrix=self.matrix)
                 with self._guard:
                     self._optimizers[case_id] = opt
                     while len(self._optimizers) > self.max_cases:

@@ -23,7 +23,9 @@ def serve(
     """Start the service; ``token`` (default: from the environment) guards every call but health,
     ``tls`` (default: RADPILOT_TLS_*) makes its port (mutual) TLS."""
     store = CaseStore(config.case_store) if config.case_store else CaseStore()
-    core = OptimizerCore(store, backend=config.backend, max_cases=config.max_cases)
+    core = OptimizerCore(
+        store, backend=config.backend, max_cases=config.max_cases, matrix=config.matrix
+    )
     running = start_server(
         [
             (
