@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from radpilot.llm.client import count_outcomes
+
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_PACKAGE = "llama-cpp-python[server]>=0.3.2,<0.4"
 DEFAULT_VENV = ROOT / ".venv-llama"
@@ -35,9 +37,7 @@ def summarise(calls: list[dict[str, Any]]) -> dict[str, Any]:
     """Valid-answer rate, fallbacks and seconds per call from a plan's ``summary.json`` calls."""
     asked = [c for c in calls if c.get("attempts", 0) > 0]  # skipped experts were not asked
     valid = [c for c in asked if c.get("validation") == "ok"]
-    outcomes: dict[str, int] = {}
-    for c in calls:
-        outcomes[c.get("outcome", "")] = outcomes.get(c.get("outcome", ""), 0) + 1
+    outcomes = count_outcomes(calls)
     seconds = [float(c.get("seconds", 0.0)) for c in asked]
     by_role: dict[str, dict[str, Any]] = {}
     for c in asked:

@@ -16,6 +16,7 @@ from radpilot.dicom.write import export_dicom
 from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
 
@@ -79,7 +80,7 @@ class PlanReport:
             "llm_calls": [
                 {**c, "iteration": it.iteration} for it in self.iterations for c in it.llm_calls
             ],
-            "llm_outcomes": _count_outcomes(self.iterations),
+            "llm_outcomes": count_outcomes([c for it in self.iterations for c in it.llm_calls]),
             "per_iteration": [
                 {
                     "iteration": it.iteration,
@@ -215,12 +216,3 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _count_outcomes(iterations: list[IterationRecord]) -> dict[str, int]:
-    """How many LLM calls ended in each outcome (used, retried, fallback, overridden, ...)."""
-    counts: dict[str, int] = {}
-    for it in iterations:
-        for c in it.llm_calls:
-            counts[c.get("outcome", "")] = counts.get(c.get("outcome", ""), 0) + 1
-    return counts

@@ -38,7 +38,7 @@ from radpilot.errors import (
     FailedPreconditionError,
     UnavailableError,
 )
-from radpilot.llm.client import LLMClient, LLMSettings
+from radpilot.llm.client import LLMClient, LLMSettings, count_outcomes
 from radpilot.loop.inprocess import plan_loop, plan_once
 from radpilot.loop.record import FmoStats
 from radpilot.protocol import ProtocolError, load_protocol
@@ -206,10 +206,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
     print(f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}")
     calls = summary.get("llm_calls", [])
     if calls:
-        outcomes: dict[str, int] = {}
-        for c in calls:
-            outcomes[c["outcome"]] = outcomes.get(c["outcome"], 0) + 1
-        print(f"LLM calls: {len(calls)} {outcomes}")
+        print(f"LLM calls: {len(calls)} {summary.get('llm_outcomes') or count_outcomes(calls)}")
     print(f"job: {summary['job_id']}")
     print(f"report: {Path(args.out) / 'report.html'}")
     print(json.dumps({k: round(v, 2) for k, v in summary["seconds"].items()}))

@@ -183,6 +183,14 @@ class LLMCall:
         return cls(**{k: v for k, v in d.items() if k in keys})
 
 
+def count_outcomes(calls: list[dict[str, Any]]) -> dict[str, int]:
+    """How many audited calls (``LLMCall.to_dict()``) ended in each outcome."""
+    counts: dict[str, int] = {}
+    for c in calls:
+        counts[c.get("outcome", "")] = counts.get(c.get("outcome", ""), 0) + 1
+    return counts
+
+
 def image_part(png: bytes) -> dict[str, Any]:
     url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     return {"type": "image_url", "image_url": {"url": url, "detail": "high"}}
