@@ -38,6 +38,7 @@ from radpilot.errors import (
     FailedPreconditionError,
     UnavailableError,
 )
+from radpilot.fmo.backend import MATRIX_LAYOUTS
 from radpilot.llm.client import LLMClient, LLMSettings, count_outcomes
 from radpilot.loop.inprocess import plan_loop, plan_once
 from radpilot.loop.record import FmoStats
@@ -307,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--matrix",
             default=None,
-            choices=["auto", "compressed", "csr"],
-            help="CPU matrix layout (default $RADPILOT_FMO_MATRIX or auto: compressed 16-bit "
-            "where numba is there and the case has < 65,536 beamlets)",
+            choices=MATRIX_LAYOUTS,
+            help="CPU matrix layout: csr (float32), compressed (16-bit, numba) or auto "
+            "(float32 CSR; see docs/benchmarks.md); default $RADPILOT_FMO_MATRIX or auto",
         )
         p.add_argument(
             "--agent",

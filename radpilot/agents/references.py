@@ -27,7 +27,7 @@ from radpilot.errors import ReferencePlanError
 from radpilot.evaluation.metrics import DVHTable, PlanDose, compact_dvh_step
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
-from radpilot.llm.prompts import goals_text
+from radpilot.llm.prompts import goals_text, stats_lines
 
 NEAR_MM = 10.0
 MISSING_PENALTY = 1.0
@@ -86,11 +86,7 @@ class ReferencePlan:
     def results_text(self) -> str:
         check = ProtocolCheck([GoalResult.from_dict(g) for g in self.goals])
         lines = [goals_text(check)]
-        for s in self.stats:
-            lines.append(
-                f"  {s['name']}: mean {s['mean_gy']:.2f} Gy, max {s['max_gy']:.2f} Gy, "
-                f"D95 {s['d95_gy']:.2f} Gy, D5 {s['d5_gy']:.2f} Gy"
-            )
+        lines += stats_lines(self.stats)
         if self.dvh:
             lines.append("DVH (% of each structure's volume at or above each dose):")
             lines.append(self.dvh_table().to_text())

@@ -413,7 +413,7 @@ _IMAGE_WORDS = ("image", "multimodal", "vision", "mmproj")
 
 
 def _refuses_images(exc: Exception) -> bool:
-    """A 400 that says the model cannot take images."""
+    """An error answer (400, or llama.cpp's 500) that says the model cannot take images."""
     return any(w in str(exc).lower() for w in _IMAGE_WORDS)
 
 

@@ -42,6 +42,7 @@ from radpilot.errors import (
     UnavailableError,
 )
 from radpilot.evaluation.metrics import PlanDose
+from radpilot.llm.prompts import PHYSICIAN_LIMIT
 from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
 from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, best_iteration, finished
 from radpilot.protocol import ProtocolError, load_protocol_text
@@ -529,5 +530,5 @@ def _check_feedback(text: str) -> None:
     if len(text) > MAX_FEEDBACK_CHARS:
         raise ValueError(
             f"physician feedback is {len(text)} characters; keep it under {MAX_FEEDBACK_CHARS} "
-            "(the LLM agents read the first 2,000)"
+            f"(the LLM agents read the first {PHYSICIAN_LIMIT:,})"
         )
