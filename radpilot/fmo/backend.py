@@ -78,6 +78,7 @@ class CpuOps:
 
     def __init__(self, A: sp.spmatrix, threads: int | None = None) -> None:
         A = as_csr32(A)
+        self._A = A
         self.shape = (int(A.shape[0]), int(A.shape[1]))
         self.nnz = int(A.nnz)
         self.threads = max(1, threads or len(os.sched_getaffinity(0)))
@@ -118,6 +119,20 @@ class CpuOps:
 
         self._run(part, list(range(len(live))))
         return partial.sum(axis=0)
+
+    def subset(self, rows: np.ndarray) -> CpuOps:
+        """Rows ``rows`` of ``A`` (a working set) on the same backend. The rows are gathered in
+        parallel with numba where it is installed, else by SciPy's (one-core) row indexing."""
+        from radpilot.fmo.compressed import gather_rows, numba_available
+
+        if not numba_available()[0]:
+            return CpuOps(self._A[rows], threads=self.threads)
+        A = self._A
+        indptr, (indices, data) = gather_rows(A.indptr, rows, A.indices, A.data)
+        M = sp.csr_matrix((int(rows.size), self.shape[1]), dtype=np.float32)
+        M.data, M.indices, M.indptr = data, indices, indptr.astype(A.indptr.dtype)
+        M.has_canonical_format = True  # rows of a canonical matrix stay canonical
+        return CpuOps(M, threads=self.threads)
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> np.ndarray:
         return np.asarray(a, dtype=dtype)

@@ -98,7 +98,7 @@ class FMOResult:
             "stop_reason": self.stop_reason,
             "scale_factor": self.scale_factor,
             "sparse_products": self.sparse_products,
-            "working_set_rows": self.working_set_rows,
+            "working_set_rows": self.working_set_rows[-1] if self.working_set_rows else 0,
             "term_values": self.term_values,
         }
 

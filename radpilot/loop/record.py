@@ -47,7 +47,7 @@ class FmoStats:
     stop_reason: str = ""
     scale_factor: float = 1.0
     sparse_products: int = 0
-    working_set_rows: int = 0
+    working_set_rows: int = 0  # rows of A the last round iterated on
     term_values: dict[str, float] = field(default_factory=dict)
     replica: str = ""  # which optimizer replica served it ("" in process)
 

@@ -99,7 +99,7 @@ class DvhTable(_message.Message):
     def __init__(self, levels_gy: _Optional[_Iterable[float]] = ..., structures: _Optional[_Iterable[str]] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class FmoStats(_message.Message):
-    __slots__ = ("objective", "objective_normalized", "iterations", "seconds", "backend", "converged", "stop_reason", "scale_factor", "sparse_products")
+    __slots__ = ("objective", "objective_normalized", "iterations", "seconds", "backend", "converged", "stop_reason", "scale_factor", "sparse_products", "working_set_rows")
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class FmoStats(_message.Message):
     STOP_REASON_FIELD_NUMBER: _ClassVar[int]
     SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     SPARSE_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    WORKING_SET_ROWS_FIELD_NUMBER: _ClassVar[int]
     objective: float
     objective_normalized: float
     iterations: int
@@ -118,7 +119,8 @@ class FmoStats(_message.Message):
     stop_reason: str
     scale_factor: float
     sparse_products: int
-    def __init__(self, objective: _Optional[float] = ..., objective_normalized: _Optional[float] = ..., iterations: _Optional[int] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ..., converged: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., scale_factor: _Optional[float] = ..., sparse_products: _Optional[int] = ...) -> None: ...
+    working_set_rows: int
+    def __init__(self, objective: _Optional[float] = ..., objective_normalized: _Optional[float] = ..., iterations: _Optional[int] = ..., seconds: _Optional[float] = ..., backend: _Optional[str] = ..., converged: _Optional[bool] = ..., stop_reason: _Optional[str] = ..., scale_factor: _Optional[float] = ..., sparse_products: _Optional[int] = ..., working_set_rows: _Optional[int] = ...) -> None: ...
 
 class ArtefactRef(_message.Message):
     __slots__ = ("case_id", "path", "sha256")

@@ -59,7 +59,7 @@ class OptimizerCore:
             sp.identity(4, dtype=np.float32, format="csr"), self.backend, matrix=self.matrix
         )
         ops.rmatvec(ops.matvec(ops.asarray(np.ones(4, dtype=np.float32))))
-        subset = getattr(ops, "subset", None)  # the compressed layout's kernels compile here
+        subset = getattr(ops, "subset", None)  # the numba kernels (gather, products) compile here
         if subset is not None:
             subset(np.arange(2)).matvec(np.ones(4, dtype=np.float32))
 

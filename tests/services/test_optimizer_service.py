@@ -71,6 +71,7 @@ def test_prepare_and_optimize(service) -> None:
         optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=TERMS), timeout=60
     )
     assert resp.replica == "r1" and resp.stats.iterations > 0 and resp.stats.backend == "numpy"
+    assert 0 < resp.stats.working_set_rows <= prep.rows  # the CPU solve's working set, reported
     fluence = from_ndarray(resp.fluence)
     assert fluence.shape == (prep.beamlets,) and np.all(fluence >= 0)
     dose = store.get_artefact(resp.dose.path, resp.dose.sha256)

@@ -63,6 +63,17 @@ def test_subset_is_the_same_rows_without_requantising() -> None:
     assert sub.shape == (rows.size, A.shape[1])
 
 
+def test_csr_working_set_rows_are_gathered_exactly() -> None:
+    A = _random()
+    rows = np.array([0, 5, 6, 7, 100, 2998, 2999])  # row 5 is empty
+    sub = CpuOps(A).subset(rows)
+    assert isinstance(sub, CpuOps) and sub.shape == (rows.size, A.shape[1])
+    x = np.random.default_rng(3).random(A.shape[1]).astype(np.float32)
+    np.testing.assert_array_equal(sub.matvec(x), A[rows] @ x)
+    g = np.arange(rows.size, dtype=np.float32)
+    np.testing.assert_allclose(sub.rmatvec(g), A[rows].T @ g, rtol=1e-6)
+
+
 def test_objective_and_plan_match_csr(analytic_case: Case) -> None:
     comp = FluenceOptimizer(analytic_case, matrix="compressed")
     csr = FluenceOptimizer(analytic_case, matrix="csr")
