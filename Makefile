@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks deploy
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-phantoms bench-convergence llm-local-check references lock image image-smoke k8s-validate kind-e2e clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-e2e bench-phantoms bench-convergence llm-local-check references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -21,6 +21,7 @@ help:
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
 	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
+	@echo "make bench-e2e      plan --local on the 3 mm C-shape (harder), timed end to end with its breakdown"
 	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
 	@echo "make llm-local-check LLM_GGUF=model.gguf  the llm agent against a local llama.cpp server"
 	@echo "make references     regenerate the shipped reference plans (protocols/references)"
@@ -118,6 +119,11 @@ kind-e2e: $(STAMP)
 
 # TG-119 prostate, head & neck, multitarget (and paper-style) phantoms planned by the rules loop,
 # next to the TG-119 institutions' mean; rewrites its section of docs/benchmarks.md.
+# radpilot plan --local on the 3 mm TG-119 C-shape (harder protocol), case cached, two runs:
+# wall time and where it went; rewrites its section of docs/benchmarks.md.
+bench-e2e: $(STAMP)
+	$(PY) -m benchmarks.bench_e2e --doc docs/benchmarks.md
+
 bench-phantoms: $(STAMP)
 	$(PY) -m benchmarks.tg119_phantoms --doc docs/benchmarks.md
 

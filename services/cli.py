@@ -179,9 +179,13 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
                 job_db = run_dir / "jobs.sqlite"
                 for old in run_dir.glob("jobs.sqlite*"):  # an earlier run's, in the same --out
                     old.unlink()
+            t_up = time.perf_counter()
             cluster = launch(store, run_dir, args.optimizer_replicas, job_db=job_db)
             address, token = cluster.orchestrator, cluster.token
-            print(f"services up: {address}, {args.optimizer_replicas} optimizer replica(s)")
+            print(
+                f"services up: {address}, {args.optimizer_replicas} optimizer replica(s) "
+                f"in {time.perf_counter() - t_up:.1f} s"
+            )
         else:
             address, token = args.orchestrator, os.environ.get("RADPILOT_API_TOKEN", "")
         summary = plan_remote(

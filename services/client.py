@@ -92,6 +92,31 @@ def dicom_upload(folder: str | Path, protocol_yaml: str) -> Iterator[pb.CreateCa
     return upload_messages(zip_folder(folder), protocol_yaml)
 
 
+def loop_breakdown(per_iteration: list[dict[str, Any]], loop_s: float) -> dict[str, float]:
+    """Where a job's time went, from its records and the client's clock: ``fmo`` (the solver),
+    ``case_load`` (optimizer replicas loading the case on their first call), ``transport`` (an
+    Optimize call less its solve and load: the request, the warm start read and the dose and
+    fluence written to the case store, the reply), ``evaluate`` and ``propose`` (each
+    call, whole), ``store`` (the rest of the loop: job records and events in SQLite, the watch
+    stream) and ``loop`` (StartPlanning to the finished event)."""
+    total = {"fmo": 0.0, "case_load": 0.0, "optimize": 0.0, "evaluate": 0.0, "propose": 0.0}
+    for it in per_iteration:
+        total["fmo"] += float(it.get("fmo", {}).get("seconds", 0.0))
+        total["case_load"] += float(it.get("fmo", {}).get("case_load_seconds", 0.0))
+        for key in ("optimize", "evaluate", "propose"):
+            total[key] += float(it.get("seconds", {}).get(key, 0.0))
+    calls = total["optimize"] + total["evaluate"] + total["propose"]
+    return {
+        "fmo": total["fmo"],
+        "case_load": total["case_load"],
+        "transport": max(total["optimize"] - total["fmo"] - total["case_load"], 0.0),
+        "evaluate": total["evaluate"],
+        "propose": total["propose"],
+        "store": max(loop_s - calls, 0.0),
+        "loop": loop_s,
+    }
+
+
 def plan_remote(
     orchestrator: str,
     token: str,
@@ -119,6 +144,7 @@ def plan_remote(
                 iter([pb.CreateCaseRequest(builtin=case, parameters=parameters)]), timeout=900
             )
         t_case = time.perf_counter() - t0
+        t_loop = time.perf_counter()
         job_id = stub.StartPlanning(
             pb.StartPlanningRequest(
                 case_id=created.case_id,
@@ -151,6 +177,8 @@ def plan_remote(
                 echo(f"    planner: {e.message[:160]}")
             elif e.kind in (pb.EVENT_KIND_FINISHED, pb.EVENT_KIND_FAILED, pb.EVENT_KIND_CANCELLED):
                 echo(e.message)
+        t_loop = time.perf_counter() - t_loop
+        t_export = time.perf_counter()
         job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=60)
         if job.state != pb.JOB_STATE_SUCCEEDED:
             raise RuntimeError(f"job {job_id} ended {pb.JobState.Name(job.state)}: {job.error}")
@@ -165,7 +193,8 @@ def plan_remote(
     summary["seconds"] = {
         **summary.get("seconds", {}),
         "case": t_case,
-        "fmo": sum(s.seconds for s in fmo.values()),
+        **loop_breakdown(summary.get("per_iteration", []), t_loop),
+        "export": time.perf_counter() - t_export,
         "total": time.perf_counter() - t0,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -14,18 +14,30 @@ Axial images show anterior up; sagittal and coronal show superior up. Pixel spac
 from __future__ import annotations
 
 import io
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.figure import Figure
 
 from radpilot.case import Case, StructureKind
 from radpilot.dosimetry import dvh_levels
 from radpilot.evaluation.metrics import PlanDose
+
+if TYPE_CHECKING:
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, imported on first use (a service that never
+    renders an image starts without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
+
 
 FIG_SIZE_IN = (6.0, 5.0)
 DPI = 100
@@ -38,7 +50,7 @@ COLORS = ["#000000", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e3
 def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -134,7 +146,7 @@ def plane_figures(case: Case, dose_cube: np.ndarray, title: str = "") -> dict[st
     vmax = _colour_max(case, dose_cube)
     out = {}
     for plane, index in (("axial", iz), ("sagittal", ix), ("coronal", iy)):
-        fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
+        fig, ax = _pyplot().subplots(figsize=FIG_SIZE_IN)
         im = _draw(ax, case, dose_cube, plane, index, vmax)
         fig.colorbar(im, ax=ax, label=COLOURBAR_LABEL)
         ax.legend(loc="lower right", fontsize=7)
@@ -181,7 +193,7 @@ def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
             continue
         mask3d = s.mask(case.grid)
         zyx = np.stack(np.unravel_index(s.voxel_indices, case.grid.shape), axis=1)
-        fig, axes = plt.subplots(1, 3, figsize=(CROP_FIG_WIDTH_IN, FIG_SIZE_IN[1]))
+        fig, axes = _pyplot().subplots(1, 3, figsize=(CROP_FIG_WIDTH_IN, FIG_SIZE_IN[1]))
         shown = []
         for ax, plane in zip(axes, ("axial", "sagittal", "coronal"), strict=True):
             index = _through_structure(mask3d, zyx, plane)
@@ -196,7 +208,7 @@ def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
 def dvh_plot(
     levels_gy: np.ndarray, curves: dict[str, np.ndarray], title: str = "Cumulative DVH"
 ) -> bytes:
-    fig, ax = plt.subplots(figsize=(7.0, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(7.0, 4.5))
     for k, (name, v) in enumerate(curves.items()):
         ax.plot(levels_gy, v, color=COLORS[k % len(COLORS)], label=name)
     ax.set_xlabel("Dose [Gy]")

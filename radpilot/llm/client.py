@@ -39,8 +39,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import openai
-
 from radpilot.errors import AgentNotConfiguredError
 
 DEFAULT_MODEL = "gpt-4o"
@@ -228,6 +226,8 @@ class LLMClient:
                 "no LLM endpoint is configured: set OPENAI_BASE_URL (a local OpenAI-compatible "
                 "server) or OPENAI_API_KEY"
             )
+        import openai  # imported here: a service without an endpoint starts ~1 s sooner
+
         self.settings = settings
         self._client = openai.OpenAI(
             base_url=settings.base_url,
@@ -269,6 +269,8 @@ class LLMClient:
         max_tokens: int | None = None,
     ) -> tuple[str, LLMCall]:
         """One logical call with retries. Raises LLMError (its audit record attached as .call)."""
+        import openai
+
         audited, hashes = _redact(messages)
         params = self.settings.parameters()
         if max_tokens is not None:

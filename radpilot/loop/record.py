@@ -50,6 +50,7 @@ class FmoStats:
     working_set_rows: int = 0  # rows of A the last round iterated on
     term_values: dict[str, float] = field(default_factory=dict)
     replica: str = ""  # which optimizer replica served it ("" in process)
+    case_load_seconds: float = 0.0  # the replica loading the case first (services only)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -48,13 +48,15 @@ class OptimizeRequest(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., normalize_to: _Optional[str] = ..., warm_start: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., max_iterations: _Optional[int] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ...) -> None: ...
 
 class OptimizeResponse(_message.Message):
-    __slots__ = ("stats", "fluence", "dose", "replica")
+    __slots__ = ("stats", "fluence", "dose", "replica", "case_load_seconds")
     STATS_FIELD_NUMBER: _ClassVar[int]
     FLUENCE_FIELD_NUMBER: _ClassVar[int]
     DOSE_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CASE_LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     stats: _types_pb2.FmoStats
     fluence: _types_pb2.NDArray
     dose: _types_pb2.ArtefactRef
     replica: str
-    def __init__(self, stats: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...
+    case_load_seconds: float
+    def __init__(self, stats: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., replica: _Optional[str] = ..., case_load_seconds: _Optional[float] = ...) -> None: ...

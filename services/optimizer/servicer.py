@@ -53,4 +53,5 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 case_id=request.case_id, path=out.dose_path, sha256=out.dose_sha256
             ),
             replica=self.replica,
+            case_load_seconds=out.case_load_seconds,
         )

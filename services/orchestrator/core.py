@@ -29,7 +29,7 @@ from radpilot.agents.references import (
 )
 from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent
 from radpilot.case_store import CaseStore
-from radpilot.cases import load_builtin
+from radpilot.cases import builtin_case_id, load_builtin
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
 from radpilot.errors import (
@@ -144,6 +144,9 @@ class Orchestrator:
     def create_case(self, builtin: str, parameters: dict[str, str]) -> tuple[str, list[str]]:
         if not builtin:
             raise ValueError("builtin is empty: name a built-in case, e.g. tg119-cshape")
+        case_id = builtin_case_id(builtin, **parameters)  # checks the name and parameters
+        if case_id in self.cases:  # stored: its geometry names it (the matrix stays on disk)
+            return case_id, self.cases.load(case_id, matrix=False).structure_names
         case = load_builtin(builtin, self.cases, **parameters)
         return case.case_id, case.structure_names
 

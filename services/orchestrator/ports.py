@@ -180,6 +180,7 @@ class GrpcOptimizer:
         r = _call("optimizer", lambda: self.stub.Optimize(request, timeout=self.deadline_s))
         fmo = fmo_stats_from_proto(r.stats)
         fmo.replica = r.replica
+        fmo.case_load_seconds = r.case_load_seconds
         path, sha = self.cases.put_artefact(self.job.case_id, "fluence", from_ndarray(r.fluence))
         return Optimized(ArtefactRef(r.dose.path, r.dose.sha256), ArtefactRef(path, sha), fmo)
 

@@ -24,6 +24,32 @@ def test_round_trip_is_exact(analytic_case: Case, tmp_path) -> None:
     assert not list((tmp_path / "tmp").iterdir())  # nothing half-written left behind
 
 
+def test_a_mapped_matrix_is_the_same_read_only_and_survives_the_case_being_removed(
+    analytic_case: Case, tmp_path
+) -> None:
+    import shutil
+
+    from radpilot.fmo import FluenceOptimizer, ObjectiveTerm
+
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c1")
+    mapped = store.load("c1", mmap=True)
+    A = mapped.dose_influence
+    assert not A.data.flags.writeable and not A.indices.flags.writeable  # files are never written
+    assert (analytic_case.dose_influence != A).nnz == 0
+    terms = [
+        ObjectiveTerm("PTV", "squared_deviation", 50.0, 100.0),
+        ObjectiveTerm("Core", "squared_overdose", 8.0, 60.0),  # a working set: rows gathered
+    ]
+    x = np.ones(analytic_case.num_beamlets, dtype=np.float32)
+    expected = FluenceOptimizer(analytic_case).dose(x)
+    opt = FluenceOptimizer(mapped)
+    shutil.rmtree(store.path("c1"))  # the mapping keeps the removed files' pages
+    np.testing.assert_array_equal(opt.dose(x), expected)
+    a, b = opt.solve(terms), FluenceOptimizer(analytic_case).solve(terms)
+    np.testing.assert_array_equal(a.fluence, b.fluence)
+
+
 def test_corruption_is_detected(analytic_case: Case, tmp_path) -> None:
     store = CaseStore(tmp_path)
     store.save(analytic_case, "c2")
