@@ -475,6 +475,16 @@ def test_llm_flags_reach_the_services_that_plan_local_launches(
     # the run kept its jobs in its own database, not the case store's shared one
     assert (tmp_path / "out" / "run" / "jobs.sqlite").is_file()
     assert not (tmp_path / "store" / "jobs.sqlite").exists()
+    # where the job's time went: the parts add up to the loop, the replica's case load is its own
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    sec = summary["seconds"]
+    parts = ("fmo", "case_load", "transport", "evaluate", "propose", "store")
+    assert sum(sec[p] for p in parts) == pytest.approx(sec["loop"], rel=1e-6)
+    assert sec["fmo"] > 0 and sec["case_load"] > 0 and sec["export"] > 0
+    assert sec["total"] >= sec["case"] + sec["loop"] + sec["export"]
+    fmo = summary["per_iteration"][0]["fmo"]
+    assert fmo["case_load_seconds"] > 0 and fmo["working_set_rows"] > 0
+    assert "services up:" in run.stdout and " s\n" in run.stdout.split("services up:")[1]
 
 
 def test_two_concurrent_local_runs_send_each_jobs_calls_only_to_its_own_endpoint(
