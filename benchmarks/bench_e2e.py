@@ -27,11 +27,11 @@ from typing import Any
 from benchmarks.docsection import write_section
 from radpilot.case_store import CaseStore
 from radpilot.cases import builtin_case_id, load_builtin
+from services.client import LOOP_PARTS
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- bench-e2e:begin -->", "<!-- bench-e2e:end -->"
 BAR_S = 60.0
-PARTS = ("fmo", "case_load", "transport", "evaluate", "propose", "store")
 
 
 def ensure_case(dose_grid_mm: float) -> str:
@@ -116,7 +116,7 @@ def main() -> int:
         f"| case (CreateCase) | {cells(lambda r: r['seconds']['case'])} |",
         f"| job loop (StartPlanning to finished) | {cells(lambda r: r['seconds']['loop'])} |",
     ]
-    rows += [f"| - {p} | {cells(lambda r, p=p: r['seconds'][p])} |" for p in PARTS]
+    rows += [f"| - {p} | {cells(lambda r, p=p: r['seconds'][p])} |" for p in LOOP_PARTS]
     rows += [
         f"| export (report, images, DICOM, zip) | {cells(lambda r: r['seconds']['export'])} |",
         f"| interpreter start, services stop | {cells(lambda r: r['other'])} |",

@@ -92,6 +92,10 @@ def dicom_upload(folder: str | Path, protocol_yaml: str) -> Iterator[pb.CreateCa
     return upload_messages(zip_folder(folder), protocol_yaml)
 
 
+# the parts of a job's loop, in the order loop_breakdown reports them (they add up to ``loop``)
+LOOP_PARTS = ("fmo", "case_load", "transport", "evaluate", "propose", "store")
+
+
 def loop_breakdown(per_iteration: list[dict[str, Any]], loop_s: float) -> dict[str, float]:
     """Where a job's time went, from its records and the client's clock: ``fmo`` (the solver),
     ``case_load`` (optimizer replicas loading the case on their first call), ``transport`` (an

@@ -32,6 +32,7 @@ from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import case_anatomy_features, plan_loop
 from radpilot.protocol import load_protocol
 from radpilot.v1 import orchestrator_pb2 as pb
+from services.client import LOOP_PARTS
 from tests.doubles.cluster import LLMCluster, analytic_case
 from tests.doubles.llm_server import (
     Reply,
@@ -478,8 +479,7 @@ def test_llm_flags_reach_the_services_that_plan_local_launches(
     # where the job's time went: the parts add up to the loop, the replica's case load is its own
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     sec = summary["seconds"]
-    parts = ("fmo", "case_load", "transport", "evaluate", "propose", "store")
-    assert sum(sec[p] for p in parts) == pytest.approx(sec["loop"], rel=1e-6)
+    assert sum(sec[p] for p in LOOP_PARTS) == pytest.approx(sec["loop"], rel=1e-6)
     assert sec["fmo"] > 0 and sec["case_load"] > 0 and sec["export"] > 0
     assert sec["total"] >= sec["case"] + sec["loop"] + sec["export"]
     fmo = summary["per_iteration"][0]["fmo"]
