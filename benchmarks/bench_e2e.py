@@ -43,35 +43,37 @@ def ensure_case(dose_grid_mm: float) -> str:
     return case_id
 
 
-def run_once(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "services",
-        "plan",
-        "--local",
-        "--case",
-        "tg119-cshape",
-        "--param",
-        f"dose_grid_mm={args.dose_grid_mm:g}",
-        "--protocol",
-        str(ROOT / "protocols" / f"tg119_cshape_{args.protocol}.yaml"),
-        "--max-iterations",
-        str(args.max_iterations),
-        "--optimizer-replicas",
-        str(args.replicas),
-        "--out",
-        str(out),
-        "--print-summary",
-    ]
+def plan_local(options: list[str], out: Path) -> tuple[float, str, dict[str, Any]]:
+    """Run ``radpilot plan --local`` with ``options`` as a user would; (wall s, stdout,
+    summary.json). Exits with the command's output when it fails."""
+    cmd = [sys.executable, "-m", "services", "plan", "--local", *options]
+    cmd += ["--out", str(out), "--print-summary"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"plan --local failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    up = re.search(r"services up: .* in ([0-9.]+) s", proc.stdout)
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY "))
-    summary = json.loads(line.removeprefix("SUMMARY "))
+    return wall, proc.stdout, json.loads(line.removeprefix("SUMMARY "))
+
+
+def run_once(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    wall, stdout, summary = plan_local(
+        [
+            "--case",
+            "tg119-cshape",
+            "--param",
+            f"dose_grid_mm={args.dose_grid_mm:g}",
+            "--protocol",
+            str(ROOT / "protocols" / f"tg119_cshape_{args.protocol}.yaml"),
+            "--max-iterations",
+            str(args.max_iterations),
+            "--optimizer-replicas",
+            str(args.replicas),
+        ],
+        out,
+    )
+    up = re.search(r"services up: .* in ([0-9.]+) s", stdout)
     seconds = summary["seconds"]
     startup = float(up.group(1)) if up else 0.0
     return {

@@ -56,6 +56,14 @@ class PlanReport:
             "protocol": self.protocol.name,
             "agent": self.agent,
             "iterations": len(self.iterations),
+            # candidates in parallel: one outer round may optimise several parameter sets; each
+            # is an iteration (an FMO call) of its own
+            "rounds": max((it.round for it in self.iterations), default=0),
+            "fmo_calls": len(self.iterations),
+            "candidates_per_round": max(
+                (sum(1 for x in self.iterations if x.round == it.round) for it in self.iterations),
+                default=0,
+            ),
             "best_iteration": self.best_iteration,
             "all_goals_met": self.check.all_passed,
             "all_hard_goals_met": self.check.all_hard_passed,
@@ -84,6 +92,8 @@ class PlanReport:
             "per_iteration": [
                 {
                     "iteration": it.iteration,
+                    "round": it.round,
+                    "candidate": it.candidate,
                     "objectives": [o.to_dict() for o in it.objectives],
                     "fmo": it.fmo.to_json(),
                     "goals_met": it.check.all_passed,
@@ -92,6 +102,7 @@ class PlanReport:
                     "rationale": it.rationale,
                     "physician_feedback": it.physician_feedback,
                     "proposal": [o.to_dict() for o in it.proposal],
+                    "alternatives": [[o.to_dict() for o in a] for a in it.alternatives],
                     "seconds": dict(it.seconds),
                 }
                 for it in self.iterations
@@ -136,6 +147,7 @@ class PlanReport:
             for s in summary["structures"]
         )
         iter_rows = ""
+        parallel_rounds = summary["candidates_per_round"] > 1
         for it in self.iterations:
             weights = "<br>".join(
                 e(f"{o.structure} {o.kind} {o.dose_gy:g} Gy w={o.weight:g}") for o in it.objectives
@@ -143,8 +155,9 @@ class PlanReport:
             metrics = "<br>".join(
                 e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results
             )
+            where = f"<br>round {it.round}, candidate {it.candidate + 1}" if parallel_rounds else ""
             iter_rows += (
-                f"<tr><td>{it.iteration}</td><td>{weights}</td><td>{metrics}</td>"
+                f"<tr><td>{it.iteration}{where}</td><td>{weights}</td><td>{metrics}</td>"
                 f"<td>{it.fmo.iterations} it, {it.fmo.seconds:.2f} s, {e(it.fmo.backend)}, "
                 f"{'converged' if it.fmo.converged else 'not converged'} ({e(it.fmo.stop_reason)})"
                 f"</td><td>{e(it.summary_line())}</td></tr>"
@@ -178,6 +191,12 @@ class PlanReport:
             for k, v in summary["target_indices"].items()
         )
         verdict = "meets every goal" if summary["all_goals_met"] else "does not meet every goal"
+        rounds_text = (
+            f" ({summary['rounds']} rounds of up to {summary['candidates_per_round']} candidate "
+            "plans optimised side by side)"
+            if parallel_rounds
+            else ""
+        )
         files = summary.get("dicom", [])
         dicom_text = (
             "In <code>dicom/</code>: the plan dose as RTDOSE"
@@ -195,7 +214,7 @@ td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}
 tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}img.wide{{max-width:1100px}}</style></head>
 <body><h1>Plan report: {e(summary["case"])}</h1>
 <p>Protocol <b>{e(summary["protocol"])}</b>, agent <b>{e(summary["agent"])}</b>. Best plan from iteration
-{summary["best_iteration"]} of {summary["iterations"]}: it <b>{verdict}</b>.
+{summary["best_iteration"]} of {summary["iterations"]}{rounds_text}: it <b>{verdict}</b>.
 Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} = {self.protocol.prescription_gy:g} Gy
 (not leaf-sequenced).</p>
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>

@@ -130,6 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             references=load_library(shipped_library_dir()) if args.agent == "llm" else None,
             physician=args.feedback,
             on_event=progress,
+            candidates=args.candidates,
         )
     report.seconds["case"] = t_case
     report.seconds["total"] = time.perf_counter() - t0
@@ -141,7 +142,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{r.goal.label:32s} {r.achieved:9.2f} {margin:+8.2f}  {'pass' if r.passed else 'FAIL'}"
         )
     print(
-        f"best plan: iteration {report.best_iteration} of {len(report.iterations)} ({report.agent})"
+        f"best plan: iteration {report.best_iteration} of {len(report.iterations)}"
+        f"{_rounds(report.summary())} ({report.agent})"
     )
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
@@ -149,6 +151,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.print_summary:
         print("SUMMARY " + json.dumps(json.loads((Path(args.out) / "summary.json").read_text())))
     return 0
+
+
+def _rounds(summary: dict[str, Any]) -> str:
+    """ ", in N rounds of up to K candidates" when a run optimised candidates side by side."""
+    k = summary.get("candidates_per_round", 1)
+    return f", in {summary['rounds']} rounds of up to {k} candidates" if k > 1 else ""
 
 
 def cmd_plan_remote(args: argparse.Namespace) -> int:
@@ -200,6 +208,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
             args.out,
             dicom=args.dicom,
             feedback=args.feedback,
+            candidates=args.candidates,
         )
     finally:
         if cluster is not None:
@@ -208,7 +217,10 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
     for g in summary["goals"]:
         label = f"{g['structure']} {g['metric']} {g['comparator']} {g['limit']:g}"
         print(f"{label:32s} {g['achieved']:9.2f}  {'pass' if g['passed'] else 'FAIL'}")
-    print(f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}")
+    print(
+        f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}"
+        f"{_rounds(summary)}"
+    )
     calls = summary.get("llm_calls", [])
     if calls:
         print(f"LLM calls: {len(calls)} {summary.get('llm_outcomes') or count_outcomes(calls)}")
@@ -341,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--max-iterations", type=int, default=6)
         p.add_argument("--memory", type=int, default=4, help="iterations the planner remembers")
+        p.add_argument(
+            "--candidates",
+            type=int,
+            default=1,
+            help="parameter sets per round from round 2 on, optimised side by side (across the "
+            "optimizer replicas with --local); --max-iterations then counts rounds",
+        )
         p.add_argument("--orchestrator", default="", help="HOST:PORT of a running orchestrator")
         p.add_argument(
             "--local",

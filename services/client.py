@@ -102,7 +102,9 @@ def loop_breakdown(per_iteration: list[dict[str, Any]], loop_s: float) -> dict[s
     Optimize call less its solve and load: the request, the warm start read and the dose and
     fluence written to the case store, the reply), ``evaluate`` and ``propose`` (each
     call, whole), ``store`` (the rest of the loop: job records and events in SQLite, the watch
-    stream) and ``loop`` (StartPlanning to the finished event)."""
+    stream) and ``loop`` (StartPlanning to the finished event). With candidates optimised side
+    by side the per-call parts are summed over concurrent calls and may add up to more than
+    ``loop``."""
     total = {"fmo": 0.0, "case_load": 0.0, "optimize": 0.0, "evaluate": 0.0, "propose": 0.0}
     for it in per_iteration:
         total["fmo"] += float(it.get("fmo", {}).get("seconds", 0.0))
@@ -135,6 +137,7 @@ def plan_remote(
     timeout_s: float = 3600.0,
     dicom: str | Path | None = None,
     feedback: str = "",
+    candidates: int = 1,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     with orchestrator_channel(orchestrator) as raw:
@@ -157,6 +160,7 @@ def plan_remote(
                 memory_length=memory_length,
                 agent=agent,
                 physician_feedback=feedback,
+                candidates=candidates,
             ),
             timeout=60,
         ).job_id

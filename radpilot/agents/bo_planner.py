@@ -4,6 +4,8 @@ Stateless by design, like the planner service: each call rebuilds the study from
 it is given (all of them, for this agent) — their weights and a plan-quality score computed from
 the protocol goals — and asks the sampler (TPE, seeded) for the next weights. The search space is
 each protocol term's weight times 10^u, u in [-1, 1]; objective doses stay the protocol's.
+Asked for a batch (candidates optimised in parallel), it asks the sampler several times with the
+constant-liar strategy, so the points of one batch spread out instead of repeating.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def _param(key: str) -> str:
 
 
 def propose_bo(
-    protocol: Protocol, memory: list[MemoryEntry], seed: int = 0
-) -> tuple[list[ObjectiveTerm], str]:
+    protocol: Protocol, memory: list[MemoryEntry], seed: int = 0, count: int = 1
+) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
+    """The next weights, why, and ``count - 1`` further points of the same batch."""
     base = {t.key(): t for t in protocol.objectives}
     dist: dict[str, optuna.distributions.BaseDistribution] = {
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
@@ -47,7 +50,10 @@ def propose_bo(
     with warnings.catch_warnings():  # "multivariate" is marked experimental; it is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
-            seed=seed + len(memory), n_startup_trials=STARTUP_TRIALS, multivariate=True
+            seed=seed + len(memory),
+            n_startup_trials=STARTUP_TRIALS,
+            multivariate=True,
+            constant_liar=count > 1,
         )
     study = optuna.create_study(direction="maximize", sampler=sampler)
     used = 0
@@ -65,15 +71,22 @@ def propose_bo(
             )
         )
         used += 1
-    trial = study.ask(dist)
-    terms = [
-        ObjectiveTerm(
-            t.structure,
-            t.kind,
-            t.dose_gy,
-            min(MAX_WEIGHT, t.weight * 10 ** trial.params[_param(k)]),
-        )
-        for k, t in base.items()
+    batch = [
+        [
+            ObjectiveTerm(
+                t.structure,
+                t.kind,
+                t.dose_gy,
+                min(MAX_WEIGHT, t.weight * 10 ** trial.params[_param(k)]),
+            )
+            for k, t in base.items()
+        ]
+        for trial in (study.ask(dist) for _ in range(max(1, count)))
     ]
     best = max((plan_quality(m.check) for m in memory), default=float("nan"))
-    return terms, f"BO (TPE) step {used + 1}: best plan quality so far {best:.4f}"
+    size = f", a batch of {len(batch)}" if len(batch) > 1 else ""
+    return (
+        batch[0],
+        f"BO (TPE) step {used + 1}{size}: best plan quality so far {best:.4f}",
+        batch[1:],
+    )

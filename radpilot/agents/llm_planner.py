@@ -155,7 +155,11 @@ class LLMPlanner:
         references: list[dict[str, Any]],
         findings: list[str] | None = None,
         physician: str = "",
+        count: int = 1,
     ) -> PlannerOutcome:
+        """The next terms; with ``count`` > 1 the model may add up to count - 1 alternatives in
+        the same answer (each validated like the main set; an invalid one is dropped and
+        recorded in the call's validation note)."""
         keys = [t.key() for t in current]
         structured = self.client.json_mode != "text"
         messages = prompts.planner_messages(
@@ -167,6 +171,7 @@ class LLMPlanner:
             physician,
             MAX_WEIGHT_FACTOR,
             MAX_DOSE_STEP_FRACTION * protocol.prescription_gy,
+            alternatives=count - 1,
         )
         calls: list[LLMCall] = []
         reason = ""
@@ -176,7 +181,7 @@ class LLMPlanner:
                 text, call = self.client.chat(
                     "planner",
                     messages,
-                    schema=prompts.planning_schema(keys) if structured else None,
+                    schema=prompts.planning_schema(keys, count - 1) if structured else None,
                     schema_name="plan_parameters",
                 )
             except LLMError as exc:
@@ -186,8 +191,9 @@ class LLMPlanner:
                 break
             calls.append(call)
             try:
+                data = find_json_object(text)
                 terms, rationale = validate_proposal(
-                    find_json_object(text), current, protocol.prescription_gy, protocol.objectives
+                    data, current, protocol.prescription_gy, protocol.objectives
                 )
                 if goals_fail and unchanged(terms, current):
                     raise ProposalError(
@@ -208,14 +214,46 @@ class LLMPlanner:
                     },
                 ]
                 continue
-            call.validation = "ok"
-            return PlannerOutcome(terms, f"LLM planner: {rationale}".strip(), calls)
+            alternatives, dropped = _alternatives(data, current, protocol, count - 1)
+            call.validation = "ok" + "".join(f"; {d}" for d in dropped)
+            return PlannerOutcome(
+                terms, f"LLM planner: {rationale}".strip(), calls, alternatives=alternatives
+            )
         log.warning("LLM planner fell back to the rule-based step: %s", reason)
         last = memory[-1]
-        terms, rules_rationale = propose_rules(protocol, current, last.check, memory)
+        terms, rules_rationale, alternatives = propose_rules(
+            protocol, current, last.check, memory, count
+        )
         return PlannerOutcome(
             terms,
             f"LLM planner fell back to a rule-based step: {reason}; {rules_rationale}",
             calls,
             fallback=True,
+            alternatives=alternatives,
         )
+
+
+def _alternatives(
+    data: dict[str, Any], current: list[ObjectiveTerm], protocol: Protocol, limit: int
+) -> tuple[list[list[ObjectiveTerm]], list[str]]:
+    """The valid alternative parameter sets of an answer (at most ``limit``), and a note for
+    each one dropped."""
+    given = data.get("alternatives") or []
+    if limit <= 0 or not isinstance(given, list):
+        return [], ([] if limit <= 0 or not given else ['"alternatives" is not a list: ignored'])
+    out: list[list[ObjectiveTerm]] = []
+    notes: list[str] = []
+    for i, entry in enumerate(given[:limit], 1):
+        try:
+            if not isinstance(entry, dict):
+                raise ProposalError('expected {"terms": {...}}')
+            terms, _ = validate_proposal(
+                entry, current, protocol.prescription_gy, protocol.objectives
+            )
+        except ProposalError as exc:
+            notes.append(f"alternative {i} dropped: {exc}")
+            continue
+        out.append(terms)
+    if len(given) > limit:
+        notes.append(f"{len(given) - limit} alternative(s) beyond the {limit} asked for ignored")
+    return out, notes

@@ -7,6 +7,8 @@ objective weights and doses:
   a target hot spot raises the weight of that structure's overdose term (by a factor that grows
   with the miss) and lowers its objective dose to the limit minus a margin; a lower limit raises
   the structure's deviation/underdose weight. A missed goal with no term to push on gets one.
+- asked for several candidates (a round optimised in parallel), it adds the same step taken
+  bolder and more cautiously (x2, x1/2, x4, x1/4 the step), skipping parameters already tried.
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step; and
   every flip of the missed goals (fixing one breaks another) halves the step.
@@ -22,7 +24,16 @@ from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
 
 MAX_FACTOR = 3.0
-OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
+OAR_MARGIN = 0.15
+ALTERNATIVE_SCALES = (
+    2.0,
+    0.5,
+    4.0,
+    0.25,
+    8.0,
+    0.125,
+    16.0,
+)  # candidates beside the step  # objective dose = limit x (1 - margin) for a missed upper limit
 
 
 def _step(r: GoalResult, gain: float) -> float:
@@ -35,7 +46,9 @@ def propose_rules(
     objectives: list[ObjectiveTerm],
     check: ProtocolCheck,
     memory: list[MemoryEntry],
-) -> tuple[list[ObjectiveTerm], str]:
+    count: int = 1,
+) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
+    """The next terms, why, and up to ``count - 1`` alternative steps (bolder, more cautious)."""
     notes: list[str] = []
     # Each time the set of missed goals flips (fixing one goal breaks another), the step halves:
     # the loop then closes in on the trade-off instead of jumping across it.
@@ -61,7 +74,7 @@ def propose_rules(
                 + (f", also pushing {', '.join(r.goal.label for r in broken)}" if broken else "")
             )
     if not check.failed:
-        return list(objectives), "every goal is met; objectives unchanged"
+        return list(objectives), "every goal is met; objectives unchanged", []
     # never propose parameters already tried (they would give the same plan): halve the step
     tried = [m.objectives for m in memory]
     for _ in range(8):
@@ -69,7 +82,18 @@ def propose_rules(
         if terms not in tried:
             break
         gain *= 0.5
-    return terms, "; ".join(notes + steps)
+    alternatives: list[list[ObjectiveTerm]] = []
+    scales: list[str] = []
+    for scale in ALTERNATIVE_SCALES:
+        if len(alternatives) >= count - 1:
+            break
+        alt, _ = _push(protocol, objectives, check, gain * scale)
+        if alt not in tried and alt != terms and alt not in alternatives:
+            alternatives.append(alt)
+            scales.append(f"x{scale:g}")
+    if scales:
+        notes.append(f"alternatives: the same step {', '.join(scales)}")
+    return terms, "; ".join(notes + steps), alternatives
 
 
 def _push(

@@ -90,7 +90,10 @@ def propose_next(
     physician: str = "",
     llm: LLMPlanner | None = None,
     seed: int = 0,
+    count: int = 1,
 ) -> PlannerOutcome:
+    """The next objective terms; with ``count`` > 1 also up to count - 1 alternatives for the
+    same round (rules: bolder and more cautious steps; BO: a batch; LLM: its own alternatives)."""
     check_agent(agent, PLANNER_AGENTS, "planner", llm is not None)
     if not memory:
         raise ValueError("memory is empty: the planner needs at least the last iteration")
@@ -99,8 +102,12 @@ def propose_next(
             list(protocol.objectives), "fixed class solution: the protocol's initial objectives"
         )
     if agent == "bo":
-        return PlannerOutcome(*propose_bo(protocol, memory, seed))
+        terms, why, alternatives = propose_bo(protocol, memory, seed, count)
+        return PlannerOutcome(terms, why, alternatives=alternatives)
     if agent == "llm" and llm is not None:
         findings = list(memory[-1].findings)
-        return llm.propose(protocol, current, memory, references or [], findings, physician)
-    return PlannerOutcome(*propose_rules(protocol, current, memory[-1].check, memory))
+        return llm.propose(
+            protocol, current, memory, references or [], findings, physician, count=count
+        )
+    terms, why, alternatives = propose_rules(protocol, current, memory[-1].check, memory, count)
+    return PlannerOutcome(terms, why, alternatives=alternatives)

@@ -32,6 +32,8 @@ class PlannerOutcome:
     rationale: str
     calls: list[LLMCall] = field(default_factory=list)
     fallback: bool = False
+    # further parameter sets for the same round when more than one was asked for
+    alternatives: list[list[ObjectiveTerm]] = field(default_factory=list)
 
 
 @dataclass

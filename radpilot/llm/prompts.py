@@ -265,25 +265,37 @@ it is needs_improvement, and you list every factor that is not satisfied with it
     return [{"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": user}]
 
 
-def planning_schema(keys: list[str]) -> dict[str, Any]:
+def planning_schema(keys: list[str], alternatives: int = 0) -> dict[str, Any]:
+    """The answer's JSON schema; with ``alternatives`` > 0 it also carries that many further
+    parameter sets for the same round."""
     term = {
         "type": "object",
         "properties": {"weight": {"type": "number"}, "dose_gy": {"type": "number"}},
         "required": ["weight", "dose_gy"],
         "additionalProperties": False,
     }
-    return {
+    terms = {
         "type": "object",
-        "properties": {
-            "terms": {
+        "properties": {k: term for k in keys},
+        "required": list(keys),
+        "additionalProperties": False,
+    }
+    properties: dict[str, Any] = {"terms": terms, "rationale": {"type": "string"}}
+    if alternatives > 0:
+        properties["alternatives"] = {
+            "type": "array",
+            "maxItems": alternatives,
+            "items": {
                 "type": "object",
-                "properties": {k: term for k in keys},
-                "required": list(keys),
+                "properties": {"terms": terms},
+                "required": ["terms"],
                 "additionalProperties": False,
             },
-            "rationale": {"type": "string"},
-        },
-        "required": ["terms", "rationale"],
+        }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
 
@@ -303,8 +315,23 @@ def planner_messages(
     physician: str,
     max_factor: float,
     max_dose_step_gy: float,
+    alternatives: int = 0,
 ) -> list[dict[str, Any]]:
     keys = [t.key() for t in current]
+    answer = (
+        '{"terms": {"<structure>:<kind>": {"weight": <number>, "dose_gy": <number>}, ...},\n'
+        ' "rationale": "<one or two sentences: what you changed and why>"'
+    )
+    if alternatives > 0:
+        answer += (
+            ',\n "alternatives": [{"terms": {...}}, ...]}\n'
+            f'Under "alternatives" give up to {alternatives} further parameter set(s), each '
+            "following the same rules and trying a different trade-off (a bolder or a more "
+            "cautious change, or another term to push on). Every set is optimised at the same "
+            "time and the best resulting plan is kept, so make them differ from each other."
+        )
+    else:
+        answer += "}"
     ref_text = references_text(references, with_parameters=True)
     hist_text = "\n\n".join(_history_entry(h) for h in history)
     user = f"""{protocol_text(protocol)}
@@ -334,8 +361,7 @@ Propose the parameters for the next optimisation. Rules:
 - every dose_gy a number >= 0 that differs from its current value by at most
   {max_dose_step_gy:g} Gy.
 Answer with one JSON object and nothing else:
-{{"terms": {{"<structure>:<kind>": {{"weight": <number>, "dose_gy": <number>}}, ...}},
- "rationale": "<one or two sentences: what you changed and why>"}}"""
+{answer}"""
     return [{"role": "system", "content": PLANNER_SYSTEM}, {"role": "user", "content": user}]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_RETRY_BUDGET_S = 180.0
+MAX_CANDIDATES = 8
 
 
 # -- what the ports answer ---------------------------------------------------------------------
@@ -55,6 +57,8 @@ class Proposal:
     rationale: str = ""
     llm_calls: list[dict[str, Any]] = field(default_factory=list)
     reference_ids: list[str] = field(default_factory=list)
+    # further parameter sets for the same round (asked with count > 1), optimised in parallel
+    alternatives: list[list[ObjectiveTerm]] = field(default_factory=list)
 
 
 # -- the ports ---------------------------------------------------------------------------------
@@ -77,8 +81,10 @@ class PlannerPort(Protocol):
         current: list[ObjectiveTerm],
         memory: list[IterationRecord],
         physician_feedback: str,
+        count: int = 1,
     ) -> Proposal:
-        """The next objective terms from the remembered iterations. UnavailableError: retry."""
+        """The next objective terms from the remembered iterations, and up to ``count - 1``
+        alternatives to optimise beside them. UnavailableError: retry."""
         ...
 
 
@@ -112,8 +118,15 @@ class LoopSettings:
     retry_budget_s: float = DEFAULT_RETRY_BUDGET_S  # how long to wait for a service to return
     retry_first_s: float = 0.5  # first backoff; doubles up to retry_max_s
     retry_max_s: float = 10.0
+    # Candidates in parallel: from round 2 on the planner proposes up to K parameter sets per
+    # round, optimised and evaluated side by side; the loop continues from the best of the round.
+    # max_iterations counts rounds. parallel: FMOs at once (0 = all of a round's; in process 1).
+    candidates: int = 1
+    parallel: int = 0
 
     def __post_init__(self) -> None:
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates must be within 1..{MAX_CANDIDATES}")
         if self.max_iterations < 1:
             raise ValueError("max_iterations must be at least 1")
         if self.memory_length < 1:
@@ -127,6 +140,10 @@ class LoopResult:
     records: list[IterationRecord]
     best_iteration: int
     met_at: int  # first iteration that met the protocol, 0 = never
+
+    @property
+    def rounds(self) -> int:
+        return self.records[-1].round if self.records else 0
 
     @property
     def best(self) -> IterationRecord:
@@ -145,11 +162,34 @@ def first_met(records: list[IterationRecord]) -> int:
     return next((r.iteration for r in records if r.meets), 0)
 
 
+def _rounds(records: list[IterationRecord]) -> list[list[IterationRecord]]:
+    """The records grouped by round, in order."""
+    out: list[list[IterationRecord]] = []
+    for r in records:
+        if out and out[-1][0].round == r.round:
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+def _best(records: list[IterationRecord]) -> IterationRecord:
+    return max(records, key=lambda r: (*r.check.rank(), -r.iteration))
+
+
 def finished(records: list[IterationRecord]) -> bool:
     """True when a stored run needs no further iteration (met, or nothing left to try)."""
-    last = records[-1] if records else None
-    return last is not None and (
-        last.meets or not last.proposal or last.proposal == last.objectives
+    if not records:
+        return False
+    rounds = _rounds(records)
+    last_round, last = rounds[-1], records[-1]
+    planned = rounds[-2][-1].candidates if len(rounds) > 1 else [[]]
+    if len(last_round) < len(planned):
+        return False  # stopped part-way through a round of candidates
+    return (
+        any(r.meets for r in last_round)
+        or not last.proposal
+        or last.proposal == _best(last_round).objectives
     )
 
 
@@ -162,90 +202,183 @@ def run_loop(
     settings: LoopSettings,
 ) -> LoopResult:
     """Run (or resume) the loop from the protocol's initial ``objectives`` until the plan meets
-    the protocol, the planner has nothing new, or the iteration budget is spent."""
+    the protocol, the planner has nothing new, or the round budget is spent.
+
+    A round optimises one parameter set (round 1: the protocol's) or, with ``candidates`` K > 1,
+    the planner's K alternatives side by side, each warm-started from the previous round's best
+    plan; every candidate is an iteration of its own (numbered in order) and the next round is
+    proposed from the round's best by the ranking. Records are stored in candidate order once the
+    round is evaluated; the last one carries the proposal. A run stopped part-way through a round
+    resumes with the candidates not yet stored."""
     records = list(sink.stored())
     if finished(records):
         return _result(records)
+    rounds = _rounds(records)
+    planned: list[list[ObjectiveTerm]] = [list(objectives)]
+    done: list[IterationRecord] = []
     warm: ArtefactRef | None = None
-    if records:
-        objectives, warm = records[-1].proposal, records[-1].fluence
-    for it in range(len(records) + 1, settings.max_iterations + 1):
+    rnd = 1
+    if rounds:
+        previous = rounds[-2] if len(rounds) > 1 else []
+        planned_last = previous[-1].candidates if previous else [list(objectives)]
+        if len(rounds[-1]) < len(planned_last):  # resume part-way through the last round
+            rnd, planned, done = rounds[-1][0].round, planned_last, rounds[-1]
+            warm = _best(previous).fluence if previous else None
+        else:
+            rnd, planned = rounds[-1][0].round + 1, records[-1].candidates
+            warm = _best(rounds[-1]).fluence
+    while rnd <= settings.max_iterations:
         sink.check_stop()
-        sink.event({"kind": "iteration_started", "iteration": it})
-        seconds: dict[str, float] = {}
-        t0 = time.perf_counter()
-        opt = _retrying(settings, sink, "optimizer", partial(optimizer.optimize, objectives, warm))
-        seconds["optimize"] = time.perf_counter() - t0
-        sink.event(
-            {
-                "kind": "fmo_done",
-                "iteration": it,
-                "fmo": opt.fmo.to_json(),
-                "message": f"served by {opt.fmo.replica or 'this process'}",
-            }
-        )
-        sink.check_stop()
-        t0 = time.perf_counter()
-        feedback = sink.physician_feedback(it)
-        ev = _retrying(settings, sink, "evaluator", partial(evaluator.evaluate, opt.dose, feedback))
-        seconds["evaluate"] = time.perf_counter() - t0
-        meets = ev.meets and ev.check.all_passed  # the guardrail
-        sink.event(
-            {
-                "kind": "evaluated",
-                "iteration": it,
-                "goals": [r.to_dict() for r in ev.check.results],
-                "message": "; ".join(ev.findings),
-            }
-        )
-        record = IterationRecord(
-            iteration=it,
-            objectives=list(objectives),
-            fmo=opt.fmo,
-            check=ev.check,
-            findings=list(ev.findings),
-            decision=MEETS if meets else NEEDS_IMPROVEMENT,
-            dose=opt.dose,
-            fluence=opt.fluence,
-            physician_feedback=feedback,
-            llm_decision=ev.llm_decision,
-            disagreement=ev.disagreement,
-            llm_calls=[{**c, "iteration": it} for c in ev.llm_calls],
-            seconds=seconds,
-            stats=list(ev.stats),
-            dvh=dict(ev.dvh),
-        )
-        if not meets and it < settings.max_iterations:
+        first_it = (records[-1].iteration if records else 0) + 1
+        todo = list(enumerate(planned))[len(done) :]
+        run = partial(_candidate, optimizer, evaluator, sink, settings, rnd, warm)
+        jobs = [(first_it + n, k, terms) for n, (k, terms) in enumerate(todo)]
+        workers = min(len(jobs), settings.parallel or len(jobs))
+        if workers > 1:
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"round-{rnd}") as pool:
+                futures = [pool.submit(run, *job) for job in jobs]
+                new = [f.result() for f in futures]
+        else:
+            new = [run(*job) for job in jobs]
+        this_round = [*done, *new]
+        best = _best(this_round)
+        carrier = new[-1]
+        if not any(r.meets for r in this_round) and rnd < settings.max_iterations:
             sink.check_stop()
-            memory = memory_window(settings.agent, [*records, record], settings.memory_length)
-            t0 = time.perf_counter()
-            prop = _retrying(
-                settings,
-                sink,
-                "planner",
-                partial(planner.propose, list(objectives), memory, record.physician_feedback),
+            _propose(planner, sink, settings, [*records, *new], this_round, best, carrier)
+        for record in new:
+            sink.check_stop()
+            sink.add(
+                record,
+                {
+                    "kind": "proposal",
+                    "iteration": record.iteration,
+                    "round": record.round,
+                    "candidate": record.candidate,
+                    "proposal": [o.to_dict() for o in record.proposal],
+                    "message": record.rationale,
+                },
             )
-            seconds["propose"] = time.perf_counter() - t0
-            record.proposal = list(prop.objectives)
-            record.rationale = prop.rationale
-            record.reference_ids = list(prop.reference_ids)
-            record.llm_calls += [{**c, "iteration": it} for c in prop.llm_calls]
-        sink.check_stop()
-        sink.add(
-            record,
-            {
-                "kind": "proposal",
-                "iteration": it,
-                "proposal": [o.to_dict() for o in record.proposal],
-                "message": record.rationale,
-            },
+            records.append(record)
+        log.info(
+            "round %d: best iteration %d %s",
+            rnd,
+            best.iteration,
+            "meets protocol" if best.meets else "needs improvement",
         )
-        records.append(record)
-        log.info("iteration %d: %s", it, "meets protocol" if meets else "needs improvement")
         if finished(records):
             break
-        objectives, warm = record.proposal, opt.fluence
+        rnd, planned, done, warm = rnd + 1, carrier.candidates, [], best.fluence
     return _result(records)
+
+
+def _candidate(
+    optimizer: OptimizerPort,
+    evaluator: EvaluatorPort,
+    sink: IterationSink,
+    settings: LoopSettings,
+    rnd: int,
+    warm: ArtefactRef | None,
+    it: int,
+    k: int,
+    objectives: list[ObjectiveTerm],
+) -> IterationRecord:
+    """Optimise and evaluate one parameter set: one iteration's record, not yet stored."""
+    tag = {"iteration": it, "round": rnd, "candidate": k}
+    sink.check_stop()
+    sink.event({"kind": "iteration_started", **tag})
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    opt = _retrying(settings, sink, "optimizer", partial(optimizer.optimize, objectives, warm))
+    seconds["optimize"] = time.perf_counter() - t0
+    sink.event(
+        {
+            "kind": "fmo_done",
+            **tag,
+            "fmo": opt.fmo.to_json(),
+            "message": f"served by {opt.fmo.replica or 'this process'}",
+        }
+    )
+    sink.check_stop()
+    t0 = time.perf_counter()
+    feedback = sink.physician_feedback(it)
+    ev = _retrying(settings, sink, "evaluator", partial(evaluator.evaluate, opt.dose, feedback))
+    seconds["evaluate"] = time.perf_counter() - t0
+    meets = ev.meets and ev.check.all_passed  # the guardrail
+    sink.event(
+        {
+            "kind": "evaluated",
+            **tag,
+            "goals": [r.to_dict() for r in ev.check.results],
+            "message": "; ".join(ev.findings),
+        }
+    )
+    log.info("iteration %d: %s", it, "meets protocol" if meets else "needs improvement")
+    return IterationRecord(
+        iteration=it,
+        objectives=list(objectives),
+        fmo=opt.fmo,
+        check=ev.check,
+        findings=list(ev.findings),
+        decision=MEETS if meets else NEEDS_IMPROVEMENT,
+        dose=opt.dose,
+        fluence=opt.fluence,
+        physician_feedback=feedback,
+        llm_decision=ev.llm_decision,
+        disagreement=ev.disagreement,
+        llm_calls=[{**c, "iteration": it} for c in ev.llm_calls],
+        seconds=seconds,
+        stats=list(ev.stats),
+        dvh=dict(ev.dvh),
+        round=rnd,
+        candidate=k,
+    )
+
+
+def _propose(
+    planner: PlannerPort,
+    sink: IterationSink,
+    settings: LoopSettings,
+    records: list[IterationRecord],
+    this_round: list[IterationRecord],
+    best: IterationRecord,
+    carrier: IterationRecord,
+) -> None:
+    """Ask the planner for the next round from the round's best plan; the proposal goes on the
+    round's last record (``carrier``). The planner remembers the path the loop took (the best of
+    each round; BO: every plan), and alternatives already tried are dropped."""
+    path = [_best(r) for r in _rounds(records)]
+    memory = memory_window(
+        settings.agent, records if settings.agent == "bo" else path, settings.memory_length
+    )
+    t0 = time.perf_counter()
+    prop = _retrying(
+        settings,
+        sink,
+        "planner",
+        partial(
+            planner.propose,
+            list(best.objectives),
+            memory,
+            best.physician_feedback,
+            settings.candidates,
+        ),
+    )
+    carrier.seconds["propose"] = time.perf_counter() - t0
+    tried = [r.objectives for r in records]
+    alternatives: list[list[ObjectiveTerm]] = []
+    for terms in prop.alternatives[: settings.candidates - 1]:
+        if terms and terms not in tried and terms != prop.objectives and terms not in alternatives:
+            alternatives.append(list(terms))
+    carrier.proposal = list(prop.objectives)
+    carrier.alternatives = alternatives
+    carrier.rationale = (
+        f"from iteration {best.iteration}, the best of round {best.round}: {prop.rationale}"
+        if len(this_round) > 1
+        else prop.rationale
+    )
+    carrier.reference_ids = list(prop.reference_ids)
+    carrier.llm_calls += [{**c, "iteration": carrier.iteration} for c in prop.llm_calls]
 
 
 def _result(records: list[IterationRecord]) -> LoopResult:

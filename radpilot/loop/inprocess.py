@@ -144,7 +144,11 @@ class LibraryPlanner:
         self.references = references or []
 
     def propose(
-        self, current: list[ObjectiveTerm], memory: list[IterationRecord], physician_feedback: str
+        self,
+        current: list[ObjectiveTerm],
+        memory: list[IterationRecord],
+        physician_feedback: str,
+        count: int = 1,
     ) -> Proposal:
         out = propose_next(
             self.agent,
@@ -154,12 +158,14 @@ class LibraryPlanner:
             references=[r.for_prompt() for r in self.references],
             physician=physician_feedback,
             llm=self.llm,
+            count=count,
         )
         return Proposal(
             out.objectives,
             out.rationale,
             [c.to_dict() for c in out.calls],
             [r.reference_id for r in self.references],
+            out.alternatives,
         )
 
 
@@ -205,13 +211,16 @@ def plan_loop(
     num_references: int = 3,
     physician: str = "",
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    candidates: int = 1,
 ) -> PlanReport:
     """Plan a case in process (paper Algorithm 1) and report the best plan.
 
     ``agent`` names the planner (rules, llm, bo, fixed); ``llm`` also switches the evaluator to
     the LLM experts (guarded by the exact check). Each FMO warm-starts from the previous plan.
+    ``candidates`` K > 1: K parameter sets per round from round 2 on, optimised one after the
+    other here (the services optimise them side by side across optimizer replicas).
     """
-    settings = LoopSettings(max_iterations, memory_length, agent)
+    settings = LoopSettings(max_iterations, memory_length, agent, candidates=candidates, parallel=1)
     check_agent(agent, JOB_AGENTS, llm_configured=llm is not None)
     protocol.check_case(case)
     t0 = time.perf_counter()

@@ -84,6 +84,21 @@ class IterationRecord:
     stats: list[dict[str, Any]] = field(default_factory=list)  # StructureStats.to_dict()
     dvh: dict[str, Any] = field(default_factory=dict)  # compact DVH (DVHTable.to_dict())
     legacy_fluence_hex: str = ""  # only in records read from the pre-typed store format
+    # Candidates in parallel: the outer round this FMO belongs to (0 = its iteration, as in a run
+    # of one candidate per round), its index in the round, and on the round's last record the
+    # other parameter sets proposed for the next round (``proposal`` is the first).
+    round: int = 0
+    candidate: int = 0
+    alternatives: list[list[ObjectiveTerm]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.round <= 0:
+            self.round = self.iteration
+
+    @property
+    def candidates(self) -> list[list[ObjectiveTerm]]:
+        """Every parameter set this record proposes for the next round ([] = none)."""
+        return [list(self.proposal), *map(list, self.alternatives)] if self.proposal else []
 
     @property
     def meets(self) -> bool:
@@ -114,6 +129,9 @@ class IterationRecord:
             "seconds": dict(self.seconds),
             "stats": list(self.stats),
             "dvh": dict(self.dvh),
+            "round": self.round,
+            "candidate": self.candidate,
+            "alternatives": [[o.to_dict() for o in a] for a in self.alternatives],
         }
 
     @classmethod
@@ -138,4 +156,9 @@ class IterationRecord:
             stats=list(d.get("stats", [])),
             dvh=dict(d.get("dvh") or {}),
             legacy_fluence_hex=d.get("fluence_hex", ""),
+            round=int(d.get("round", 0)),
+            candidate=int(d.get("candidate", 0)),
+            alternatives=[
+                [ObjectiveTerm.from_dict(o) for o in a] for a in d.get("alternatives", [])
+            ],
         )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radpilot.v1 import types_pb2 as radpilot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eradpilot/v1/orchestrator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xcb\x01\n\x11\x43reateCaseRequest\x12\x0f\n\x07\x62uiltin\x18\x01 \x01(\t\x12\x42\n\nparameters\x18\x02 \x03(\x0b\x32..radpilot.v1.CreateCaseRequest.ParametersEntry\x12\x17\n\x0f\x64icom_zip_chunk\x18\x03 \x01(\x0c\x12\x15\n\rprotocol_yaml\x18\x04 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x12\x43reateCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x12\n\nstructures\x18\x02 \x03(\t\x12\r\n\x05notes\x18\x03 \x03(\t\"\xb1\x01\n\x14StartPlanningRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x15\n\rprotocol_yaml\x18\x02 \x01(\t\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\x12\x15\n\rmemory_length\x18\x04 \x01(\x05\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\"\'\n\x15StartPlanningResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x14WatchPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\xed\x01\n\x15WatchPlanningResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.radpilot.v1.EventKind\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\"\n\x03\x66mo\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x05 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12,\n\x08proposal\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x0f\n\x07message\x18\x07 \x01(\t\"\'\n\x15GetPlanningJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xdf\x02\n\x0fIterationRecord\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\"\n\x03\x66mo\x18\x03 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x04 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x11\n\trationale\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x08 \x01(\t\x12\x14\n\x0cllm_decision\x18\t \x01(\t\x12\x14\n\x0c\x64isagreement\x18\n \x01(\x08\x12\'\n\tllm_calls\x18\x0b \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x15\n\rreference_ids\x18\x0c \x03(\t\"\xb8\x01\n\x16GetPlanningJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\x30\n\niterations\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationRecord\x12\x16\n\x0e\x62\x65st_iteration\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"5\n\x15SubmitFeedbackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"8\n\x16SubmitFeedbackResponse\x12\x1e\n\x16\x61pplies_from_iteration\x18\x01 \x01(\x05\"\'\n\x15\x43\x61ncelPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16\x43\x61ncelPlanningResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.JobState\"#\n\x11\x45xportPlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x12\x45xportPlanResponse\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"L\n\x12\x41pprovePlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"Q\n\x13\x41pprovePlanResponse\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x12\n\nreferences\x18\x03 \x01(\x05*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xdf\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_KIND_ITERATION_STARTED\x10\x01\x12\x17\n\x13\x45VENT_KIND_FMO_DONE\x10\x02\x12\x18\n\x14\x45VENT_KIND_EVALUATED\x10\x03\x12\x17\n\x13\x45VENT_KIND_PROPOSAL\x10\x04\x12\x17\n\x13\x45VENT_KIND_FINISHED\x10\x05\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x06\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x07\x32\xca\x05\n\x13OrchestratorService\x12O\n\nCreateCase\x12\x1e.radpilot.v1.CreateCaseRequest\x1a\x1f.radpilot.v1.CreateCaseResponse(\x01\x12V\n\rStartPlanning\x12!.radpilot.v1.StartPlanningRequest\x1a\".radpilot.v1.StartPlanningResponse\x12X\n\rWatchPlanning\x12!.radpilot.v1.WatchPlanningRequest\x1a\".radpilot.v1.WatchPlanningResponse0\x01\x12Y\n\x0eGetPlanningJob\x12\".radpilot.v1.GetPlanningJobRequest\x1a#.radpilot.v1.GetPlanningJobResponse\x12Y\n\x0eSubmitFeedback\x12\".radpilot.v1.SubmitFeedbackRequest\x1a#.radpilot.v1.SubmitFeedbackResponse\x12Y\n\x0e\x43\x61ncelPlanning\x12\".radpilot.v1.CancelPlanningRequest\x1a#.radpilot.v1.CancelPlanningResponse\x12M\n\nExportPlan\x12\x1e.radpilot.v1.ExportPlanRequest\x1a\x1f.radpilot.v1.ExportPlanResponse\x12P\n\x0b\x41pprovePlan\x12\x1f.radpilot.v1.ApprovePlanRequest\x1a .radpilot.v1.ApprovePlanResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eradpilot/v1/orchestrator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xcb\x01\n\x11\x43reateCaseRequest\x12\x0f\n\x07\x62uiltin\x18\x01 \x01(\t\x12\x42\n\nparameters\x18\x02 \x03(\x0b\x32..radpilot.v1.CreateCaseRequest.ParametersEntry\x12\x17\n\x0f\x64icom_zip_chunk\x18\x03 \x01(\x0c\x12\x15\n\rprotocol_yaml\x18\x04 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x12\x43reateCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x12\n\nstructures\x18\x02 \x03(\t\x12\r\n\x05notes\x18\x03 \x03(\t\"\xc5\x01\n\x14StartPlanningRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x15\n\rprotocol_yaml\x18\x02 \x01(\t\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\x12\x15\n\rmemory_length\x18\x04 \x01(\x05\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x12\n\ncandidates\x18\x08 \x01(\x05\"\'\n\x15StartPlanningResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x14WatchPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\x8f\x02\n\x15WatchPlanningResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.radpilot.v1.EventKind\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\"\n\x03\x66mo\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x05 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12,\n\x08proposal\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x11\n\tcandidate\x18\t \x01(\x05\"\'\n\x15GetPlanningJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xaf\x03\n\x0fIterationRecord\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\"\n\x03\x66mo\x18\x03 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x04 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x11\n\trationale\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x08 \x01(\t\x12\x14\n\x0cllm_decision\x18\t \x01(\t\x12\x14\n\x0c\x64isagreement\x18\n \x01(\x08\x12\'\n\tllm_calls\x18\x0b \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x15\n\rreference_ids\x18\x0c \x03(\t\x12\r\n\x05round\x18\r \x01(\x05\x12\x11\n\tcandidate\x18\x0e \x01(\x05\x12,\n\tproposals\x18\x0f \x03(\x0b\x32\x19.radpilot.v1.ParameterSet\"\xb8\x01\n\x16GetPlanningJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\x30\n\niterations\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationRecord\x12\x16\n\x0e\x62\x65st_iteration\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"5\n\x15SubmitFeedbackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"8\n\x16SubmitFeedbackResponse\x12\x1e\n\x16\x61pplies_from_iteration\x18\x01 \x01(\x05\"\'\n\x15\x43\x61ncelPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16\x43\x61ncelPlanningResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.JobState\"#\n\x11\x45xportPlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x12\x45xportPlanResponse\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"L\n\x12\x41pprovePlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"Q\n\x13\x41pprovePlanResponse\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x12\n\nreferences\x18\x03 \x01(\x05*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xdf\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_KIND_ITERATION_STARTED\x10\x01\x12\x17\n\x13\x45VENT_KIND_FMO_DONE\x10\x02\x12\x18\n\x14\x45VENT_KIND_EVALUATED\x10\x03\x12\x17\n\x13\x45VENT_KIND_PROPOSAL\x10\x04\x12\x17\n\x13\x45VENT_KIND_FINISHED\x10\x05\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x06\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x07\x32\xca\x05\n\x13OrchestratorService\x12O\n\nCreateCase\x12\x1e.radpilot.v1.CreateCaseRequest\x1a\x1f.radpilot.v1.CreateCaseResponse(\x01\x12V\n\rStartPlanning\x12!.radpilot.v1.StartPlanningRequest\x1a\".radpilot.v1.StartPlanningResponse\x12X\n\rWatchPlanning\x12!.radpilot.v1.WatchPlanningRequest\x1a\".radpilot.v1.WatchPlanningResponse0\x01\x12Y\n\x0eGetPlanningJob\x12\".radpilot.v1.GetPlanningJobRequest\x1a#.radpilot.v1.GetPlanningJobResponse\x12Y\n\x0eSubmitFeedback\x12\".radpilot.v1.SubmitFeedbackRequest\x1a#.radpilot.v1.SubmitFeedbackResponse\x12Y\n\x0e\x43\x61ncelPlanning\x12\".radpilot.v1.CancelPlanningRequest\x1a#.radpilot.v1.CancelPlanningResponse\x12M\n\nExportPlan\x12\x1e.radpilot.v1.ExportPlanRequest\x1a\x1f.radpilot.v1.ExportPlanResponse\x12P\n\x0b\x41pprovePlan\x12\x1f.radpilot.v1.ApprovePlanRequest\x1a .radpilot.v1.ApprovePlanResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._loaded_options = None
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1931
-  _globals['_JOBSTATE']._serialized_end=2085
-  _globals['_EVENTKIND']._serialized_start=2088
-  _globals['_EVENTKIND']._serialized_end=2311
+  _globals['_JOBSTATE']._serialized_start=2065
+  _globals['_JOBSTATE']._serialized_end=2219
+  _globals['_EVENTKIND']._serialized_start=2222
+  _globals['_EVENTKIND']._serialized_end=2445
   _globals['_CREATECASEREQUEST']._serialized_start=73
   _globals['_CREATECASEREQUEST']._serialized_end=276
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._serialized_start=227
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATECASERESPONSE']._serialized_start=278
   _globals['_CREATECASERESPONSE']._serialized_end=350
   _globals['_STARTPLANNINGREQUEST']._serialized_start=353
-  _globals['_STARTPLANNINGREQUEST']._serialized_end=530
-  _globals['_STARTPLANNINGRESPONSE']._serialized_start=532
-  _globals['_STARTPLANNINGRESPONSE']._serialized_end=571
-  _globals['_WATCHPLANNINGREQUEST']._serialized_start=573
-  _globals['_WATCHPLANNINGREQUEST']._serialized_end=634
-  _globals['_WATCHPLANNINGRESPONSE']._serialized_start=637
-  _globals['_WATCHPLANNINGRESPONSE']._serialized_end=874
-  _globals['_GETPLANNINGJOBREQUEST']._serialized_start=876
-  _globals['_GETPLANNINGJOBREQUEST']._serialized_end=915
-  _globals['_ITERATIONRECORD']._serialized_start=918
-  _globals['_ITERATIONRECORD']._serialized_end=1269
-  _globals['_GETPLANNINGJOBRESPONSE']._serialized_start=1272
-  _globals['_GETPLANNINGJOBRESPONSE']._serialized_end=1456
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1458
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1511
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1513
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1569
-  _globals['_CANCELPLANNINGREQUEST']._serialized_start=1571
-  _globals['_CANCELPLANNINGREQUEST']._serialized_end=1610
-  _globals['_CANCELPLANNINGRESPONSE']._serialized_start=1612
-  _globals['_CANCELPLANNINGRESPONSE']._serialized_end=1674
-  _globals['_EXPORTPLANREQUEST']._serialized_start=1676
-  _globals['_EXPORTPLANREQUEST']._serialized_end=1711
-  _globals['_EXPORTPLANRESPONSE']._serialized_start=1713
-  _globals['_EXPORTPLANRESPONSE']._serialized_end=1767
-  _globals['_APPROVEPLANREQUEST']._serialized_start=1769
-  _globals['_APPROVEPLANREQUEST']._serialized_end=1845
-  _globals['_APPROVEPLANRESPONSE']._serialized_start=1847
-  _globals['_APPROVEPLANRESPONSE']._serialized_end=1928
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2314
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3028
+  _globals['_STARTPLANNINGREQUEST']._serialized_end=550
+  _globals['_STARTPLANNINGRESPONSE']._serialized_start=552
+  _globals['_STARTPLANNINGRESPONSE']._serialized_end=591
+  _globals['_WATCHPLANNINGREQUEST']._serialized_start=593
+  _globals['_WATCHPLANNINGREQUEST']._serialized_end=654
+  _globals['_WATCHPLANNINGRESPONSE']._serialized_start=657
+  _globals['_WATCHPLANNINGRESPONSE']._serialized_end=928
+  _globals['_GETPLANNINGJOBREQUEST']._serialized_start=930
+  _globals['_GETPLANNINGJOBREQUEST']._serialized_end=969
+  _globals['_ITERATIONRECORD']._serialized_start=972
+  _globals['_ITERATIONRECORD']._serialized_end=1403
+  _globals['_GETPLANNINGJOBRESPONSE']._serialized_start=1406
+  _globals['_GETPLANNINGJOBRESPONSE']._serialized_end=1590
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1592
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1645
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1647
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1703
+  _globals['_CANCELPLANNINGREQUEST']._serialized_start=1705
+  _globals['_CANCELPLANNINGREQUEST']._serialized_end=1744
+  _globals['_CANCELPLANNINGRESPONSE']._serialized_start=1746
+  _globals['_CANCELPLANNINGRESPONSE']._serialized_end=1808
+  _globals['_EXPORTPLANREQUEST']._serialized_start=1810
+  _globals['_EXPORTPLANREQUEST']._serialized_end=1845
+  _globals['_EXPORTPLANRESPONSE']._serialized_start=1847
+  _globals['_EXPORTPLANRESPONSE']._serialized_end=1901
+  _globals['_APPROVEPLANREQUEST']._serialized_start=1903
+  _globals['_APPROVEPLANREQUEST']._serialized_end=1979
+  _globals['_APPROVEPLANRESPONSE']._serialized_start=1981
+  _globals['_APPROVEPLANRESPONSE']._serialized_end=2062
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2448
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3162
 # @@protoc_insertion_point(module_scope)

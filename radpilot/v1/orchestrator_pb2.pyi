@@ -72,7 +72,7 @@ class CreateCaseResponse(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., structures: _Optional[_Iterable[str]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StartPlanningRequest(_message.Message):
-    __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key", "physician_feedback")
+    __slots__ = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "idempotency_key", "physician_feedback", "candidates")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class StartPlanningRequest(_message.Message):
     AGENT_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     protocol_yaml: str
     max_iterations: int
@@ -87,7 +88,8 @@ class StartPlanningRequest(_message.Message):
     agent: str
     idempotency_key: str
     physician_feedback: str
-    def __init__(self, case_id: _Optional[str] = ..., protocol_yaml: _Optional[str] = ..., max_iterations: _Optional[int] = ..., memory_length: _Optional[int] = ..., agent: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., physician_feedback: _Optional[str] = ...) -> None: ...
+    candidates: int
+    def __init__(self, case_id: _Optional[str] = ..., protocol_yaml: _Optional[str] = ..., max_iterations: _Optional[int] = ..., memory_length: _Optional[int] = ..., agent: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class StartPlanningResponse(_message.Message):
     __slots__ = ("job_id",)
@@ -104,7 +106,7 @@ class WatchPlanningRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., from_sequence: _Optional[int] = ...) -> None: ...
 
 class WatchPlanningResponse(_message.Message):
-    __slots__ = ("sequence", "kind", "iteration", "fmo", "goals", "proposal", "message")
+    __slots__ = ("sequence", "kind", "iteration", "fmo", "goals", "proposal", "message", "round", "candidate")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ITERATION_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +114,8 @@ class WatchPlanningResponse(_message.Message):
     GOALS_FIELD_NUMBER: _ClassVar[int]
     PROPOSAL_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     kind: EventKind
     iteration: int
@@ -119,7 +123,9 @@ class WatchPlanningResponse(_message.Message):
     goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
     proposal: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     message: str
-    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., iteration: _Optional[int] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., proposal: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., message: _Optional[str] = ...) -> None: ...
+    round: int
+    candidate: int
+    def __init__(self, sequence: _Optional[int] = ..., kind: _Optional[_Union[EventKind, str]] = ..., iteration: _Optional[int] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., proposal: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., message: _Optional[str] = ..., round: _Optional[int] = ..., candidate: _Optional[int] = ...) -> None: ...
 
 class GetPlanningJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -128,7 +134,7 @@ class GetPlanningJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class IterationRecord(_message.Message):
-    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback", "decision", "llm_decision", "disagreement", "llm_calls", "reference_ids")
+    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback", "decision", "llm_decision", "disagreement", "llm_calls", "reference_ids", "round", "candidate", "proposals")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     FMO_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +147,9 @@ class IterationRecord(_message.Message):
     DISAGREEMENT_FIELD_NUMBER: _ClassVar[int]
     LLM_CALLS_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_FIELD_NUMBER: _ClassVar[int]
+    PROPOSALS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     fmo: _types_pb2.FmoStats
@@ -153,7 +162,10 @@ class IterationRecord(_message.Message):
     disagreement: bool
     llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
     reference_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., decision: _Optional[str] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., reference_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    round: int
+    candidate: int
+    proposals: _containers.RepeatedCompositeFieldContainer[_types_pb2.ParameterSet]
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., decision: _Optional[str] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., reference_ids: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., candidate: _Optional[int] = ..., proposals: _Optional[_Iterable[_Union[_types_pb2.ParameterSet, _Mapping]]] = ...) -> None: ...
 
 class GetPlanningJobResponse(_message.Message):
     __slots__ = ("job_id", "case_id", "state", "iterations", "best_iteration", "error")

@@ -26,32 +26,36 @@ class IterationMemory(_message.Message):
     def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., physician_feedback: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[_types_pb2.DvhTable, _Mapping]] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("protocol_yaml", "agent", "current", "memory", "physician_feedback", "references")
+    __slots__ = ("protocol_yaml", "agent", "current", "memory", "physician_feedback", "references", "candidates")
     PROTOCOL_YAML_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     REFERENCES_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     protocol_yaml: str
     agent: str
     current: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     memory: _containers.RepeatedCompositeFieldContainer[IterationMemory]
     physician_feedback: str
     references: _containers.RepeatedCompositeFieldContainer[_types_pb2.ReferencePlan]
-    def __init__(self, protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., current: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[IterationMemory, _Mapping]]] = ..., physician_feedback: _Optional[str] = ..., references: _Optional[_Iterable[_Union[_types_pb2.ReferencePlan, _Mapping]]] = ...) -> None: ...
+    candidates: int
+    def __init__(self, protocol_yaml: _Optional[str] = ..., agent: _Optional[str] = ..., current: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., memory: _Optional[_Iterable[_Union[IterationMemory, _Mapping]]] = ..., physician_feedback: _Optional[str] = ..., references: _Optional[_Iterable[_Union[_types_pb2.ReferencePlan, _Mapping]]] = ..., candidates: _Optional[int] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("objectives", "rationale", "llm_calls", "fallback")
+    __slots__ = ("objectives", "rationale", "llm_calls", "fallback", "alternatives")
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     RATIONALE_FIELD_NUMBER: _ClassVar[int]
     LLM_CALLS_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_FIELD_NUMBER: _ClassVar[int]
+    ALTERNATIVES_FIELD_NUMBER: _ClassVar[int]
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     rationale: str
     llm_calls: _containers.RepeatedCompositeFieldContainer[_types_pb2.LlmCall]
     fallback: bool
-    def __init__(self, objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., rationale: _Optional[str] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., fallback: _Optional[bool] = ...) -> None: ...
+    alternatives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ParameterSet]
+    def __init__(self, objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., rationale: _Optional[str] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., fallback: _Optional[bool] = ..., alternatives: _Optional[_Iterable[_Union[_types_pb2.ParameterSet, _Mapping]]] = ...) -> None: ...
 
 class GetPlannerCapabilitiesRequest(_message.Message):
     __slots__ = ()

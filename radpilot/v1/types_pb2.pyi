@@ -38,6 +38,12 @@ class ObjectiveTerm(_message.Message):
     weight: float
     def __init__(self, structure: _Optional[str] = ..., kind: _Optional[str] = ..., dose_gy: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
 
+class ParameterSet(_message.Message):
+    __slots__ = ("terms",)
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    terms: _containers.RepeatedCompositeFieldContainer[ObjectiveTerm]
+    def __init__(self, terms: _Optional[_Iterable[_Union[ObjectiveTerm, _Mapping]]] = ...) -> None: ...
+
 class ClinicalGoal(_message.Message):
     __slots__ = ("structure", "metric", "comparator", "limit", "priority", "hard")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]

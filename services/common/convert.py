@@ -93,6 +93,9 @@ def record_to_proto(r: IterationRecord) -> orchestrator_pb2.IterationRecord:
         disagreement=r.disagreement,
         llm_calls=[llm_call_to_proto({**c, "iteration": r.iteration}) for c in r.llm_calls],
         reference_ids=r.reference_ids,
+        round=r.round,
+        candidate=r.candidate,
+        proposals=[types_pb2.ParameterSet(terms=terms_to_proto(c)) for c in r.candidates],
     )
 
 

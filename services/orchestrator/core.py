@@ -44,7 +44,7 @@ from radpilot.errors import (
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.llm.prompts import PHYSICIAN_LIMIT
 from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
-from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, best_iteration, finished
+from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, MAX_CANDIDATES, best_iteration, finished
 from radpilot.protocol import ProtocolError, load_protocol_text
 from radpilot.report import PlanReport
 from radpilot.v1 import types_pb2
@@ -178,9 +178,16 @@ class Orchestrator:
         agent: str,
         idempotency_key: str = "",
         physician_feedback: str = "",
+        candidates: int = 0,
     ) -> str:
         agent = agent or "rules"
         check_agent(agent, JOB_AGENTS)
+        candidates = candidates or 1
+        if not 1 <= candidates <= MAX_CANDIDATES:
+            raise ValueError(
+                f"candidates must be within 0..{MAX_CANDIDATES} (0 = one plan per round), "
+                f"got {candidates}"
+            )
         if not 1 <= max_iterations <= MAX_ITERATIONS:
             raise ValueError(
                 f"max_iterations must be within 1..{MAX_ITERATIONS}, got {max_iterations}"
@@ -219,6 +226,7 @@ class Orchestrator:
             idempotency_key or None,
             llm,
             physician_feedback.strip(),
+            candidates,
         )
         if created:
             JOBS.labels("started").inc()
@@ -400,7 +408,13 @@ class Orchestrator:
             GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
             GrpcPlanner(c.planner, ctx, references, d.propose_s),
             _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),
-            LoopSettings(job.max_iterations, job.memory_length, job.agent, self.retry_budget_s),
+            LoopSettings(
+                job.max_iterations,
+                job.memory_length,
+                job.agent,
+                self.retry_budget_s,
+                candidates=job.candidates,
+            ),
         )
         self._finish(job_id, result)
 

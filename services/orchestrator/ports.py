@@ -237,7 +237,11 @@ class GrpcPlanner:
         self.stub, self.job, self.references, self.deadline_s = stub, job, references, deadline_s
 
     def propose(
-        self, current: list[ObjectiveTerm], memory: list[IterationRecord], physician_feedback: str
+        self,
+        current: list[ObjectiveTerm],
+        memory: list[IterationRecord],
+        physician_feedback: str,
+        count: int = 1,
     ) -> Proposal:
         refs = self.references() if self.job.agent == "llm" else []
         request = planner_pb2.ProposeRequest(
@@ -258,6 +262,7 @@ class GrpcPlanner:
             ],
             physician_feedback=physician_feedback,
             references=[reference_to_proto(ref, dist) for ref, dist in refs],
+            candidates=count,
         )
         r = _call("planner", lambda: self.stub.Propose(request, timeout=self.deadline_s))
         return Proposal(
@@ -265,6 +270,7 @@ class GrpcPlanner:
             r.rationale,
             [llm_call_from_proto(c) for c in r.llm_calls],
             [ref.reference_id for ref, _ in refs],
+            [terms_from_proto(list(a.terms)) for a in r.alternatives if a.terms],
         )
 
 

@@ -93,6 +93,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request.agent,
             request.idempotency_key,
             request.physician_feedback,
+            request.candidates,
         )
         return pb.StartPlanningResponse(job_id=job_id)
 
@@ -108,6 +109,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 goals=[goal_result_to_proto(GoalResult.from_dict(g)) for g in e.get("goals", [])],
                 proposal=_terms(e.get("proposal", [])),
                 message=e.get("message", ""),
+                round=e.get("round", e.get("iteration", 0)),
+                candidate=e.get("candidate", 0),
             )
 
     def GetPlanningJob(

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS leases (
 
 INSERT_JOB = (
     "INSERT INTO jobs (job_id, idempotency_key, case_id, protocol_yaml, max_iterations,"
-    " memory_length, agent, state, created, updated, llm) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+    " memory_length, agent, state, created, updated, llm, candidates)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -59,11 +60,12 @@ class Job:
     best_iteration: int
     error: str
     llm: str = ""  # the LLM endpoints and models the job was started with (JSON), "" = none
+    candidates: int = 1  # parameter sets optimised side by side per round
 
 
 def _same_request(job: Job, request: tuple[Any, ...]) -> Job:
     """The job an idempotency key names, if it was created by the same request."""
-    fields = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent")
+    fields = ("case_id", "protocol_yaml", "max_iterations", "memory_length", "agent", "candidates")
     differ = [f for f, v in zip(fields, request, strict=True) if getattr(job, f) != v]
     if differ:
         raise ConflictError(
@@ -86,6 +88,10 @@ class JobStore:
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
             if "llm" not in columns:  # job stores of earlier versions
                 self._db.execute("ALTER TABLE jobs ADD COLUMN llm TEXT NOT NULL DEFAULT ''")
+            if "candidates" not in columns:
+                self._db.execute(
+                    "ALTER TABLE jobs ADD COLUMN candidates INTEGER NOT NULL DEFAULT 1"
+                )
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on every write
 
@@ -123,10 +129,11 @@ class JobStore:
         idempotency_key: str | None,
         llm: str = "",
         feedback: str = "",
+        candidates: int = 1,
     ) -> tuple[Job, bool]:
         """The new job, or the existing one for the same idempotency key; (job, created).
         ``feedback``: the physician's comments from iteration 1, stored with the job."""
-        request = (case_id, protocol_yaml, max_iterations, memory_length, agent)
+        request = (case_id, protocol_yaml, max_iterations, memory_length, agent, candidates)
         if idempotency_key:
             existing = self._query(
                 "SELECT job_id FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
@@ -152,6 +159,7 @@ class JobStore:
                             now,
                             now,
                             llm,
+                            candidates,
                         ),
                     ),
                     *(
@@ -176,7 +184,7 @@ class JobStore:
     def job(self, job_id: str) -> Job:
         rows = self._query(
             "SELECT job_id, idempotency_key, case_id, protocol_yaml, max_iterations, memory_length,"
-            " agent, state, best_iteration, error, llm FROM jobs WHERE job_id = ?",
+            " agent, state, best_iteration, error, llm, candidates FROM jobs WHERE job_id = ?",
             (job_id,),
         )
         if not rows:

@@ -7,7 +7,7 @@ import grpc
 from radpilot.agents.llm_planner import step_budget_s
 from radpilot.agents.step import PLANNER_AGENTS
 from radpilot.agents.types import MemoryEntry
-from radpilot.v1 import planner_pb2, planner_pb2_grpc
+from radpilot.v1 import planner_pb2, planner_pb2_grpc, types_pb2
 from services.common.convert import (
     check_from_proto,
     dvh_from_proto,
@@ -58,6 +58,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             memory,
             references,
             request.physician_feedback,
+            request.candidates or 1,
         )
         observe_llm_calls(out.calls)
         return planner_pb2.ProposeResponse(
@@ -65,4 +66,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             rationale=out.rationale,
             llm_calls=[llm_call_to_proto(c.to_dict()) for c in out.calls],
             fallback=out.fallback,
+            alternatives=[
+                types_pb2.ParameterSet(terms=terms_to_proto(a)) for a in out.alternatives
+            ],
         )

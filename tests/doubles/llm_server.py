@@ -200,6 +200,7 @@ class ScriptedLLMServer:
 _GOAL = re.compile(r"^- (\S+) (\S+) (<=|>=) (\S+) \S+: achieved (\S+) \S+ \((met|NOT met)", re.M)
 _TARGET = re.compile(r"^Target: (\S+), prescription", re.M)
 _CURRENT = re.compile(r"^Current parameters: (\{.*\})$", re.M)
+_ALTERNATIVES = re.compile(r"give up to (\d+) further parameter set")
 
 
 def cooperative_responder(request: dict[str, Any]) -> Reply:
@@ -239,9 +240,26 @@ def cooperative_responder(request: dict[str, Any]) -> Reply:
             structure = key.split(":")[0]
             factor = 2.0 if structure in weak else 1.0
             terms[key] = {"weight": v["weight"] * factor, "dose_gy": v["dose_gy"]}
-        return Reply(
-            json.dumps({"terms": terms, "rationale": f"doubled the weights on {sorted(weak)}"})
-        )
+        answer: dict[str, Any] = {
+            "terms": terms,
+            "rationale": f"doubled the weights on {sorted(weak)}",
+        }
+        asked = int((_ALTERNATIVES.findall(text) or ["0"])[0])
+        if asked:  # a bolder and a more cautious step, then more of the same
+            factors = [4.0, 1.5, 3.0, 1.25][:asked]
+            answer["alternatives"] = [
+                {
+                    "terms": {
+                        k: {
+                            "weight": v["weight"] * (f if k.split(":")[0] in weak else 1.0),
+                            "dose_gy": v["dose_gy"],
+                        }
+                        for k, v in current.items()
+                    }
+                }
+                for f in factors
+            ]
+        return Reply(json.dumps(answer))
     return Reply("I can only answer RadPilot's prompts.")
 
 

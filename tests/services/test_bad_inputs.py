@@ -203,6 +203,8 @@ def bad_inputs(s: Services, tmp: Path) -> list[tuple[str, Callable[[], Any], grp
         ("max_iterations 1,000,000", lambda: _start(s, max_iterations=1_000_000), IA),
         ("max_iterations -1", lambda: _start(s, max_iterations=-1), IA),
         ("memory_length 1000", lambda: _start(s, memory_length=1000), IA),
+        ("candidates 99", lambda: _start(s, candidates=99), IA),
+        ("candidates -1", lambda: _start(s, candidates=-1), IA),
         ("unknown agent", lambda: _start(s, agent="gpt"), IA),
         ("physician feedback of 20,000 characters", lambda: _start(s, physician_feedback="x" * 20000), IA),
         ("llm agent without an endpoint", lambda: _start(s, agent="llm"), FP),
@@ -253,6 +255,7 @@ def bad_inputs(s: Services, tmp: Path) -> list[tuple[str, Callable[[], Any], grp
         ("evaluate: alias bomb protocol", lambda: s.ev.Evaluate(evaluator_pb2.EvaluateRequest(case_id=s.case_id, protocol_yaml=ALIAS_BOMB, dose=types_pb2.ArtefactRef(case_id=s.case_id, path="x")), timeout=30), IA),
         ("propose: no memory", lambda: s.plan.Propose(planner_pb2.ProposeRequest(protocol_yaml=HARDER, current=[_term()]), timeout=30), IA),
         ("propose: nested protocol", lambda: s.plan.Propose(planner_pb2.ProposeRequest(protocol_yaml="a: " + "[" * 50_000, current=[_term()], memory=[planner_pb2.IterationMemory(iteration=1, objectives=[_term()])]), timeout=30), IA),
+        ("propose: candidates 99", lambda: s.plan.Propose(planner_pb2.ProposeRequest(protocol_yaml=HARDER, current=[_term()], candidates=99, memory=[planner_pb2.IterationMemory(iteration=1, objectives=[_term()])]), timeout=30), IA),
         ("propose: llm without an endpoint", lambda: s.plan.Propose(planner_pb2.ProposeRequest(protocol_yaml=HARDER, agent="llm", current=[_term()], memory=[planner_pb2.IterationMemory(iteration=1, objectives=[_term()])]), timeout=30), FP),
     ]  # fmt: skip
 

@@ -221,8 +221,8 @@ def test_llm_that_never_says_done_runs_its_budget(analytic_case: Case, harder) -
 
 def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, first_plan) -> None:
     memory = _memory(first_plan, harder)
-    a, _ = propose_bo(harder, memory, seed=1)
-    b, _ = propose_bo(harder, memory, seed=1)
+    a, _, _ = propose_bo(harder, memory, seed=1)
+    b, _, _ = propose_bo(harder, memory, seed=1)
     assert a == b
     for t, t0 in zip(a, harder.objectives, strict=True):
         assert t0.weight / 10.0001 <= t.weight <= t0.weight * 10.0001 and t.dose_gy == t0.dose_gy
@@ -231,6 +231,57 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
     assert report.check.all_passed  # BO finds the core/hot-spot trade-off on this phantom
     fixed = plan_loop(analytic_case, harder, max_iterations=5, agent="fixed")
     assert len(fixed.iterations) == 1  # the class solution does not change: one plan
+
+
+def test_bo_batch_spreads_out_and_starts_with_the_single_step(harder, first_plan) -> None:
+    memory = _memory(first_plan, harder)
+    single, _, _ = propose_bo(harder, memory, seed=1)
+    first, why, rest = propose_bo(harder, memory, seed=1, count=3)
+    assert first == single and len(rest) == 2 and "a batch of 3" in why
+    points = [first, *rest]
+    assert all(a != b for i, a in enumerate(points) for b in points[i + 1 :])
+
+
+def test_llm_alternatives_are_validated_one_by_one(analytic_case: Case, harder, first_plan) -> None:
+    def answer(req: dict[str, Any]) -> Reply:
+        reply = cooperative_responder(req)
+        if role_of(req) != "planner":
+            return reply
+        data = json.loads(reply.text)
+        assert len(data["alternatives"]) == 2  # the prompt asked for two
+        bad = json.loads(json.dumps(data["alternatives"][1]))
+        next(iter(bad["terms"].values()))["weight"] = -1.0
+        data["alternatives"] = [data["alternatives"][0], bad, data["alternatives"][0]]
+        return Reply(json.dumps(data))
+
+    memory = _memory(first_plan, harder)
+    with ScriptedLLMServer(answer) as srv:
+        out = LLMPlanner(LLMClient(scripted_settings(srv))).propose(
+            harder, list(harder.objectives), memory, [], [], count=3
+        )
+    assert not out.fallback and len(out.alternatives) == 1
+    assert out.alternatives[0] != out.objectives
+    note = out.calls[-1].validation
+    assert "alternative 2 dropped" in note and "must be positive" in note
+    assert "1 alternative(s) beyond the 2 asked for ignored" in note
+
+
+def test_llm_loop_with_two_candidates_per_round(analytic_case: Case, harder) -> None:
+    with ScriptedLLMServer(cooperative_responder) as srv:
+        report = plan_loop(
+            analytic_case,
+            harder,
+            max_iterations=3,
+            agent="llm",
+            llm=LLMClient(scripted_settings(srv)),
+            candidates=2,
+        )
+    summary = report.summary()
+    rounds = [(it["round"], it["candidate"]) for it in summary["per_iteration"]]
+    assert rounds[0] == (1, 0) and (2, 1) in rounds
+    assert summary["fmo_calls"] == len(rounds) and summary["candidates_per_round"] == 2
+    roles = [c["role"] for c in summary["llm_calls"]]
+    assert roles.count("evaluator") == len(rounds)  # every candidate plan is judged
 
 
 def test_shipped_references_and_retrieval(analytic_case: Case) -> None:

@@ -46,6 +46,52 @@ def _case(stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> str:
     return stub.CreateCase(iter([req]), timeout=120).case_id
 
 
+def test_candidates_of_a_round_are_optimised_side_by_side_on_both_replicas(
+    cluster: LocalCluster,
+) -> None:
+    raw, stub = _stub(cluster)
+    with raw:
+        start = pb.StartPlanningRequest(
+            case_id=_case(stub), protocol_yaml=IMPOSSIBLE, max_iterations=3, candidates=2
+        )
+        job_id = stub.StartPlanning(start, timeout=30).job_id
+        events = list(stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300))
+        job = stub.GetPlanningJob(pb.GetPlanningJobRequest(job_id=job_id), timeout=30)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    its = list(job.iterations)
+    assert [(r.iteration, r.round, r.candidate) for r in its] == [
+        (1, 1, 0),
+        (2, 2, 0),
+        (3, 2, 1),
+        (4, 3, 0),
+        (5, 3, 1),
+    ]
+    served = {
+        (e.round, e.candidate): e.message.removeprefix("served by ")
+        for e in events
+        if e.kind == pb.EVENT_KIND_FMO_DONE
+    }
+    for rnd in (2, 3):  # the two candidates of a round went to different replicas
+        assert {served[(rnd, 0)], served[(rnd, 1)]} == {"optimizer-0", "optimizer-1"}
+    # the last record of a round carries the next round's candidates
+    assert [len(r.proposals) for r in its] == [2, 0, 2, 0, 0]
+    assert [list(its[1].objectives), list(its[2].objectives)] == [
+        list(p.terms) for p in its[0].proposals
+    ]
+    assert [list(its[3].objectives), list(its[4].objectives)] == [
+        list(p.terms) for p in its[2].proposals
+    ]
+    started = [e for e in events if e.kind == pb.EVENT_KIND_ITERATION_STARTED]
+    assert sorted((e.round, e.candidate) for e in started) == [
+        (1, 0),
+        (2, 0),
+        (2, 1),
+        (3, 0),
+        (3, 1),
+    ]
+    _no_duplicate_loop_events(events)
+
+
 def test_replicas_share_the_work_and_one_may_die(cluster: LocalCluster) -> None:
     raw, stub = _stub(cluster)
     with raw:

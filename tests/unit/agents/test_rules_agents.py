@@ -29,7 +29,7 @@ def _check(case: Case, ptv_hot: float, core: float):
 
 def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Case) -> None:
     protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
-    new, why = propose_rules(
+    new, why, _ = propose_rules(
         protocol, protocol.objectives, check, [MemoryEntry(1, protocol.objectives, check)]
     )
     old = {t.key(): t for t in protocol.objectives}
@@ -40,9 +40,29 @@ def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Ca
     assert "Core D10 <= 10 Gy missed by 4.00 Gy" in why
 
 
+def test_alternatives_are_the_step_taken_bolder_and_more_cautiously(analytic_case: Case) -> None:
+    protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
+    memory = [MemoryEntry(1, protocol.objectives, check)]
+    one, _, none = propose_rules(protocol, protocol.objectives, check, memory)
+    new, why, alternatives = propose_rules(protocol, protocol.objectives, check, memory, count=3)
+    assert none == [] and new == one  # the first candidate is the step a single plan gets
+    assert len(alternatives) == 2 and "alternatives: the same step x2, x0.5" in why
+
+    def core(ts):
+        return next(t for t in ts if t.key() == "Core:squared_overdose")
+
+    start = core(protocol.objectives).weight
+    bold, cautious = alternatives
+    assert core(bold).weight >= core(new).weight > core(cautious).weight > start  # capped x3
+    assert core(bold).dose_gy < core(new).dose_gy < core(cautious).dose_gy
+    tried = [*memory, MemoryEntry(2, bold, check)]  # an alternative already tried is not offered
+    _, _, again = propose_rules(protocol, protocol.objectives, check, tried, count=3)
+    assert bold not in again and len(again) == 2
+
+
 def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> None:
     protocol, check = _check(analytic_case, 58.0, 5.0)  # PTV D10 58 > 55
-    new, _ = propose_rules(
+    new, _, _ = propose_rules(
         protocol, protocol.objectives, check, [MemoryEntry(1, protocol.objectives, check)]
     )
     got = {t.key(): t for t in new}
@@ -57,10 +77,10 @@ def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Cas
     best_objs = protocol.objectives
     worse_objs = [t for t in protocol.objectives if t.structure != "NormalTissue"]
     memory = [MemoryEntry(1, best_objs, good), MemoryEntry(2, worse_objs, bad)]
-    new, why = propose_rules(protocol, worse_objs, bad, memory)
+    new, why, _ = propose_rules(protocol, worse_objs, bad, memory)
     assert "stepping again from iteration 1" in why
     assert any(t.structure == "NormalTissue" for t in new)  # back on iteration 1's objectives
-    full, _ = propose_rules(protocol, best_objs, good, [MemoryEntry(1, best_objs, good)])
+    full, _, _ = propose_rules(protocol, best_objs, good, [MemoryEntry(1, best_objs, good)])
     core = lambda ts: next(t for t in ts if t.key() == "Core:squared_overdose").weight  # noqa: E731
     assert core(protocol.objectives) < core(new) < core(full)  # a smaller step than a fresh one
 

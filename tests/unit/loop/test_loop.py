@@ -66,18 +66,32 @@ class FakeEvaluator:
 
 
 class DoublingPlanner:
+    """Doubles the core weight; asked for more, it offers x4, x8, ... as alternatives."""
+
     def __init__(self, same: bool = False) -> None:
         self.same = same
         self.memories: list[list[int]] = []
+        self.currents: list[float] = []
 
     def propose(
-        self, current: list[ObjectiveTerm], memory: list[IterationRecord], physician_feedback: str
+        self,
+        current: list[ObjectiveTerm],
+        memory: list[IterationRecord],
+        physician_feedback: str,
+        count: int = 1,
     ) -> Proposal:
         self.memories.append([m.iteration for m in memory])
+        self.currents.append(current[0].weight)
         if self.same:
             return Proposal(list(current), "nothing to change")
         t = current[0]
-        return Proposal([ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight * 2)], "double")
+
+        def scaled(f: float) -> list[ObjectiveTerm]:
+            return [ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight * f)]
+
+        return Proposal(
+            scaled(2), "double", alternatives=[scaled(2**k) for k in range(2, count + 1)]
+        )
 
 
 def _run(
@@ -264,3 +278,74 @@ def test_ranking_follows_priority_and_the_size_of_each_miss() -> None:
     assert best_iteration([rec(1, 50.0, 10.00001), rec(2, 50.0, 9.99)]) == 2
     # within a level, the smaller relative miss wins
     assert best_iteration([rec(1, 50.0, 12.0), rec(2, 50.0, 11.0)]) == 2
+
+
+class ConcurrentOptimizer:
+    """Names its artefacts by weight; from round 2 on two calls must be in flight at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.barrier = threading.Barrier(2, timeout=10)
+        self.calls: list[tuple[float, str | None]] = []
+
+    def optimize(self, objectives: list[ObjectiveTerm], warm: ArtefactRef | None) -> Optimized:
+        w = objectives[0].weight
+        if warm is not None:
+            self.barrier.wait()  # raises BrokenBarrierError if the candidates ran one by one
+        self.calls.append((w, warm.path if warm else None))
+        return Optimized(ArtefactRef(f"dose-{w:g}:{w}"), ArtefactRef(f"fluence-{w:g}"), FmoStats())
+
+
+def test_candidates_are_optimised_side_by_side_and_the_loop_follows_the_best() -> None:
+    # round 1: w=1 (core 16); round 2: w=2 (14) and w=4 (12) -> best w=4;
+    # round 3 from w=4: w=8 (10, met) and w=16 (8, met) -> stops, best = the earlier of equals
+    opt = ConcurrentOptimizer()
+    result, _, planner, _ = _run(optimizer=opt, candidates=2)
+    assert [(r.iteration, r.round, r.candidate) for r in result.records] == [
+        (1, 1, 0),
+        (2, 2, 0),
+        (3, 2, 1),
+        (4, 3, 0),
+        (5, 3, 1),
+    ]
+    assert [r.objectives[0].weight for r in result.records] == [1, 2, 4, 8, 16]
+    assert sorted(opt.calls) == [
+        (1, None),
+        (2, "fluence-1"),
+        (4, "fluence-1"),
+        (8, "fluence-4"),
+        (16, "fluence-4"),
+    ]  # every candidate warm-starts from the previous round's best plan
+    assert planner.currents == [1, 4]  # round 3 was proposed from w=4, the best of round 2
+    assert planner.memories == [[1], [1, 3]]  # the path: the best of each round
+    assert result.met_at == 4 and result.best_iteration == 4 and result.rounds == 3
+    carrier = result.records[2]  # round 2's last record carries the next round's candidates
+    assert [c[0].weight for c in carrier.candidates] == [8, 16]
+    assert "best of round 2" in carrier.rationale
+    assert result.records[1].proposal == []
+    assert IterationRecord.from_json(carrier.to_json()).candidates == carrier.candidates
+
+
+def test_a_run_stopped_inside_a_round_resumes_with_the_missing_candidates() -> None:
+    interrupted = StopsAfter(2)  # round 1 and the first candidate of round 2 stored
+    with pytest.raises(KeyboardInterrupt):
+        _run(sink=interrupted, candidates=2, parallel=1)
+    assert [(r.round, r.candidate) for r in interrupted.records] == [(1, 0), (2, 0)]
+    sink = MemorySink()
+    sink.records = list(interrupted.records)
+    result, opt, *_ = _run(sink=sink, candidates=2, parallel=1)
+    assert [(r.iteration, r.round, r.candidate) for r in result.records] == [
+        (1, 1, 0),
+        (2, 2, 0),
+        (3, 2, 1),
+        (4, 3, 0),
+        (5, 3, 1),
+    ]
+    assert [c[0][0].weight for c in opt.calls] == [4, 8, 16]  # only what was missing, then on
+    assert opt.calls[0][1] == interrupted.records[0].fluence
+
+
+def test_candidates_is_bounded() -> None:
+    with pytest.raises(ValueError, match="candidates"):
+        LoopSettings(candidates=0)
