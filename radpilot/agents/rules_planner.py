@@ -7,8 +7,10 @@ objective weights and doses:
   a target hot spot raises the weight of that structure's overdose term (by a factor that grows
   with the miss) and lowers its objective dose to the limit minus a margin; a lower limit raises
   the structure's deviation/underdose weight. A missed goal with no term to push on gets one.
-- asked for several candidates (a round optimised in parallel), it adds the same step taken
-  bolder and more cautiously (x2, x1/2, x4, x1/4 the step), skipping parameters already tried.
+- asked for several candidates (a round optimised in parallel), it first adds the step that also
+  pushes the met goals within 5 % of their limits (the ones the step is likely to break), then
+  the same step taken bolder and more cautiously (x2, x1/2, x4, x1/4 ...), skipping parameters
+  already tried.
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step; and
   every flip of the missed goals (fixing one breaks another) halves the step.
@@ -24,7 +26,8 @@ from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
 
 MAX_FACTOR = 3.0
-OAR_MARGIN = 0.15
+OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
+AT_RISK = 0.05  # a met goal within this fraction of its limit: pushed by the first alternative
 ALTERNATIVE_SCALES = (
     2.0,
     0.5,
@@ -33,7 +36,7 @@ ALTERNATIVE_SCALES = (
     8.0,
     0.125,
     16.0,
-)  # candidates beside the step  # objective dose = limit x (1 - margin) for a missed upper limit
+)  # candidates beside the step
 
 
 def _step(r: GoalResult, gain: float) -> float:
@@ -83,16 +86,28 @@ def propose_rules(
             break
         gain *= 0.5
     alternatives: list[list[ObjectiveTerm]] = []
-    scales: list[str] = []
-    for scale in ALTERNATIVE_SCALES:
+    labels: list[str] = []
+    # a met goal close to its limit is the one the step is likely to break: the first
+    # alternative pushes it too (the trade-off, anticipated); then the step bolder, more cautious
+    at_risk = [
+        GoalResult(r.goal, r.achieved, False, r.margin)
+        for r in check.results
+        if r.passed and r.margin / max(abs(r.goal.limit), 1.0) < AT_RISK
+    ]
+    options: list[tuple[str, ProtocolCheck, float]] = []
+    if at_risk:
+        guarded = ProtocolCheck(check.failed + at_risk)
+        options.append(("also " + ", ".join(r.goal.label for r in at_risk), guarded, gain))
+    options += [(f"the step x{scale:g}", check, gain * scale) for scale in ALTERNATIVE_SCALES]
+    for label, pushed, g in options:
         if len(alternatives) >= count - 1:
             break
-        alt, _ = _push(protocol, objectives, check, gain * scale)
+        alt, _ = _push(protocol, objectives, pushed, g)
         if alt not in tried and alt != terms and alt not in alternatives:
             alternatives.append(alt)
-            scales.append(f"x{scale:g}")
-    if scales:
-        notes.append(f"alternatives: the same step {', '.join(scales)}")
+            labels.append(label)
+    if labels:
+        notes.append(f"alternatives: {'; '.join(labels)}")
     return terms, "; ".join(notes + steps), alternatives
 
 

@@ -40,24 +40,29 @@ def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Ca
     assert "Core D10 <= 10 Gy missed by 4.00 Gy" in why
 
 
-def test_alternatives_are_the_step_taken_bolder_and_more_cautiously(analytic_case: Case) -> None:
-    protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
+def test_alternatives_guard_goals_at_risk_then_scale_the_step(analytic_case: Case) -> None:
+    protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10; PTV D95 = 50 exactly
     memory = [MemoryEntry(1, protocol.objectives, check)]
     one, _, none = propose_rules(protocol, protocol.objectives, check, memory)
-    new, why, alternatives = propose_rules(protocol, protocol.objectives, check, memory, count=3)
+    new, why, alternatives = propose_rules(protocol, protocol.objectives, check, memory, count=4)
     assert none == [] and new == one  # the first candidate is the step a single plan gets
-    assert len(alternatives) == 2 and "alternatives: the same step x2, x0.5" in why
+    assert len(alternatives) == 3
+    assert "alternatives: also PTV D95 >= 50 Gy; the step x2; the step x0.5" in why
 
-    def core(ts):
-        return next(t for t in ts if t.key() == "Core:squared_overdose")
+    def term(ts, key):
+        return next(t for t in ts if t.key() == key)
 
-    start = core(protocol.objectives).weight
-    bold, cautious = alternatives
-    assert core(bold).weight >= core(new).weight > core(cautious).weight > start  # capped x3
-    assert core(bold).dose_gy < core(new).dose_gy < core(cautious).dose_gy
+    core, ptv = "Core:squared_overdose", "PTV:squared_deviation"
+    guarded, bold, cautious = alternatives
+    # the guarded step also pushes the met-with-no-room PTV D95 (its coverage term)
+    assert term(guarded, ptv).weight > term(new, ptv).weight == term(one, ptv).weight
+    assert term(guarded, core) == term(new, core)
+    start = term(protocol.objectives, core).weight
+    assert term(bold, core).weight >= term(new, core).weight > term(cautious, core).weight > start
+    assert term(bold, core).dose_gy < term(new, core).dose_gy < term(cautious, core).dose_gy
     tried = [*memory, MemoryEntry(2, bold, check)]  # an alternative already tried is not offered
-    _, _, again = propose_rules(protocol, protocol.objectives, check, tried, count=3)
-    assert bold not in again and len(again) == 2
+    _, _, again = propose_rules(protocol, protocol.objectives, check, tried, count=4)
+    assert bold not in again and len(again) == 3
 
 
 def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> None:
