@@ -195,14 +195,19 @@ def spmv_profile(opt: FluenceOptimizer, case: Case, repeats: int = 10) -> dict[s
     x = np.random.default_rng(0).random(A.shape[1]).astype(np.float32)
     g = np.random.default_rng(1).random(A.shape[0]).astype(np.float32)
     ops = opt.ops
-    ops.matvec(x), ops.rmatvec(g)  # warm (and, for numba, compiled) before timing
+    x, g = ops.asarray(x), ops.asarray(g)  # on the device for the GPU backends
+    sync = getattr(ops, "synchronize", lambda: None)
+    ops.matvec(x), ops.rmatvec(g)  # warm (and, for numba and NVRTC, compiled) before timing
+    sync()
     t0 = time.perf_counter()
     for _ in range(repeats):
         ops.matvec(x)
+    sync()
     mv = (time.perf_counter() - t0) / repeats
     t0 = time.perf_counter()
     for _ in range(repeats):
         ops.rmatvec(g)
+    sync()
     rmv = (time.perf_counter() - t0) / repeats
     per_nnz = float(getattr(ops, "bytes_per_nonzero", 8.0))  # float32 CSR: value + index
     bytes_per_product = A.nnz * per_nnz + A.shape[0] * 4 * 2  # matrix, vectors in and out
@@ -213,7 +218,20 @@ def spmv_profile(opt: FluenceOptimizer, case: Case, repeats: int = 10) -> dict[s
         "rmatvec_seconds": rmv,
         "spmv_seconds_per_iteration": mv + rmv,
         "effective_gb_per_s": 2 * bytes_per_product / (mv + rmv) / 1e9,
+        "nonzeros_per_s": 2 * A.nnz / (mv + rmv),
+        "backend": opt.backend,
     }
+
+
+def device_peak_gb_per_s() -> float:
+    """The CUDA device's memory bandwidth from its clock and bus width (0 when unknown)."""
+    try:
+        import cupy as cp
+
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9
+    except Exception:
+        return 0.0
 
 
 def machine() -> dict[str, Any]:
@@ -317,8 +335,14 @@ def main() -> int:
     stop_at = min(r["objective"] for r in runs.values()) * (1 + TOLERANCE)
     runs["scipy_lbfgsb"] = run_scipy(case, TERMS, stop_at, args.scipy_max_seconds)
     gpu_ok, gpu_why = gpu_available()
+    gpu_opts: dict[str, FluenceOptimizer] = {}
     if gpu_ok:
-        runs["radpilot_gpu"] = run_radpilot(FluenceOptimizer(case, backend="cupy"), TERMS)
+        gpu_opts = {
+            layout: FluenceOptimizer(case, backend="cupy", matrix=layout)
+            for layout in ("csr", "compressed")
+        }
+        runs["radpilot_gpu"] = run_radpilot(gpu_opts["csr"], TERMS)
+        runs["radpilot_gpu_compressed"] = run_radpilot(gpu_opts["compressed"], TERMS)
 
     best = min(r["objective"] for r in runs.values())
     target = best * (1 + TOLERANCE)
@@ -345,6 +369,9 @@ def main() -> int:
     )
     if "radpilot_gpu" in results:
         ratios["gpu_vs_cpu"] = ours / results["radpilot_gpu"]["seconds"]
+        ratios["gpu_compressed_vs_gpu_csr"] = (
+            results["radpilot_gpu"]["seconds"] / results["radpilot_gpu_compressed"]["seconds"]
+        )
 
     report = {
         "case": {
@@ -367,7 +394,8 @@ def main() -> int:
         "ratios": ratios,
         "spmv": spmv_profile(csr, case),
         "spmv_compressed": spmv_profile(compressed, case),
-        "gpu": {"available": gpu_ok, "reason": gpu_why},
+        "gpu": {"available": gpu_ok, "reason": gpu_why, "peak_gb_per_s": device_peak_gb_per_s()},
+        "spmv_gpu": [spmv_profile(o, case) for o in gpu_opts.values()],
         "machine": machine(),
         "command": "make bench-fmo",
     }
@@ -384,12 +412,19 @@ def main() -> int:
 BEGIN, END = "<!-- bench-fmo:begin -->", "<!-- bench-fmo:end -->"
 
 
-def _spmv_line(p: dict[str, Any]) -> str:
+def _spmv_line(p: dict[str, Any], peak_gb_per_s: float = 0.0) -> str:
+    share = (
+        f" ({p['effective_gb_per_s'] / peak_gb_per_s:.0%} of the device's {peak_gb_per_s:.0f} GB/s)"
+        if peak_gb_per_s > 0
+        else ""
+    )
+    rate = f", {p['nonzeros_per_s'] / 1e9:.2f}e9 non-zeros/s" if "nonzeros_per_s" in p else ""
     return (
-        f"- {p.get('matrix', 'csr')} ({p.get('bytes_per_nonzero', 8.0):.2f} bytes per non-zero): "
-        f"A x {p['matvec_seconds'] * 1e3:.1f} ms, A^T g {p['rmatvec_seconds'] * 1e3:.1f} ms, "
-        f"{p['spmv_seconds_per_iteration'] * 1e3:.1f} ms per iteration, "
-        f"~{p['effective_gb_per_s']:.1f} GB/s effective"
+        f"- {p.get('backend', 'numpy')} {p.get('matrix', 'csr')} "
+        f"({p.get('bytes_per_nonzero', 8.0):.2f} bytes per non-zero): "
+        f"A x {p['matvec_seconds'] * 1e3:.2f} ms, A^T g {p['rmatvec_seconds'] * 1e3:.2f} ms, "
+        f"{p['spmv_seconds_per_iteration'] * 1e3:.2f} ms per iteration, "
+        f"~{p['effective_gb_per_s']:.1f} GB/s effective{share}{rate}"
     )
 
 
@@ -426,6 +461,7 @@ Ratios (their seconds / ours; bigger is better):
 Sparse products (CPU backend, {m["cores"]} threads; the default layout is `{c.get("default_matrix", "csr")}`, the
 ratios above compare its run with the others):
 {chr(10).join(_spmv_line(p) for p in (sp, r.get("spmv_compressed")) if p)}
+{chr(10).join(_spmv_line(p, r["gpu"].get("peak_gb_per_s", 0.0)) for p in r.get("spmv_gpu", []))}
 
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB; Python {m["python"]}, NumPy {m["numpy"]},
 SciPy {m["scipy"]}. GPU: {"present" if r["gpu"]["available"] else "absent (" + r["gpu"]["reason"] + ")"}.

@@ -325,8 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--matrix",
             default=None,
             choices=MATRIX_LAYOUTS,
-            help="CPU matrix layout: csr (float32), compressed (16-bit, numba) or auto "
-            "(float32 CSR; see docs/benchmarks.md); default $RADPILOT_FMO_MATRIX or auto",
+            help="matrix layout: csr (float32; SciPy or cuSPARSE), compressed (16-bit; numba "
+            "on the CPU, CUDA kernels with --backend cupy) or auto (float32 CSR; see "
+            "docs/benchmarks.md); default $RADPILOT_FMO_MATRIX or auto",
         )
         p.add_argument(
             "--agent",

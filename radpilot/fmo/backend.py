@@ -246,6 +246,22 @@ def _cpu_ops(A: sp.spmatrix, threads: int | None, matrix: str | None) -> MatrixO
     return CompressedCpuOps(A, threads=threads)
 
 
+def _gpu_ops(A: sp.spmatrix, matrix: str | None) -> MatrixOps:
+    """The GPU backend: cuSPARSE on float32 CSR (``auto``, ``csr``), or the compressed layout's
+    RawKernels (``compressed``; ``radpilot.fmo.gpu_compressed``)."""
+    if matrix_layout(matrix) != "compressed":
+        return CupyOps(A)
+    from radpilot.fmo.compressed import MAX_COLUMNS
+    from radpilot.fmo.gpu_compressed import CompressedGpuOps
+
+    if A.shape[1] > MAX_COLUMNS:
+        raise BackendUnavailableError(
+            f"the compressed matrix takes at most {MAX_COLUMNS} beamlets; this one has "
+            f"{A.shape[1]}: use --matrix csr"
+        )
+    return CompressedGpuOps(A)
+
+
 def subset_ops(
     ops: MatrixOps,
     A: sp.spmatrix,
@@ -265,13 +281,14 @@ def subset_ops(
 def make_ops(
     A: sp.spmatrix, backend: str = "numpy", threads: int | None = None, matrix: str | None = None
 ) -> MatrixOps:
-    """The backend for ``A``. ``matrix`` (CPU only): ``compressed`` (16-bit indices and values,
-    numba kernels), ``csr`` (float32 SciPy CSR) or ``auto`` (``AUTO_LAYOUT``)."""
+    """The backend for ``A``. ``matrix``: ``compressed`` (16-bit indices and values; numba
+    kernels on the CPU, CuPy RawKernels on the GPU), ``csr`` (float32 CSR: SciPy on the CPU,
+    cuSPARSE on the GPU) or ``auto`` (the CPU's ``AUTO_LAYOUT``; cuSPARSE on the GPU)."""
     if backend in ("numpy", "cpu"):
         return _cpu_ops(A, threads, matrix)
     if backend in ("cupy", "gpu"):
-        return CupyOps(A)
+        return _gpu_ops(A, matrix)
     if backend == "auto":
         ok, _ = gpu_available()
-        return CupyOps(A) if ok else _cpu_ops(A, threads, matrix)
+        return _gpu_ops(A, matrix) if ok else _cpu_ops(A, threads, matrix)
     raise ValueError(f"unknown FMO backend {backend!r}; use numpy, cupy or auto")

@@ -33,7 +33,8 @@ class OptimizerConfig:
             "--matrix",
             default=env.get("RADPILOT_FMO_MATRIX") or cls.matrix,
             choices=MATRIX_LAYOUTS,
-            help="CPU matrix layout: compressed (16-bit, numba), csr (float32) or auto",
+            help="matrix layout: compressed (16-bit; numba on the CPU, CUDA kernels on the GPU), "
+            "csr (float32) or auto",
         )
         ap.add_argument(
             "--max-cases", type=int, default=int(env.get("RADPILOT_MAX_CASES", cls.max_cases))

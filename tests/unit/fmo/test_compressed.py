@@ -107,6 +107,19 @@ def test_the_layout_is_chosen_by_argument_environment_or_size(
         make_ops(wide, matrix="compressed")
 
 
+def test_the_gpu_layouts_are_asked_for_the_same_way() -> None:
+    from radpilot.fmo.backend import gpu_available
+
+    wide = sp.csr_matrix((np.ones(2, np.float32), ([0, 1], [0, 70000])), shape=(2, 70001))
+    with pytest.raises(BackendUnavailableError, match="at most 65536 beamlets"):
+        make_ops(wide, backend="cupy", matrix="compressed")  # refused before any device is used
+    if gpu_available()[0]:
+        return  # tests/unit/fmo/test_gpu.py checks both GPU layouts where a device exists
+    for layout in ("csr", "compressed"):  # no CuPy or no device: one clear error, either layout
+        with pytest.raises(BackendUnavailableError, match=r"CuPy|CUDA"):
+            make_ops(_random(), backend="cupy", matrix=layout)
+
+
 def test_the_optimizer_service_takes_the_layout(store, analytic_case: Case) -> None:
     from services.optimizer.config import OptimizerConfig
     from services.optimizer.core import OptimizerCore

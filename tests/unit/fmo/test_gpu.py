@@ -1,4 +1,5 @@
-"""The CuPy backend gives the NumPy backend's plan.
+"""The CuPy backends (cuSPARSE CSR, and the compressed layout's RawKernels) give the NumPy
+backend's products and plan.
 
 Skipped, with the reason, where CuPy or a CUDA device is absent.
 """
@@ -7,10 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from radpilot.case import Case
-from radpilot.fmo import FluenceOptimizer, ObjectiveTerm
+from radpilot.fmo import FluenceOptimizer, ObjectiveTerm, gpu_compressed
 from radpilot.fmo.backend import gpu_available
+from radpilot.fmo.compressed import quantise
 
 ok, why = gpu_available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ok, reason=f"GPU backend unavailable: {why}")]
@@ -35,5 +38,36 @@ def test_cupy_products_match_numpy(analytic_case: Case) -> None:
 def test_cupy_solve_matches_numpy(analytic_case: Case) -> None:
     a = FluenceOptimizer(analytic_case, backend="numpy").solve(TERMS)
     b = FluenceOptimizer(analytic_case, backend="cupy").solve(TERMS)
+    assert b.backend == "cupy"
+    assert b.objective == pytest.approx(a.objective, rel=5e-3)
+
+
+def _dequantised(case: Case) -> sp.csr_matrix:
+    """The compressed matrix's exact values as float32 CSR: the reference for its kernels."""
+    indptr, indices, codes, scale = quantise(case.dose_influence)
+    data = codes.astype(np.float32) * np.repeat(scale, np.diff(indptr))
+    return sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=case.dose_influence.shape)
+
+
+def test_compressed_gpu_products_match_the_dequantised_matrix(
+    analytic_case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gpu = FluenceOptimizer(analytic_case, backend="cupy", matrix="compressed").ops
+    assert gpu.matrix == "compressed" and gpu.bytes_per_nonzero < 4.5
+    ref = _dequantised(analytic_case)
+    rng = np.random.default_rng(0)
+    x = rng.random(ref.shape[1]).astype(np.float32)
+    g = rng.random(ref.shape[0]).astype(np.float32)
+    g[rng.random(g.size) < 0.5] = 0.0  # rows the transposed product skips
+    np.testing.assert_allclose(gpu.to_host(gpu.matvec(x)), ref @ x, rtol=1e-5, atol=1e-6)
+    want = ref.T @ g
+    np.testing.assert_allclose(gpu.to_host(gpu.rmatvec(g)), want, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(gpu_compressed, "SHARED_LIMIT", 0)  # the global-memory kernel
+    np.testing.assert_allclose(gpu.to_host(gpu.rmatvec(g)), want, rtol=1e-4, atol=1e-5)
+
+
+def test_compressed_gpu_solve_matches_numpy(analytic_case: Case) -> None:
+    a = FluenceOptimizer(analytic_case, backend="numpy").solve(TERMS)
+    b = FluenceOptimizer(analytic_case, backend="cupy", matrix="compressed").solve(TERMS)
     assert b.backend == "cupy"
     assert b.objective == pytest.approx(a.objective, rel=5e-3)
