@@ -430,6 +430,9 @@ def _spmv_line(p: dict[str, Any], peak_gb_per_s: float = 0.0) -> str:
 
 def write_doc(path: Path, r: dict[str, Any]) -> None:
     c, res, m = r["case"], r["results"], r["machine"]
+    spmv_lines = [_spmv_line(p) for p in (r["spmv"], r.get("spmv_compressed")) if p]
+    peak = r["gpu"].get("peak_gb_per_s", 0.0)
+    spmv_lines += [_spmv_line(p, peak) for p in r.get("spmv_gpu", [])]
     rows = []
     for name, v in res.items():
         iters = v.get("iterations", "")
@@ -438,7 +441,6 @@ def write_doc(path: Path, r: dict[str, Any]) -> None:
             f"{v['objective']:.4f} | {iters} | {v['seconds_total']:.2f} |"
         )
     ratio_lines = "\n".join(f"- `{k}`: **{v:.2f}x**" for k, v in r["ratios"].items())
-    sp = r["spmv"]
     section = f"""{BEGIN}
 ## FMO: RadPilot vs SciPy L-BFGS-B vs pyRadPlan (`make bench-fmo`)
 
@@ -460,8 +462,7 @@ Ratios (their seconds / ours; bigger is better):
 
 Sparse products (CPU backend, {m["cores"]} threads; the default layout is `{c.get("default_matrix", "csr")}`, the
 ratios above compare its run with the others):
-{chr(10).join(_spmv_line(p) for p in (sp, r.get("spmv_compressed")) if p)}
-{chr(10).join(_spmv_line(p, r["gpu"].get("peak_gb_per_s", 0.0)) for p in r.get("spmv_gpu", []))}
+{chr(10).join(spmv_lines)}
 
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB; Python {m["python"]}, NumPy {m["numpy"]},
 SciPy {m["scipy"]}. GPU: {"present" if r["gpu"]["available"] else "absent (" + r["gpu"]["reason"] + ")"}.

@@ -141,27 +141,48 @@ class CpuOps:
         return np.asarray(a)
 
 
-class CupyOps:
+def cupy_on_device(device: int = 0) -> Any:
+    """CuPy with CUDA device ``device`` in use; BackendUnavailableError saying why it cannot be."""
+    try:
+        import cupy as cp
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the cupy backend needs CuPy (pip install 'radpilot[gpu]')"
+        ) from exc
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise BackendUnavailableError("CuPy found no CUDA device")
+    except cp.cuda.runtime.CUDARuntimeError as exc:
+        raise BackendUnavailableError(f"CuPy cannot reach a CUDA device: {exc}") from exc
+    cp.cuda.Device(device).use()
+    return cp
+
+
+class DeviceArrays:
+    """What every GPU backend shares: arrays to and from the device, and waiting for it."""
+
+    xp: Any
+
+    def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
+        return self.xp.asarray(a, dtype=dtype)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        return self.xp.asnumpy(a)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.Device().synchronize()
+
+
+class CupyOps(DeviceArrays):
     """CuPy backend: ``A`` and ``A.T`` as cuSPARSE CSR matrices resident on the GPU."""
 
     name = "cupy"
     matrix = "csr"
 
     def __init__(self, A: sp.spmatrix, device: int = 0) -> None:
-        try:
-            import cupy as cp
-            import cupyx.scipy.sparse as csp
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "the cupy backend needs CuPy (pip install 'radpilot[gpu]')"
-            ) from exc
-        try:
-            if cp.cuda.runtime.getDeviceCount() < 1:
-                raise BackendUnavailableError("CuPy found no CUDA device")
-        except cp.cuda.runtime.CUDARuntimeError as exc:
-            raise BackendUnavailableError(f"CuPy cannot reach a CUDA device: {exc}") from exc
-        self.xp = cp
-        cp.cuda.Device(device).use()
+        self.xp = cupy_on_device(device)
+        import cupyx.scipy.sparse as csp
+
         A = as_csr32(A)
         self.shape = (int(A.shape[0]), int(A.shape[1]))
         self.nnz = int(A.nnz)
@@ -173,15 +194,6 @@ class CupyOps:
 
     def rmatvec(self, g: Any) -> Any:
         return self._AT @ self.xp.asarray(g, dtype=self.xp.float32)
-
-    def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
-        return self.xp.asarray(a, dtype=dtype)
-
-    def to_host(self, a: Any) -> np.ndarray:
-        return self.xp.asnumpy(a)
-
-    def synchronize(self) -> None:
-        self.xp.cuda.Device().synchronize()
 
 
 def gpu_available() -> tuple[bool, str]:

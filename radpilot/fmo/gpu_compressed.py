@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from radpilot.errors import BackendUnavailableError
+from radpilot.fmo.backend import DeviceArrays, cupy_on_device
 from radpilot.fmo.compressed import quantise
 
 WARP = 32
@@ -108,7 +108,7 @@ def _module(cp: Any) -> Any:
     return _MODULE
 
 
-class CompressedGpuOps:
+class CompressedGpuOps(DeviceArrays):
     """The CuPy backend on the compressed layout (same interface as ``CupyOps``)."""
 
     name = "cupy"
@@ -121,19 +121,7 @@ class CompressedGpuOps:
         arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
         num_columns: int = 0,
     ) -> None:
-        try:
-            import cupy as cp
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                "the cupy backend needs CuPy (pip install 'radpilot[gpu]')"
-            ) from exc
-        try:
-            if cp.cuda.runtime.getDeviceCount() < 1:
-                raise BackendUnavailableError("CuPy found no CUDA device")
-        except cp.cuda.runtime.CUDARuntimeError as exc:
-            raise BackendUnavailableError(f"CuPy cannot reach a CUDA device: {exc}") from exc
-        self.xp = cp
-        cp.cuda.Device(device).use()
+        cp = self.xp = cupy_on_device(device)
         if arrays is None:
             assert A is not None
             arrays, num_columns = quantise(A), int(A.shape[1])
@@ -186,12 +174,3 @@ class CompressedGpuOps:
         else:
             self._rmatvec_global(self._warp_grid(), (THREADS,), (*args, rows))
         return out
-
-    def asarray(self, a: Any, dtype: Any = np.float32) -> Any:
-        return self.xp.asarray(a, dtype=dtype)
-
-    def to_host(self, a: Any) -> np.ndarray:
-        return self.xp.asnumpy(a)
-
-    def synchronize(self) -> None:
-        self.xp.cuda.Device().synchronize()

@@ -297,18 +297,16 @@ class ConcurrentOptimizer:
         return Optimized(ArtefactRef(f"dose-{w:g}:{w}"), ArtefactRef(f"fluence-{w:g}"), FmoStats())
 
 
+# (iteration, round, candidate) of a run with K = 2 that meets the protocol in round 3
+TWO_PER_ROUND = [(1, 1, 0), (2, 2, 0), (3, 2, 1), (4, 3, 0), (5, 3, 1)]
+
+
 def test_candidates_are_optimised_side_by_side_and_the_loop_follows_the_best() -> None:
     # round 1: w=1 (core 16); round 2: w=2 (14) and w=4 (12) -> best w=4;
     # round 3 from w=4: w=8 (10, met) and w=16 (8, met) -> stops, best = the earlier of equals
     opt = ConcurrentOptimizer()
     result, _, planner, _ = _run(optimizer=opt, candidates=2)
-    assert [(r.iteration, r.round, r.candidate) for r in result.records] == [
-        (1, 1, 0),
-        (2, 2, 0),
-        (3, 2, 1),
-        (4, 3, 0),
-        (5, 3, 1),
-    ]
+    assert [(r.iteration, r.round, r.candidate) for r in result.records] == TWO_PER_ROUND
     assert [r.objectives[0].weight for r in result.records] == [1, 2, 4, 8, 16]
     assert sorted(opt.calls) == [
         (1, None),
@@ -335,13 +333,7 @@ def test_a_run_stopped_inside_a_round_resumes_with_the_missing_candidates() -> N
     sink = MemorySink()
     sink.records = list(interrupted.records)
     result, opt, *_ = _run(sink=sink, candidates=2, parallel=1)
-    assert [(r.iteration, r.round, r.candidate) for r in result.records] == [
-        (1, 1, 0),
-        (2, 2, 0),
-        (3, 2, 1),
-        (4, 3, 0),
-        (5, 3, 1),
-    ]
+    assert [(r.iteration, r.round, r.candidate) for r in result.records] == TWO_PER_ROUND
     assert [c[0][0].weight for c in opt.calls] == [4, 8, 16]  # only what was missing, then on
     assert opt.calls[0][1] == interrupted.records[0].fluence
 
