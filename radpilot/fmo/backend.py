@@ -250,15 +250,32 @@ def cpu_layout(num_beamlets: int, matrix: str | None = None) -> str:
     return "compressed" if ok and fits else "csr"
 
 
-def _cpu_ops(A: sp.spmatrix, threads: int | None, matrix: str | None) -> MatrixOps:
+Packed = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # the compressed layout's arrays
+
+
+def _cpu_ops(
+    A: sp.spmatrix, threads: int | None, matrix: str | None, packed: Packed | None = None
+) -> MatrixOps:
     if cpu_layout(int(A.shape[1]), matrix) == "csr":
         return CpuOps(A, threads=threads)
     from radpilot.fmo.compressed import CompressedCpuOps
 
+    if packed is not None:
+        return CompressedCpuOps(None, threads, arrays=packed, num_columns=int(A.shape[1]))
     return CompressedCpuOps(A, threads=threads)
 
 
-def _gpu_ops(A: sp.spmatrix, matrix: str | None) -> MatrixOps:
+def uses_compressed(backend: str, num_beamlets: int, matrix: str | None = None) -> bool:
+    """Whether ``make_ops`` builds the compressed layout for this backend, size and request (the
+    case store then hands it the stored arrays instead of quantising again)."""
+    if backend in ("cupy", "gpu") or (backend == "auto" and gpu_available()[0]):
+        from radpilot.fmo.compressed import MAX_COLUMNS
+
+        return matrix_layout(matrix) == "compressed" and num_beamlets <= MAX_COLUMNS
+    return cpu_layout(num_beamlets, matrix) == "compressed"
+
+
+def _gpu_ops(A: sp.spmatrix, matrix: str | None, packed: Packed | None = None) -> MatrixOps:
     """The GPU backend: cuSPARSE on float32 CSR (``auto``, ``csr``), or the compressed layout's
     RawKernels (``compressed``; ``radpilot.fmo.gpu_compressed``)."""
     if matrix_layout(matrix) != "compressed":
@@ -271,6 +288,8 @@ def _gpu_ops(A: sp.spmatrix, matrix: str | None) -> MatrixOps:
             f"the compressed matrix takes at most {MAX_COLUMNS} beamlets; this one has "
             f"{A.shape[1]}: use --matrix csr"
         )
+    if packed is not None:
+        return CompressedGpuOps(None, arrays=packed, num_columns=int(A.shape[1]))
     return CompressedGpuOps(A)
 
 
@@ -291,16 +310,22 @@ def subset_ops(
 
 
 def make_ops(
-    A: sp.spmatrix, backend: str = "numpy", threads: int | None = None, matrix: str | None = None
+    A: sp.spmatrix,
+    backend: str = "numpy",
+    threads: int | None = None,
+    matrix: str | None = None,
+    packed: Packed | None = None,
 ) -> MatrixOps:
     """The backend for ``A``. ``matrix``: ``compressed`` (16-bit indices and values; numba
     kernels on the CPU, CuPy RawKernels on the GPU), ``csr`` (float32 CSR: SciPy on the CPU,
-    cuSPARSE on the GPU) or ``auto`` (the CPU's ``AUTO_LAYOUT``; cuSPARSE on the GPU)."""
+    cuSPARSE on the GPU) or ``auto`` (the CPU's ``AUTO_LAYOUT``; cuSPARSE on the GPU).
+    ``packed``: ``A`` already in the compressed layout (``CaseStore.compressed``), used when
+    that layout is chosen instead of quantising ``A`` again."""
     if backend in ("numpy", "cpu"):
-        return _cpu_ops(A, threads, matrix)
+        return _cpu_ops(A, threads, matrix, packed)
     if backend in ("cupy", "gpu"):
-        return _gpu_ops(A, matrix)
+        return _gpu_ops(A, matrix, packed)
     if backend == "auto":
         ok, _ = gpu_available()
-        return _gpu_ops(A, matrix) if ok else _cpu_ops(A, threads, matrix)
+        return _gpu_ops(A, matrix, packed) if ok else _cpu_ops(A, threads, matrix, packed)
     raise ValueError(f"unknown FMO backend {backend!r}; use numpy, cupy or auto")

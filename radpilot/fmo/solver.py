@@ -37,7 +37,7 @@ import numpy as np
 
 from radpilot.case import Case, CaseError
 from radpilot.dosimetry import dose_at_volume
-from radpilot.fmo.backend import MatrixOps, make_ops, subset_ops
+from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops
 from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, objective_kind, validate_terms
 
 GREW = "working set grew"
@@ -137,13 +137,18 @@ class FluenceOptimizer:
         backend: str = "numpy",
         threads: int | None = None,
         matrix: str | None = None,
+        packed: Packed | None = None,
     ) -> None:
+        """``packed``: the case's matrix already in the compressed layout (from the case store),
+        used when that layout is chosen."""
         self.case = case
         self._backend_name = backend
         self._threads = threads
         self._matrix = matrix
         case.require_matrix()
-        self.ops: MatrixOps = make_ops(case.dose_influence, backend, threads=threads, matrix=matrix)
+        self.ops: MatrixOps = make_ops(
+            case.dose_influence, backend, threads=threads, matrix=matrix, packed=packed
+        )
         self.xp = self.ops.xp
         self._rows: dict[str, np.ndarray] = {}
         self.sparse_products = 0

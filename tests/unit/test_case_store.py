@@ -50,6 +50,51 @@ def test_a_mapped_matrix_is_the_same_read_only_and_survives_the_case_being_remov
     np.testing.assert_array_equal(a.fluence, b.fluence)
 
 
+def test_the_compressed_layout_is_stored_once_and_mapped(analytic_case: Case, tmp_path) -> None:
+    import os
+
+    from radpilot.fmo import FluenceOptimizer
+    from radpilot.fmo.compressed import quantise
+
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c1")
+    packed = store.compressed("c1")  # built from the stored CSR matrix, kept beside it
+    for got, want in zip(packed, quantise(analytic_case.dose_influence), strict=True):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    folder = store.path("c1") / "compressed"
+    stamp = os.stat(folder / "codes.npy").st_mtime_ns
+    again = store.compressed("c1")  # mapped from the files, not built again
+    assert os.stat(folder / "codes.npy").st_mtime_ns == stamp
+    assert not again[2].flags.writeable and not again[1].flags.writeable
+    assert not list((tmp_path / "tmp").iterdir())
+    x = np.random.default_rng(0).random(analytic_case.num_beamlets).astype(np.float32)
+    stored = FluenceOptimizer(store.load("c1", mmap=True), matrix="compressed", packed=again)
+    built = FluenceOptimizer(analytic_case, matrix="compressed")
+    assert stored.matrix == "compressed"
+    np.testing.assert_array_equal(stored.dose(x), built.dose(x))
+    csr = FluenceOptimizer(analytic_case, matrix="csr", packed=again)  # csr asked: packed unused
+    assert csr.matrix == "csr"
+
+
+def test_a_read_only_store_builds_the_compressed_layout_in_memory(
+    analytic_case: Case, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import tempfile
+
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c1")
+
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    packed = store.compressed("c1")  # a warning, and the layout built in memory
+    assert packed[2].size == analytic_case.dose_influence.nnz
+    assert not (store.path("c1") / "compressed").exists()
+
+
 def test_corruption_is_detected(analytic_case: Case, tmp_path) -> None:
     store = CaseStore(tmp_path)
     store.save(analytic_case, "c2")

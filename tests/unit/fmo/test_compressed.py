@@ -129,6 +129,9 @@ def test_the_optimizer_service_takes_the_layout(store, analytic_case: Case) -> N
     core.warm_up()  # compiles the kernels before the service says it is ready
     opt, _ = core.prepare(analytic_case.case_id)
     assert opt.matrix == "compressed"
+    # the replica took the layout from the store (kept there for the next one), not its own
+    assert (store.path(analytic_case.case_id) / "compressed" / "parts.json").is_file()
+    assert not opt.ops.codes.flags.writeable  # mapped from the stored file
     assert OptimizerCore(store).prepare(analytic_case.case_id)[0].matrix == "csr"
     with pytest.raises(SystemExit):
         OptimizerConfig.from_env_and_args(["--matrix", "zip"])
