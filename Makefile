@@ -20,7 +20,7 @@ help:
 	@echo "make protos     regenerate radpilot/v1 from protos/ (protos-check: buf lint + stale-stub check)"
 	@echo "make bench-fmo  FMO benchmark on the 3 mm TG-119 matrix -> docs/benchmarks.md, out/bench/fmo.json"
 	@echo "make bench-quality  TG-119 C-shape plan metrics next to the TG-119 institutions' mean"
-	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols"
+	@echo "make bench-plan     agents fixed/rules/bo(/llm) on the TG-119 C-shape protocols; K=1 vs K=2 candidates"
 	@echo "make bench-e2e      plan --local on the 3 mm C-shape (harder), timed end to end with its breakdown"
 	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
 	@echo "make llm-local-check LLM_GGUF=model.gguf  the llm agent against a local llama.cpp server"
