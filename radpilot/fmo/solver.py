@@ -53,7 +53,7 @@ class FMOSettings:
     coverage_pct: float = 95.0
     prescription_gy: float | None = None  # the normalisation dose; None = the case's
     working_set: bool | None = None  # None: on for the CPU backend
-    band: float = 0.25  # working-set margin, as a fraction of each term's objective dose
+    band: float = 0.1  # working-set margin, as a fraction of each term's objective dose
     max_rounds: int = 8
     audit_every: int = 25  # iterations between full-dose checks of a working set
     record_iterates: bool = False  # keep (seconds, fluence) per iteration, for benchmarks
