@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ class PlanReport:
     best_iteration: int
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def rounds(self) -> tuple[int, int]:
+        """(outer rounds, the most candidates one round optimised): a round may optimise several
+        parameter sets side by side, each an iteration (an FMO call) of its own."""
+        per_round = Counter(it.round for it in self.iterations)
+        return len(per_round), max(per_round.values(), default=0)
+
     @classmethod
     def from_records(
         cls,
@@ -56,14 +64,9 @@ class PlanReport:
             "protocol": self.protocol.name,
             "agent": self.agent,
             "iterations": len(self.iterations),
-            # candidates in parallel: one outer round may optimise several parameter sets; each
-            # is an iteration (an FMO call) of its own
-            "rounds": max((it.round for it in self.iterations), default=0),
+            "rounds": self.rounds[0],
             "fmo_calls": len(self.iterations),
-            "candidates_per_round": max(
-                (sum(1 for x in self.iterations if x.round == it.round) for it in self.iterations),
-                default=0,
-            ),
+            "candidates_per_round": self.rounds[1],
             "best_iteration": self.best_iteration,
             "all_goals_met": self.check.all_passed,
             "all_hard_goals_met": self.check.all_hard_passed,

@@ -143,7 +143,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     print(
         f"best plan: iteration {report.best_iteration} of {len(report.iterations)}"
-        f"{_rounds(report.summary())} ({report.agent})"
+        f"{_rounds(*report.rounds)} ({report.agent})"
     )
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
@@ -153,10 +153,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rounds(summary: dict[str, Any]) -> str:
-    """ ", in N rounds of up to K candidates" when a run optimised candidates side by side."""
-    k = summary.get("candidates_per_round", 1)
-    return f", in {summary['rounds']} rounds of up to {k} candidates" if k > 1 else ""
+def _rounds(rounds: int, per_round: int) -> str:
+    """Says ", in N rounds of up to K candidates" when a run optimised candidates side by side."""
+    return f", in {rounds} rounds of up to {per_round} candidates" if per_round > 1 else ""
 
 
 def cmd_plan_remote(args: argparse.Namespace) -> int:
@@ -219,7 +218,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
         print(f"{label:32s} {g['achieved']:9.2f}  {'pass' if g['passed'] else 'FAIL'}")
     print(
         f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}"
-        f"{_rounds(summary)}"
+        f"{_rounds(summary['rounds'], summary['candidates_per_round'])}"
     )
     calls = summary.get("llm_calls", [])
     if calls:
