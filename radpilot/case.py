@@ -16,6 +16,9 @@ import scipy.sparse as sp
 
 from radpilot.errors import CaseError
 
+NORMAL_TISSUE = "NormalTissue"  # derived: the body minus the targets grown by 10 mm
+DERIVED = (NORMAL_TISSUE,)  # RadPilot's own structures (not exported, no crops)
+
 
 class StructureKind(enum.StrEnum):
     TARGET = "target"
@@ -67,16 +70,59 @@ class Grid:
 
 
 @dataclass
+class DoseSamples:
+    """Where dosimetry reads a structure's dose: points on a grid finer than the dose grid,
+    each holding part of the structure's volume (``weights``, in dose voxels), the dose there
+    interpolated trilinearly from the case's rows (``matrix``: points x rows). This is how an
+    independent checker samples an exported RTDOSE on the contours."""
+
+    matrix: sp.csr_matrix
+    weights: np.ndarray
+
+
+@dataclass
 class Structure:
-    """A named region: sorted, unique C-order voxel indices on the case's dose grid."""
+    """A named region: sorted, unique C-order voxel indices on the case's dose grid, and for
+    each voxel the fraction of its volume inside the structure (``weights``; None = whole
+    voxels). Dosimetry and the FMO's objective terms weight every voxel by that fraction; where
+    the structure has ``samples`` (an imported patient), dosimetry reads those instead."""
 
     name: str
     kind: StructureKind
     voxel_indices: np.ndarray
+    weights: np.ndarray | None = None
+    samples: DoseSamples | None = None
+
+    def __post_init__(self) -> None:
+        if self.weights is not None:
+            w = np.asarray(self.weights, dtype=np.float32)
+            if w.shape != self.voxel_indices.shape:
+                raise CaseError(f"structure {self.name!r}: one weight per voxel is needed")
+            if w.size and not (np.all(w > 0) and np.all(w <= 1.0 + 1e-6)):
+                raise CaseError(f"structure {self.name!r}: voxel fractions must be in (0, 1]")
+            self.weights = np.minimum(w, 1.0) if not np.all(w == 1.0) else None
 
     @property
     def num_voxels(self) -> int:
         return int(self.voxel_indices.size)
+
+    @property
+    def volume_voxels(self) -> float:
+        """The structure's volume in whole-voxel units (the sum of the fractions)."""
+        return (
+            float(self.weights.sum(dtype=np.float64))
+            if self.weights is not None
+            else float(self.voxel_indices.size)
+        )
+
+    @property
+    def core_indices(self) -> np.ndarray:
+        """The voxels at least half inside (what a centre-in reader of its contours sees)."""
+        if self.weights is None:
+            return self.voxel_indices
+        core = self.voxel_indices[self.weights >= 0.5]
+        # a structure thinner than half a voxel everywhere still gets its most-inside voxels
+        return core if core.size else self.voxel_indices[self.weights >= self.weights.max()]
 
     def mask(self, grid: Grid) -> np.ndarray:
         m = np.zeros(grid.num_voxels, dtype=bool)
@@ -138,9 +184,33 @@ class Case:
         return next((s for s in self.structures if s.kind is StructureKind.EXTERNAL), None)
 
     def rows_of(self, name: str) -> np.ndarray:
-        """Positions in ``row_voxels`` (rows of ``A``) of a structure's voxels."""
+        """Positions in ``row_voxels`` (rows of ``A``) of every voxel with volume in a structure."""
         s = self.structure(name)
         return np.searchsorted(self.row_voxels, s.voxel_indices)
+
+    def weights_of(self, name: str) -> np.ndarray | None:
+        """Each voxel's volume fraction in the structure (aligned with ``rows_of``), or None."""
+        return self.structure(name).weights
+
+    def objective_rows(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The rows the FMO's objective terms on a structure act on, and each row's volume
+        fraction in it (None: whole voxels): every voxel with volume in the structure, so a
+        boundary voxel counts by its part inside, as dosimetry counts it. A voxel in two
+        structures (PTV and rectum) counts in the terms of both; their weights decide."""
+        s = self.structure(name)
+        return self.rows_of(name), s.weights
+
+    def dose_in(self, name: str, dose_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Where dosimetry reads a structure's dose, and the volume each value stands for (in
+        voxels; None = whole voxels): at its sample points (trilinear between voxels) when the
+        case has them, else at every voxel with volume in it, weighted by its fraction."""
+        s = self.structure(name)
+        if s.samples is not None:
+            return (
+                np.asarray(s.samples.matrix @ dose_rows, dtype=np.float32),
+                s.samples.weights,
+            )
+        return dose_rows[self.rows_of(name)], s.weights
 
     @property
     def num_beamlets(self) -> int:

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from radpilot.case import Beam, Case, CaseError, Grid, Structure, StructureKind
+from radpilot.case import (
+    Beam,
+    Case,
+    CaseError,
+    DoseSamples,
+    Grid,
+    Structure,
+    StructureKind,
+)
 from radpilot.errors import CaseNotFoundError, StorageFullError, StorageReadOnlyError
 from radpilot.storage import storage_faults
 
@@ -52,6 +60,16 @@ def recipe_id(recipe: dict[str, Any]) -> str:
     """Stable id of a case recipe: SHA-256 of its canonical JSON."""
     canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _structure_entry(i: int, s: Structure) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": s.name, "kind": s.kind.value, "array": f"structure_{i}"}
+    if s.weights is not None:
+        entry["fraction"] = f"structure_{i}_fraction"
+    if s.samples is not None:
+        entry["samples"] = f"structure_{i}_samples"
+        entry["points"] = int(s.samples.matrix.shape[0])
+    return entry
 
 
 def _sha256_file(path: Path) -> str:
@@ -111,8 +129,17 @@ class CaseStore:
                 "A_indices": A.indices,
                 "A_indptr": A.indptr,
             }
-            for i, s in enumerate(case.structures):
+            stored = case.structures
+            for i, s in enumerate(stored):
                 arrays[f"structure_{i}"] = s.voxel_indices.astype(np.int64, copy=False)
+                if s.weights is not None:
+                    arrays[f"structure_{i}_fraction"] = s.weights.astype(np.float32, copy=False)
+                if s.samples is not None:
+                    m = s.samples.matrix
+                    arrays[f"structure_{i}_samples_data"] = m.data.astype(np.float32, copy=False)
+                    arrays[f"structure_{i}_samples_indices"] = m.indices.astype(np.int32)
+                    arrays[f"structure_{i}_samples_indptr"] = m.indptr.astype(np.int64)
+                    arrays[f"structure_{i}_samples_weights"] = s.samples.weights
             files = {}
             for key, arr in arrays.items():
                 p = work / f"{key}.npy"
@@ -125,10 +152,7 @@ class CaseStore:
                 "created_unix": time.time(),
                 "recipe": recipe or {},
                 "grid": case.grid.to_dict(),
-                "structures": [
-                    {"name": s.name, "kind": s.kind.value, "array": f"structure_{i}"}
-                    for i, s in enumerate(case.structures)
-                ],
+                "structures": [_structure_entry(i, s) for i, s in enumerate(stored)],
                 "beams": [
                     {
                         "gantry_deg": b.gantry_deg,
@@ -202,8 +226,26 @@ class CaseStore:
             A = sp.csr_matrix((arr("A_data"), arr("A_indices"), arr("A_indptr")), shape=shape)
         else:
             A = sp.csr_matrix(shape, dtype=np.float32)
+
+        def samples(s: dict[str, Any]) -> DoseSamples | None:
+            if "samples" not in s:
+                return None
+            key = s["samples"]
+            matrix = sp.csr_matrix(
+                (arr(f"{key}_data"), arr(f"{key}_indices"), arr(f"{key}_indptr")),
+                shape=(int(s["points"]), int(m["dose_influence_shape"][0])),
+            )
+            return DoseSamples(matrix, arr(f"{key}_weights"))
+
         structures = [
-            Structure(s["name"], StructureKind(s["kind"]), arr(s["array"])) for s in m["structures"]
+            Structure(
+                s["name"],
+                StructureKind(s["kind"]),
+                arr(s["array"]),
+                arr(s["fraction"]) if "fraction" in s else None,
+                samples(s),
+            )
+            for s in m["structures"]
         ]
         return Case(
             name=m["name"],

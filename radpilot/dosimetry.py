@@ -3,12 +3,17 @@
 Nothing here knows cases, protocols or plans; ``protocol.py``, ``fmo/`` and ``evaluation/``
 build on it.
 
-Definitions used throughout RadPilot (each voxel has equal volume):
+Every function takes the structure's voxel doses and, optionally, each voxel's *volume weight*:
+the fraction of the voxel inside the structure (boundary voxels are partly inside; RadPilot
+rasterises contours with sub-voxel accuracy). Without weights every voxel counts fully. The
+definitions used throughout RadPilot:
 
-- ``Dx``: the dose that at least ``x`` % of the structure receives, i.e. with the voxel doses
-  sorted from hottest to coldest, the dose of voxel number ``ceil(x/100 * n)`` (at least the
-  first). ``D95`` is the coverage dose, ``D0``/``D100`` are the maximum/minimum.
-- ``Vd``: the percentage of the structure's voxels receiving at least ``d`` Gy.
+- ``Dx``: the dose that at least ``x`` % of the structure's volume receives: with the voxels
+  sorted from hottest to coldest, the dose of the first voxel at which the accumulated volume
+  reaches ``x`` % (for equal volumes, voxel number ``ceil(x/100 * n)``). ``D95`` is the coverage
+  dose; ``D0``/``D100`` are the maximum/minimum.
+- ``Vd``: the percentage of the structure's volume receiving at least ``d`` Gy.
+- mean: the volume-weighted mean dose; max/min: over the voxels with any volume in the structure.
 - cumulative DVH: ``V(d)`` for a set of dose levels, in %; non-increasing in ``d``.
 """
 
@@ -23,34 +28,62 @@ import numpy as np
 from radpilot.errors import MetricError
 
 
-def dose_at_volume(dose: Any, volume_pct: float) -> float:
-    """``D{volume_pct}`` of the voxel doses (NumPy or CuPy array)."""
+def dose_at_volume(dose: Any, volume_pct: float, weights: Any = None) -> float:
+    """``D{volume_pct}`` of the voxel doses (NumPy or CuPy array), volume-weighted if given."""
     n = int(dose.size)
     if n == 0:
         raise ValueError("Dx of an empty structure is undefined")
     if not 0.0 <= volume_pct <= 100.0:
         raise ValueError(f"volume percentage must be within 0..100, got {volume_pct}")
-    k = min(n, max(1, math.ceil(volume_pct / 100.0 * n - 1e-9)))
-    # the k-th largest value is the (n-k)-th smallest
     xp = _namespace(dose)
-    return float(xp.partition(dose.ravel(), n - k)[n - k])
+    if weights is None:
+        k = min(n, max(1, math.ceil(volume_pct / 100.0 * n - 1e-9)))
+        # the k-th largest value is the (n-k)-th smallest
+        return float(xp.partition(dose.ravel(), n - k)[n - k])
+    order = xp.argsort(-dose.ravel(), kind="stable")
+    cum = xp.cumsum(xp.asarray(weights, dtype=xp.float64).ravel()[order])
+    total = float(cum[-1])
+    if total <= 0:
+        raise ValueError("Dx of a structure with no volume is undefined")
+    need = volume_pct / 100.0 * total
+    k = int(xp.searchsorted(cum, need - 1e-9 * total, side="left"))
+    return float(dose.ravel()[order[min(k, n - 1)]])
 
 
-def volume_at_dose(dose: Any, dose_gy: float) -> float:
-    """``V{dose_gy}`` in % of the structure's voxels."""
+def volume_at_dose(dose: Any, dose_gy: float, weights: Any = None) -> float:
+    """``V{dose_gy}`` in % of the structure's volume."""
     n = int(dose.size)
     if n == 0:
         raise ValueError("Vx of an empty structure is undefined")
-    return 100.0 * float((dose >= dose_gy).sum()) / n
+    if weights is None:
+        return 100.0 * float((dose >= dose_gy).sum()) / n
+    w = np.asarray(weights, dtype=np.float64)
+    return 100.0 * float(w[np.asarray(dose) >= dose_gy].sum()) / float(w.sum())
 
 
-def cumulative_dvh(dose: np.ndarray, levels_gy: np.ndarray) -> np.ndarray:
-    """% of voxels receiving at least each level (vectorised via one sort)."""
-    d = np.sort(np.asarray(dose, dtype=np.float64).ravel())
+def mean_dose(dose: Any, weights: Any = None) -> float:
+    if weights is None:
+        return float(np.mean(dose, dtype=np.float64))
+    w = np.asarray(weights, dtype=np.float64)
+    return float(np.dot(np.asarray(dose, dtype=np.float64), w) / w.sum())
+
+
+def cumulative_dvh(dose: np.ndarray, levels_gy: np.ndarray, weights: Any = None) -> np.ndarray:
+    """% of the volume receiving at least each level (vectorised via one sort)."""
+    d = np.asarray(dose, dtype=np.float64).ravel()
     if d.size == 0:
         raise ValueError("DVH of an empty structure is undefined")
-    below = np.searchsorted(d, np.asarray(levels_gy, dtype=np.float64), side="left")
-    return 100.0 * (d.size - below) / d.size
+    levels = np.asarray(levels_gy, dtype=np.float64)
+    if weights is None:
+        d = np.sort(d)
+        below = np.searchsorted(d, levels, side="left")
+        return 100.0 * (d.size - below) / d.size
+    order = np.argsort(d, kind="stable")
+    d = d[order]
+    w = np.asarray(weights, dtype=np.float64).ravel()[order]
+    above = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])  # volume at or above each dose
+    below = np.searchsorted(d, levels, side="left")
+    return 100.0 * above[below] / above[0]
 
 
 def dvh_levels(max_dose_gy: float, step_gy: float = 0.1) -> np.ndarray:
@@ -87,16 +120,16 @@ def parse_metric(name: str) -> tuple[str, float | None]:
     return m.group("kind"), x
 
 
-def metric_value(dose: np.ndarray, name: str) -> float:
-    """Evaluate one metric on a structure's voxel doses (Gy, or % for Vx)."""
+def metric_value(dose: np.ndarray, name: str, weights: Any = None) -> float:
+    """Evaluate one metric on a structure's voxel doses (Gy, or % for Vx), volume-weighted."""
     kind, x = parse_metric(name)
     if dose.size == 0:
         raise MetricError("cannot evaluate a metric on an empty structure")
     if kind == "mean":
-        return float(np.mean(dose, dtype=np.float64))
+        return mean_dose(dose, weights)
     if kind == "max":
         return float(np.max(dose))
     if kind == "min":
         return float(np.min(dose))
     assert x is not None
-    return dose_at_volume(dose, x) if kind == "D" else volume_at_dose(dose, x)
+    return dose_at_volume(dose, x, weights) if kind == "D" else volume_at_dose(dose, x, weights)

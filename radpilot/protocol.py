@@ -99,15 +99,19 @@ class Protocol:
             prescription_gy=self.prescription_gy,
         )
 
-    def check_case(self, case: Case) -> None:
-        """Raise ProtocolError unless every structure the protocol names exists in the case."""
-        names = set(case.structure_names)
-        used = (
+    @property
+    def used_structures(self) -> set[str]:
+        """Every structure the protocol names: its target, goals and objectives."""
+        return (
             {self.target}
             | {g.structure for g in self.goals}
             | {o.structure for o in self.objectives}
         )
-        missing = sorted(used - names)
+
+    def check_case(self, case: Case) -> None:
+        """Raise ProtocolError unless every structure the protocol names exists in the case."""
+        names = set(case.structure_names)
+        missing = sorted(self.used_structures - names)
         if missing:
             raise ProtocolError(
                 f"protocol {self.name!r} names structure(s) {missing} that case {case.name!r} "

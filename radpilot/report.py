@@ -85,6 +85,9 @@ class PlanReport:
             ],
             "structures": [s.to_dict() for s in self.plan.stats()],
             "target_indices": self.plan.target_indices(),
+            "dosimetry": dosimetry_note(self.plan.case),
+            "import_notes": list(self.plan.case.metadata.get("import_notes", [])),
+            "structure_volumes": self.plan.case.metadata.get("structure_volumes", {}),
             "seconds": self.seconds,
             # the whole audit trail: role, model, endpoint, parameters (in the request),
             # attempts, outcome, validation, error, tokens, seconds, request and answer text
@@ -193,6 +196,13 @@ class PlanReport:
             f"<li>{e(k)}: HI {v['HI']:.2f}, CI {v['CI']:.3f}</li>"
             for k, v in summary["target_indices"].items()
         )
+        notes_section = (
+            "<h2>Import notes</h2><ul>"
+            + "".join(f"<li>{e(n)}</li>" for n in summary["import_notes"])
+            + "</ul>"
+            if summary["import_notes"]
+            else ""
+        )
         verdict = "meets every goal" if summary["all_goals_met"] else "does not meet every goal"
         rounds_text = (
             f" ({summary['rounds']} rounds of up to {summary['candidates_per_round']} candidate "
@@ -222,6 +232,10 @@ Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} =
 (not leaf-sequenced).</p>
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
 <h2>Target indices</h2><ul>{ti}</ul>
+<p>HI = (D5 &minus; D95) / prescription &times; 100, in % of the prescription (0 is uniform).
+CI = TV95,target&sup2; / (TV &times; TV95,body), dimensionless (1 is ideal): TV is the target volume,
+TV95 the volume receiving at least 95 % of the prescription. {e(summary["dosimetry"])}</p>
+{notes_section}
 <h2>Structure statistics (Gy)</h2><table><tr><th>structure</th><th>cc</th><th>min</th><th>mean</th><th>max</th><th>D95</th><th>D5</th></tr>{stat_rows}</table>
 <h2>Iterations</h2><table><tr><th>#</th><th>objectives</th><th>metrics</th><th>FMO</th><th>findings | planner rationale</th></tr>{iter_rows}</table>
 {llm_section}
@@ -230,6 +244,20 @@ Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} =
 <h2>Physician intent</h2><pre>{e(self.protocol.intent)}</pre>
 </body></html>
 """
+
+
+def dosimetry_note(case: Case) -> str:
+    """How the case's dose-volume figures are read, for the report."""
+    if any(s.samples is not None for s in case.structures):
+        return (
+            "Dose-volume figures are read on the structures' contours: points at most 1.25 mm "
+            "apart, each weighted by its share of the volume, dose interpolated between dose "
+            "voxels (as an independent check of the exported RTDOSE reads it)."
+        )
+    return (
+        "Dose-volume figures are read on whole dose-grid voxels (the structures are defined on "
+        "voxels), each voxel weighted by its volume in the structure."
+    )
 
 
 def _jsonable(o: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from radpilot.case import Grid, StructureKind
+from radpilot.case import DERIVED, Grid, StructureKind
 from radpilot.cases.derived import expand
 from radpilot.errors import ReferencePlanError
 from radpilot.evaluation.metrics import DVHTable, PlanDose, compact_dvh_step
@@ -133,8 +133,9 @@ class ReferencePlan:
 
 
 def reference_dvh(plan: PlanDose, prescription_gy: float) -> dict[str, Any]:
-    """A compact DVH for a reference plan: one row per 10 % of the prescription, no NormalTissue."""
-    names = [s.name for s in plan.case.structures if s.name != "NormalTissue"]
+    """A compact DVH for a reference plan: one row per 10 % of the prescription, no derived
+    structures."""
+    names = [s.name for s in plan.case.structures if s.name not in DERIVED]
     return plan.dvh_table(step_gy=compact_dvh_step(prescription_gy), structures=names).to_dict()
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-from radpilot.case import Grid, Structure, StructureKind
-
-NORMAL_TISSUE = "NormalTissue"
+from radpilot.case import NORMAL_TISSUE, Grid, Structure, StructureKind
 
 
 def expand(mask: np.ndarray, grid: Grid, margin_mm: float) -> np.ndarray:

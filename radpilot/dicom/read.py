@@ -30,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from radpilot.case import Case, StructureKind
+from radpilot.case import DERIVED, Case, StructureKind
 from radpilot.case_store import CaseStore
+from radpilot.contours import AxisGrid, by_slice, contour_volume_cc, rasterise
 from radpilot.errors import DicomImportError
 from radpilot.protocol import Protocol, ProtocolError
 
@@ -40,7 +41,7 @@ TARGET_TYPES = {"PTV", "CTV", "GTV"}
 EXTERNAL_TYPES = {"EXTERNAL"}
 AXIAL = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 MAX_FILES = 5000
-IMPORTER_VERSION = 2
+IMPORTER_VERSION = 3  # 3: RadPilot rasterises the contours (voxel fractions, holes, overlaps)
 
 
 @dataclass
@@ -322,11 +323,7 @@ def _kind_of(roi: RoiInfo, mapping: Any) -> StructureKind:
 
 def plan_structures(scan: DicomScan, protocol: Protocol) -> dict[str, tuple[str, StructureKind]]:
     """ROI name -> (RadPilot name, kind) for the ROIs the plan uses; checks the protocol fits."""
-    used = (
-        {protocol.target}
-        | {g.structure for g in protocol.goals}
-        | {o.structure for o in protocol.objectives}
-    ) - {"NormalTissue"}
+    used = protocol.used_structures - set(DERIVED)  # RadPilot derives these itself
     names: dict[str, tuple[str, StructureKind]] = {}
     for roi in scan.rois.values():
         m = protocol.structure_map.get(roi.name)
@@ -379,7 +376,7 @@ def case_id_for(ct: Any, structures: list[Any], beams: Any, prescription_gy: flo
     h.update(np.ascontiguousarray(SimpleITK.GetArrayFromImage(image)).tobytes())
     for s in structures:
         h.update(f"{s.name}:{s.kind.value}".encode())
-        h.update(np.packbits(s.mask).tobytes())
+        h.update(np.ascontiguousarray(s.ct_fraction()).tobytes())
     h.update(repr((beams, prescription_gy)).encode())
     return "dicom-" + h.hexdigest()[:16]
 
@@ -390,43 +387,24 @@ def import_dicom(
     """The case and import notes. Raises DicomImportError / ProtocolError. With a ``store``
     that already holds this content (same images, contours, beams), the stored case is returned
     instead of computing its dose influence again; otherwise the case is not stored here."""
-    from radpilot.cases.engine import (
-        BeamSetup,
-        MaskedStructure,
-        build_case,
-        cst_from_masks,
-        pyradplan,
-    )
+    from radpilot.cases.engine import BeamSetup, build_contoured_case, pyradplan
 
     scan = scan_folder(folder)
     keep = plan_structures(scan, protocol)
     notes = [f"ignored {n} {m} file(s)" for m, n in sorted(scan.ignored.items())]
     notes += [f"ROI {r} not used by the protocol" for r in sorted(set(scan.rois) - set(keep))]
     pyradplan()
-    import SimpleITK
     from pyRadPlan.io.dicom import DicomImporter
 
     with tempfile.TemporaryDirectory(prefix="radpilot-dicom-") as tmp:
-        for k, p in enumerate(scan.ct_files):  # only the chosen series and structure set
+        for k, p in enumerate(scan.ct_files):  # only the chosen series
             os.symlink(p.resolve(), Path(tmp) / f"ct{k:05d}.dcm")
-        os.symlink(scan.rtstruct.resolve(), Path(tmp) / "rtstruct.dcm")
-        importer = DicomImporter(tmp)
         try:
-            ct = importer.load_ct()
-            cst = importer.load_cst(ct)
+            ct = DicomImporter(tmp).load_ct()
         except Exception as exc:  # pyRadPlan's own complaint, without paths or identifiers
-            raise DicomImportError(f"the DICOM importer could not read the data: {exc}") from None
-    masks = {v.name: SimpleITK.GetArrayFromImage(v.mask).astype(bool) for v in cst.vois}
-    structures = []
-    for roi, (name, kind) in keep.items():
-        mask = masks.get(roi)
-        if mask is None or not mask.any():
-            raise DicomImportError(
-                f"ROI {roi!r} covers no CT voxel (degenerate or outside the image): redraw it"
-            )
-        if mask.ndim == 4:
-            mask = mask[0]
-        structures.append(MaskedStructure(name, kind, mask))
+            raise DicomImportError(f"the DICOM importer could not read the CT: {exc}") from None
+    structures, volume_notes = contour_structures(scan, keep, ct)
+    notes += volume_notes
     b = protocol.beams
     gantry = b.gantry_deg if b else tuple(40.0 * k for k in range(9))
     beams = BeamSetup(
@@ -441,11 +419,10 @@ def import_dicom(
     case_id = case_id_for(ct, structures, beams, protocol.prescription_gy)
     if store is not None and case_id in store:
         return store.load(case_id), [*notes, "already imported: the stored case is used"]
-    case = build_case(
+    case = build_contoured_case(
         "dicom",
         ct,
-        cst_from_masks(ct, structures),
-        {s.name: (s.name, s.kind) for s in structures},
+        structures,
         beams,
         protocol.prescription_gy,
         {
@@ -464,3 +441,70 @@ def import_dicom(
     )
     case.case_id = case_id
     return case, notes
+
+
+VOLUME_WARNING = 0.02  # rasterised vs contour volume
+
+
+def _contours_by_roi(rs: Any) -> dict[int, list[np.ndarray]]:
+    out: dict[int, list[np.ndarray]] = {}
+    for rc in getattr(rs, "ROIContourSequence", []):
+        polys = out.setdefault(int(rc.ReferencedROINumber), [])
+        for c in getattr(rc, "ContourSequence", []):
+            kind = str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR") or "CLOSED_PLANAR")
+            data = np.asarray([float(v) for v in getattr(c, "ContourData", [])], dtype=np.float64)
+            if kind != "CLOSED_PLANAR" or data.size < 9 or data.size % 3:
+                continue
+            polys.append(data.reshape(-1, 3))
+    return out
+
+
+def contour_structures(
+    scan: DicomScan, keep: dict[str, tuple[str, StructureKind]], ct: Any
+) -> tuple[list[Any], list[str]]:
+    """The protocol's ROIs rasterised by RadPilot on the CT grid (voxel fractions, holes by the
+    even-odd rule, overlaps kept), and a note per ROI comparing the rasterised volume with the
+    contours' own volume (a warning beyond 2 %)."""
+    from radpilot.cases.engine import MaskedStructure
+
+    img = ct.cube_hu
+    direction = np.asarray(img.GetDirection(), dtype=float)
+    if direction.size != 9 or not np.allclose(direction.reshape(3, 3), np.eye(3), atol=1e-6):
+        raise DicomImportError("the CT is not axial with identity orientation; reslice it first")
+    ox, oy, oz = (float(v) for v in img.GetOrigin())
+    sx, sy, sz = (float(v) for v in img.GetSpacing())
+    nx, ny, nz = (int(v) for v in img.GetSize()[:3])
+    axes = (AxisGrid(oz, sz, nz), AxisGrid(oy, sy, ny), AxisGrid(ox, sx, nx))
+    import pydicom
+
+    rs = pydicom.dcmread(scan.rtstruct, stop_before_pixels=True)
+    contours = _contours_by_roi(rs)
+    voxel_cc = sx * sy * sz / 1000.0
+    structures, notes = [], []
+    for roi, (name, kind) in keep.items():
+        slices = by_slice(contours.get(scan.rois[roi].number, []), axes[0], roi)
+        fraction = rasterise(slices, axes)
+        if not (fraction >= 0.5).any():
+            raise DicomImportError(
+                f"ROI {roi!r} covers no CT voxel (degenerate or outside the image): redraw it"
+            )
+        raster_cc = float(fraction.sum(dtype=np.float64)) * voxel_cc
+        contour_cc = contour_volume_cc(slices, sz)
+        diff = (raster_cc - contour_cc) / contour_cc if contour_cc > 0 else 0.0
+        note = (
+            f"{name}: {raster_cc:.2f} cc on the CT grid, {contour_cc:.2f} cc by its contours "
+            f"({100 * diff:+.1f} %)"
+        )
+        if abs(diff) > VOLUME_WARNING:
+            note = "WARNING " + note + ": check the contours (self-intersections, stray points)"
+        notes.append(note)
+        structures.append(
+            MaskedStructure(
+                name,
+                kind,
+                fraction >= 0.5,
+                fraction=fraction,
+                extra={"contour_cc": round(contour_cc, 3)},
+            )
+        )
+    return structures, notes

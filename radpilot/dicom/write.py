@@ -21,8 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radpilot.case import Case, StructureKind
-from radpilot.cases.derived import NORMAL_TISSUE
+from radpilot.case import DERIVED, Case, StructureKind
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -33,10 +32,12 @@ INTERPRETED = {
     StructureKind.EXTERNAL: "EXTERNAL",
 }
 MANUFACTURER = "RadPilot"
-# Contours are iso-lines of the mask at this level: just outside the centres of the boundary
-# voxels, so that centre-in-polygon rasterisers (pyRadPlan, most TPSs) and pixel-filling ones
-# (OpenCV fillPoly, used by rt-utils) both give back exactly the voxels that were exported.
-CONTOUR_LEVEL = 0.98
+# Contours are the half-volume iso-lines of each structure's voxel fractions, so a reader that
+# rasterises them finely gets the structure's volume back. A whole-voxel structure is upsampled
+# in-plane first: its iso-line then follows the voxels' outer edges (corners cut by at most
+# 1/(2 UPSAMPLE^2) of a voxel), and a centre-in reader gets exactly the exported voxels.
+CONTOUR_LEVEL = 0.5
+UPSAMPLE = 4
 
 
 @dataclass(frozen=True)
@@ -142,15 +143,21 @@ def write_ct_series(case: Case, folder: Path, uids: SeriesUIDs) -> list[str]:
     return sop_uids
 
 
-def _contours(mask2d: np.ndarray) -> list[np.ndarray]:
+def _contours(field2d: np.ndarray, whole_voxels: bool) -> list[np.ndarray]:
+    """Closed iso-lines of one slice's fractions, in (column, row) voxel coordinates."""
     import contourpy
 
-    if not mask2d.any():
+    if not (field2d > 0).any():
         return []
-    padded = np.pad(mask2d.astype(np.float64), 1)  # closed lines even at the grid's edge
+    f = UPSAMPLE if whole_voxels else 1
+    field = np.kron(field2d, np.ones((f, f))) if f > 1 else field2d
+    padded = np.pad(field.astype(np.float64), 1)  # closed lines even at the grid's edge
     gen = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate)
     lines: Any = gen.lines(CONTOUR_LEVEL)
-    return [np.asarray(line, dtype=np.float64) - 1.0 for line in lines if len(line) >= 3]
+    # sub-pixel i (after the pad) has its centre at voxel coordinate (i - 1 + 0.5) / f - 0.5
+    return [
+        (np.asarray(line, dtype=np.float64) - 0.5) / f - 0.5 for line in lines if len(line) >= 3
+    ]
 
 
 def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str]) -> Path:
@@ -187,7 +194,7 @@ def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str
     frame.RTReferencedStudySequence = Sequence([study])
     ds.ReferencedFrameOfReferenceSequence = Sequence([frame])
     rois, contours, observations = Sequence(), Sequence(), Sequence()
-    exported = [s for s in case.structures if s.name != NORMAL_TISSUE]
+    exported = [s for s in case.structures if s.name not in DERIVED]
     palette = [
         (255, 0, 0),
         (0, 160, 255),
@@ -206,10 +213,12 @@ def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str
         roi.ROIName = s.name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
         rois.append(roi)
-        mask = s.mask(case.grid)
+        field = np.zeros(case.grid.num_voxels, dtype=np.float32)
+        field[s.voxel_indices] = 1.0 if s.weights is None else s.weights
+        mask = field.reshape(case.grid.shape)
         seq = Sequence()
         for k, z in enumerate(zs):
-            for line in _contours(mask[k]):
+            for line in _contours(mask[k], s.weights is None):
                 item = Dataset()
                 item.ContourGeometricType = "CLOSED_PLANAR"
                 cols, rows = line[:, 0], line[:, 1]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from radpilot.case import Case, StructureKind
+from radpilot.case import DERIVED, Case, StructureKind
 from radpilot.dosimetry import dvh_levels
 from radpilot.evaluation.metrics import PlanDose
 
@@ -100,7 +100,7 @@ def _draw(
     wash = np.ma.masked_less(dose, 0.1 * case.prescription_gy)
     im = ax.imshow(wash, cmap="jet", vmin=0, vmax=vmax, alpha=0.45, extent=extent, origin=origin)
     for k, s in enumerate(case.structures):
-        if s.kind is StructureKind.EXTERNAL or s.name == "NormalTissue":
+        if s.kind is StructureKind.EXTERNAL or s.name in DERIVED:
             continue
         m = _slice(s.mask(case.grid), plane, index)
         if window is not None:
@@ -189,7 +189,7 @@ def structure_crops(case: Case, dose_cube: np.ndarray) -> dict[str, bytes]:
     vmax = _colour_max(case, dose_cube)
     out = {}
     for s in case.structures:
-        if s.kind is StructureKind.EXTERNAL or s.name == "NormalTissue" or not s.voxel_indices.size:
+        if s.kind is StructureKind.EXTERNAL or s.name in DERIVED or not s.voxel_indices.size:
             continue
         mask3d = s.mask(case.grid)
         zyx = np.stack(np.unravel_index(s.voxel_indices, case.grid.shape), axis=1)

@@ -11,6 +11,7 @@ from radpilot.case import Case, CaseError
 from radpilot.dosimetry import (
     cumulative_dvh,
     dose_at_volume,
+    mean_dose,
     metric_value,
 )
 
@@ -31,25 +32,33 @@ class StructureStats:
         return dict(self.__dict__)
 
 
-def homogeneity_index(target_dose: np.ndarray, prescription_gy: float) -> float:
-    """HI = (D5 - D95) / prescription * 100 (Eq. 2); 0 is perfectly uniform."""
-    return (
-        (dose_at_volume(target_dose, 5) - dose_at_volume(target_dose, 95)) / prescription_gy * 100
-    )
+def homogeneity_index(
+    target_dose: np.ndarray, prescription_gy: float, weights: np.ndarray | None = None
+) -> float:
+    """HI = (D5 - D95) / prescription * 100 (Eq. 2), in % of the prescription; 0 is uniform."""
+    d5 = dose_at_volume(target_dose, 5, weights)
+    return (d5 - dose_at_volume(target_dose, 95, weights)) / prescription_gy * 100
 
 
 def conformity_index(
-    target_dose: np.ndarray, body_dose: np.ndarray, prescription_gy: float
+    target_dose: np.ndarray,
+    body_dose: np.ndarray,
+    prescription_gy: float,
+    target_weights: np.ndarray | None = None,
+    body_weights: np.ndarray | None = None,
 ) -> float:
-    """CI = TV95_PTV^2 / (TV * TV95_Body) (Eq. 3); 1 is ideal.
+    """CI = TV95_PTV^2 / (TV * TV95_Body) (Eq. 3, dimensionless); 1 is ideal.
 
-    Voxel counts stand for volumes (equal voxel size). ``body_dose`` covers the whole body,
-    target included.
+    TV is the target volume, TV95_PTV the target volume receiving at least 95 % of the
+    prescription, TV95_Body the body volume receiving it (``body_dose`` covers the whole body,
+    target included). Volumes are voxel fractions summed (equal voxel size).
     """
     level = 0.95 * prescription_gy
-    tv = target_dose.size
-    tv95_ptv = int((target_dose >= level).sum())
-    tv95_body = int((body_dose >= level).sum())
+    tw = np.ones(target_dose.size) if target_weights is None else target_weights
+    bw = np.ones(body_dose.size) if body_weights is None else body_weights
+    tv = float(np.sum(tw, dtype=np.float64))
+    tv95_ptv = float(np.sum(tw[target_dose >= level], dtype=np.float64))
+    tv95_body = float(np.sum(bw[body_dose >= level], dtype=np.float64))
     if tv == 0 or tv95_body == 0:
         return 0.0
     return tv95_ptv**2 / (tv * tv95_body)
@@ -66,22 +75,35 @@ class PlanDose:
             )
         self.case = case
         self.dose_rows = np.asarray(dose_rows, dtype=np.float32)
-        self._cache: dict[str, np.ndarray] = {}
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         # the dose never changes: statistics and DVH tables are computed once, however many
         # readers (evaluator, LLM experts, report) ask for them
         self._stats: list[StructureStats] | None = None
         self._tables: dict[tuple[float | None, tuple[str, ...] | None], DVHTable] = {}
 
     def of(self, structure: str) -> np.ndarray:
+        """The structure's dose where dosimetry reads it (``Case.dose_in``)."""
         if structure not in self._cache:
-            self._cache[structure] = self.dose_rows[self.case.rows_of(structure)]
-        return self._cache[structure]
+            self._cache[structure] = self.case.dose_in(structure, self.dose_rows)
+        return self._cache[structure][0]
 
     def cube(self) -> np.ndarray:
         return self.case.dose_cube(self.dose_rows)
 
+    def weights(self, structure: str) -> np.ndarray | None:
+        """The volume each dose value of ``of`` stands for (in voxels), or None (whole voxels)."""
+        self.of(structure)
+        return self._cache[structure][1]
+
+    def volume_cc_at_least(self, structure: str, dose_gy: float) -> float:
+        """The structure's volume (cc) receiving at least ``dose_gy``."""
+        d, w = self.of(structure), self.weights(structure)
+        hot = d >= dose_gy
+        vox = float(w[hot].sum(dtype=np.float64)) if w is not None else float(hot.sum())
+        return vox * self.case.grid.voxel_volume_cc
+
     def metric(self, structure: str, name: str) -> float:
-        return metric_value(self.of(structure), name)
+        return metric_value(self.of(structure), name, self.weights(structure))
 
     def stats(self) -> list[StructureStats]:
         if self._stats is None:
@@ -96,18 +118,18 @@ class PlanDose:
     def _compute_stats(self) -> list[StructureStats]:
         out = []
         for s in self.case.structures:
-            d = self.of(s.name)
+            d, w = self.of(s.name), self.weights(s.name)
             out.append(
                 StructureStats(
                     name=s.name,
                     kind=s.kind.value,
-                    volume_cc=s.num_voxels * self.case.grid.voxel_volume_cc,
+                    volume_cc=s.volume_voxels * self.case.grid.voxel_volume_cc,
                     min_gy=float(d.min()),
-                    mean_gy=float(d.mean(dtype=np.float64)),
+                    mean_gy=mean_dose(d, w),
                     max_gy=float(d.max()),
-                    d95_gy=dose_at_volume(d, 95),
-                    d50_gy=dose_at_volume(d, 50),
-                    d5_gy=dose_at_volume(d, 5),
+                    d95_gy=dose_at_volume(d, 95, w),
+                    d50_gy=dose_at_volume(d, 50, w),
+                    d5_gy=dose_at_volume(d, 5, w),
                 )
             )
         return out
@@ -117,16 +139,20 @@ class PlanDose:
         ext = self.case.external
         body = self.of(ext.name) if ext else self.dose_rows
         rx = self.case.prescription_gy
+        body_w = self.weights(ext.name) if ext else None
         return {
             t.name: {
-                "HI": homogeneity_index(self.of(t.name), rx),
-                "CI": conformity_index(self.of(t.name), body, rx),
+                "HI": homogeneity_index(self.of(t.name), rx, self.weights(t.name)),
+                "CI": conformity_index(self.of(t.name), body, rx, self.weights(t.name), body_w),
             }
             for t in self.case.targets
         }
 
     def dvh_curves(self, levels_gy: np.ndarray) -> dict[str, np.ndarray]:
-        return {s.name: cumulative_dvh(self.of(s.name), levels_gy) for s in self.case.structures}
+        return {
+            s.name: cumulative_dvh(self.of(s.name), levels_gy, self.weights(s.name))
+            for s in self.case.structures
+        }
 
     def dvh_table(
         self, step_gy: float | None = None, structures: list[str] | None = None
@@ -144,7 +170,9 @@ class PlanDose:
         # up to the first level above the maximum, so every column ends at 0 %
         levels = np.arange(0.0, (np.floor(top / step) + 1.5) * step, step)
         return DVHTable(
-            levels, names, np.stack([cumulative_dvh(self.of(n), levels) for n in names], axis=1)
+            levels,
+            names,
+            np.stack([cumulative_dvh(self.of(n), levels, self.weights(n)) for n in names], axis=1),
         )
 
 

@@ -54,12 +54,11 @@ def evaluate_rules(plan: PlanDose, protocol: Protocol) -> Evaluation:
         )
     ext = case.external
     if ext is not None:
-        voxel_cc = case.grid.voxel_volume_cc
-        body = plan.of(ext.name)
         for level in (0.95, 1.05):
             outside_cc = max(
                 0.0,
-                (int((body >= level * rx).sum()) - int((target >= level * rx).sum())) * voxel_cc,
+                plan.volume_cc_at_least(ext.name, level * rx)
+                - plan.volume_cc_at_least(protocol.target, level * rx),
             )
             measures[f"spill_{round(level * 100)}_cc"] = outside_cc
         findings.append(

@@ -58,22 +58,38 @@ class ObjectiveKind:
         """h'(r): 1 where the penalty is active, 0 elsewhere."""
         raise NotImplementedError
 
-    # ``n`` is the structure's voxel count; it defaults to ``dose.size`` and differs only when
-    # the solver passes a subset of the voxels (the ones that can be active).
+    # ``vw`` is each voxel's volume fraction in the structure (None: whole voxels), so the mean
+    # is volume-weighted; ``n`` is the structure's volume in voxels (the mean's denominator). It
+    # defaults to the sum of ``vw`` (or ``dose.size``) and differs only when the solver passes a
+    # subset of the voxels (the ones that can be active).
 
     def value(
-        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
+        self,
+        dose: Any,
+        dose_gy: float,
+        weight: float,
+        xp: Any,
+        n: float | None = None,
+        vw: Any = None,
     ) -> float:
-        h = self.shaped(dose - dose_gy, xp)
-        return weight * float(xp.sum(h * h, dtype=xp.float64)) / max(n or dose.size, 1)
+        return self.value_and_gradient(dose, dose_gy, weight, xp, n, vw)[0]
 
     def value_and_gradient(
-        self, dose: Any, dose_gy: float, weight: float, xp: Any, n: int | None = None
+        self,
+        dose: Any,
+        dose_gy: float,
+        weight: float,
+        xp: Any,
+        n: float | None = None,
+        vw: Any = None,
     ) -> tuple[float, Any]:
         """Both at once, sharing the shaped residual (what the solver calls)."""
         h = self.shaped(dose - dose_gy, xp)
-        m = max(n or dose.size, 1)
-        return weight * float(xp.sum(h * h, dtype=xp.float64)) / m, (2.0 * weight / m) * h
+        if n is None:
+            n = float(dose.size) if vw is None else float(xp.sum(vw, dtype=xp.float64))
+        m = max(n, 1e-12)
+        wh = h if vw is None else vw * h
+        return weight * float(xp.sum(wh * h, dtype=xp.float64)) / m, (2.0 * weight / m) * wh
 
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
         """Voxels whose residual is within ``band`` of making the penalty active (a superset)."""

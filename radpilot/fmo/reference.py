@@ -21,14 +21,16 @@ def float64_objective(
 ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
     """``x -> (f, grad)`` for Eq. 1's objective, straightforwardly in float64."""
     A = case.dose_influence.astype(np.float64)
-    rows = {t.structure: case.rows_of(t.structure) for t in terms}
+    rows = {t.structure: case.objective_rows(t.structure) for t in terms}  # as the solver
 
     def fg(x: np.ndarray) -> tuple[float, np.ndarray]:
         dose = A @ x
         f, grad_dose = 0.0, np.zeros_like(dose)
         for t in terms:
-            r = rows[t.structure]
-            v, g = objective_kind(t.kind).value_and_gradient(dose[r], t.dose_gy, t.weight, np)
+            r, vw = rows[t.structure]
+            v, g = objective_kind(t.kind).value_and_gradient(
+                dose[r], t.dose_gy, t.weight, np, vw=vw
+            )
             f += v
             grad_dose[r] += g
         return f, A.T @ grad_dose

@@ -108,7 +108,9 @@ class _Term:
     term: ObjectiveTerm
     kind: ObjectiveKind
     rows: Any  # device index array into the rows of the space's matrix
-    n: int  # the structure's full voxel count (the mean's denominator)
+    n: float  # the structure's full volume in voxels (the mean's denominator)
+    vw: Any = None  # device array: each row's volume fraction in the structure (None: 1)
+    host_vw: np.ndarray | None = None  # the same for every row of the structure, on the host
 
 
 @dataclass
@@ -150,7 +152,7 @@ class FluenceOptimizer:
             case.dose_influence, backend, threads=threads, matrix=matrix, packed=packed
         )
         self.xp = self.ops.xp
-        self._rows: dict[str, np.ndarray] = {}
+        self._rows: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         self.sparse_products = 0
 
     @property
@@ -163,9 +165,17 @@ class FluenceOptimizer:
         return str(getattr(self.ops, "matrix", "csr"))
 
     def host_rows(self, structure: str) -> np.ndarray:
+        """The rows objective terms on a structure act on (``Case.objective_rows``)."""
+        return self._objective_rows(structure)[0]
+
+    def _objective_rows(self, structure: str) -> tuple[np.ndarray, np.ndarray | None]:
         if structure not in self._rows:
-            self._rows[structure] = self.case.rows_of(structure)
+            self._rows[structure] = self.case.objective_rows(structure)
         return self._rows[structure]
+
+    def _volume(self, structure: str) -> float:
+        rows, vw = self._objective_rows(structure)
+        return float(vw.sum(dtype=np.float64)) if vw is not None else float(rows.size)
 
     def rows(self, structure: str) -> Any:
         return self.xp.asarray(self.host_rows(structure))
@@ -182,8 +192,17 @@ class FluenceOptimizer:
         out = []
         for t in terms:
             if t.weight > 0:
-                rows = self.host_rows(t.structure)
-                out.append(_Term(t, objective_kind(t.kind), self.xp.asarray(rows), rows.size))
+                rows, vw = self._objective_rows(t.structure)
+                out.append(
+                    _Term(
+                        t,
+                        objective_kind(t.kind),
+                        self.xp.asarray(rows),
+                        self._volume(t.structure),
+                        self.xp.asarray(vw) if vw is not None else None,
+                        vw,
+                    )
+                )
         return out
 
     # -- objective on a dose vector -------------------------------------------------------
@@ -192,7 +211,9 @@ class FluenceOptimizer:
         grad = xp.zeros_like(dose)
         total = 0.0
         for t in terms:
-            v, g = t.kind.value_and_gradient(dose[t.rows], t.term.dose_gy, t.term.weight, xp, t.n)
+            v, g = t.kind.value_and_gradient(
+                dose[t.rows], t.term.dose_gy, t.term.weight, xp, t.n, t.vw
+            )
             total += v
             grad[t.rows] += g
         return total, grad
@@ -200,12 +221,18 @@ class FluenceOptimizer:
     def term_values(self, dose_rows: Any, terms: list[ObjectiveTerm]) -> dict[str, float]:
         xp = self.xp
         dose = self.ops.asarray(dose_rows)
-        return {
-            t.key(): objective_kind(t.kind).value(
-                dose[self.rows(t.structure)], t.dose_gy, t.weight, xp
+        out = {}
+        for t in terms:
+            rows, vw = self._objective_rows(t.structure)
+            out[t.key()] = objective_kind(t.kind).value(
+                dose[xp.asarray(rows)],
+                t.dose_gy,
+                t.weight,
+                xp,
+                self._volume(t.structure),
+                xp.asarray(vw) if vw is not None else None,
             )
-            for t in terms
-        }
+        return out
 
     def objective(self, fluence: np.ndarray, terms: list[ObjectiveTerm]) -> float:
         """Eq. 1's objective at a fluence (no normalisation)."""
@@ -242,8 +269,18 @@ class FluenceOptimizer:
         mapped = []
         for t in terms:
             full = self.host_rows(t.term.structure)
-            inside = full[np.isin(full, rows, assume_unique=True)]
-            mapped.append(_Term(t.term, t.kind, ops.xp.asarray(np.searchsorted(rows, inside)), t.n))
+            sel = np.isin(full, rows, assume_unique=True)
+            vw = ops.xp.asarray(t.host_vw[sel]) if t.host_vw is not None else None
+            mapped.append(
+                _Term(
+                    t.term,
+                    t.kind,
+                    ops.xp.asarray(np.searchsorted(rows, full[sel])),
+                    t.n,
+                    vw,
+                    t.host_vw,
+                )
+            )
         return _Space(ops, mapped, rows)
 
     # -- exact line search ------------------------------------------------------------------
@@ -258,7 +295,8 @@ class FluenceOptimizer:
                 t.kind,
                 dose[t.rows] - t.term.dose_gy,
                 q[t.rows],
-                2.0 * t.term.weight / max(t.n, 1),
+                q[t.rows] if t.vw is None else t.vw * q[t.rows],  # volume-weighted direction
+                2.0 * t.term.weight / max(t.n, 1e-12),
             )
             for t in terms
         ]
@@ -266,10 +304,10 @@ class FluenceOptimizer:
         def derivs(step: float) -> tuple[float, float]:
             d1 = 0.0
             d2 = 0.0
-            for kind, r, qq, c in parts:
+            for kind, r, qq, wq, c in parts:
                 rt = r + step * qq
-                d1 += c * float(xp.sum(kind.shaped(rt, xp) * qq, dtype=xp.float64))
-                d2 += c * float(xp.sum(kind.slope(rt, xp) * qq * qq, dtype=xp.float64))
+                d1 += c * float(xp.sum(kind.shaped(rt, xp) * wq, dtype=xp.float64))
+                d2 += c * float(xp.sum(kind.slope(rt, xp) * wq * qq, dtype=xp.float64))
             return d1, d2
 
         d1_hi, _ = derivs(1.0)
@@ -398,13 +436,17 @@ class FluenceOptimizer:
         self.sparse_products += 1
         f_final = self._value_grad(dose, prepared)[0]
         verified.append((time.perf_counter() - t_start, f_final))
-        d95 = dose_at_volume(dose[norm_rows], s.coverage_pct)
+        # normalise the coverage exactly as dosimetry reports it (volume-weighted, at the
+        # target's sample points where the case has them)
+        raw_host = ops.to_host(dose).astype(np.float32)
+        target_dose, target_weights = self.case.dose_in(norm_name, raw_host)
+        d95 = dose_at_volume(target_dose, s.coverage_pct, target_weights)
         if d95 <= 0:
             raise CaseError(f"the optimised plan gives {norm_name} no dose; cannot normalise")
         scale = (s.prescription_gy or self.case.prescription_gy) / d95
         dose = dose * np.float32(scale)
         f_norm = self._value_grad(dose, prepared)[0]
-        dose_host = ops.to_host(dose).astype(np.float32)
+        dose_host = raw_host * np.float32(scale)
         seconds = time.perf_counter() - t_start
         return FMOResult(
             fluence=(x32 * np.float32(scale)).astype(np.float32),

@@ -79,12 +79,7 @@ def default_owner() -> str:
 def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
     """Protocol structures against the stored case's (from its manifest; no matrix is loaded)."""
     kinds = {s["name"]: s["kind"] for s in manifest["structures"]}
-    used = (
-        {protocol.target}
-        | {g.structure for g in protocol.goals}
-        | {o.structure for o in protocol.objectives}
-    )
-    missing = sorted(used - set(kinds))
+    missing = sorted(protocol.used_structures - set(kinds))
     if missing:
         raise ProtocolError(
             f"protocol {protocol.name!r} names structure(s) {missing} that the case lacks; "

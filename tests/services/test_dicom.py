@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -16,12 +17,12 @@ import grpc
 import numpy as np
 import pydicom
 import pytest
+from scipy.ndimage import binary_dilation
 
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.dicom.read import DicomImportError, import_dicom, scan_folder
-from radpilot.evaluation.metrics import PlanDose
 from radpilot.loop.inprocess import plan_once
 from radpilot.protocol import BeamSpec, ProtocolError, load_protocol, load_protocol_text
 from tests.doubles.dicom_data import NEEDLES, edit, write_patient
@@ -49,10 +50,6 @@ beams: {gantry_deg: [0, 72, 144, 216, 288], bixel_mm: 8, dose_grid_mm: 8}
 def patient(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     folder = tmp_path_factory.mktemp("patient")
     return folder, write_patient(folder)
-
-
-def _dx(dose: np.ndarray, pct: float) -> float:
-    return float(np.percentile(dose, 100.0 - pct))
 
 
 def _no_identifiers(text: str, where: str) -> None:
@@ -84,6 +81,15 @@ def test_foreign_patient_imports_plans_and_exports(
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["series"]
     dose = ds.pixel_array * float(ds.DoseGridScaling)
     assert abs(dose.max() - report.plan.dose_rows.max()) < 1e-3
+    # each structure's volume beside its contours' volume, in the notes, summary and report
+    volume_notes = [n for n in notes if "cc by its contours" in n]
+    assert {n.split(":")[0] for n in volume_notes} == {"PTV", "Cord", "BODY"}, notes
+    summary = json.loads((out.parent / "summary.json").read_text())
+    assert summary["import_notes"] == notes[: len(summary["import_notes"])]
+    assert set(summary["structure_volumes"]["PTV"]) == {"ct_grid_cc", "dose_grid_cc", "contour_cc"}
+    assert "read on the structures' contours" in summary["dosimetry"]
+    page = (out.parent / "report.html").read_text()
+    assert "Import notes" in page and "cc by its contours" in page
     # nothing identifying anywhere RadPilot wrote
     for p in [*out.parent.rglob("*"), *store.root.rglob("*.json")]:
         if p.is_file() and p.suffix in (".html", ".json", ".dcm"):
@@ -204,23 +210,20 @@ def test_phantom_export_read_by_other_readers(prostate: Case, tmp_path: Path) ->
     ct0 = pydicom.dcmread(sorted((dicom / "CT").iterdir())[0])
     assert ds.FrameOfReferenceUID == ct0.FrameOfReferenceUID
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ct0.SeriesInstanceUID
-    plan: PlanDose = report.plan
     for s in prostate.structures:
         if s.name == "NormalTissue":
             continue
+        # the contours run along the voxels' outer edges; rt-utils fills polygons inclusively,
+        # so it sees every exported voxel and about one ring more. The exact checks: below
+        # (RadPilot's reader) and tests/unit/dicom/test_independent_dosimetry.py (dose).
         mask = np.transpose(rt.get_roi_mask_by_name(s.name), (2, 0, 1))  # rows, cols, slices
         ours = s.mask(grid)
-        dice = 2 * (mask & ours).sum() / (mask.sum() + ours.sum())
-        assert dice >= 0.95, (s.name, dice)
-        d = theirs_dose[mask]
-        assert abs(d.mean() - plan.metric(s.name, "mean")) <= 0.01 * plan.metric(s.name, "mean")
-        for pct in (95, 5):
-            assert abs(_dx(d, pct) - plan.metric(s.name, f"D{pct}")) <= 0.5, (s.name, pct)
+        assert (mask & ours).sum() >= 0.99 * ours.sum(), s.name
+        ring = binary_dilation(ours, structure=np.ones((1, 3, 3), dtype=bool))  # in-plane
+        assert not (mask & ~ring).any(), s.name
 
 
-def test_phantom_reimport_gives_the_same_structures_and_plan(
-    prostate: Case, tmp_path: Path
-) -> None:
+def test_phantom_reimport_gives_the_same_structures(prostate: Case, tmp_path: Path) -> None:
     protocol = load_protocol(ROOT / "protocols" / "tg119_prostate.yaml")
     first = plan_once(prostate, protocol)
     first.write(tmp_path)
@@ -228,14 +231,20 @@ def test_phantom_reimport_gives_the_same_structures_and_plan(
     again, _ = import_dicom(tmp_path / "dicom", dataclasses.replace(protocol, beams=beams))
     assert again.grid == prostate.grid
     for s in again.structures:
-        a, b = s.mask(again.grid), prostate.structure(s.name).mask(prostate.grid)
-        assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.95, s.name
+        if s.name == "NormalTissue":  # derived again from the re-imported BODY and PTV
+            continue
+        # the exported outlines follow the voxels' edges: read back, every voxel is at least
+        # half inside and the volume is kept
+        original = prostate.structure(s.name)
+        assert np.array_equal(s.core_indices, original.voxel_indices), s.name
+        assert s.volume_voxels == pytest.approx(original.volume_voxels, rel=0.02), s.name
     second = plan_once(again, protocol)
+    # the same anatomy, but the re-imported case reads dose on its contours (between voxels),
+    # where the phantom reads whole voxels: at the 5 mm grid its D95 normalisation runs hotter
+    assert second.plan.metric("PTV", "D95") == pytest.approx(protocol.prescription_gy, abs=0.05)
     for s in ("PTV", "Rectum", "Bladder"):
         m1, m2 = first.plan.metric(s, "mean"), second.plan.metric(s, "mean")
-        assert abs(m1 - m2) <= 0.01 * m1, s
-        for pct in (95, 5):
-            assert abs(first.plan.metric(s, f"D{pct}") - second.plan.metric(s, f"D{pct}")) <= 0.5
+        assert abs(m1 - m2) <= 0.1 * m1, (s, m1, m2)
 
 
 def test_upload_plan_export_over_grpc_without_identifiers(
@@ -288,7 +297,9 @@ def test_upload_plan_export_over_grpc_without_identifiers(
             cluster.close()
         requests = b"".join(llm.raw_bodies)
     assert requests, "the LLM was called"
-    _no_identifiers(requests.decode("latin-1"), "LLM requests")
+    # image payloads are base64: any three letters turn up in them by chance (they carry no text)
+    text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", requests.decode("latin-1"))
+    _no_identifiers(text, "LLM requests")
     with zipfile.ZipFile(io.BytesIO(bundle)) as z:
         assert "dicom/RTDOSE.dcm" in z.namelist()
         rd = pydicom.dcmread(io.BytesIO(z.read("dicom/RTDOSE.dcm")))
