@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from radpilot.case import Case, CaseError
+from radpilot.case import NORMAL_TISSUE, Case, CaseError, StructureKind
 from radpilot.dosimetry import (
     cumulative_dvh,
     dose_at_volume,
@@ -94,6 +94,41 @@ class PlanDose:
         """The volume each dose value of ``of`` stands for (in voxels), or None (whole voxels)."""
         self.of(structure)
         return self._cache[structure][1]
+
+    def hottest_outside_targets(
+        self,
+    ) -> tuple[float, tuple[float, float, float], list[str]] | None:
+        """The hottest voxel with no volume in any target (inside the external contour, where
+        the case has one): (dose Gy, its centre as (x, y, z) mm in the case's frame, the
+        structures it lies in); None when every voxel with dose is in a target."""
+        case = self.case
+        ext = case.external
+        pool = ext.voxel_indices if ext is not None else case.row_voxels
+        targets = [t.voxel_indices for t in case.targets]
+        if targets:
+            pool = pool[~np.isin(pool, np.concatenate(targets))]
+        if pool.size == 0:
+            return None
+        dose = self.dose_rows[np.searchsorted(case.row_voxels, pool)]
+        k = int(np.argmax(dose))
+        voxel = int(pool[k])
+        z, y, x = (
+            o + i * sp
+            for o, i, sp in zip(
+                case.grid.origin_mm,
+                np.unravel_index(voxel, case.grid.shape),
+                case.grid.spacing_mm,
+                strict=True,
+            )
+        )
+        inside = [
+            s.name
+            for s in case.structures
+            if s.kind is StructureKind.OAR
+            and s.name != NORMAL_TISSUE
+            and bool(np.isin(voxel, s.voxel_indices))
+        ]
+        return float(dose[k]), (float(x), float(y), float(z)), inside
 
     def volume_cc_at_least(self, structure: str, dose_gy: float) -> float:
         """The structure's volume (cc) receiving at least ``dose_gy``."""

@@ -52,6 +52,16 @@ def evaluate_rules(plan: PlanDose, protocol: Protocol) -> Evaluation:
             f"cold spot: only {measures['target_v95_pct']:.1f} % of {protocol.target} receives "
             f"95 % of the prescription (min {measures['target_min_gy']:.1f} Gy)"
         )
+    hottest = plan.hottest_outside_targets()
+    if hottest is not None:
+        gy, (x, y, z), where = hottest
+        measures["max_outside_targets_gy"] = gy
+        measures["max_outside_targets_pct"] = 100.0 * gy / rx
+        findings.append(
+            f"hottest point outside the targets: {gy:.1f} Gy ({100.0 * gy / rx:.0f} % of the "
+            f"prescription) at x {x:.0f}, y {y:.0f}, z {z:.0f} mm, "
+            + (f"in {', '.join(where)}" if where else "in no named organ")
+        )
     ext = case.external
     if ext is not None:
         for level in (0.95, 1.05):
