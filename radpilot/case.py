@@ -52,6 +52,16 @@ class Grid:
         ]
         return idx[0], idx[1], idx[2]
 
+    def centre_of(self, voxel: int) -> tuple[float, float, float]:
+        """World ``(z, y, x)`` millimetres of a voxel's centre (its C-order linear index)."""
+        z, y, x = (
+            o + i * s
+            for o, i, s in zip(
+                self.origin_mm, np.unravel_index(voxel, self.shape), self.spacing_mm, strict=True
+            )
+        )
+        return float(z), float(y), float(x)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "shape": list(self.shape),
@@ -187,10 +197,6 @@ class Case:
         """Positions in ``row_voxels`` (rows of ``A``) of every voxel with volume in a structure."""
         s = self.structure(name)
         return np.searchsorted(self.row_voxels, s.voxel_indices)
-
-    def weights_of(self, name: str) -> np.ndarray | None:
-        """Each voxel's volume fraction in the structure (aligned with ``rows_of``), or None."""
-        return self.structure(name).weights
 
     def objective_rows(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
         """The rows the FMO's objective terms on a structure act on, and each row's volume

@@ -204,10 +204,7 @@ def _case(
     structures = with_normal_tissue(structures, grid)
     rows, A = restrict_rows(dij.physical_dose.flat[0], structures)
     iso = stf.beams[0].iso_center
-    log.info(
-        "%s: %d beams, %d beamlets, %d rows, %d nnz", name, len(stf.beams), A.shape[1], A.shape[0],
-        A.nnz,
-    )  # fmt: skip
+    log.info("%s: %d beams, %d rows x %d beamlets, %d nnz", name, len(stf.beams), *A.shape, A.nnz)
     return Case(
         name=name,
         grid=grid,

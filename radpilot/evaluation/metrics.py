@@ -112,15 +112,7 @@ class PlanDose:
         dose = self.dose_rows[np.searchsorted(case.row_voxels, pool)]
         k = int(np.argmax(dose))
         voxel = int(pool[k])
-        z, y, x = (
-            o + i * sp
-            for o, i, sp in zip(
-                case.grid.origin_mm,
-                np.unravel_index(voxel, case.grid.shape),
-                case.grid.spacing_mm,
-                strict=True,
-            )
-        )
+        z, y, x = case.grid.centre_of(voxel)
         inside = [
             s.name
             for s in case.structures

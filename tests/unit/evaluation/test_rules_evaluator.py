@@ -11,19 +11,6 @@ from radpilot.protocol import load_protocol
 from tests.conftest import PROTOCOLS
 
 
-def _voxel_mm(case: Case, voxel: int) -> tuple[float, float, float]:
-    z, y, x = (
-        o + i * s
-        for o, i, s in zip(
-            case.grid.origin_mm,
-            np.unravel_index(voxel, case.grid.shape),
-            case.grid.spacing_mm,
-            strict=True,
-        )
-    )
-    return x, y, z
-
-
 def test_the_hottest_point_outside_the_targets_is_found_and_located(analytic_case: Case) -> None:
     protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
     rx = protocol.prescription_gy
@@ -36,7 +23,7 @@ def test_the_hottest_point_outside_the_targets_is_found_and_located(analytic_cas
     ev = evaluate_rules(PlanDose(analytic_case, dose), protocol)
     assert ev.measures["max_outside_targets_gy"] == np.float32(1.2 * rx)
     assert round(ev.measures["max_outside_targets_pct"]) == 120
-    x, y, z = _voxel_mm(analytic_case, int(core.voxel_indices[5]))
+    z, y, x = analytic_case.grid.centre_of(int(core.voxel_indices[5]))
     finding = next(f for f in ev.findings if f.startswith("hottest point outside the targets"))
     assert f"at x {x:.0f}, y {y:.0f}, z {z:.0f} mm, in Core" in finding, finding
     assert "(120 % of the prescription)" in finding
