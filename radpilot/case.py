@@ -125,15 +125,6 @@ class Structure:
             else float(self.voxel_indices.size)
         )
 
-    @property
-    def core_indices(self) -> np.ndarray:
-        """The voxels at least half inside (what a centre-in reader of its contours sees)."""
-        if self.weights is None:
-            return self.voxel_indices
-        core = self.voxel_indices[self.weights >= 0.5]
-        # a structure thinner than half a voxel everywhere still gets its most-inside voxels
-        return core if core.size else self.voxel_indices[self.weights >= self.weights.max()]
-
     def mask(self, grid: Grid) -> np.ndarray:
         m = np.zeros(grid.num_voxels, dtype=bool)
         m[self.voxel_indices] = True

@@ -174,8 +174,7 @@ class FluenceOptimizer:
         return self._rows[structure]
 
     def _volume(self, structure: str) -> float:
-        rows, vw = self._objective_rows(structure)
-        return float(vw.sum(dtype=np.float64)) if vw is not None else float(rows.size)
+        return self.case.structure(structure).volume_voxels
 
     def rows(self, structure: str) -> Any:
         return self.xp.asarray(self.host_rows(structure))

@@ -236,7 +236,8 @@ def test_phantom_reimport_gives_the_same_structures(prostate: Case, tmp_path: Pa
         # the exported outlines follow the voxels' edges: read back, every voxel is at least
         # half inside and the volume is kept
         original = prostate.structure(s.name)
-        assert np.array_equal(s.core_indices, original.voxel_indices), s.name
+        half_in = s.voxel_indices[s.weights >= 0.5] if s.weights is not None else s.voxel_indices
+        assert np.array_equal(half_in, original.voxel_indices), s.name
         assert s.volume_voxels == pytest.approx(original.volume_voxels, rel=0.02), s.name
     second = plan_once(again, protocol)
     # the same anatomy, but the re-imported case reads dose on its contours (between voxels),
