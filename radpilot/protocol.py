@@ -38,7 +38,11 @@ TOP_LEVEL = (
     "objectives",
     "structures",
     "beams",
+    "after_goals_met",
+    "improve_min_gain",
 )
+AFTER_GOALS_MET = ("improve", "stop")
+DEFAULT_MIN_GAIN = 0.5  # Gy (or % for a Vx goal): a round that gains less ends the improvement
 PRESCRIPTION_FIELDS = ("target", "dose_gy", "coverage_pct")
 
 
@@ -89,6 +93,10 @@ class Protocol:
     # the fields: gantry (and couch) angles, bixel size, dose grid, isocentre (x, y, z mm).
     structure_map: dict[str, StructureMapping] = field(default_factory=dict)
     beams: BeamSpec | None = None
+    # Once every goal is met: "improve" goes on lowering the organ-at-risk metrics while every
+    # goal stays met, until a round gains less than improve_min_gain; "stop" ends the loop.
+    after_goals_met: str = "improve"
+    improve_min_gain: float = DEFAULT_MIN_GAIN
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def fmo_settings(self) -> FMOSettings:
@@ -98,6 +106,10 @@ class Protocol:
             coverage_pct=self.coverage_pct,
             prescription_gy=self.prescription_gy,
         )
+
+    def improvement_settings(self) -> dict[str, Any]:
+        """The outer loop's settings for what follows a plan that meets every goal."""
+        return {"improve": self.after_goals_met == "improve", "min_gain": self.improve_min_gain}
 
     @property
     def used_structures(self) -> set[str]:
@@ -135,6 +147,8 @@ class Protocol:
             "intent": self.intent,
             "goals": [g.to_dict() for g in self.goals],
             "objectives": [o.to_dict() for o in self.objectives],
+            "after_goals_met": self.after_goals_met,
+            "improve_min_gain": self.improve_min_gain,
         }
 
 
@@ -317,6 +331,15 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         validate_terms(objectives)
     except ObjectiveError as exc:
         raise ProtocolError(f"{source}: objectives: {exc}") from None
+    after = str(data.get("after_goals_met", "improve")).strip().lower()
+    if after not in AFTER_GOALS_MET:
+        raise ProtocolError(
+            f"{source}: after_goals_met must be one of {', '.join(AFTER_GOALS_MET)}, "
+            f"got {data.get('after_goals_met')!r}"
+        )
+    min_gain = _num(
+        data.get("improve_min_gain", DEFAULT_MIN_GAIN), "improve_min_gain", 0.0, 50.0, True
+    )
     return Protocol(
         name=str(data["name"]),
         version=str(data.get("version", "1")),
@@ -329,6 +352,8 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         intent=str(data.get("intent", "")).strip(),
         structure_map=_structure_map(data.get("structures")),
         beams=_beams(data.get("beams")),
+        after_goals_met=after,
+        improve_min_gain=min_gain,
         source={"origin": source},
     )
 

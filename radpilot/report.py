@@ -16,7 +16,7 @@ from radpilot.case import Case
 from radpilot.dicom.write import export_dicom
 from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
-from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.evaluation.protocol_check import ProtocolCheck, sparing_gains
 from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
@@ -58,7 +58,32 @@ class PlanReport:
         plan.reuse_stats(best.stats)
         return cls(case.name, protocol, agent, plan, best.check, records, best_iteration)
 
+    def improvement(self) -> dict[str, Any]:
+        """When the protocol was first met and what each organ-at-risk goal gained after it
+        (the best plan against the first plan that met every goal)."""
+        first = next((it for it in self.iterations if it.meets), None)
+        if first is None:
+            return {"met_at_iteration": 0, "gains": []}
+        was = {r.goal.label: r.achieved for r in first.check.sparing_results()}
+        gains = sparing_gains(first.check, self.check)
+        return {
+            "met_at_iteration": first.iteration,
+            "best_iteration": self.best_iteration,
+            "gains": [
+                {
+                    "goal": r.goal.label,
+                    "unit": r.goal.unit,
+                    "at_first_met": round(was[r.goal.label], 4),
+                    "best": round(r.achieved, 4),
+                    "gained": round(gains[r.goal.label], 4),
+                }
+                for r in self.check.sparing_results()
+                if r.goal.label in gains
+            ],
+        }
+
     def summary(self) -> dict[str, Any]:
+        last = self.iterations[-1] if self.iterations else None
         return {
             "case": self.case_name,
             "protocol": self.protocol.name,
@@ -70,6 +95,9 @@ class PlanReport:
             "best_iteration": self.best_iteration,
             "all_goals_met": self.check.all_passed,
             "all_hard_goals_met": self.check.all_hard_passed,
+            "after_goals_met": self.protocol.after_goals_met,
+            "improvement": self.improvement(),
+            "loop_ended": last.rationale if last is not None and not last.proposal else "",
             "goals": [
                 {
                     "structure": r.goal.structure,
@@ -210,6 +238,32 @@ class PlanReport:
             if parallel_rounds
             else ""
         )
+        imp = summary["improvement"]
+        if imp["met_at_iteration"]:
+            lowered = [g for g in imp["gains"] if g["gained"] > 0]
+            gained = (
+                "after it, the best plan lowered "
+                + "; ".join(
+                    f"{e(g['goal'])} by {g['gained']:.2f} {g['unit']} "
+                    f"({g['at_first_met']:.2f} &rarr; {g['best']:.2f})"
+                    for g in lowered
+                )
+                if lowered and imp["best_iteration"] != imp["met_at_iteration"]
+                else "no later plan lowered an organ-at-risk metric"
+            )
+            met_text = (
+                f"<p>The protocol was first met at iteration {imp['met_at_iteration']}; "
+                f"{gained}. After the goals are met the loop "
+                + (
+                    "goes on sparing the organs at risk"
+                    if summary["after_goals_met"] == "improve"
+                    else "stops (after_goals_met: stop)"
+                )
+                + (f". {e(summary['loop_ended'].rstrip('.'))}" if summary["loop_ended"] else "")
+                + ".</p>"
+            )
+        else:
+            met_text = "<p>No iteration met every goal.</p>"
         files = summary.get("dicom", [])
         dicom_text = (
             "In <code>dicom/</code>: the plan dose as RTDOSE"
@@ -230,6 +284,7 @@ tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{ma
 {summary["best_iteration"]} of {summary["iterations"]}{rounds_text}: it <b>{verdict}</b>.
 Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} = {self.protocol.prescription_gy:g} Gy
 (not leaf-sequenced).</p>
+{met_text}
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
 <h2>Target indices</h2><ul>{ti}</ul>
 <p>HI = (D5 &minus; D95) / prescription &times; 100, in % of the prescription (0 is uniform).

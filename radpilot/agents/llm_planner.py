@@ -162,6 +162,8 @@ class LLMPlanner:
         recorded in the call's validation note)."""
         keys = [t.key() for t in current]
         structured = self.client.json_mode != "text"
+        # a plan in memory already meets every goal: the loop asks for sparing now
+        improving = any(m.check.all_passed for m in memory)
         messages = prompts.planner_messages(
             protocol,
             current,
@@ -172,10 +174,11 @@ class LLMPlanner:
             MAX_WEIGHT_FACTOR,
             MAX_DOSE_STEP_FRACTION * protocol.prescription_gy,
             alternatives=count - 1,
+            improving=improving,
         )
         calls: list[LLMCall] = []
         reason = ""
-        goals_fail = bool(memory) and not memory[-1].check.all_passed
+        goals_fail = bool(memory) and not improving and not memory[-1].check.all_passed
         for attempt in range(1, PLANNER_ATTEMPTS + 1):
             try:
                 text, call = self.client.chat(

@@ -14,6 +14,10 @@ objective weights and doses:
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step; and
   every flip of the missed goals (fixing one breaks another) halves the step.
+- once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
+  it spares: every organ-at-risk goal's overdose term gets an objective dose below what the
+  plan achieves and a higher weight. Each later attempt that did not improve on that plan
+  halves the step and pushes only the highest-priority organ-at-risk goals.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import itertools
 
 from radpilot.agents.types import MemoryEntry
+from radpilot.dosimetry import parse_metric
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
@@ -76,6 +81,8 @@ def propose_rules(
                 f"stepping again from iteration {best.iteration} with a smaller step"
                 + (f", also pushing {', '.join(r.goal.label for r in broken)}" if broken else "")
             )
+    if best is not None and best.check.all_passed:
+        return _spare(protocol, best, memory, count)
     if not check.failed:
         return list(objectives), "every goal is met; objectives unchanged", []
     # never propose parameters already tried (they would give the same plan): halve the step
@@ -157,6 +164,90 @@ def _push(
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
             )
+    return list(terms.values()), notes
+
+
+def _spare(
+    protocol: Protocol, best: MemoryEntry, memory: list[MemoryEntry], count: int
+) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
+    """A sparing step from ``best`` (a plan that meets every goal), and alternatives."""
+    attempts = sum(1 for m in memory if m.iteration > best.iteration)
+    goals = best.check.sparing_results()
+    if not goals:
+        return list(best.objectives), "every goal is met and no organ-at-risk goal is set", []
+    if attempts:  # the last step broke a goal or gained too little: the top priority only
+        top = min(r.goal.priority for r in goals)
+        goals = [r for r in goals if r.goal.priority == top]
+    # the upper limits on the targets (hot spots) are what sparing tends to break: their
+    # overdose terms get the same weight factor, so the balance with the targets holds
+    sparing = {id(r) for r in best.check.sparing_results()}
+    guard = [r for r in best.check.results if r.goal.comparator == "<=" and id(r) not in sparing]
+    tried = [m.objectives for m in memory]
+    gain = 0.5**attempts
+    for _ in range(8):
+        terms, steps = _lower(protocol, best.objectives, goals, gain, guard)
+        if terms not in tried:
+            break
+        gain *= 0.5
+    alternatives: list[list[ObjectiveTerm]] = []
+    for scale in ALTERNATIVE_SCALES:
+        if len(alternatives) >= count - 1:
+            break
+        alt, _ = _lower(protocol, best.objectives, goals, gain * scale, guard)
+        if alt not in tried and alt != terms and alt not in alternatives:
+            alternatives.append(alt)
+    head = f"every goal is met at iteration {best.iteration}; sparing the organs at risk" + (
+        f" (attempt {attempts + 1}, a smaller step, priority {goals[0].goal.priority} only)"
+        if attempts
+        else ""
+    )
+    return terms, "; ".join([head, *steps]), alternatives
+
+
+def _lower(
+    protocol: Protocol,
+    objectives: list[ObjectiveTerm],
+    goals: list[GoalResult],
+    gain: float,
+    guard: list[GoalResult],
+) -> tuple[list[ObjectiveTerm], list[str]]:
+    """Objective doses below what the plan achieves on each goal's structure, weights up; the
+    overdose terms of the ``guard`` goals' structures get the same weight factor."""
+    terms = {t.key(): t for t in objectives}
+    factor = 1.0 + gain
+    for r in guard:
+        key = f"{r.goal.structure}:squared_overdose"
+        if key in terms and r.goal.unit == "Gy":
+            # active at the hot spot the plan has now (never below 101 % of the prescription)
+            t = terms[key]
+            dose = min(t.dose_gy, max(r.achieved, protocol.prescription_gy * 1.01))
+            terms[key] = ObjectiveTerm(
+                t.structure, t.kind, round(dose, 3), min(MAX_WEIGHT, t.weight * factor)
+            )
+    level: dict[str, float] = {}  # structure -> the lowest dose one of its goals sits at
+    for r in goals:
+        kind, value = parse_metric(r.goal.metric)
+        dose = value if kind == "V" and value is not None else r.achieved
+        level[r.goal.structure] = min(level.get(r.goal.structure, dose), dose)
+    notes = []
+    for r in sorted(goals, key=lambda r: r.goal.priority):
+        structure = r.goal.structure
+        if structure not in level:
+            continue
+        key = f"{structure}:squared_overdose"
+        old = terms.get(key)
+        dose = level.pop(structure) * (1 - OAR_MARGIN * gain)
+        if old is not None:
+            # below the term's dose by at least the margin, by at most twice it: a term far
+            # above what the organ gets moves there over several rounds, not in one jump
+            dose = min(dose, old.dose_gy * (1 - OAR_MARGIN * gain))
+            dose = max(dose, old.dose_gy * (1 - 2 * OAR_MARGIN * gain))
+        weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
+        terms[key] = ObjectiveTerm(structure, "squared_overdose", round(max(dose, 0.0), 3), weight)
+        notes.append(
+            f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit}: {key} objective dose "
+            f"{dose:.1f} Gy, weight {f'x{factor:.2f}' if old else 'new'}"
+        )
     return list(terms.values()), notes
 
 

@@ -109,7 +109,25 @@ class ProtocolCheck:
                 # the size first (to 0.01 %, so float noise does not decide), then the count:
                 # a plan that meets a goal beats one that misses it by a hair
                 key += [-round(sum(misses), 4), -len(misses)]
+        # between plans that miss the same (typically: none), the one that spares more wins
+        key.append(round(self.sparing(), 4))
         return tuple(key)
+
+    def sparing_results(self) -> list[GoalResult]:
+        """The organ-at-risk goals: upper limits on structures that have no lower limit (a
+        target's D95 >= is a lower limit, so its hot-spot goals are not sparing goals)."""
+        lower = {r.goal.structure for r in self.results if r.goal.comparator == ">="}
+        return [
+            r for r in self.results if r.goal.comparator == "<=" and r.goal.structure not in lower
+        ]
+
+    def sparing(self) -> float:
+        """Room under the organ-at-risk limits: each goal's margin relative to its limit (within
+        -1..1), divided by its priority, summed. Bigger spares more."""
+        return sum(
+            max(-1.0, min(1.0, r.margin / max(abs(r.goal.limit), 1.0))) / r.goal.priority
+            for r in self.sparing_results()
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +135,17 @@ class ProtocolCheck:
             "all_passed": self.all_passed,
             "goals": [r.to_dict() for r in self.results],
         }
+
+
+def sparing_gains(before: ProtocolCheck, after: ProtocolCheck) -> dict[str, float]:
+    """Per organ-at-risk goal (by label): how much lower its metric is in ``after`` than in
+    ``before``, in the goal's unit (Gy, or % for a Vx goal); negative where it rose."""
+    was = {r.goal.label: r.achieved for r in before.sparing_results()}
+    return {
+        r.goal.label: was[r.goal.label] - r.achieved
+        for r in after.sparing_results()
+        if r.goal.label in was
+    }
 
 
 def check_protocol(plan: PlanDose, protocol: Protocol) -> ProtocolCheck:

@@ -316,6 +316,7 @@ def planner_messages(
     max_factor: float,
     max_dose_step_gy: float,
     alternatives: int = 0,
+    improving: bool = False,
 ) -> list[dict[str, Any]]:
     keys = [t.key() for t in current]
     answer = (
@@ -353,7 +354,7 @@ The evaluator's findings on the latest plan:
 Physician's comments (from the treating team): {physician_text(physician)}
 
 Current parameters: {terms_json(current)}
-
+{_improving_text(protocol) if improving else ""}
 Propose the parameters for the next optimisation. Rules:
 - give every one of these terms, and no other: {", ".join(keys)};
 - every weight a positive number, at most {max_factor:g} times and at least 1/{max_factor:g} of
@@ -363,6 +364,25 @@ Propose the parameters for the next optimisation. Rules:
 Answer with one JSON object and nothing else:
 {answer}"""
     return [{"role": "system", "content": PLANNER_SYSTEM}, {"role": "user", "content": user}]
+
+
+def _improving_text(protocol: Protocol) -> str:
+    """What the planner is asked once a plan meets every goal (after_goals_met: improve)."""
+    lower = {g.structure for g in protocol.goals if g.comparator == ">="}
+    order = sorted(
+        (g.priority, g.structure)
+        for g in protocol.goals
+        if g.comparator == "<=" and g.structure not in lower
+    )
+    organs = ", ".join(dict.fromkeys(s for _, s in order)) or "the organs at risk"
+    return f"""
+A plan in the history above already meets every clinical goal; the current parameters are the
+ones that produced the best such plan. The task now is sparing: lower the doses to the organs at
+risk further ({organs}, most important first) while every goal, target coverage included,
+stays met. Prefer small steps on the organ-at-risk terms (a lower dose_gy, a higher weight). If
+the last attempt broke a goal, step back towards the current parameters. Leaving every
+parameter unchanged ends the optimisation with the current best plan.
+"""
 
 
 def _history_entry(h: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, TypeVar
 
 from radpilot.agents.step import memory_window
 from radpilot.errors import StepFailedError, UnavailableError
-from radpilot.evaluation.protocol_check import ProtocolCheck
+from radpilot.evaluation.protocol_check import ProtocolCheck, sparing_gains
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.record import MEETS, NEEDS_IMPROVEMENT, ArtefactRef, FmoStats, IterationRecord
 
@@ -123,6 +123,11 @@ class LoopSettings:
     # max_iterations counts rounds. parallel: FMOs at once (0 = all of a round's; in process 1).
     candidates: int = 1
     parallel: int = 0
+    # After the protocol is met: go on lowering the organ-at-risk metrics (the protocol's
+    # after_goals_met: improve) until a round gains less than min_gain (Gy, or % for Vx goals).
+    improve: bool = False
+    min_gain: float = 0.5
+    improve_idle_rounds: int = 2  # rounds in a row that break a goal or trade worse: stop
 
     def __post_init__(self) -> None:
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -133,6 +138,8 @@ class LoopSettings:
             raise ValueError("memory_length must be at least 1")
         if self.retry_budget_s < 0:
             raise ValueError("retry_budget_s must be >= 0")
+        if self.min_gain < 0 or self.improve_idle_rounds < 1:
+            raise ValueError("min_gain must be >= 0 and improve_idle_rounds >= 1")
 
 
 @dataclass
@@ -186,11 +193,56 @@ def finished(records: list[IterationRecord]) -> bool:
     planned = rounds[-2][-1].candidates if len(rounds) > 1 else [[]]
     if len(last_round) < len(planned):
         return False  # stopped part-way through a round of candidates
-    return (
-        any(r.meets for r in last_round)
-        or not last.proposal
-        or last.proposal == _best(last_round).objectives
-    )
+    # no proposal: met (and not improving, or the improvement ended) or the budget was spent
+    return not last.proposal or last.proposal == _anchor(records).objectives
+
+
+def _anchor(records: list[IterationRecord]) -> IterationRecord:
+    """The plan the next round starts from: once a plan meets the protocol, the best plan so
+    far (the improvement phase never continues from a plan that breaks a goal); before that,
+    the best of the last round."""
+    if any(r.meets for r in records):
+        return _best(records)
+    return _best(_rounds(records)[-1])
+
+
+def improvement(records: list[IterationRecord], settings: LoopSettings) -> tuple[bool, str]:
+    """Whether the loop goes on after the protocol was met, and why not (a sentence).
+
+    A round *gains* when its best plan meets every goal, ranks above the best plan so far and
+    lowers at least one organ-at-risk goal metric by ``min_gain``. The improvement ends with a
+    round that meets every goal but gains less (converged), or after ``improve_idle_rounds``
+    rounds in a row that do not gain (each broke a goal or traded one organ for another)."""
+    rounds = _rounds(records)
+    first = next((i for i, rnd in enumerate(rounds) if any(r.meets for r in rnd)), None)
+    if first is None:
+        return True, ""
+    best = _best(rounds[first])
+    if not settings.improve:
+        return False, (
+            f"the protocol is met at iteration {best.iteration}; "
+            "after_goals_met: stop ends the loop there"
+        )
+    idle = 0
+    for rnd in rounds[first + 1 :]:
+        top = _best(rnd)
+        gains = sparing_gains(best.check, top.check)
+        most = max(gains.values(), default=0.0)
+        if top.meets and top.check.rank() > best.check.rank() and most >= settings.min_gain:
+            best, idle = top, 0
+            continue
+        if top.meets and top.check.rank() > best.check.rank():
+            return False, (
+                f"improvement ended: round {top.round} met every goal but lowered no "
+                f"organ-at-risk metric by {settings.min_gain:g} or more (at most {most:.2f})"
+            )
+        idle += 1
+        if idle >= settings.improve_idle_rounds:
+            return False, (
+                f"improvement ended: {idle} round(s) in a row did not improve on iteration "
+                f"{best.iteration} without breaking a goal"
+            )
+    return True, ""
 
 
 def run_loop(
@@ -223,10 +275,10 @@ def run_loop(
         planned_last = previous[-1].candidates if previous else [list(objectives)]
         if len(rounds[-1]) < len(planned_last):  # resume part-way through the last round
             rnd, planned, done = rounds[-1][0].round, planned_last, rounds[-1]
-            warm = _best(previous).fluence if previous else None
+            warm = _anchor(records[: -len(rounds[-1])]).fluence if previous else None
         else:
             rnd, planned = rounds[-1][0].round + 1, records[-1].candidates
-            warm = _best(rounds[-1]).fluence
+            warm = _anchor(records).fluence
     while rnd <= settings.max_iterations:
         sink.check_stop()
         first_it = (records[-1].iteration if records else 0) + 1
@@ -241,11 +293,16 @@ def run_loop(
         else:
             new = [run(*job) for job in jobs]
         this_round = [*done, *new]
+        so_far = [*records, *new]
         best = _best(this_round)
+        anchor = _anchor(so_far)
         carrier = new[-1]
-        if not any(r.meets for r in this_round) and rnd < settings.max_iterations:
+        go_on, why_not = improvement(so_far, settings)
+        if go_on and rnd < settings.max_iterations:
             sink.check_stop()
-            _propose(planner, sink, settings, [*records, *new], this_round, best, carrier)
+            _propose(planner, sink, settings, so_far, this_round, anchor, carrier)
+        elif why_not:
+            carrier.rationale = why_not
         for record in new:
             sink.check_stop()
             sink.add(
@@ -268,7 +325,7 @@ def run_loop(
         )
         if finished(records):
             break
-        rnd, planned, done, warm = rnd + 1, carrier.candidates, [], best.fluence
+        rnd, planned, done, warm = rnd + 1, carrier.candidates, [], anchor.fluence
     return _result(records)
 
 
@@ -351,6 +408,8 @@ def _propose(
     memory = memory_window(
         settings.agent, records if settings.agent == "bo" else path, settings.memory_length
     )
+    if best.meets and best not in memory:
+        memory = [best, *memory]  # improving: the plan to improve on stays in view
     t0 = time.perf_counter()
     prop = _retrying(
         settings,
@@ -372,11 +431,13 @@ def _propose(
             alternatives.append(list(terms))
     carrier.proposal = list(prop.objectives)
     carrier.alternatives = alternatives
-    carrier.rationale = (
-        f"from iteration {best.iteration}, the best of round {best.round}: {prop.rationale}"
-        if len(this_round) > 1
-        else prop.rationale
-    )
+    if best.meets:
+        prefix = f"improving on iteration {best.iteration}, which meets every goal: "
+    elif len(this_round) > 1:
+        prefix = f"from iteration {best.iteration}, the best of round {best.round}: "
+    else:
+        prefix = ""
+    carrier.rationale = prefix + prop.rationale
     carrier.reference_ids = list(prop.reference_ids)
     carrier.llm_calls += [{**c, "iteration": carrier.iteration} for c in prop.llm_calls]
 

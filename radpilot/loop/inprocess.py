@@ -220,7 +220,14 @@ def plan_loop(
     ``candidates`` K > 1: K parameter sets per round from round 2 on, optimised one after the
     other here (the services optimise them side by side across optimizer replicas).
     """
-    settings = LoopSettings(max_iterations, memory_length, agent, candidates=candidates, parallel=1)
+    settings = LoopSettings(
+        max_iterations,
+        memory_length,
+        agent,
+        candidates=candidates,
+        parallel=1,
+        **protocol.improvement_settings(),
+    )
     check_agent(agent, JOB_AGENTS, llm_configured=llm is not None)
     protocol.check_case(case)
     t0 = time.perf_counter()

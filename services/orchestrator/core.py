@@ -409,6 +409,7 @@ class Orchestrator:
                 job.agent,
                 self.retry_budget_s,
                 candidates=job.candidates,
+                **protocol.improvement_settings(),
             ),
         )
         self._finish(job_id, result)

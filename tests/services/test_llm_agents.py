@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
 from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.evaluation.rules import Decision
 from radpilot.fmo import FluenceOptimizer, FMOSettings
 from radpilot.llm.client import LLMClient, LLMSettings
@@ -714,6 +716,24 @@ def test_no_change_while_goals_fail_gets_one_retry_then_a_rules_step(first_plan,
             harder, list(harder.objectives), memory, []
         )
     assert [c.outcome for c in out.calls] == ["retried", "used"] and not out.fallback
+
+
+def test_once_a_plan_meets_every_goal_the_planner_is_asked_to_spare(first_plan, harder) -> None:
+    same = {t.key(): {"weight": t.weight, "dose_gy": t.dose_gy} for t in harder.objectives}
+    idle = Reply(json.dumps({"terms": same, "rationale": "nothing left to gain"}))
+    entry = _memory(first_plan, harder)[-1]
+    met = ProtocolCheck(
+        [replace(r, passed=True, margin=abs(r.margin)) for r in entry.check.results]
+    )
+    memory = [replace(entry, check=met)]
+    with ScriptedLLMServer(Hostile(planner=[idle])) as srv:
+        out = LLMPlanner(LLMClient(scripted_settings(srv))).propose(
+            harder, list(harder.objectives), memory, []
+        )
+        text = srv.requests[-1]["messages"][1]["content"]
+    assert "already meets every clinical goal" in text and "(Core, most important first)" in text
+    # while improving, leaving everything unchanged is a valid answer: it ends the loop
+    assert [c.outcome for c in out.calls] == ["used"] and out.objectives == list(harder.objectives)
 
 
 def test_feedback_reaches_the_evaluator_and_planner_in_process(analytic_case: Case, harder) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 
 from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
@@ -111,6 +112,8 @@ def test_check_pass_fail_and_margins(analytic_case: Case) -> None:
         (("limit: 50}", "limit: 1e308}"), r"goals\[0\].limit \(D95\) is 1e\+308.*\[0, 100\]"),
         (("dose_gy: 50}", "dose_gy: 50, boost: 2}"), r"prescription has unknown field"),
         (("priority: 2", "priority: 1000"), r"within 1\.\.100"),
+        (("name: t", "name: t\nafter_goals_met: maybe"), "after_goals_met must be one of improve"),
+        (("name: t", "name: t\nimprove_min_gain: 0"), r"improve_min_gain is 0.*\(0, 50\]"),
         (
             ("name: t", "name: t\nbeams: {gantry_deg: [0], bixel_mm: 0}"),
             r"bixel_mm is 0.*\[1, 20\]",
@@ -128,6 +131,17 @@ def test_values_outside_their_physical_range_are_refused_with_the_range(
     assert edit[0] in BASE or edit[0] == "name: t"
     with pytest.raises(ProtocolError, match=message):
         load_protocol_text(BASE.replace(*edit, 1))
+
+
+def test_after_goals_met_defaults_to_improve_and_can_stop() -> None:
+    p = load_protocol_text(BASE)
+    assert p.after_goals_met == "improve" and p.improve_min_gain == 0.5
+    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5}
+    q = load_protocol_text(
+        BASE.replace("name: t", "name: t\nafter_goals_met: stop\nimprove_min_gain: 1.5", 1)
+    )
+    assert q.improvement_settings() == {"improve": False, "min_gain": 1.5}
+    assert load_protocol_text(yaml.safe_dump(q.to_dict())) == q  # it survives a round trip
 
 
 def test_yaml_aliases_anchors_and_deep_nesting_are_refused_before_they_cost_anything() -> None:

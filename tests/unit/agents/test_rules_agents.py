@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -90,12 +92,55 @@ def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Cas
     assert core(protocol.objectives) < core(new) < core(full)  # a smaller step than a fresh one
 
 
-def test_loop_stops_when_met_and_reports_the_best(analytic_case: Case) -> None:
+def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
+    analytic_case: Case,
+) -> None:
+    protocol, met = _check(analytic_case, 52.0, 8.0)  # every goal met, core D10 8 Gy
+    assert met.all_passed
+    old = {t.key(): t for t in protocol.objectives}
+    new, why, alternatives = propose_rules(
+        protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met)], count=3
+    )
+    got = {t.key(): t for t in new}
+    core = got["Core:squared_overdose"]
+    # below what the core gets now (8 Gy) and below its old objective dose, with more weight
+    assert core.dose_gy < 8.0 * 0.9 and core.weight == pytest.approx(2 * 100.0)
+    # the target's hot-spot term keeps the balance: same factor, active at the hot spot now
+    ptv_hot = got["PTV:squared_overdose"]
+    assert ptv_hot.weight == pytest.approx(2 * 500.0) and ptv_hot.dose_gy == pytest.approx(52.0)
+    assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
+    assert "every goal is met at iteration 1; sparing the organs at risk" in why
+    assert "Core D10 <= 10 Gy at 8.00 Gy" in why
+    assert len(alternatives) == 2 and new not in alternatives
+    # the step broke a goal (iteration 2): from iteration 1 again, with a smaller step
+    _, broke = _check(analytic_case, 58.0, 6.0)
+    memory = [MemoryEntry(1, protocol.objectives, met), MemoryEntry(2, new, broke)]
+    again, why2, _ = propose_rules(protocol, new, broke, memory)
+    smaller = {t.key(): t for t in again}["Core:squared_overdose"]
+    assert 100.0 < smaller.weight < core.weight and core.dose_gy < smaller.dose_gy < 8.0
+    assert "attempt 2, a smaller step" in why2
+
+
+def test_loop_goes_on_after_the_goals_are_met_unless_the_protocol_says_stop(
+    analytic_case: Case,
+) -> None:
     protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
-    report = plan_loop(analytic_case, protocol, max_iterations=3)
-    assert 1 <= len(report.iterations) <= 3
+    report = plan_loop(analytic_case, protocol, max_iterations=4)
+    assert 1 <= len(report.iterations) <= 4
     assert report.best_iteration in [it.iteration for it in report.iterations]
-    if report.check.all_passed:
-        assert report.iterations[-1].iteration == report.best_iteration
+    summary = report.summary()
+    met = summary["improvement"]["met_at_iteration"]
+    assert met, "the easier C-shape protocol is met on the analytic phantom"
+    best = next(it for it in report.iterations if it.iteration == report.best_iteration)
+    assert best.meets and report.best_iteration >= met
+    first = next(it for it in report.iterations if it.iteration == met)
+    assert best.check.sparing() >= first.check.sparing()
+    if len(report.iterations) < 4:  # it stopped before the budget: the record says why
+        assert summary["loop_ended"].startswith("improvement ended")
+    assert summary["after_goals_met"] == "improve"
+    stop = replace(protocol, after_goals_met="stop")
+    stopped = plan_loop(analytic_case, stop, max_iterations=4)
+    assert stopped.iterations[-1].iteration == met == stopped.best_iteration
+    assert "after_goals_met: stop" in stopped.summary()["loop_ended"]
     with pytest.raises(ValueError, match="max_iterations"):
-        plan_loop(analytic_case, protocol, max_iterations=0)
+        plan_loop(analytic_case, stop, max_iterations=0)

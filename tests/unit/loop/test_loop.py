@@ -303,7 +303,7 @@ TWO_PER_ROUND = [(1, 1, 0), (2, 2, 0), (3, 2, 1), (4, 3, 0), (5, 3, 1)]
 
 def test_candidates_are_optimised_side_by_side_and_the_loop_follows_the_best() -> None:
     # round 1: w=1 (core 16); round 2: w=2 (14) and w=4 (12) -> best w=4;
-    # round 3 from w=4: w=8 (10, met) and w=16 (8, met) -> stops, best = the earlier of equals
+    # round 3 from w=4: w=8 (10, met) and w=16 (8, met) -> stops, best = the one sparing more
     opt = ConcurrentOptimizer()
     result, _, planner, _ = _run(optimizer=opt, candidates=2)
     assert [(r.iteration, r.round, r.candidate) for r in result.records] == TWO_PER_ROUND
@@ -317,7 +317,7 @@ def test_candidates_are_optimised_side_by_side_and_the_loop_follows_the_best() -
     ]  # every candidate warm-starts from the previous round's best plan
     assert planner.currents == [1, 4]  # round 3 was proposed from w=4, the best of round 2
     assert planner.memories == [[1], [1, 3]]  # the path: the best of each round
-    assert result.met_at == 4 and result.best_iteration == 4 and result.rounds == 3
+    assert result.met_at == 4 and result.best_iteration == 5 and result.rounds == 3
     carrier = result.records[2]  # round 2's last record carries the next round's candidates
     assert [c[0].weight for c in carrier.candidates] == [8, 16]
     assert "best of round 2" in carrier.rationale
@@ -341,3 +341,61 @@ def test_a_run_stopped_inside_a_round_resumes_with_the_missing_candidates() -> N
 def test_candidates_is_bounded() -> None:
     with pytest.raises(ValueError, match="candidates"):
         LoopSettings(candidates=0)
+
+
+class BreaksAbove(FakeEvaluator):
+    """The soft PTV goal breaks once the core weight passes ``limit`` (sparing too hard)."""
+
+    def __init__(self, limit: float) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
+        self.soft_gy = 60.0 if float(dose.path.split(":")[1]) > self.limit else 50.0
+        return super().evaluate(dose, physician_feedback)
+
+
+def test_after_the_goals_are_met_it_improves_while_rounds_gain() -> None:
+    # met at iteration 4 (core 10 Gy); each doubling then lowers the core by 2 Gy >= 0.5
+    result, *_ = _run(improve=True, max_iterations=6)
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4, 5, 6]
+    assert result.met_at == 4 and result.best_iteration == 6  # the plan that spares most
+    assert result.records[-1].proposal == []  # the budget ended it
+    assert "improving on iteration 5, which meets every goal" in result.records[4].rationale
+    # a round that gains less than min_gain ends the improvement, and the record says so
+    result, *_ = _run(improve=True, min_gain=3.0, max_iterations=8)
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4, 5]
+    assert result.best_iteration == 5  # it still spares more than iteration 4
+    assert result.records[-1].rationale.startswith("improvement ended: round 5 met every goal")
+    assert "(at most 2.00)" in result.records[-1].rationale
+
+
+def test_improvement_continues_from_the_best_plan_and_ends_after_rounds_that_break_goals() -> None:
+    result, opt, planner, sink = _run(evaluator=BreaksAbove(8.0), improve=True, max_iterations=8)
+    # 5 and 6 break the soft goal: both start from iteration 4 (weight 8) and its fluence
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4, 5, 6]
+    assert result.best_iteration == 4 and result.met_at == 4
+    assert planner.currents[-2:] == [8.0, 8.0]
+    assert [c[1].path for c in opt.calls[-2:] if c[1]] == ["fluence-4", "fluence-4"]
+    assert 4 in planner.memories[-1]  # the plan to improve on stays in the planner's memory
+    assert "2 round(s) in a row did not improve on iteration 4" in result.records[-1].rationale
+    # resume: a stored run that is still improving goes on; a finished one does not
+    done = MemorySink()
+    done.records = list(sink.records)
+    again, opt2, *_ = _run(evaluator=BreaksAbove(8.0), sink=done, improve=True, max_iterations=8)
+    assert opt2.calls == [] and again.best_iteration == 4
+    interrupted = StopsAfter(5)
+    with pytest.raises(KeyboardInterrupt):
+        _run(evaluator=BreaksAbove(8.0), sink=interrupted, improve=True, max_iterations=8)
+    resumed = MemorySink()
+    resumed.records = list(interrupted.records)
+    later, opt3, *_ = _run(evaluator=BreaksAbove(8.0), sink=resumed, improve=True, max_iterations=8)
+    assert [r.iteration for r in later.records] == [1, 2, 3, 4, 5, 6] and len(opt3.calls) == 1
+
+
+def test_ranking_prefers_the_plan_that_spares_more_among_plans_that_meet() -> None:
+    def rec(i: int, core: float) -> IterationRecord:
+        return IterationRecord(i, START, FmoStats(), _check(core, 50.0))
+
+    assert best_iteration([rec(1, 9.0), rec(2, 7.5), rec(3, 8.0)]) == 2
+    assert best_iteration([rec(1, 9.0), rec(2, 10.5)]) == 1  # a miss never wins
