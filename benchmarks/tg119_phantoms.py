@@ -107,7 +107,9 @@ deliverable clinical plans, while these are fluence-map optima (not leaf-sequenc
 built from the report's description rather than its own CT: compare with care. The row "hottest
 point outside the targets" is what the rules evaluator reports: nothing in these protocols limits
 the dose within 10 mm of a target (NormalTissue starts there), and the optimum puts hot spots
-there; the implicit hot-spot goals of issue 10 are not in place yet.
+there; the implicit hot-spot goals of issue 10 are not in place yet. While sparing, the loop's own
+goal `Global max` keeps every plan's hottest point within 2 % of the first plan that met (rows
+"Global max"), so the improvement never makes the plan hotter.
 
 | case | protocol | goal | first met (Gy or %) | best | | TG-119 institutions | best - institutions' mean |
 |---|---|---|---|---|---|---|---|

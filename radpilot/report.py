@@ -255,7 +255,8 @@ class PlanReport:
                 f"<p>The protocol was first met at iteration {imp['met_at_iteration']}; "
                 f"{gained}. After the goals are met the loop "
                 + (
-                    "goes on sparing the organs at risk"
+                    "goes on sparing the organs at risk, and every later plan must keep its "
+                    "hottest point within 2 % of that plan's (the goal Global max)"
                     if summary["after_goals_met"] == "improve"
                     else "stops (after_goals_met: stop)"
                 )

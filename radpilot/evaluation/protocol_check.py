@@ -15,6 +15,9 @@ from radpilot.protocol import ClinicalGoal, Protocol
 # Dose normalisation makes D95 equal the prescription to float32 precision; a goal sitting
 # exactly on its limit must not fail on the last bit.
 RELATIVE_TOLERANCE = 1e-5
+# The loop's own goal on the hottest point anywhere (the improvement phase may not raise it):
+# not a protocol structure, never a sparing goal, never an objective term.
+GLOBAL = "Global"
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,7 @@ class ProtocolCheck:
         """The organ-at-risk goals: upper limits on structures that have no lower limit (a
         target's D95 >= is a lower limit, so its hot-spot goals are not sparing goals)."""
         lower = {r.goal.structure for r in self.results if r.goal.comparator == ">="}
+        lower.add(GLOBAL)
         return [
             r for r in self.results if r.goal.comparator == "<=" and r.goal.structure not in lower
         ]

@@ -20,15 +20,17 @@ from typing import Any, Protocol, TypeVar
 
 from radpilot.agents.step import memory_window
 from radpilot.errors import StepFailedError, UnavailableError
-from radpilot.evaluation.protocol_check import ProtocolCheck, sparing_gains
+from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck, sparing_gains
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.record import MEETS, NEEDS_IMPROVEMENT, ArtefactRef, FmoStats, IterationRecord
+from radpilot.protocol import ClinicalGoal
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_RETRY_BUDGET_S = 180.0
 MAX_CANDIDATES = 8
+HOT_SPOT_SLACK = 0.02  # improving may raise the hottest point by at most 2 % of its value
 
 
 # -- what the ports answer ---------------------------------------------------------------------
@@ -206,6 +208,42 @@ def _anchor(records: list[IterationRecord]) -> IterationRecord:
     return _best(_rounds(records)[-1])
 
 
+def _hottest(record: IterationRecord) -> tuple[str, float] | None:
+    """The hottest point of a plan (from its structure statistics) and the body's name."""
+    if not record.stats:
+        return None
+    body = next((s["name"] for s in record.stats if s.get("kind") == "external"), "")
+    return body, max(float(s["max_gy"]) for s in record.stats)
+
+
+def _bound_hot_spot(records: list[IterationRecord], new: list[IterationRecord]) -> None:
+    """Once a plan meets the protocol, sparing may not buy organ dose with a hotter plan: every
+    plan from then on gets the hard, priority-1 goal "Global max <= the first such plan's
+    hottest point + 2 %" (the plan that first met keeps it with room). A plan that breaks it
+    does not meet the protocol, ranks below every plan that does, and the planner steps back."""
+    first = next((r for r in records if r.meets), None)
+    ref = _hottest(first) if first is not None else None
+    if first is None or ref is None:
+        return
+    limit = round(ref[1] * (1 + HOT_SPOT_SLACK), 2)
+    goal = ClinicalGoal(GLOBAL, "max", "<=", limit, 1, True)
+    for r in new:
+        hot = _hottest(r)
+        if r.iteration < first.iteration or hot is None:
+            continue
+        if any(x.goal.structure == GLOBAL for x in r.check.results):
+            continue
+        result = GoalResult(goal, hot[1], hot[1] <= limit, limit - hot[1])
+        r.check = ProtocolCheck([*r.check.results, result])
+        if not result.passed:
+            r.decision = NEEDS_IMPROVEMENT
+            where = f" (in {hot[0]})" if hot[0] else ""
+            r.findings.append(
+                f"{result.finding()}: sparing may not make the plan hotter than the first plan "
+                f"that met the protocol{where}"
+            )
+
+
 def improvement(records: list[IterationRecord], settings: LoopSettings) -> tuple[bool, str]:
     """Whether the loop goes on after the protocol was met, and why not (a sentence).
 
@@ -294,6 +332,8 @@ def run_loop(
             new = [run(*job) for job in jobs]
         this_round = [*done, *new]
         so_far = [*records, *new]
+        if settings.improve:
+            _bound_hot_spot(so_far, new)
         best = _best(this_round)
         anchor = _anchor(so_far)
         carrier = new[-1]

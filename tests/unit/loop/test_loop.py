@@ -399,3 +399,35 @@ def test_ranking_prefers_the_plan_that_spares_more_among_plans_that_meet() -> No
 
     assert best_iteration([rec(1, 9.0), rec(2, 7.5), rec(3, 8.0)]) == 2
     assert best_iteration([rec(1, 9.0), rec(2, 10.5)]) == 1  # a miss never wins
+
+
+class HotterWithWeight(FakeEvaluator):
+    """The plan's hottest point (in the body) rises with the core weight: 50 Gy + weight."""
+
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
+        out = super().evaluate(dose, physician_feedback)
+        w = float(dose.path.split(":")[1])
+        out.stats = [
+            {"name": "Body", "kind": "external", "max_gy": 50.0 + w},
+            {"name": "Core", "kind": "oar", "max_gy": 20.0},
+        ]
+        return out
+
+
+def test_sparing_may_not_make_the_plan_hotter_than_the_first_plan_that_met() -> None:
+    result, *_ = _run(evaluator=HotterWithWeight(), improve=True, max_iterations=8)
+    # met at 4 (w=8, hottest 58 Gy): later plans must stay <= 58 x 1.02 = 59.16 Gy; w=16 is
+    # 66 Gy, so it breaks the loop's own goal, does not meet, and the first plan stays best
+    assert [r.iteration for r in result.records] == [1, 2, 3, 4, 5, 6]
+    assert result.best_iteration == 4 and result.met_at == 4
+    hot = [r for r in result.records[4].check.results if r.goal.structure == "Global"]
+    assert hot and hot[0].goal.limit == 59.16 and not hot[0].passed and hot[0].goal.hard
+    assert not result.records[4].meets
+    assert any("may not make the plan hotter" in f for f in result.records[4].findings)
+    first = result.records[3].check
+    assert first.all_passed and any(r.goal.structure == "Global" for r in first.results)
+    assert all(r.goal.structure != "Global" for r in first.sparing_results())
+    assert all(r.goal.structure != "Global" for r in result.records[2].check.results)  # before
+    # without improvement the loop adds nothing to the protocol's goals
+    plain, *_ = _run(evaluator=HotterWithWeight(), max_iterations=8)
+    assert all(r.goal.structure != "Global" for x in plain.records for r in x.check.results)
