@@ -1,9 +1,13 @@
-"""The Bayesian-optimisation baseline (the paper's BO): Optuna over the objective weights.
+"""The Bayesian-optimisation baseline (the paper's BO): Optuna over weights and objective doses.
 
 Stateless by design, like the planner service: each call rebuilds the study from the iterations
-it is given (all of them, for this agent) — their weights and a plan-quality score computed from
-the protocol goals — and asks the sampler (TPE, seeded) for the next weights. The search space is
-each protocol term's weight times 10^u, u in [-1, 1]; objective doses stay the protocol's.
+it is given (all of them, for this agent) — their parameters and a plan-quality score computed
+from the protocol goals — and asks the sampler (TPE, seeded) for the next parameters. The search
+space is each protocol term's weight times 10^u, u in [-1, 1], and, for the overdose terms of
+the organs whose goals the first plan misses (once a plan meets: of every organ with a goal), the
+objective dose times f, f in [0.5, 1]: a lower objective dose is how a planner asks for more
+sparing. Target terms keep the protocol's doses.
+The protocol's own parameters (u = 0, f = 1) are the first point: the loop's first iteration.
 Asked for a batch (candidates optimised in parallel), it asks the sampler several times with the
 constant-liar strategy, so the points of one batch spread out instead of repeating.
 """
@@ -21,6 +25,7 @@ from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import Protocol
 
 SPAN_DECADES = 1.0
+DOSE_FRACTION = (0.5, 1.0)  # an organ's overdose objective dose, relative to the protocol's
 STARTUP_TRIALS = 4
 
 
@@ -38,14 +43,39 @@ def _param(key: str) -> str:
     return "log10x_" + key.replace(":", "__")
 
 
+def _dose_param(key: str) -> str:
+    return "dosex_" + key.replace(":", "__")
+
+
+def _dose_terms(protocol: Protocol, memory: list[MemoryEntry]) -> set[str]:
+    """The terms whose objective dose BO searches: the overdose terms of the organs whose goals
+    the first plan (the protocol's own parameters) misses; when it misses none of theirs, of
+    every organ with a goal (sparing). Searching every dose would spread a short budget over
+    dimensions that do not matter (measured: the harder C-shape, whose first plan misses only a
+    target goal, is met by weights alone and not within 16 plans with every dose searched)."""
+    lower = {g.structure for g in protocol.goals if g.comparator == ">="} | {protocol.target}
+    organs = {g.structure for g in protocol.goals} - lower
+    first = memory[0].check if memory else None
+    missed = {r.goal.structure for r in first.failed} if first is not None else set()
+    if first is not None and not first.failed:
+        missed = organs  # met: sparing
+    return {
+        t.key()
+        for t in protocol.objectives
+        if t.kind == "squared_overdose" and t.structure in organs & missed
+    }
+
+
 def propose_bo(
     protocol: Protocol, memory: list[MemoryEntry], seed: int = 0, count: int = 1
 ) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
     """The next weights, why, and ``count - 1`` further points of the same batch."""
     base = {t.key(): t for t in protocol.objectives}
+    doses = _dose_terms(protocol, memory)
     dist: dict[str, optuna.distributions.BaseDistribution] = {
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
     }
+    dist |= {_dose_param(k): optuna.distributions.FloatDistribution(*DOSE_FRACTION) for k in doses}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # "multivariate" is marked experimental; it is what we want
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -58,12 +88,15 @@ def propose_bo(
     study = optuna.create_study(direction="maximize", sampler=sampler)
     used = 0
     for m in memory:
-        weights = {t.key(): t.weight for t in m.objectives}
-        if set(weights) != set(base) or any(w <= 0 for w in weights.values()):
+        terms = {t.key(): t for t in m.objectives}
+        if set(terms) != set(base) or any(t.weight <= 0 for t in terms.values()):
             continue  # not a point of this search space
         params = {
-            _param(k): min(SPAN_DECADES, max(-SPAN_DECADES, math.log10(weights[k] / t.weight)))
+            _param(k): _clip(math.log10(terms[k].weight / t.weight), -SPAN_DECADES, SPAN_DECADES)
             for k, t in base.items()
+        }
+        params |= {
+            _dose_param(k): _clip(terms[k].dose_gy / base[k].dose_gy, *DOSE_FRACTION) for k in doses
         }
         study.add_trial(
             optuna.trial.create_trial(
@@ -76,7 +109,7 @@ def propose_bo(
             ObjectiveTerm(
                 t.structure,
                 t.kind,
-                t.dose_gy,
+                round(t.dose_gy * trial.params[_dose_param(k)], 3) if k in doses else t.dose_gy,
                 min(MAX_WEIGHT, t.weight * 10 ** trial.params[_param(k)]),
             )
             for k, t in base.items()
@@ -90,3 +123,7 @@ def propose_bo(
         f"BO (TPE) step {used + 1}{size}: best plan quality so far {best:.4f}",
         batch[1:],
     )
+
+
+def _clip(v: float, low: float, high: float) -> float:
+    return min(high, max(low, v))

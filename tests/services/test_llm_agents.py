@@ -221,13 +221,33 @@ def test_llm_that_never_says_done_runs_its_budget(analytic_case: Case, harder) -
     assert roles.count("evaluator") == 3 and roles.count("planner") == 2
 
 
+def _core_missed(check: ProtocolCheck) -> ProtocolCheck:
+    return ProtocolCheck(
+        [
+            replace(r, achieved=12.0, passed=False, margin=-2.0)
+            if r.goal.structure == "Core"
+            else r
+            for r in check.results
+        ]
+    )
+
+
 def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, first_plan) -> None:
     memory = _memory(first_plan, harder)
     a, _, _ = propose_bo(harder, memory, seed=1)
     b, _, _ = propose_bo(harder, memory, seed=1)
     assert a == b
     for t, t0 in zip(a, harder.objectives, strict=True):
-        assert t0.weight / 10.0001 <= t.weight <= t0.weight * 10.0001 and t.dose_gy == t0.dose_gy
+        assert t0.weight / 10.0001 <= t.weight <= t0.weight * 10.0001
+        assert t.dose_gy == t0.dose_gy  # the first plan misses no organ goal: weights only
+    # once an organ goal is missed, its overdose term's objective dose is searched as well
+    organ_missed = [replace(memory[0], check=_core_missed(memory[0].check))]
+    c, _, _ = propose_bo(harder, organ_missed, seed=1)
+    for t, t0 in zip(c, harder.objectives, strict=True):
+        if t.structure == "Core":
+            assert 0.5 * t0.dose_gy - 1e-3 <= t.dose_gy <= t0.dose_gy + 1e-3 != t.dose_gy
+        else:
+            assert t.dose_gy == t0.dose_gy  # targets and organs without a missed goal
     assert plan_quality(memory[0].check) < 0  # the first plan misses a goal
     report = plan_loop(analytic_case, harder, max_iterations=10, agent="bo")
     assert report.check.all_passed  # BO finds the core/hot-spot trade-off on this phantom
