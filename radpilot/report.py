@@ -183,9 +183,7 @@ class PlanReport:
         iter_rows = ""
         parallel_rounds = summary["candidates_per_round"] > 1
         for it in self.iterations:
-            weights = "<br>".join(
-                e(f"{o.structure} {o.kind} {o.dose_gy:g} Gy w={o.weight:g}") for o in it.objectives
-            )
+            weights = "<br>".join(e(o.label()) for o in it.objectives)
             metrics = "<br>".join(
                 e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results
             )

@@ -21,7 +21,7 @@ import optuna
 
 from radpilot.agents.types import MemoryEntry
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm, kind_of
 from radpilot.protocol import Protocol
 
 SPAN_DECADES = 1.0
@@ -62,7 +62,7 @@ def _dose_terms(protocol: Protocol, memory: list[MemoryEntry]) -> set[str]:
     return {
         t.key()
         for t in protocol.objectives
-        if t.kind == "squared_overdose" and t.structure in organs & missed
+        if kind_of(t).bound() > 0 and t.structure in organs & missed
     }
 
 
@@ -106,9 +106,7 @@ def propose_bo(
         used += 1
     batch = [
         [
-            ObjectiveTerm(
-                t.structure,
-                t.kind,
+            t.with_values(
                 round(t.dose_gy * trial.params[_dose_param(k)], 3) if k in doses else t.dose_gy,
                 min(MAX_WEIGHT, t.weight * 10 ** trial.params[_param(k)]),
             )

@@ -111,7 +111,7 @@ def validate_proposal(
                 f"{key}: dose_gy {dose:g} is above twice the prescription "
                 f"({2 * prescription_gy:g} Gy)"
             )
-        out.append(ObjectiveTerm(old.structure, old.kind, dose, weight))
+        out.append(old.with_values(dose, weight))
     rationale = data.get("rationale", "")
     return out, rationale if isinstance(rationale, str) else str(rationale)
 

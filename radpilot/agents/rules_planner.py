@@ -160,7 +160,11 @@ def _push(
             old = terms.get(key)
             dose = old.dose_gy if old else (g.limit if g.unit == "Gy" else protocol.prescription_gy)
             weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
-            terms[key] = ObjectiveTerm(g.structure, key.split(":")[1], dose, weight)
+            terms[key] = (
+                old.with_values(dose, weight)
+                if old
+                else ObjectiveTerm(g.structure, key.split(":")[1], dose, weight)
+            )
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
             )
@@ -221,9 +225,7 @@ def _lower(
             # active at the hot spot the plan has now (never below 101 % of the prescription)
             t = terms[key]
             dose = min(t.dose_gy, max(r.achieved, protocol.prescription_gy * 1.01))
-            terms[key] = ObjectiveTerm(
-                t.structure, t.kind, round(dose, 3), min(MAX_WEIGHT, t.weight * factor)
-            )
+            terms[key] = t.with_values(round(dose, 3), min(MAX_WEIGHT, t.weight * factor))
     level: dict[str, float] = {}  # structure -> the lowest dose one of its goals sits at
     for r in goals:
         kind, value = parse_metric(r.goal.metric)

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import OptimizeResult, minimize
 
 from radpilot.case import Case
-from radpilot.fmo.objectives import ObjectiveTerm, objective_kind
+from radpilot.fmo.objectives import ObjectiveTerm, kind_of
 
 
 def float64_objective(
@@ -28,9 +28,7 @@ def float64_objective(
         f, grad_dose = 0.0, np.zeros_like(dose)
         for t in terms:
             r, vw = rows[t.structure]
-            v, g = objective_kind(t.kind).value_and_gradient(
-                dose[r], t.dose_gy, t.weight, np, vw=vw
-            )
+            v, g = kind_of(t).value_and_gradient(dose[r], t.dose_gy, t.weight, np, vw=vw)
             f += v
             grad_dose[r] += g
         return f, A.T @ grad_dose

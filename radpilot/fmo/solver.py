@@ -38,7 +38,7 @@ import numpy as np
 from radpilot.case import Case, CaseError
 from radpilot.dosimetry import dose_at_volume
 from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops
-from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, objective_kind, validate_terms
+from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, kind_of, validate_terms
 
 GREW = "working set grew"
 
@@ -195,7 +195,7 @@ class FluenceOptimizer:
                 out.append(
                     _Term(
                         t,
-                        objective_kind(t.kind),
+                        kind_of(t),
                         self.xp.asarray(rows),
                         self._volume(t.structure),
                         self.xp.asarray(vw) if vw is not None else None,
@@ -223,7 +223,7 @@ class FluenceOptimizer:
         out = {}
         for t in terms:
             rows, vw = self._objective_rows(t.structure)
-            out[t.key()] = objective_kind(t.kind).value(
+            out[t.key()] = kind_of(t).value(
                 dose[xp.asarray(rows)],
                 t.dose_gy,
                 t.weight,
@@ -286,27 +286,22 @@ class FluenceOptimizer:
     def _line_search(self, dose: Any, q: Any, terms: list[_Term], slope0: float) -> float:
         """argmin over t in [0, 1] of the objective at ``dose + t q``.
 
-        The objective along the line is convex and piecewise quadratic in ``t``.
+        Along the line the voxel penalties are piecewise quadratic in ``t`` and the structure
+        penalties smooth and convex; each kind gives the first and second derivative
+        (``ObjectiveKind.along``), and a safeguarded Newton search brackets the minimum.
         """
-        xp = self.xp
-        parts = [
-            (
-                t.kind,
-                dose[t.rows] - t.term.dose_gy,
-                q[t.rows],
-                q[t.rows] if t.vw is None else t.vw * q[t.rows],  # volume-weighted direction
-                2.0 * t.term.weight / max(t.n, 1e-12),
-            )
+        lines = [
+            t.kind.along(dose[t.rows], q[t.rows], t.term.dose_gy, t.term.weight, self.xp, t.n, t.vw)
             for t in terms
         ]
 
         def derivs(step: float) -> tuple[float, float]:
             d1 = 0.0
             d2 = 0.0
-            for kind, r, qq, wq, c in parts:
-                rt = r + step * qq
-                d1 += c * float(xp.sum(kind.shaped(rt, xp) * wq, dtype=xp.float64))
-                d2 += c * float(xp.sum(kind.slope(rt, xp) * wq * qq, dtype=xp.float64))
+            for line in lines:
+                a, b = line(step)
+                d1 += a
+                d2 += b
             return d1, d2
 
         d1_hi, _ = derivs(1.0)

@@ -17,7 +17,7 @@ from typing import Any
 
 from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.fmo.objectives import ObjectiveTerm, kind_of
 from radpilot.protocol import Protocol
 
 EVALUATOR_SYSTEM = (
@@ -306,6 +306,18 @@ def terms_json(terms: list[ObjectiveTerm]) -> str:
     )
 
 
+def kinds_text(terms: list[ObjectiveTerm]) -> str:
+    """One line per kind the terms use (what it penalises), and the parameters the terms set."""
+    lines = []
+    for name in dict.fromkeys(t.kind for t in terms):
+        lines.append(f"- {name}: {kind_of(next(t for t in terms if t.kind == name)).summary}")
+    for t in terms:
+        spec = kind_of(t).parameter
+        if spec is not None and t.parameter is not None:
+            lines.append(f"- {t.key()} has parameter {spec.name} = {t.parameter:g}")
+    return "\n".join(lines)
+
+
 def planner_messages(
     protocol: Protocol,
     current: list[ObjectiveTerm],
@@ -337,10 +349,10 @@ def planner_messages(
     hist_text = "\n\n".join(_history_entry(h) for h in history)
     user = f"""{protocol_text(protocol)}
 
-Objective terms are named "<structure>:<kind>". Kinds: squared_deviation pulls the dose towards
-dose_gy from both sides, squared_overdose penalises dose above dose_gy, squared_underdose
-penalises dose below dose_gy. After each optimisation the plan is rescaled so that the target
-coverage holds.
+Objective terms are named "<structure>:<kind>". What each kind in this plan does:
+{kinds_text(current)}
+A term's kind and parameter are fixed; you set its weight and dose_gy. After each optimisation the
+plan is rescaled so that the target coverage holds.
 
 Approved plans for this protocol on similar anatomy, with the parameters that produced them:
 {ref_text}

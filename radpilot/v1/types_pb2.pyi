@@ -27,16 +27,18 @@ class NDArray(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ObjectiveTerm(_message.Message):
-    __slots__ = ("structure", "kind", "dose_gy", "weight")
+    __slots__ = ("structure", "kind", "dose_gy", "weight", "parameter")
     STRUCTURE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DOSE_GY_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_FIELD_NUMBER: _ClassVar[int]
     structure: str
     kind: str
     dose_gy: float
     weight: float
-    def __init__(self, structure: _Optional[str] = ..., kind: _Optional[str] = ..., dose_gy: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
+    parameter: float
+    def __init__(self, structure: _Optional[str] = ..., kind: _Optional[str] = ..., dose_gy: _Optional[float] = ..., weight: _Optional[float] = ..., parameter: _Optional[float] = ...) -> None: ...
 
 class ParameterSet(_message.Message):
     __slots__ = ("terms",)

@@ -25,13 +25,20 @@ COMPARATOR_TEXT = {v: k for k, v in COMPARATORS.items()}
 def terms_from_proto(terms: list[types_pb2.ObjectiveTerm]) -> list[ObjectiveTerm]:
     if not terms:
         raise ObjectiveError("objectives is empty: send at least one objective term")
-    return [ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight) for t in terms]
+    # proto3 has no null: a parameter of 0 (no kind accepts it) means "not given"
+    return [
+        ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight, t.parameter or None) for t in terms
+    ]
 
 
 def terms_to_proto(terms: list[ObjectiveTerm]) -> list[types_pb2.ObjectiveTerm]:
     return [
         types_pb2.ObjectiveTerm(
-            structure=t.structure, kind=t.kind, dose_gy=t.dose_gy, weight=t.weight
+            structure=t.structure,
+            kind=t.kind,
+            dose_gy=t.dose_gy,
+            weight=t.weight,
+            parameter=t.parameter or 0.0,
         )
         for t in terms
     ]

@@ -29,7 +29,7 @@ from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.evaluation.rules import Decision
-from radpilot.fmo import FluenceOptimizer, FMOSettings
+from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
 from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import case_anatomy_features, plan_loop
 from radpilot.protocol import load_protocol
@@ -253,6 +253,18 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
     assert report.check.all_passed  # BO finds the core/hot-spot trade-off on this phantom
     fixed = plan_loop(analytic_case, harder, max_iterations=5, agent="fixed")
     assert len(fixed.iterations) == 1  # the class solution does not change: one plan
+
+
+def test_bo_searches_the_dose_of_every_upper_bound_kind_and_keeps_parameters(
+    harder, first_plan
+) -> None:
+    memory = _memory(first_plan, harder)
+    organ_missed = [replace(memory[0], check=_core_missed(memory[0].check))]
+    dvh = ObjectiveTerm("Core", "max_dvh", 9.0, 30.0, 20.0)
+    with_dvh = replace(harder, objectives=[*harder.objectives, dvh])
+    terms, _, _ = propose_bo(with_dvh, organ_missed, seed=1)
+    new = next(t for t in terms if t.key() == dvh.key())
+    assert new.parameter == 20.0 and 4.5 - 1e-3 <= new.dose_gy <= 9.0 + 1e-3 != new.dose_gy
 
 
 def test_bo_batch_spreads_out_and_starts_with_the_single_step(harder, first_plan) -> None:

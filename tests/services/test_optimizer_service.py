@@ -95,6 +95,18 @@ def test_prepare_and_optimize(service) -> None:
     )
     assert warm.stats.objective <= cold.stats.objective * 1.002
     assert warm.stats.sparse_products < cold.stats.sparse_products
+    # a kind with a parameter crosses the wire and acts: "at most 10 % of Core above 6 Gy"
+    dvh = types_pb2.ObjectiveTerm(
+        structure="Core", kind="max_dvh", dose_gy=6.0, weight=500.0, parameter=10.0
+    )
+    with_dvh = stub.Optimize(
+        optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=[*TERMS, dvh]), timeout=60
+    )
+    case = load_builtin("analytic-cshape", store, spacing_mm=8.0)  # the stored one
+    core = case.rows_of("Core")
+    before = store.get_artefact(resp.dose.path, resp.dose.sha256)[core]
+    after = store.get_artefact(with_dvh.dose.path, with_dvh.dose.sha256)[core]
+    assert np.percentile(after, 90) < np.percentile(before, 90) - 1.0
 
 
 def _code(fn, request) -> tuple[grpc.StatusCode, str]:
@@ -170,6 +182,25 @@ def test_bad_input_gets_the_right_status(service) -> None:
             optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=TERMS, max_iterations=-1),
             grpc.StatusCode.INVALID_ARGUMENT,
             "max_iterations",
+        ),
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=[*TERMS, bad(structure="Core", kind="max_dvh", dose_gy=10, weight=1)],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs a parameter: volume_pct",
+        ),
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=[
+                    *TERMS,
+                    bad(structure="Core", kind="geud", dose_gy=10, weight=1, parameter=0.5),
+                ],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "a must be >= 1",
         ),
     ]
     for request, code, text in cases:

@@ -57,6 +57,15 @@ def test_shipped_protocols_load(name: str) -> None:
             "repeat",
         ),
         (
+            BASE + "  - {structure: PTV, kind: min_dvh, dose_gy: 49, weight: 2}\n",
+            r"objectives\[1\].*needs a parameter: volume_pct",
+        ),
+        (
+            BASE
+            + "  - {structure: Core, kind: smooth_max, dose_gy: 20, weight: 2, parameter: 0}\n",
+            r"softness_gy must be within \[0.05, 20\]",
+        ),
+        (
             BASE.replace(
                 "goals:\n",
                 'goals:\n  - {structure: PTV, metric: D95, comparator: "<=", limit: 40}\n',
@@ -68,6 +77,19 @@ def test_shipped_protocols_load(name: str) -> None:
 def test_malformed_protocols_name_what_to_fix(text: str, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         load_protocol_text(text)
+
+
+def test_objective_kinds_with_parameters_load_and_round_trip() -> None:
+    text = BASE + (
+        "  - {structure: Core, kind: max_dvh, dose_gy: 15, weight: 2, parameter: 30}\n"
+        "  - {structure: Core, kind: geud, dose_gy: 12, weight: 1, parameter: 8}\n"
+        "  - {structure: Core, kind: smooth_max, dose_gy: 20, weight: 1}\n"
+    )
+    p = load_protocol_text(text)
+    by_kind = {t.kind: t for t in p.objectives}
+    assert by_kind["max_dvh"].parameter == 30.0 and by_kind["geud"].parameter == 8.0
+    assert by_kind["smooth_max"].parameter == 1.0  # the kind's default, written out
+    assert load_protocol_text(yaml.safe_dump(p.to_dict())).objectives == p.objectives
 
 
 def test_protocol_against_case_structures(analytic_case: Case) -> None:

@@ -71,3 +71,21 @@ def test_compressed_gpu_solve_matches_numpy(analytic_case: Case) -> None:
     b = FluenceOptimizer(analytic_case, backend="cupy", matrix="compressed").solve(TERMS)
     assert b.backend == "cupy"
     assert b.objective == pytest.approx(a.objective, rel=5e-3)
+
+
+def test_cupy_solves_every_objective_kind_like_numpy(analytic_case: Case) -> None:
+    """The newer kinds (structure penalties, DVH percentiles) on the device path."""
+    terms = [
+        *TERMS,
+        ObjectiveTerm("Core", "mean_dose", 6.0, 50.0),
+        ObjectiveTerm("Core", "geud", 9.0, 50.0, 8.0),
+        ObjectiveTerm("Core", "max_dvh", 10.0, 50.0, 10.0),
+        ObjectiveTerm("Core", "smooth_max", 15.0, 50.0),
+        ObjectiveTerm("PTV", "min_dvh", 49.0, 50.0, 99.0),
+    ]
+    a = FluenceOptimizer(analytic_case, backend="numpy").solve(terms)
+    b = FluenceOptimizer(analytic_case, backend="cupy").solve(terms)
+    assert b.backend == "cupy"
+    assert b.objective == pytest.approx(a.objective, rel=1e-2)
+    for key, value in a.term_values.items():
+        assert b.term_values[key] == pytest.approx(value, rel=5e-2, abs=1e-3 * a.objective)

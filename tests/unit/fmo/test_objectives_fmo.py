@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,155 @@ def test_kinds_penalise_the_right_side() -> None:
     assert objective_kind("squared_underdose").value(d, 50, 1, np) == pytest.approx(50.0)
     assert objective_kind("squared_deviation").value(d, 50, 1, np) == pytest.approx(100.0)
     assert set(objective_kinds()) >= {"squared_deviation", "squared_overdose", "squared_underdose"}
+
+
+# the kinds with a structure-wide value or a dose-volume percentile, on fractional voxels
+NEWER_KINDS = [
+    ("mean_dose", None, 40.0),
+    ("geud", 4.0, 40.0),
+    ("geud", -8.0, 60.0),
+    ("smooth_max", 1.0, 60.0),
+    ("max_dvh", 30.0, 40.0),
+    ("min_dvh", 80.0, 60.0),
+]
+
+
+@pytest.mark.parametrize(("kind", "parameter", "dose_gy"), NEWER_KINDS)
+def test_newer_kinds_gradient_and_line_derivatives(
+    kind: str, parameter: float | None, dose_gy: float
+) -> None:
+    k = objective_kind(kind, parameter)
+    rng = np.random.default_rng(3)
+    dose = rng.uniform(30, 70, size=60)
+    vw = rng.uniform(0.2, 1.0, size=60)
+    n = float(vw.sum())
+    value, grad = k.value_and_gradient(dose, dose_gy, 7.0, np, None, vw)
+    assert value > 0  # every case above violates its bound
+    h = 1e-6
+    for i in range(0, dose.size, 5):
+        e = np.zeros_like(dose)
+        e[i] = h
+        fd = (
+            k.value(dose + e, dose_gy, 7.0, np, None, vw)
+            - k.value(dose - e, dose_gy, 7.0, np, None, vw)
+        ) / (2 * h)
+        assert grad[i] == pytest.approx(fd, rel=1e-5, abs=1e-6 * abs(grad).max())
+    # the line search's derivatives: at t = 0 the first one is the gradient along q; for the
+    # structure penalties (smooth in t) both match finite differences anywhere on the line
+    q = rng.normal(size=dose.size)
+    line = k.along(dose, q, dose_gy, 7.0, np, n, vw)
+    assert line(0.0)[0] == pytest.approx(float(grad @ q), rel=1e-9)
+    if kind not in ("max_dvh", "min_dvh"):
+
+        def f(t: float) -> float:
+            return k.value(dose + t * q, dose_gy, 7.0, np, None, vw)
+
+        d1, d2 = line(0.3)
+        assert d1 == pytest.approx((f(0.3 + 1e-5) - f(0.3 - 1e-5)) / 2e-5, rel=1e-5)
+        assert d2 == pytest.approx((f(0.3 + 1e-3) - 2 * f(0.3) + f(0.3 - 1e-3)) / 1e-6, rel=1e-3)
+
+
+def test_newer_kinds_measure_what_they_name() -> None:
+    d = np.array([10.0, 20.0, 30.0, 40.0])
+    # mean 25 Gy: 5 Gy over a 20 Gy bound, squared
+    assert objective_kind("mean_dose").value(d, 20.0, 1.0, np) == pytest.approx(25.0)
+    assert objective_kind("mean_dose").value(d, 30.0, 1.0, np) == 0.0
+    # gEUD with a = 1 is the mean; a large a nears the maximum; a negative a the minimum
+    assert objective_kind("geud", 1.0).value(d, 20.0, 1.0, np) == pytest.approx(25.0)
+    assert objective_kind("geud", 60.0).value(d, 0.0, 1.0, np) == pytest.approx(
+        (40 * 0.25 ** (1 / 60)) ** 2, rel=1e-6
+    )
+    assert objective_kind("geud", -60.0).value(d, 20.0, 1.0, np) == pytest.approx(
+        (20 - 10 * 0.25 ** (-1 / 60)) ** 2, rel=1e-6
+    )
+    # the smooth maximum lies between the maximum and the maximum + T ln N
+    smooth = objective_kind("smooth_max", 1.0)
+    s = 40.0 + math.sqrt(smooth.value(d, 40.0, 1.0, np))
+    assert 40.0 < s < 40.0 + math.log(4)
+    # "at most 25 % above 15 Gy": 75 % gets more, so the voxels at 20 and 30 Gy must come down
+    # (the one at 40 Gy is the 25 % allowed); met when the bound is at 30 Gy
+    max_dvh = objective_kind("max_dvh", 25.0)
+    assert max_dvh.value(d, 15.0, 1.0, np) == pytest.approx((5.0**2 + 15.0**2) / 4)
+    assert max_dvh.value(d, 30.0, 1.0, np) == 0.0
+    # "at least 75 % at 35 Gy": only 40 Gy gets it; 20 and 30 Gy are the cheapest to raise
+    min_dvh = objective_kind("min_dvh", 75.0)
+    assert min_dvh.value(d, 35.0, 1.0, np) == pytest.approx((15.0**2 + 5.0**2) / 4)
+    assert min_dvh.value(d, 20.0, 1.0, np) == 0.0
+
+
+def test_term_parameters_are_checked_and_round_trip() -> None:
+    with pytest.raises(ObjectiveError, match="needs a parameter: volume_pct"):
+        ObjectiveTerm("Rectum", "max_dvh", 50.0, 1.0)
+    with pytest.raises(ObjectiveError, match="volume_pct must be within"):
+        ObjectiveTerm("Rectum", "max_dvh", 50.0, 1.0, 100.0)
+    with pytest.raises(ObjectiveError, match="a must be >= 1"):
+        ObjectiveTerm("Rectum", "geud", 50.0, 1.0, 0.5)
+    with pytest.raises(ObjectiveError, match="takes no parameter"):
+        ObjectiveTerm("Rectum", "squared_overdose", 50.0, 1.0, 3.0)
+    with pytest.raises(ObjectiveError, match="must be numbers"):
+        ObjectiveTerm.from_dict(
+            {"structure": "R", "kind": "max_dvh", "dose_gy": 5, "weight": 1, "parameter": True}
+        )
+    assert ObjectiveTerm("Cord", "smooth_max", 45.0, 1.0).parameter == 1.0  # the default
+    term = ObjectiveTerm("Rectum", "max_dvh", 50.0, 2.0, 30.0)
+    assert term.to_dict()["parameter"] == 30.0
+    assert ObjectiveTerm.from_dict(term.to_dict()) == term
+    assert "parameter" not in ObjectiveTerm("R", "squared_overdose", 5.0, 1.0).to_dict()
+    assert term.with_values(45.0, 3.0) == ObjectiveTerm("Rectum", "max_dvh", 45.0, 3.0, 30.0)
+
+
+ORGAN_BASE = [
+    ObjectiveTerm("PTV", "squared_deviation", 50.0, 100.0),
+    ObjectiveTerm("PTV", "squared_overdose", 52.5, 300.0),
+    ObjectiveTerm("Core", "squared_overdose", 25.0, 10.0),
+    ObjectiveTerm("NormalTissue", "squared_overdose", 25.0, 5.0),
+]
+
+
+def _core_metric(case: Case, dose_rows: np.ndarray, metric: str) -> float:
+    core = dose_rows[case.rows_of("Core")]
+    if metric == "mean":
+        return float(core.mean())
+    if metric == "max":
+        return float(core.max())
+    return dose_at_volume(core, 10.0)
+
+
+@pytest.fixture(scope="module")
+def organ_base_dose(analytic_case: Case) -> np.ndarray:
+    """The plan without the organ term under test (solved once for the module)."""
+    return FluenceOptimizer(analytic_case).solve(ORGAN_BASE).dose_rows
+
+
+@pytest.mark.parametrize(
+    ("term", "metric"),
+    [
+        (ObjectiveTerm("Core", "mean_dose", 5.0, 100.0), "mean"),
+        (ObjectiveTerm("Core", "geud", 8.0, 100.0, 8.0), "D10"),
+        (ObjectiveTerm("Core", "max_dvh", 10.0, 100.0, 10.0), "D10"),
+        (ObjectiveTerm("Core", "smooth_max", 15.0, 100.0), "max"),
+    ],
+)
+def test_each_organ_kind_lowers_its_metric_in_the_solve(
+    analytic_case: Case, organ_base_dose: np.ndarray, term: ObjectiveTerm, metric: str
+) -> None:
+    before = _core_metric(analytic_case, organ_base_dose, metric)
+    # the working set (on by default) keeps the structure whole where the kind needs it
+    res = FluenceOptimizer(analytic_case).solve([*ORGAN_BASE, term])
+    assert res.converged
+    after = _core_metric(analytic_case, res.dose_rows, metric)
+    assert after < before - 8.0
+    # near the term's own bound (a penalty, not a constraint: the targets pull the other way)
+    assert after < term.dose_gy + 5.0
+
+
+def test_percentile_kind_in_the_working_set_reaches_the_full_optimum(analytic_case: Case) -> None:
+    terms = [*TERMS, ObjectiveTerm("Core", "max_dvh", 6.0, 100.0, 20.0)]
+    opt = FluenceOptimizer(analytic_case)
+    full = opt.solve(terms, settings=FMOSettings(working_set=False))
+    ws = opt.solve(terms, settings=FMOSettings(working_set=True))
+    assert ws.working_set_rows[0] < analytic_case.row_voxels.size
+    assert ws.objective == pytest.approx(full.objective, rel=2e-3)
 
 
 def test_full_gradient_matches_finite_differences(analytic_case: Case) -> None:
@@ -173,3 +324,12 @@ def test_bad_term_sets(analytic_case: Case) -> None:
         FluenceOptimizer(analytic_case).solve([ObjectiveTerm("Rectum", "squared_overdose", 50, 1)])
     with pytest.raises(ValueError, match="warm-start"):
         FluenceOptimizer(analytic_case).solve(TERMS, x0=np.full(3, np.nan))
+
+
+def test_term_labels_name_the_parameter() -> None:
+    assert ObjectiveTerm("Rectum", "max_dvh", 40.0, 20.0, 30.0).label() == (
+        "Rectum max_dvh 40 Gy (volume_pct 30) w=20"
+    )
+    assert ObjectiveTerm("PTV", "squared_deviation", 50.0, 1.0).label() == (
+        "PTV squared_deviation 50 Gy w=1"
+    )

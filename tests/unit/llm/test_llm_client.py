@@ -293,3 +293,20 @@ def test_a_step_of_exactly_the_bound_passes_and_drift_is_bounded_over_the_whole_
         validate_proposal(
             _terms(**{"Core:squared_overdose": {"weight": 200.0, "dose_gy": 104.0}}), far, 50.0
         )
+
+
+def test_a_kind_with_a_parameter_keeps_it_and_the_prompt_says_what_it_does() -> None:
+    from radpilot.llm.prompts import planner_messages
+    from radpilot.protocol import load_protocol
+    from tests.paths import REPO_ROOT
+
+    current = [*CURRENT, ObjectiveTerm("Core", "max_dvh", 9.0, 50.0, 20.0)]
+    answer = _terms(**{"Core:max_dvh": {"weight": 80.0, "dose_gy": 8.0}})
+    terms, _ = validate_proposal(answer, current, 50.0)
+    assert terms[2] == ObjectiveTerm("Core", "max_dvh", 8.0, 80.0, 20.0)  # parameter kept
+    protocol = load_protocol(REPO_ROOT / "protocols" / "tg119_cshape_harder.yaml")
+    user = planner_messages(protocol, current, [], [], [], "", 5.0, 10.0)[1]["content"]
+    assert "- max_dvh: at most parameter % of the volume above dose_gy" in user
+    assert "Core:max_dvh has parameter volume_pct = 20" in user
+    assert "- squared_overdose: penalises dose above dose_gy" in user
+    assert "- geud" not in user  # only the kinds the plan uses
