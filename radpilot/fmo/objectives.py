@@ -176,8 +176,9 @@ class ObjectiveKind:
 
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
         """Voxels whose residual ``r = d - D`` is within ``band`` of making the penalty active
-        (a superset of those that matter; the working set iterates on them)."""
-        raise NotImplementedError
+        (a superset of those that matter; the working set iterates on them). By default every
+        voxel: what a ``whole_structure`` kind needs."""
+        return xp.ones(r.shape, dtype=bool)
 
 
 def _volume(dose: Any, xp: Any, n: float | None, vw: Any) -> float:
@@ -244,6 +245,8 @@ class VoxelPenalty(ObjectiveKind):
         return at
 
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
+        if self.whole_structure:
+            return super().near_active(r, band, xp)
         return self.slope(r + band, xp) + self.slope(r - band, xp) > 0
 
 
@@ -317,9 +320,6 @@ class _DosePercentile(VoxelPenalty):
     def shape(self, r: Any, fixed: Any, xp: Any) -> tuple[Any, Any]:
         return self.shaped(r, xp) * fixed, self.slope(r, xp) * fixed
 
-    def near_active(self, r: Any, band: float, xp: Any) -> Any:
-        return xp.ones(r.shape, dtype=bool)
-
 
 @register("max_dvh")
 class MaxDVH(_DosePercentile, SquaredOverdose):
@@ -345,6 +345,8 @@ class MinDVH(_DosePercentile, SquaredUnderdose):
 
 class StructurePenalty(ObjectiveKind):
     """``w * max(0, s (M(d) - D))^2`` for one number ``M`` of the whole structure."""
+
+    whole_structure = True
 
     def measure(
         self, dose: Any, xp: Any, n: float, vw: Any, q: Any = None
@@ -390,14 +392,10 @@ class StructurePenalty(ObjectiveKind):
 
         return at
 
-    def near_active(self, r: Any, band: float, xp: Any) -> Any:
-        return xp.ones(r.shape, dtype=bool)
-
 
 @register("mean_dose")
 class MeanDose(StructurePenalty):
     summary = "penalises the structure's mean dose above dose_gy"
-    whole_structure = True
 
     def measure(
         self, dose: Any, xp: Any, n: float, vw: Any, q: Any = None
@@ -419,7 +417,6 @@ class GeneralisedEUD(StructurePenalty):
         "(targets)"
     )
     parameter = Parameter("a", -100.0, 100.0)
-    whole_structure = True
 
     @classmethod
     def checked_parameter(cls, value: float | None) -> float | None:
@@ -461,6 +458,7 @@ class SmoothMax(StructurePenalty):
         "(at least the maximum dose, so it keeps the maximum below dose_gy)"
     )
     parameter = Parameter("softness_gy", 0.05, 20.0, default=1.0)
+    whole_structure = False  # see near_active
     REACH = 40.0  # voxels more than REACH x T below the objective dose weigh < e^-40 each
 
     def measure(
