@@ -10,6 +10,8 @@ Layout::
     ROOT/cases/<case_id>/*.npy           CT, row voxels, structure voxels, CSR parts of A
     ROOT/cases/<case_id>/compressed/     A in the 16-bit layout (radpilot.fmo.compressed),
                                          derived from the CSR parts the first time it is asked for
+    ROOT/cases/<case_id>/helpers/        helper structures (rings, OAR minus PTV), one file per
+                                         definition, built the first time a plan asks for them
     ROOT/tmp/                            half-written cases; never read, cleaned on open
 """
 
@@ -47,6 +49,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 COMPRESSED = "compressed"  # a case's sub-folder: its matrix in the compressed layout
 PACKED_PARTS = ("indptr", "indices", "codes", "scale")
+HELPERS = "helpers"  # a case's sub-folder: helper structures built on request (by definition)
 
 
 def default_store_root() -> Path:
@@ -319,6 +322,42 @@ class CaseStore:
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
+
+    # -- helper structures (rings, OAR minus PTV): built on request, kept with the case --------
+    def helper(self, case_id: str, case: Case, helper: Any) -> Structure:
+        """The voxels of a helper structure (``radpilot.cases.helpers.Helper``) on a stored
+        case: read from ``helpers/<definition key>.npz`` in the case's folder, or built and
+        kept there (written aside and renamed; a store it cannot write to gets it built in
+        memory, with a warning)."""
+        from radpilot.cases.helpers import build_helper
+
+        path = self.path(case_id) / HELPERS / f"{helper.key()}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                weights = z["weights"] if z["weights"].size else None
+                kind = StructureKind(str(z["kind"]))
+                return Structure(helper.name, kind, np.array(z["voxels"]), weights)
+        built = build_helper(case, helper)
+        weights = built.weights if built.weights is not None else np.ones(0, np.float32)
+        try:
+            with storage_faults(self._where):
+                path.parent.mkdir(exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=self.root / "tmp", suffix=".npz")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        np.savez(
+                            f,
+                            voxels=built.voxel_indices,
+                            kind=np.array(built.kind.value),
+                            weights=weights,
+                        )
+                    os.replace(tmp, path)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+        except (OSError, StorageFullError, StorageReadOnlyError) as exc:
+            log.warning("case %s: helper %s not stored (%s)", case_id, helper.name, exc)
+        return built
 
     # -- artefacts (doses, fluences): content-addressed files beside the cases ---------------
     def put_artefact(self, case_id: str, kind: str, array: np.ndarray) -> tuple[str, str]:

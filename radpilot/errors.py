@@ -24,6 +24,10 @@ class ObjectiveError(ValueError):
     """An objective term (structure, kind, dose, weight) is malformed."""
 
 
+class HelperError(ValueError):
+    """A helper structure definition (ring, minus) is malformed or names what a case lacks."""
+
+
 class WireError(ValueError):
     """An array message is malformed or too large."""
 

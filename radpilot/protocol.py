@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from radpilot.case import Case
+from radpilot.cases.helpers import Helper, check_helpers
 from radpilot.dosimetry import parse_metric
-from radpilot.errors import MetricError, ProtocolError
+from radpilot.errors import HelperError, MetricError, ProtocolError
 from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
 from radpilot.fmo.solver import FMOSettings
 
@@ -40,6 +41,7 @@ TOP_LEVEL = (
     "beams",
     "after_goals_met",
     "improve_min_gain",
+    "helpers",
 )
 AFTER_GOALS_MET = ("improve", "stop")
 DEFAULT_MIN_GAIN = 0.5  # Gy (or % for a Vx goal): a round that gains less ends the improvement
@@ -97,6 +99,8 @@ class Protocol:
     # goal stays met, until a round gains less than improve_min_gain; "stop" ends the loop.
     after_goals_met: str = "improve"
     improve_min_gain: float = DEFAULT_MIN_GAIN
+    # helper structures (rings, OAR minus PTV, target minus OAR) that objective terms may name
+    helpers: tuple[Helper, ...] = ()
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def fmo_settings(self) -> FMOSettings:
@@ -112,12 +116,26 @@ class Protocol:
         return {"improve": self.after_goals_met == "improve", "min_gain": self.improve_min_gain}
 
     @property
+    def helper_names(self) -> set[str]:
+        return {h.name for h in self.helpers}
+
+    def helper(self, name: str) -> Helper | None:
+        return next((h for h in self.helpers if h.name == name), None)
+
+    def helpers_for(self, objectives: list[ObjectiveTerm]) -> list[Helper]:
+        """The helper definitions that these terms name (what the optimizer must build)."""
+        named = {t.structure for t in objectives}
+        return [h for h in self.helpers if h.name in named]
+
+    @property
     def used_structures(self) -> set[str]:
-        """Every structure the protocol names: its target, goals and objectives."""
+        """Every structure of the case the protocol names: its target, goals, objectives (on
+        case structures) and what its helpers are built from."""
         return (
             {self.target}
             | {g.structure for g in self.goals}
-            | {o.structure for o in self.objectives}
+            | {o.structure for o in self.objectives if o.structure not in self.helper_names}
+            | {s for h in self.helpers for s in h.sources}
         )
 
     def check_case(self, case: Case) -> None:
@@ -129,6 +147,10 @@ class Protocol:
                 f"protocol {self.name!r} names structure(s) {missing} that case {case.name!r} "
                 f"lacks; the case has {sorted(names)}"
             )
+        try:
+            check_helpers(list(self.helpers), names)
+        except HelperError as exc:
+            raise ProtocolError(f"protocol {self.name!r}: {exc}") from None
         if self.target not in {t.name for t in case.targets}:
             raise ProtocolError(
                 f"protocol target {self.target!r} is not a target structure in the case"
@@ -149,6 +171,7 @@ class Protocol:
             "objectives": [o.to_dict() for o in self.objectives],
             "after_goals_met": self.after_goals_met,
             "improve_min_gain": self.improve_min_gain,
+            **({"helpers": [h.to_dict() for h in self.helpers]} if self.helpers else {}),
         }
 
 
@@ -340,6 +363,7 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
     min_gain = _num(
         data.get("improve_min_gain", DEFAULT_MIN_GAIN), "improve_min_gain", 0.0, 50.0, True
     )
+    helpers = _helpers(data.get("helpers"), goals, str(rx["target"]))
     return Protocol(
         name=str(data["name"]),
         version=str(data.get("version", "1")),
@@ -354,8 +378,36 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         beams=_beams(data.get("beams")),
         after_goals_met=after,
         improve_min_gain=min_gain,
+        helpers=helpers,
         source={"origin": source},
     )
+
+
+def _helpers(raw: Any, goals: list[ClinicalGoal], target: str) -> tuple[Helper, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ProtocolError("helpers must be a list of {name, kind: ring | minus, of, ...}")
+    out = []
+    for i, h in enumerate(raw):
+        try:
+            out.append(Helper.from_dict(h))
+        except HelperError as exc:
+            raise ProtocolError(f"helpers[{i}]: {exc}") from None
+    names = [h.name for h in out]
+    if len(set(names)) != len(names):
+        raise ProtocolError(f"helpers: names must be unique, got {names}")
+    for h in out:
+        if h.name in h.sources or any(s in names for s in h.sources):
+            raise ProtocolError(
+                f"helper {h.name!r} is built from another helper; build it from case structures"
+            )
+        if h.name == target or any(g.structure == h.name for g in goals):
+            raise ProtocolError(
+                f"helper {h.name!r} is named by a goal or the prescription: helpers steer the "
+                f"optimiser only; goals are set on the delineated structures"
+            )
+    return tuple(out)
 
 
 def _check_contradictions(goals: list[ClinicalGoal]) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from radpilot.case import Case, CaseError
+from radpilot.case import Case, CaseError, Structure
 from radpilot.dosimetry import dose_at_volume
 from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops
 from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, kind_of, validate_terms
@@ -153,6 +153,7 @@ class FluenceOptimizer:
         )
         self.xp = self.ops.xp
         self._rows: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._helpers: dict[str, Structure] = {}  # helper structures terms may name
         self.sparse_products = 0
 
     @property
@@ -168,25 +169,59 @@ class FluenceOptimizer:
         """The rows objective terms on a structure act on (``Case.objective_rows``)."""
         return self._objective_rows(structure)[0]
 
+    def use_helpers(self, helpers: list[Structure]) -> None:
+        """Helper structures (``radpilot.cases.helpers``) that objective terms may name beside
+        the case's own; one of a name already in use replaces it."""
+        names = set(self.case.structure_names)
+        for h in helpers:
+            if h.name in names:
+                raise CaseError(
+                    f"helper {h.name!r} has the name of a structure of case {self.case.name!r}"
+                )
+            missing = ~np.isin(h.voxel_indices, self.case.row_voxels)
+            if missing.any():
+                raise CaseError(f"helper {h.name!r} has voxels without rows in the matrix")
+            old = self._helpers.get(h.name)
+            same = (
+                old is not None
+                and np.array_equal(old.voxel_indices, h.voxel_indices)
+                and np.array_equal(
+                    old.weights if old.weights is not None else [],
+                    h.weights if h.weights is not None else [],
+                )
+            )
+            if not same:
+                self._helpers[h.name] = h
+                self._rows.pop(h.name, None)
+
+    def _structure(self, name: str) -> Structure:
+        helper = self._helpers.get(name)
+        return helper if helper is not None else self.case.structure(name)
+
     def _objective_rows(self, structure: str) -> tuple[np.ndarray, np.ndarray | None]:
         if structure not in self._rows:
-            self._rows[structure] = self.case.objective_rows(structure)
+            helper = self._helpers.get(structure)
+            self._rows[structure] = (
+                (np.searchsorted(self.case.row_voxels, helper.voxel_indices), helper.weights)
+                if helper is not None
+                else self.case.objective_rows(structure)
+            )
         return self._rows[structure]
 
     def _volume(self, structure: str) -> float:
-        return self.case.structure(structure).volume_voxels
+        return self._structure(structure).volume_voxels
 
     def rows(self, structure: str) -> Any:
         return self.xp.asarray(self.host_rows(structure))
 
     def _prepare(self, terms: list[ObjectiveTerm]) -> list[_Term]:
         validate_terms(terms)
-        names = set(self.case.structure_names)
+        names = set(self.case.structure_names) | set(self._helpers)
         unknown = sorted({t.structure for t in terms} - names)
         if unknown:
             raise CaseError(
                 f"objective terms name structure(s) {unknown} that case {self.case.name!r} lacks;"
-                f" it has {sorted(names)}"
+                f" it has {sorted(names)} (a helper structure needs its definition)"
             )
         out = []
         for t in terms:

@@ -26,6 +26,7 @@ from radpilot.agents.step import (
 )
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
+from radpilot.cases.helpers import build_helper
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision
 from radpilot.fmo import FluenceOptimizer
@@ -63,6 +64,7 @@ class MemoryArtefacts:
 class LibraryOptimizer:
     def __init__(self, case: Case, protocol: Protocol, backend: str, arrays: MemoryArtefacts):
         self.optimizer = FluenceOptimizer(case, backend=backend)
+        self.optimizer.use_helpers([build_helper(case, h) for h in protocol.helpers])
         self.settings = protocol.fmo_settings()
         self.arrays = arrays
 

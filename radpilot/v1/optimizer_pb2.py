@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radpilot.v1 import types_pb2 as radpilot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradpilot/v1/optimizer.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"%\n\x12PrepareCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\"u\n\x13PrepareCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x65\x61mlets\x18\x03 \x01(\x03\x12\x0b\n\x03nnz\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\xd9\x01\n\x0fOptimizeRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x14\n\x0cnormalize_to\x18\x03 \x01(\t\x12(\n\nwarm_start\x18\x04 \x01(\x0b\x32\x14.radpilot.v1.NDArray\x12\x16\n\x0emax_iterations\x18\x05 \x01(\x05\x12\x17\n\x0fprescription_gy\x18\x06 \x01(\x01\x12\x14\n\x0c\x63overage_pct\x18\x07 \x01(\x01\"\xb3\x01\n\x10OptimizeResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12%\n\x07\x66luence\x18\x02 \x01(\x0b\x32\x14.radpilot.v1.NDArray\x12&\n\x04\x64ose\x18\x03 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x19\n\x11\x63\x61se_load_seconds\x18\x05 \x01(\x01\x32\xad\x01\n\x10OptimizerService\x12P\n\x0bPrepareCase\x12\x1f.radpilot.v1.PrepareCaseRequest\x1a .radpilot.v1.PrepareCaseResponse\x12G\n\x08Optimize\x12\x1c.radpilot.v1.OptimizeRequest\x1a\x1d.radpilot.v1.OptimizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bradpilot/v1/optimizer.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"%\n\x12PrepareCaseRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\"u\n\x13PrepareCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x0c\n\x04rows\x18\x02 \x01(\x03\x12\x10\n\x08\x62\x65\x61mlets\x18\x03 \x01(\x03\x12\x0b\n\x03nnz\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x88\x02\n\x0fOptimizeRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x14\n\x0cnormalize_to\x18\x03 \x01(\t\x12(\n\nwarm_start\x18\x04 \x01(\x0b\x32\x14.radpilot.v1.NDArray\x12\x16\n\x0emax_iterations\x18\x05 \x01(\x05\x12\x17\n\x0fprescription_gy\x18\x06 \x01(\x01\x12\x14\n\x0c\x63overage_pct\x18\x07 \x01(\x01\x12-\n\x07helpers\x18\x08 \x03(\x0b\x32\x1c.radpilot.v1.HelperStructure\"\xb3\x01\n\x10OptimizeResponse\x12$\n\x05stats\x18\x01 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12%\n\x07\x66luence\x18\x02 \x01(\x0b\x32\x14.radpilot.v1.NDArray\x12&\n\x04\x64ose\x18\x03 \x01(\x0b\x32\x18.radpilot.v1.ArtefactRef\x12\x0f\n\x07replica\x18\x04 \x01(\t\x12\x19\n\x11\x63\x61se_load_seconds\x18\x05 \x01(\x01\x32\xad\x01\n\x10OptimizerService\x12P\n\x0bPrepareCase\x12\x1f.radpilot.v1.PrepareCaseRequest\x1a .radpilot.v1.PrepareCaseResponse\x12G\n\x08Optimize\x12\x1c.radpilot.v1.OptimizeRequest\x1a\x1d.radpilot.v1.OptimizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREPARECASERESPONSE']._serialized_start=108
   _globals['_PREPARECASERESPONSE']._serialized_end=225
   _globals['_OPTIMIZEREQUEST']._serialized_start=228
-  _globals['_OPTIMIZEREQUEST']._serialized_end=445
-  _globals['_OPTIMIZERESPONSE']._serialized_start=448
-  _globals['_OPTIMIZERESPONSE']._serialized_end=627
-  _globals['_OPTIMIZERSERVICE']._serialized_start=630
-  _globals['_OPTIMIZERSERVICE']._serialized_end=803
+  _globals['_OPTIMIZEREQUEST']._serialized_end=492
+  _globals['_OPTIMIZERESPONSE']._serialized_start=495
+  _globals['_OPTIMIZERESPONSE']._serialized_end=674
+  _globals['_OPTIMIZERSERVICE']._serialized_start=677
+  _globals['_OPTIMIZERSERVICE']._serialized_end=850
 # @@protoc_insertion_point(module_scope)

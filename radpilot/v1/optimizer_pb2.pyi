@@ -30,7 +30,7 @@ class PrepareCaseResponse(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., rows: _Optional[int] = ..., beamlets: _Optional[int] = ..., nnz: _Optional[int] = ..., backend: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class OptimizeRequest(_message.Message):
-    __slots__ = ("case_id", "objectives", "normalize_to", "warm_start", "max_iterations", "prescription_gy", "coverage_pct")
+    __slots__ = ("case_id", "objectives", "normalize_to", "warm_start", "max_iterations", "prescription_gy", "coverage_pct", "helpers")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_TO_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class OptimizeRequest(_message.Message):
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     PRESCRIPTION_GY_FIELD_NUMBER: _ClassVar[int]
     COVERAGE_PCT_FIELD_NUMBER: _ClassVar[int]
+    HELPERS_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     normalize_to: str
@@ -45,7 +46,8 @@ class OptimizeRequest(_message.Message):
     max_iterations: int
     prescription_gy: float
     coverage_pct: float
-    def __init__(self, case_id: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., normalize_to: _Optional[str] = ..., warm_start: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., max_iterations: _Optional[int] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ...) -> None: ...
+    helpers: _containers.RepeatedCompositeFieldContainer[_types_pb2.HelperStructure]
+    def __init__(self, case_id: _Optional[str] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., normalize_to: _Optional[str] = ..., warm_start: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., max_iterations: _Optional[int] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ..., helpers: _Optional[_Iterable[_Union[_types_pb2.HelperStructure, _Mapping]]] = ...) -> None: ...
 
 class OptimizeResponse(_message.Message):
     __slots__ = ("stats", "fluence", "dose", "replica", "case_load_seconds")

@@ -40,6 +40,24 @@ class ObjectiveTerm(_message.Message):
     parameter: float
     def __init__(self, structure: _Optional[str] = ..., kind: _Optional[str] = ..., dose_gy: _Optional[float] = ..., weight: _Optional[float] = ..., parameter: _Optional[float] = ...) -> None: ...
 
+class HelperStructure(_message.Message):
+    __slots__ = ("name", "kind", "of", "subtract", "inner_mm", "outer_mm", "margin_mm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OF_FIELD_NUMBER: _ClassVar[int]
+    SUBTRACT_FIELD_NUMBER: _ClassVar[int]
+    INNER_MM_FIELD_NUMBER: _ClassVar[int]
+    OUTER_MM_FIELD_NUMBER: _ClassVar[int]
+    MARGIN_MM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: str
+    of: str
+    subtract: str
+    inner_mm: float
+    outer_mm: float
+    margin_mm: float
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., of: _Optional[str] = ..., subtract: _Optional[str] = ..., inner_mm: _Optional[float] = ..., outer_mm: _Optional[float] = ..., margin_mm: _Optional[float] = ...) -> None: ...
+
 class ParameterSet(_message.Message):
     __slots__ = ("terms",)
     TERMS_FIELD_NUMBER: _ClassVar[int]

@@ -10,6 +10,7 @@ import numpy as np
 
 from radpilot.agents.references import ReferencePlan
 from radpilot.agents.step import served_agents
+from radpilot.cases.helpers import Helper
 from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo import ObjectiveTerm
@@ -41,6 +42,29 @@ def terms_to_proto(terms: list[ObjectiveTerm]) -> list[types_pb2.ObjectiveTerm]:
             parameter=t.parameter or 0.0,
         )
         for t in terms
+    ]
+
+
+def helpers_to_proto(helpers: list[Helper]) -> list[types_pb2.HelperStructure]:
+    return [
+        types_pb2.HelperStructure(
+            name=h.name,
+            kind=h.kind,
+            of=h.of,
+            subtract=h.subtract,
+            inner_mm=h.inner_mm,
+            outer_mm=h.outer_mm,
+            margin_mm=h.margin_mm,
+        )
+        for h in helpers
+    ]
+
+
+def helpers_from_proto(helpers: list[types_pb2.HelperStructure]) -> list[Helper]:
+    """Helper definitions (HelperError, i.e. INVALID_ARGUMENT, naming the bad field)."""
+    return [
+        Helper(h.name, h.kind, h.of, h.subtract, h.inner_mm, h.outer_mm, h.margin_mm)
+        for h in helpers
     ]
 
 

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
+from radpilot.cases.helpers import Helper, check_helpers
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
 from radpilot.fmo.backend import make_ops, uses_compressed
 from radpilot.protocol import MAX_PRESCRIPTION_GY
@@ -115,6 +117,7 @@ class OptimizerCore:
         max_iterations: int = 0,
         prescription_gy: float = 0.0,
         coverage_pct: float = 0.0,
+        helpers: list[Helper] | None = None,
     ) -> Optimized:
         if not 0 <= max_iterations <= MAX_FMO_ITERATIONS:
             raise ValueError(
@@ -135,8 +138,18 @@ class OptimizerCore:
             coverage_pct=coverage_pct or FMOSettings.coverage_pct,
             prescription_gy=prescription_gy or None,
         )
+        helpers = helpers or []
+        check_helpers(helpers, set(opt.case.structure_names))
+        known = set(opt.case.structure_names) | {h.name for h in helpers}
+        unknown = sorted({t.structure for t in terms} - known)
+        if unknown:  # a helper of an earlier request does not carry over: send its definition
+            raise CaseError(
+                f"objective terms name structure(s) {unknown} that case {case_id} lacks and "
+                f"the request defines no helper for; it has {sorted(opt.case.structure_names)}"
+            )
         with OPTIMIZE_IN_FLIGHT.track_inprogress(), self._lock(case_id):
-            # one solve per case at a time: the working set is per solve
+            # one solve per case at a time: the working set is per solve, helpers per request
+            opt.use_helpers([self.store.helper(case_id, opt.case, h) for h in helpers])
             result = opt.solve(terms, x0=warm_start, settings=settings)
         FMO_SECONDS.labels(result.backend).observe(result.seconds)
         FMO_ITERATIONS.observe(result.iterations)

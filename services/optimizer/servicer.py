@@ -7,7 +7,7 @@ import grpc
 from radpilot.loop.record import FmoStats
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, types_pb2
 from radpilot.wire import from_ndarray, to_ndarray
-from services.common.convert import fmo_stats_to_proto, terms_from_proto
+from services.common.convert import fmo_stats_to_proto, helpers_from_proto, terms_from_proto
 from services.optimizer.core import OptimizerCore
 
 
@@ -45,6 +45,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             request.max_iterations,
             request.prescription_gy,
             request.coverage_pct,
+            helpers_from_proto(list(request.helpers)),
         )
         return optimizer_pb2.OptimizeResponse(
             stats=fmo_stats_to_proto(FmoStats.from_json(out.result.stats())),

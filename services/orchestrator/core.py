@@ -30,12 +30,14 @@ from radpilot.agents.references import (
 from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent
 from radpilot.case_store import CaseStore
 from radpilot.cases import builtin_case_id, load_builtin
+from radpilot.cases.helpers import check_helpers
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
 from radpilot.errors import (
     AgentNotConfiguredError,
     CaseNotFoundError,
     FailedPreconditionError,
+    HelperError,
     StepFailedError,
     StorageFullError,
     StorageReadOnlyError,
@@ -85,6 +87,10 @@ def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
             f"protocol {protocol.name!r} names structure(s) {missing} that the case lacks; "
             f"it has {sorted(kinds)}"
         )
+    try:
+        check_helpers(list(protocol.helpers), set(kinds))
+    except HelperError as exc:
+        raise ProtocolError(f"protocol {protocol.name!r}: {exc}") from None
     if kinds[protocol.target] != "target":
         raise ProtocolError(
             f"protocol target {protocol.target!r} is not a target structure in the case"
@@ -373,6 +379,7 @@ class Orchestrator:
             protocol.prescription_gy,
             protocol.coverage_pct,
             protocol.target,
+            protocol.helpers,
         )
         c, d = self.clients, self.deadlines
         if job.agent == "llm":

@@ -17,6 +17,7 @@ import grpc
 
 from radpilot.agents.references import ReferencePlan
 from radpilot.case_store import CaseStore
+from radpilot.cases.helpers import Helper, referenced
 from radpilot.errors import StepFailedError, UnavailableError
 from radpilot.evaluation.metrics import DVHTable
 from radpilot.fmo.objectives import ObjectiveTerm
@@ -37,6 +38,7 @@ from services.common.convert import (
     dvh_to_proto,
     fmo_stats_from_proto,
     goal_result_to_proto,
+    helpers_to_proto,
     llm_call_from_proto,
     reference_to_proto,
     stats_from_proto,
@@ -151,6 +153,7 @@ class JobContext:
     prescription_gy: float
     coverage_pct: float
     target: str
+    helpers: tuple[Helper, ...] = ()  # the protocol's helper structures
 
 
 class GrpcOptimizer:
@@ -176,6 +179,9 @@ class GrpcOptimizer:
             warm_start=warm_msg,
             prescription_gy=self.job.prescription_gy,
             coverage_pct=self.job.coverage_pct,
+            helpers=helpers_to_proto(
+                referenced(list(self.job.helpers), {t.structure for t in objectives})
+            ),
         )
         r = _call("optimizer", lambda: self.stub.Optimize(request, timeout=self.deadline_s))
         fmo = fmo_stats_from_proto(r.stats)

@@ -109,6 +109,37 @@ def test_prepare_and_optimize(service) -> None:
     assert np.percentile(after, 90) < np.percentile(before, 90) - 1.0
 
 
+RING = types_pb2.HelperStructure(name="PTV_ring", kind="ring", of="PTV", inner_mm=8, outer_mm=24)
+
+
+def test_a_term_on_a_helper_travels_with_its_definition_and_acts(service) -> None:
+    stub, _, store, case_id = service
+    ring_term = types_pb2.ObjectiveTerm(
+        structure="PTV_ring", kind="squared_overdose", dose_gy=20, weight=50
+    )
+    plain = stub.Optimize(optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=TERMS), 60)
+    ringed = stub.Optimize(
+        optimizer_pb2.OptimizeRequest(
+            case_id=case_id, objectives=[*TERMS, ring_term], helpers=[RING]
+        ),
+        timeout=60,
+    )
+    case = load_builtin("analytic-cshape", store, spacing_mm=8.0)
+    helpers = list((store.path(case_id) / "helpers").iterdir())
+    assert len(helpers) == 1  # built once on the replica and kept with the case
+    with np.load(helpers[0]) as z:
+        rows = np.searchsorted(case.row_voxels, z["voxels"])
+    before = store.get_artefact(plain.dose.path)[rows]
+    after = store.get_artefact(ringed.dose.path)[rows]
+    assert after.mean() < before.mean() - 2.0
+    # the definition does not carry over to a request without it
+    code, details = _code(
+        stub.Optimize,
+        optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=[*TERMS, ring_term]),
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "PTV_ring" in details
+
+
 def _code(fn, request) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         fn(request, timeout=30)
@@ -201,6 +232,45 @@ def test_bad_input_gets_the_right_status(service) -> None:
             ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "a must be >= 1",
+        ),
+    ]
+    helper = types_pb2.HelperStructure
+    cases += [
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=TERMS,
+                helpers=[helper(name="r", kind="ring", of="PTV", inner_mm=9, outer_mm=3)],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outer_mm (3) must exceed inner_mm (9)",
+        ),
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=TERMS,
+                helpers=[helper(name="m", kind="minus", of="Rectum", subtract="PTV")],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "built from ['Rectum']",
+        ),
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=TERMS,
+                helpers=[helper(name="Core", kind="ring", of="PTV", outer_mm=10)],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "name of a structure",
+        ),
+        (
+            optimizer_pb2.OptimizeRequest(
+                case_id=case_id,
+                objectives=TERMS,
+                helpers=[helper(name="far", kind="ring", of="PTV", inner_mm=95, outer_mm=100)],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "empty on the dose grid",
         ),
     ]
     for request, code, text in cases:

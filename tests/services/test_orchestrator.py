@@ -143,6 +143,37 @@ def test_job_runs_streams_events_and_exports(cluster: Cluster, case_id: str) -> 
     assert again[0].sequence == 3 and again[-1].kind == pb.EVENT_KIND_FINISHED
 
 
+WITH_RING = (
+    HARDER
+    + "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 20.0, weight: 20.0}\n"
+    + "helpers:\n  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 8, outer_mm: 24}\n"
+)
+
+
+def test_a_protocol_with_a_helper_structure_plans_through_the_services(
+    cluster: Cluster, case_id: str
+) -> None:
+    start = pb.StartPlanningRequest(
+        case_id=case_id, protocol_yaml=WITH_RING, max_iterations=2, memory_length=2
+    )
+    job = _wait(cluster.stub, cluster.stub.StartPlanning(start, timeout=30).job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert all(any(t.structure == "PTV_ring" for t in it.objectives) for it in job.iterations)
+    assert list((cluster.root / "store" / "cases" / case_id / "helpers").glob("*.npz"))
+    bundle = cluster.stub.ExportPlan(pb.ExportPlanRequest(job_id=job.job_id), timeout=120)
+    with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
+        assert "PTV_ring" in z.read("report.html").decode()
+    # a helper built from a structure the case lacks is refused before the job starts
+    bad = WITH_RING.replace("of: PTV, inner_mm", "of: Rectum, inner_mm")
+    with pytest.raises(grpc.RpcError) as info:
+        cluster.stub.StartPlanning(
+            pb.StartPlanningRequest(case_id=case_id, protocol_yaml=bad, max_iterations=2),
+            timeout=30,
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Rectum" in info.value.details()
+
+
 def test_orchestrator_restart_resumes_the_job(cluster: Cluster, case_id: str) -> None:
     start = pb.StartPlanningRequest(case_id=case_id, protocol_yaml=IMPOSSIBLE, max_iterations=8)
     job_id = cluster.stub.StartPlanning(start, timeout=30).job_id

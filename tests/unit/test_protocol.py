@@ -92,6 +92,47 @@ def test_objective_kinds_with_parameters_load_and_round_trip() -> None:
     assert load_protocol_text(yaml.safe_dump(p.to_dict())).objectives == p.objectives
 
 
+HELPERS = """
+helpers:
+  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 3, outer_mm: 15}
+  - {name: Core_opt, kind: minus, of: Core, subtract: PTV, margin_mm: 5}
+"""
+
+
+def test_helpers_load_round_trip_and_are_checked_against_the_case(analytic_case: Case) -> None:
+    text = BASE + "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 30, weight: 5}\n"
+    p = load_protocol_text(text + HELPERS)
+    assert [h.name for h in p.helpers] == ["PTV_ring", "Core_opt"]
+    assert p.helper("PTV_ring").outer_mm == 15.0 and p.helper("nope") is None
+    assert [h.name for h in p.helpers_for(p.objectives)] == ["PTV_ring"]
+    assert "PTV_ring" not in p.used_structures and "Core" in p.used_structures
+    p.check_case(analytic_case)
+    again = load_protocol_text(yaml.safe_dump(p.to_dict()))
+    assert again.helpers == p.helpers and again.objectives == p.objectives
+    clash = load_protocol_text(text + HELPERS.replace("name: Core_opt", "name: BODY"))
+    with pytest.raises(ProtocolError, match="name of a structure"):
+        clash.check_case(analytic_case)
+    other = load_protocol_text(BASE + HELPERS.replace("of: Core", "of: Rectum"))
+    with pytest.raises(ProtocolError, match="Rectum"):
+        other.check_case(analytic_case)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("helpers: {a: 1}", "must be a list"),
+        ("helpers:\n  - {name: r, kind: ring, of: PTV, outer_mm: 0}", r"helpers\[0\].*exceed"),
+        ("helpers:\n  - {name: r, kind: ring, of: PTV, outer_mm: 5, colour: red}", "unknown"),
+        (HELPERS + "  - {name: PTV_ring, kind: ring, of: PTV, outer_mm: 5}", "unique"),
+        (HELPERS + "  - {name: x, kind: minus, of: PTV_ring, subtract: Core}", "another helper"),
+        ("helpers:\n  - {name: Core, kind: ring, of: PTV, outer_mm: 5}", "goal"),
+    ],
+)
+def test_bad_helpers_name_what_to_fix(extra: str, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        load_protocol_text(BASE + extra)
+
+
 def test_protocol_against_case_structures(analytic_case: Case) -> None:
     p = load_protocol_text(BASE.replace("structure: Core", "structure: Rectum"))
     with pytest.raises(ProtocolError, match="Rectum"):
