@@ -3,7 +3,10 @@
 The answer must be strict JSON over exactly the current objective terms. It is validated — known
 keys only, every key present, finite numbers, positive weights, non-negative doses, a bounded
 change per iteration and a bounded total change from the protocol's initial terms — before anything
-is used. An invalid answer, or one that changes nothing while goals fail, gets one retry that says
+is used. It may also add terms (at most two per answer, on the structures the protocol names or
+its helper structures, each with its reason) and retire terms (never the target's coverage
+terms), each with its reason; the reasons go into the rationale the iteration records. An
+invalid answer, or one that changes nothing while goals fail, gets one retry that says
 what was wrong; a second such answer, or an endpoint that fails, falls back to one step of the
 rule-based planner. Every call and every fallback is recorded.
 """
@@ -17,7 +20,7 @@ from typing import Any
 from radpilot.agents.rules_planner import propose_rules
 from radpilot.agents.types import MemoryEntry, PlannerOutcome
 from radpilot.evaluation.metrics import DVHTable
-from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm, kind_of
 from radpilot.llm import prompts
 from radpilot.llm.client import LLMCall, LLMClient, LLMError, LLMSettings
 from radpilot.llm.parse import ParseError, find_json_object
@@ -116,6 +119,73 @@ def validate_proposal(
     return out, rationale if isinstance(rationale, str) else str(rationale)
 
 
+MAX_TERMS = 24  # terms in one plan, after additions
+
+
+def apply_changes(
+    data: dict[str, Any], terms: list[ObjectiveTerm], protocol: Protocol
+) -> tuple[list[ObjectiveTerm], list[str]]:
+    """The answer's "add" and "remove" applied to the validated ``terms``, and one note per
+    change with its reason; raise ProposalError naming the fault."""
+    add, remove = data.get("add") or [], data.get("remove") or []
+    if not isinstance(add, list) or not isinstance(remove, list):
+        raise ProposalError('"add" and "remove" must be lists (empty when nothing changes)')
+    if len(add) > prompts.MAX_ADDED_TERMS:
+        raise ProposalError(f'"add" has {len(add)} terms; at most {prompts.MAX_ADDED_TERMS}')
+    by_key = {t.key(): t for t in terms}
+    notes: list[str] = []
+    for i, entry in enumerate(remove):
+        if not isinstance(entry, dict) or not isinstance(entry.get("reason"), str):
+            raise ProposalError(f'remove[{i}]: expected {{"term": "<structure>:<kind>", "reason"}}')
+        key, reason = str(entry.get("term")), entry["reason"].strip()
+        old = by_key.get(key)
+        if old is None:
+            raise ProposalError(f"remove[{i}]: {key!r} is not a current term; see {sorted(by_key)}")
+        if not reason:
+            raise ProposalError(f"remove[{i}]: say why {key} is retired")
+        if old.structure == protocol.target and kind_of(old).bound() <= 0:
+            raise ProposalError(
+                f"remove[{i}]: {key} holds the target's coverage; it stays (lower its weight)"
+            )
+        del by_key[key]
+        notes.append(f"retired {old.label()}: {reason}")
+    allowed = prompts.term_structures(protocol, terms)
+    for i, entry in enumerate(add):
+        if not isinstance(entry, dict) or not isinstance(entry.get("reason"), str):
+            raise ProposalError(
+                f"add[{i}]: expected structure, kind, dose_gy, weight, parameter, reason"
+            )
+        structure, reason = str(entry.get("structure")), entry["reason"].strip()
+        if structure not in allowed:
+            raise ProposalError(f"add[{i}]: structure {structure!r} is not one of {allowed}")
+        if not reason:
+            raise ProposalError(f"add[{i}]: say why the term is needed")
+        try:
+            raw_parameter = entry.get("parameter") or None
+            term = ObjectiveTerm(
+                structure,
+                str(entry.get("kind")),
+                float(entry["dose_gy"]),
+                float(entry["weight"]),
+                float(raw_parameter) if raw_parameter is not None else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:  # ObjectiveError is a ValueError
+            raise ProposalError(f"add[{i}]: {exc}") from None
+        if term.key() in by_key:
+            raise ProposalError(f"add[{i}]: {term.key()} exists; change its weight and dose_gy")
+        if not 0 < term.weight <= MAX_WEIGHT:
+            raise ProposalError(f"add[{i}]: weight must be within (0, {MAX_WEIGHT:g}]")
+        if not 0 <= term.dose_gy <= 2 * protocol.prescription_gy:
+            raise ProposalError(
+                f"add[{i}]: dose_gy must be within 0..{2 * protocol.prescription_gy:g} Gy"
+            )
+        by_key[term.key()] = term
+        notes.append(f"added {term.label()}: {reason}")
+    if len(by_key) > MAX_TERMS:
+        raise ProposalError(f"{len(by_key)} terms; at most {MAX_TERMS} (retire some)")
+    return list(by_key.values()), notes
+
+
 NO_CHANGE_TOLERANCE = 1e-6  # relative: a proposal this close to the current terms is no change
 
 
@@ -198,7 +268,8 @@ class LLMPlanner:
                 terms, rationale = validate_proposal(
                     data, current, protocol.prescription_gy, protocol.objectives
                 )
-                if goals_fail and unchanged(terms, current):
+                terms, changes = apply_changes(data, terms, protocol)
+                if goals_fail and not changes and unchanged(terms, current):
                     raise ProposalError(
                         "it changes nothing while goals are still missed; change at least one "
                         "weight or objective dose towards the missed goals"
@@ -219,9 +290,8 @@ class LLMPlanner:
                 continue
             alternatives, dropped = _alternatives(data, current, protocol, count - 1)
             call.validation = "ok" + "".join(f"; {d}" for d in dropped)
-            return PlannerOutcome(
-                terms, f"LLM planner: {rationale}".strip(), calls, alternatives=alternatives
-            )
+            why = f"LLM planner: {rationale}".strip() + "".join(f"; {c}" for c in changes)
+            return PlannerOutcome(terms, why, calls, alternatives=alternatives)
         log.warning("LLM planner fell back to the rule-based step: %s", reason)
         last = memory[-1]
         terms, rules_rationale, alternatives = propose_rules(

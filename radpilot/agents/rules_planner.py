@@ -14,6 +14,18 @@ objective weights and doses:
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step; and
   every flip of the missed goals (fixing one breaks another) halves the step.
+- a goal that stays missed without getting closer (``STALL_PLANS`` plans in a row, the miss
+  shrinking by less than ``STALL_GAIN`` of itself) switches strategy: the structure gets a term
+  shaped like the goal — a max-DVH term for a Dx or Vx limit ("at most x % above the limit"), a
+  mean-dose term for a mean, a smooth maximum for a maximum — and from then on that term is
+  pushed instead of the voxel overdose term. The new term and its reason are in the rationale.
+- helper structures the protocol defines (``helpers:``) are used when the plan calls for them:
+  an organ whose upper-limit goal fails while it reaches the prescription (it overlaps or abuts
+  the target) has its overdose term moved to its "organ minus target" helper (the old term is
+  retired: in the overlap it pulls against the target's coverage), and later pushes go to the
+  helper; when the dose spills (``NormalTissue``, 10 mm and more from every target, above
+  ``SPILL`` of the prescription) a ring around the target gets an overdose term. Every added,
+  moved or retired term is named in the rationale with its reason.
 - once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
   it spares: every organ-at-risk goal's overdose term gets an objective dose below what the
   plan achieves and a higher weight. Each later attempt that did not improve on that plan
@@ -22,13 +34,15 @@ objective weights and doses:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from radpilot.agents.types import MemoryEntry
+from radpilot.case import NORMAL_TISSUE
 from radpilot.dosimetry import parse_metric
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
-from radpilot.protocol import Protocol
+from radpilot.protocol import ClinicalGoal, Protocol
 
 MAX_FACTOR = 3.0
 OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
@@ -42,6 +56,155 @@ ALTERNATIVE_SCALES = (
     0.125,
     16.0,
 )  # candidates beside the step
+
+
+REACHES_RX = 0.95  # an organ whose maximum is this fraction of Rx overlaps or abuts the target
+SPILL = 0.8  # NormalTissue's maximum above this fraction of Rx: the dose spills
+RING_DOSE = 0.75  # a ring's overdose term starts at this fraction of Rx
+STALL_PLANS = 3  # a goal missed in this many plans in a row ...
+STALL_GAIN = 0.25  # ... whose miss shrank by less than this fraction of itself has stalled
+
+
+def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
+    """(first, last) achieved values when ``goal`` has stalled over the last plans, else None."""
+    if len(memory) < STALL_PLANS:
+        return None
+    results = []
+    for m in memory[-STALL_PLANS:]:
+        r = next((r for r in m.check.results if r.goal == goal), None)
+        if r is None or r.passed:
+            return None
+        results.append(r)
+    first, last = results[0], results[-1]
+    if last.margin - first.margin >= STALL_GAIN * abs(first.margin):
+        return None
+    return first.achieved, last.achieved
+
+
+def goal_term(
+    protocol: Protocol, goal: ClinicalGoal, gain: float, weight: float
+) -> ObjectiveTerm | None:
+    """A term shaped like an upper-limit goal, aimed a margin inside its limit (None: no kind
+    fits the metric)."""
+    kind, x = parse_metric(goal.metric)
+    shrink = 1 - OAR_MARGIN * gain
+    if goal.structure == protocol.target:  # a hot-spot limit: never aimed below 101 % of Rx
+        floor = protocol.prescription_gy * 1.01
+        dose = max(floor, goal.limit - (goal.limit - floor) * 0.5)
+    else:
+        dose = goal.limit * shrink
+    s = goal.structure
+    if kind == "D" and x is not None and 0 < x < 100:
+        return ObjectiveTerm(s, "max_dvh", round(dose, 3), weight, x)
+    if kind == "V" and x is not None and 0 < goal.limit * shrink < 100:
+        # "Vx <= L %": at most L % (a margin inside) of the volume above x Gy
+        return ObjectiveTerm(s, "max_dvh", x, weight, round(goal.limit * shrink, 3))
+    if kind == "mean":
+        return ObjectiveTerm(s, "mean_dose", round(dose, 3), weight)
+    if kind == "max" or (kind == "D" and x == 0):
+        return ObjectiveTerm(s, "smooth_max", round(dose, 3), weight)
+    return None
+
+
+def _shaped_for(goal: ClinicalGoal, term: ObjectiveTerm | None) -> bool:
+    """Whether ``term`` is the goal-shaped term of ``goal`` (the one pushed once it stalled)."""
+    if term is None:
+        return False
+    kind, x = parse_metric(goal.metric)
+    if term.kind == "max_dvh":
+        return (kind == "D" and term.parameter == x) or (kind == "V" and term.dose_gy == x)
+    return (term.kind, kind) in (("mean_dose", "mean"), ("smooth_max", "max"))
+
+
+def _last_stat(memory: list[MemoryEntry] | None, structure: str, field: str) -> float | None:
+    """A structure's statistic (``max_gy``, ...) in the latest plan of the memory, if known."""
+    for entry in (memory or [])[-1:]:
+        for st in entry.stats:
+            if st.get("name") == structure and field in st:
+                return float(st[field])
+    return None
+
+
+def _minus_helper(protocol: Protocol, structure: str) -> str | None:
+    """The protocol's "structure minus a target" helper, if it defines one."""
+    targets = {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
+    for h in protocol.helpers:
+        if h.kind == "minus" and h.of == structure and h.subtract in targets:
+            return h.name
+    return None
+
+
+def _site(protocol: Protocol, structure: str, terms: dict[str, ObjectiveTerm]) -> str:
+    """Where the terms serving a structure's upper limits sit: its minus helper once a term is
+    on it, else the structure itself."""
+    helper = _minus_helper(protocol, structure)
+    if helper is not None and any(t.structure == helper for t in terms.values()):
+        return helper
+    return structure
+
+
+def _move_to_helper(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    r: GoalResult,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> None:
+    """An organ that misses an upper limit while reaching the prescription: move its overdose
+    term to its minus helper (when the protocol defines one), retiring the organ's own."""
+    g = r.goal
+    helper = _minus_helper(protocol, g.structure)
+    peak = _last_stat(memory, g.structure, "max_gy")
+    if (
+        helper is None
+        or _site(protocol, g.structure, terms) == helper
+        or peak is None
+        or peak < REACHES_RX * protocol.prescription_gy
+    ):
+        return
+    old = terms.pop(f"{g.structure}:squared_overdose", None)
+    dose = old.dose_gy if old else g.limit if g.unit == "Gy" else protocol.prescription_gy
+    weight = old.weight if old else _median_weight(list(terms.values()))
+    new = ObjectiveTerm(helper, "squared_overdose", dose, weight)
+    terms[new.key()] = new
+    notes.append(
+        f"{g.label} missed while {g.structure} reaches {peak:.1f} Gy (it overlaps the target): "
+        f"added {new.label()}"
+        + (
+            f", retired {old.label()} (in the overlap it pulls against the target's coverage)"
+            if old
+            else ""
+        )
+    )
+
+
+def _add_ring(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> None:
+    """A term on the protocol's ring around the target when the dose spills far from it."""
+    ring = next((h for h in protocol.helpers if h.kind == "ring" and h.of == protocol.target), None)
+    spill = _last_stat(memory, NORMAL_TISSUE, "max_gy")
+    if (
+        ring is None
+        or any(t.structure == ring.name for t in terms.values())
+        or spill is None
+        or spill < SPILL * protocol.prescription_gy
+    ):
+        return
+    nt = terms.get(f"{NORMAL_TISSUE}:squared_overdose")
+    weight = max(nt.weight if nt else 0.0, _median_weight(list(terms.values())))
+    new = ObjectiveTerm(
+        ring.name, "squared_overdose", round(RING_DOSE * protocol.prescription_gy, 3), weight
+    )
+    terms[new.key()] = new
+    notes.append(
+        f"dose spills: {NORMAL_TISSUE} (10 mm or more from the targets) reaches {spill:.1f} Gy, "
+        f"{100 * spill / protocol.prescription_gy:.0f} % of the prescription: added "
+        f"{new.label()} on the {ring.describe()}"
+    )
 
 
 def _step(r: GoalResult, gain: float) -> float:
@@ -88,7 +251,7 @@ def propose_rules(
     # never propose parameters already tried (they would give the same plan): halve the step
     tried = [m.objectives for m in memory]
     for _ in range(8):
-        terms, steps = _push(protocol, objectives, check, gain)
+        terms, steps = _push(protocol, objectives, check, gain, memory)
         if terms not in tried:
             break
         gain *= 0.5
@@ -109,7 +272,7 @@ def propose_rules(
     for label, pushed, g in options:
         if len(alternatives) >= count - 1:
             break
-        alt, _ = _push(protocol, objectives, pushed, g)
+        alt, _ = _push(protocol, objectives, pushed, g, memory)
         if alt not in tried and alt != terms and alt not in alternatives:
             alternatives.append(alt)
             labels.append(label)
@@ -119,7 +282,11 @@ def propose_rules(
 
 
 def _push(
-    protocol: Protocol, objectives: list[ObjectiveTerm], check: ProtocolCheck, gain: float
+    protocol: Protocol,
+    objectives: list[ObjectiveTerm],
+    check: ProtocolCheck,
+    gain: float,
+    memory: list[MemoryEntry] | None = None,
 ) -> tuple[list[ObjectiveTerm], list[str]]:
     """One step on the terms of every missed goal, scaled by ``gain``."""
     notes: list[str] = []
@@ -128,8 +295,13 @@ def _push(
         g = r.goal
         factor = _step(r, gain)
         is_target = g.structure == protocol.target
+        if g.comparator == "<=" and not is_target:
+            _move_to_helper(protocol, terms, r, memory, notes)
+        if g.comparator == "<=" and _shaped_push(protocol, terms, r, gain, factor, memory, notes):
+            continue
+        site = _site(protocol, g.structure, terms)
         if g.comparator == "<=":
-            key = f"{g.structure}:squared_overdose"
+            key = f"{site}:squared_overdose"
             old = terms.get(key)
             unit = g.limit if g.unit == "Gy" else protocol.prescription_gy
             floor = protocol.prescription_gy * 1.01 if is_target else 0.0
@@ -140,7 +312,7 @@ def _push(
                     floor, min(old.dose_gy if old else unit, unit - (unit - floor) * 0.5)
                 )
             weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
-            terms[key] = ObjectiveTerm(g.structure, "squared_overdose", round(new_dose, 3), weight)
+            terms[key] = ObjectiveTerm(site, "squared_overdose", round(new_dose, 3), weight)
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}, "
                 f"objective dose {new_dose:.1f} Gy"
@@ -168,7 +340,51 @@ def _push(
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
             )
+    _add_ring(protocol, terms, memory, notes)
     return list(terms.values()), notes
+
+
+def _shaped_push(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    r: GoalResult,
+    gain: float,
+    factor: float,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> bool:
+    """Push the goal-shaped term of a missed upper limit, adding it when the goal has stalled;
+    False when the goal has neither (the overdose term is pushed as before)."""
+    g = r.goal
+    probe = goal_term(protocol, g, gain, 1.0)
+    if probe is None:
+        return False
+    site = _site(protocol, g.structure, terms)  # the organ's minus helper, once it is used
+    probe = dataclasses.replace(probe, structure=site)
+    old = terms.get(probe.key())
+    if _shaped_for(g, old):
+        assert old is not None
+        weight = min(MAX_WEIGHT, old.weight * factor)
+        terms[old.key()] = old.with_values(min(old.dose_gy, probe.dose_gy), weight)
+        notes.append(
+            f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {old.key()} weight x{factor:.2f}"
+        )
+        return True
+    stalled = _stalled(g, memory or [])
+    if stalled is None or old is not None:
+        return False  # not stalled, or the structure's one term of that kind serves another goal
+    base = terms.get(f"{site}:squared_overdose")
+    weight = min(
+        MAX_WEIGHT, (base.weight if base else _median_weight(list(terms.values()))) * factor
+    )
+    new = probe.with_values(probe.dose_gy, weight)
+    terms[new.key()] = new
+    notes.append(
+        f"{g.label} missed in the last {STALL_PLANS} plans without closing in "
+        f"({stalled[0]:.2f} -> {stalled[1]:.2f} {g.unit}): switching strategy, new term "
+        f"{new.label()}"
+    )
+    return True
 
 
 def _spare(
@@ -236,7 +452,8 @@ def _lower(
         structure = r.goal.structure
         if structure not in level:
             continue
-        key = f"{structure}:squared_overdose"
+        site = _site(protocol, structure, terms)
+        key = f"{site}:squared_overdose"
         old = terms.get(key)
         dose = level.pop(structure) * (1 - OAR_MARGIN * gain)
         if old is not None:
@@ -245,7 +462,7 @@ def _lower(
             dose = min(dose, old.dose_gy * (1 - OAR_MARGIN * gain))
             dose = max(dose, old.dose_gy * (1 - 2 * OAR_MARGIN * gain))
         weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
-        terms[key] = ObjectiveTerm(structure, "squared_overdose", round(max(dose, 0.0), 3), weight)
+        terms[key] = ObjectiveTerm(site, "squared_overdose", round(max(dose, 0.0), 3), weight)
         notes.append(
             f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit}: {key} objective dose "
             f"{dose:.1f} Gy, weight {f'x{factor:.2f}' if old else 'new'}"

@@ -75,6 +75,11 @@ def objective_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def kind_class(name: str) -> type[ObjectiveKind]:
+    """A registered kind's class: its ``summary`` and ``parameter`` (no parameter checked)."""
+    return _kind_class(name)
+
+
 @dataclass(frozen=True)
 class Parameter:
     """What a kind's parameter means and the values it may take."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm, kind_of
+from radpilot.fmo.objectives import ObjectiveTerm, kind_class, kind_of, objective_kinds
 from radpilot.protocol import Protocol
 
 EVALUATOR_SYSTEM = (
@@ -265,9 +265,12 @@ it is needs_improvement, and you list every factor that is not satisfied with it
     return [{"role": "system", "content": EVALUATOR_SYSTEM}, {"role": "user", "content": user}]
 
 
-def planning_schema(keys: list[str], alternatives: int = 0) -> dict[str, Any]:
+MAX_ADDED_TERMS = 2  # terms the LLM planner may add in one answer
+
+
+def planning_schema(keys: list[str], alternatives: int = 0, changes: bool = True) -> dict[str, Any]:
     """The answer's JSON schema; with ``alternatives`` > 0 it also carries that many further
-    parameter sets for the same round."""
+    parameter sets for the same round; with ``changes`` the terms to add and to retire."""
     term = {
         "type": "object",
         "properties": {"weight": {"type": "number"}, "dose_gy": {"type": "number"}},
@@ -281,6 +284,33 @@ def planning_schema(keys: list[str], alternatives: int = 0) -> dict[str, Any]:
         "additionalProperties": False,
     }
     properties: dict[str, Any] = {"terms": terms, "rationale": {"type": "string"}}
+    if changes:
+        properties["add"] = {
+            "type": "array",
+            "maxItems": MAX_ADDED_TERMS,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "structure": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "dose_gy": {"type": "number"},
+                    "weight": {"type": "number"},
+                    "parameter": {"type": "number"},
+                    "reason": {"type": "string"},
+                },
+                "required": ["structure", "kind", "dose_gy", "weight", "parameter", "reason"],
+                "additionalProperties": False,
+            },
+        }
+        properties["remove"] = {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"term": {"type": "string"}, "reason": {"type": "string"}},
+                "required": ["term", "reason"],
+                "additionalProperties": False,
+            },
+        }
     if alternatives > 0:
         properties["alternatives"] = {
             "type": "array",
@@ -333,6 +363,9 @@ def planner_messages(
     keys = [t.key() for t in current]
     answer = (
         '{"terms": {"<structure>:<kind>": {"weight": <number>, "dose_gy": <number>}, ...},\n'
+        ' "add": [{"structure": "<name>", "kind": "<kind>", "dose_gy": <number>, '
+        '"weight": <number>, "parameter": <number or 0>, "reason": "<why>"}, ...],\n'
+        ' "remove": [{"term": "<structure>:<kind>", "reason": "<why>"}, ...],\n'
         ' "rationale": "<one or two sentences: what you changed and why>"'
     )
     if alternatives > 0:
@@ -366,6 +399,7 @@ The evaluator's findings on the latest plan:
 Physician's comments (from the treating team): {physician_text(physician)}
 
 Current parameters: {terms_json(current)}
+{_changes_text(protocol, current)}
 {_improving_text(protocol) if improving else ""}
 Propose the parameters for the next optimisation. Rules:
 - give every one of these terms, and no other: {", ".join(keys)};
@@ -376,6 +410,39 @@ Propose the parameters for the next optimisation. Rules:
 Answer with one JSON object and nothing else:
 {answer}"""
     return [{"role": "system", "content": PLANNER_SYSTEM}, {"role": "user", "content": user}]
+
+
+def term_structures(protocol: Protocol, current: list[ObjectiveTerm]) -> list[str]:
+    """The structures a planner may put a new term on: those the protocol and the current
+    terms name, and the protocol's helper structures."""
+    return sorted(protocol.used_structures | protocol.helper_names | {t.structure for t in current})
+
+
+def _changes_text(protocol: Protocol, current: list[ObjectiveTerm]) -> str:
+    """How the planner may add and retire terms (the answer's "add" and "remove")."""
+    helpers = "".join(
+        f"\n- {h.name}: {h.describe()} (a helper structure: it steers the optimiser only)"
+        for h in protocol.helpers
+    )
+    kinds = "".join(
+        f"\n- {name}: {kind_class(name).summary}"
+        + (
+            f" (parameter {spec.name} within {spec.describe_range()}"
+            + (f", default {spec.default:g})" if spec.default is not None else ", required)")
+            if (spec := kind_class(name).parameter) is not None
+            else ""
+        )
+        for name in objective_kinds()
+    )
+    return f"""
+When weights and doses alone stop moving a missed goal, you may change the terms themselves.
+Under "add" give at most {MAX_ADDED_TERMS} new term(s), each on one of these structures:
+{", ".join(term_structures(protocol, current))}{helpers}
+with one of these kinds:{kinds}
+A new term must not repeat the "<structure>:<kind>" of a current term; give "parameter" 0 for a
+kind without one (or to take its default), and say in "reason" why it is needed. Under "remove"
+name current terms that no longer help, each with its reason; the terms that hold the target's
+coverage stay. Leave both lists empty when the current terms suffice."""
 
 
 def _improving_text(protocol: Protocol) -> str:

@@ -785,3 +785,57 @@ def test_feedback_reaches_the_evaluator_and_planner_in_process(analytic_case: Ca
         }
     assert all(texts[role] and all(wish in t for t in texts[role]) for role in texts)
     assert report.iterations[0].physician_feedback == wish
+
+
+def test_the_llm_planner_adds_a_term_on_a_helper_and_retires_one_each_with_its_reason(
+    first_plan, harder
+) -> None:
+    from radpilot.cases.helpers import Helper
+
+    protocol = replace(
+        harder, helpers=(Helper("PTV_ring", "ring", "PTV", inner_mm=3.0, outer_mm=15.0),)
+    )
+    same = {t.key(): {"weight": t.weight, "dose_gy": t.dose_gy} for t in harder.objectives}
+    ring = {
+        "structure": "PTV_ring",
+        "kind": "squared_overdose",
+        "dose_gy": 35.0,
+        "weight": 20.0,
+        "parameter": 0,
+        "reason": "the dose falls off slowly around the C",
+    }
+    retire = {"term": "NormalTissue:squared_overdose", "reason": "the ring does its job"}
+
+    def answer(add: list, remove: list) -> Reply:
+        return Reply(json.dumps({"terms": same, "add": add, "remove": remove, "rationale": "r"}))
+
+    bad = [
+        answer([{**ring, "structure": "Liver"}], []),  # not a structure the plan knows
+        answer([ring], [{"term": "PTV:squared_deviation", "reason": "x"}]),  # coverage stays
+        answer([{**ring, "kind": "max_dvh", "parameter": 0}], []),  # max_dvh needs its volume
+    ]
+    memory = _memory(first_plan, harder)
+    for reply in bad:
+        with ScriptedLLMServer(_then_cooperative(reply)) as srv:
+            out = LLMPlanner(LLMClient(scripted_settings(srv))).propose(
+                protocol, list(harder.objectives), memory, []
+            )
+            retry = srv.requests[-1]["messages"][-1]["content"]
+        assert [c.outcome for c in out.calls] == ["retried", "used"], retry
+        assert "cannot be used" in retry
+    with ScriptedLLMServer(Hostile(planner=[answer([ring], [retire])])) as srv:
+        out = LLMPlanner(LLMClient(scripted_settings(srv))).propose(
+            protocol, list(harder.objectives), memory, []
+        )
+        request = srv.requests[-1]
+    prompt = request["messages"][1]["content"]
+    assert "- PTV_ring: ring 3-15 mm around PTV (a helper structure" in prompt
+    assert {"add", "remove"} <= set(
+        request["response_format"]["json_schema"]["schema"]["properties"]
+    )
+    keys = {t.key() for t in out.objectives}
+    assert "PTV_ring:squared_overdose" in keys and "NormalTissue:squared_overdose" not in keys
+    # the unchanged values with a changed set of terms is a change, not an idle answer
+    assert [c.outcome for c in out.calls] == ["used"] and not out.fallback
+    assert "added PTV_ring squared_overdose 35 Gy w=20: the dose falls off slowly" in out.rationale
+    assert "retired NormalTissue squared_overdose 25 Gy w=5: the ring does its job" in out.rationale

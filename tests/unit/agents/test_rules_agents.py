@@ -144,3 +144,99 @@ def test_loop_goes_on_after_the_goals_are_met_unless_the_protocol_says_stop(
     assert "after_goals_met: stop" in stopped.summary()["loop_ended"]
     with pytest.raises(ValueError, match="max_iterations"):
         plan_loop(analytic_case, stop, max_iterations=0)
+
+
+def test_a_stalled_goal_gets_a_term_shaped_like_it_which_is_pushed_from_then_on(
+    analytic_case: Case,
+) -> None:
+    protocol, c1 = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10 ...
+    _, c2 = _check(analytic_case, 52.0, 13.8)
+    _, c3 = _check(analytic_case, 52.0, 13.6)  # ... closing in by 0.4 of a 4 Gy miss: stalled
+    memory = [MemoryEntry(i + 1, protocol.objectives, c) for i, c in enumerate((c1, c2, c3))]
+    new, why, _ = propose_rules(protocol, protocol.objectives, c3, memory)
+    got = {t.key(): t for t in new}
+    old = {t.key(): t for t in protocol.objectives}
+    dvh = got["Core:max_dvh"]  # "at most 10 % of the core above 8.5 Gy"
+    assert dvh.parameter == 10.0 and dvh.dose_gy == pytest.approx(8.5)
+    assert got["Core:squared_overdose"] == old["Core:squared_overdose"]  # not pushed again
+    assert "Core D10 <= 10 Gy missed in the last 3 plans without closing in" in why
+    assert "switching strategy, new term Core max_dvh 8.5 Gy (volume_pct 10)" in why
+    # the next step pushes the new term, not the overdose term
+    _, c4 = _check(analytic_case, 52.0, 12.0)
+    nxt, why2, _ = propose_rules(protocol, new, c4, [*memory, MemoryEntry(4, new, c4)])
+    after = {t.key(): t for t in nxt}
+    assert after["Core:max_dvh"].weight > dvh.weight and after["Core:max_dvh"].parameter == 10.0
+    assert after["Core:squared_overdose"] == old["Core:squared_overdose"]
+    assert "Core:max_dvh weight x" in why2
+    # a goal that is closing in keeps the overdose term
+    _, fast = _check(analytic_case, 52.0, 11.0)
+    moving = [*memory[:2], MemoryEntry(3, protocol.objectives, fast)]
+    plain, _, _ = propose_rules(protocol, protocol.objectives, fast, moving)
+    assert "Core:max_dvh" not in {t.key() for t in plain}
+
+
+def _with_helpers(protocol):
+    from radpilot.cases.helpers import Helper
+
+    return replace(
+        protocol,
+        helpers=(
+            Helper("PTV_ring", "ring", "PTV", inner_mm=3.0, outer_mm=15.0),
+            Helper("Core_opt", "minus", "Core", subtract="PTV", margin_mm=0.0),
+        ),
+    )
+
+
+def test_an_organ_reaching_the_prescription_moves_its_term_to_its_minus_helper(
+    analytic_case: Case,
+) -> None:
+    plain, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
+    protocol = _with_helpers(plain)
+    hot = ({"name": "Core", "max_gy": 49.0}, {"name": "NormalTissue", "max_gy": 20.0})
+    memory = [MemoryEntry(1, protocol.objectives, check, stats=hot)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    got = {t.key(): t for t in new}
+    old = {t.key(): t for t in protocol.objectives}
+    assert "Core:squared_overdose" not in got  # retired ...
+    moved = got["Core_opt:squared_overdose"]  # ... and pushed on the helper instead
+    assert moved.weight > old["Core:squared_overdose"].weight
+    assert moved.dose_gy < old["Core:squared_overdose"].dose_gy
+    assert "Core reaches 49.0 Gy (it overlaps the target): added Core_opt squared_overdose" in why
+    assert "retired Core squared_overdose 8 Gy w=100" in why
+    assert "PTV_ring" not in got  # no spillage
+    # the next step pushes the helper's term (the organ's is not brought back)
+    nxt, _, _ = propose_rules(protocol, new, check, [*memory, MemoryEntry(2, new, check)])
+    after = {t.key(): t for t in nxt}
+    assert "Core:squared_overdose" not in after
+    assert after["Core_opt:squared_overdose"].weight > moved.weight
+    # an organ away from the target, or a protocol without the helper: pushed where it is
+    cool = ({"name": "Core", "max_gy": 20.0},)
+    for p, stats in ((protocol, cool), (plain, hot)):
+        same, _, _ = propose_rules(
+            p, p.objectives, check, [MemoryEntry(1, p.objectives, check, stats=stats)]
+        )
+        assert {t.structure for t in same} == {t.structure for t in p.objectives}
+
+
+def test_spillage_adds_a_term_on_the_ring_around_the_target_once(analytic_case: Case) -> None:
+    plain, check = _check(analytic_case, 52.0, 14.0)
+    protocol = _with_helpers(plain)
+    spill = ({"name": "Core", "max_gy": 20.0}, {"name": "NormalTissue", "max_gy": 44.0})
+    memory = [MemoryEntry(1, protocol.objectives, check, stats=spill)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    ring = {t.key(): t for t in new}["PTV_ring:squared_overdose"]
+    assert ring.dose_gy == pytest.approx(37.5)  # 75 % of the prescription
+    assert "NormalTissue (10 mm or more from the targets) reaches 44.0 Gy, 88 %" in why
+    assert "ring 3-15 mm around PTV" in why
+    nxt, why2, _ = propose_rules(
+        protocol, new, check, [*memory, MemoryEntry(2, new, check, stats=spill)]
+    )
+    assert sum(t.structure == "PTV_ring" for t in nxt) == 1 and "dose spills" not in why2
+    low = ({"name": "NormalTissue", "max_gy": 30.0},)
+    calm, _, _ = propose_rules(
+        protocol,
+        protocol.objectives,
+        check,
+        [MemoryEntry(1, protocol.objectives, check, stats=low)],
+    )
+    assert all(t.structure != "PTV_ring" for t in calm)

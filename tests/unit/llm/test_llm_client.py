@@ -309,4 +309,7 @@ def test_a_kind_with_a_parameter_keeps_it_and_the_prompt_says_what_it_does() -> 
     assert "- max_dvh: at most parameter % of the volume above dose_gy" in user
     assert "Core:max_dvh has parameter volume_pct = 20" in user
     assert "- squared_overdose: penalises dose above dose_gy" in user
-    assert "- geud" not in user  # only the kinds the plan uses
+    in_plan, to_add = user.split("When weights and doses alone")
+    assert "- geud" not in in_plan  # only the kinds the plan uses ...
+    assert "- geud: generalised EUD" in to_add  # ... every kind for a new term
+    assert "(parameter a within [-100, 100], required)" in to_add
