@@ -23,7 +23,10 @@ objective weights and doses:
   an organ whose upper-limit goal fails while it reaches the prescription (it overlaps or abuts
   the target) has its overdose term moved to its "organ minus target" helper (the old term is
   retired: in the overlap it pulls against the target's coverage), and later pushes go to the
-  helper; when the dose spills (``NormalTissue``, 10 mm and more from every target, above
+  helper; a limit near the prescription on such an organ gives the target's coverage term to
+  the "target minus organ" helper, the target's own keeping a fifth of its weight (the overlap
+  may run a little cold); when the dose spills
+  (``NormalTissue``, 10 mm and more from every target, above
   ``SPILL`` of the prescription) a ring around the target gets an overdose term. Every added,
   moved or retired term is named in the rationale with its reason.
 - once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
@@ -59,6 +62,9 @@ ALTERNATIVE_SCALES = (
 
 
 REACHES_RX = 0.95  # an organ whose maximum is this fraction of Rx overlaps or abuts the target
+NEAR_RX = 0.9  # an organ's upper limit at this fraction of Rx or more is decided in the overlap
+KEEP_COVERAGE = 0.2  # the target's own coverage term keeps this share once a helper takes over
+INFLATED = 1.02  # a plan normalised by more than this has its target hot spots from the scaling
 SPILL = 0.8  # NormalTissue's maximum above this fraction of Rx: the dose spills
 RING_DOSE = 0.75  # a ring's overdose term starts at this fraction of Rx
 STALL_PLANS = 3  # a goal missed in this many plans in a row ...
@@ -178,6 +184,82 @@ def _move_to_helper(
     )
 
 
+def _uncover_overlap(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    r: GoalResult,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> None:
+    """An organ's upper limit near the prescription, missed while the organ reaches it, is
+    decided where the organ overlaps the target: move the target's coverage term to the
+    protocol's "target minus organ" helper (when it defines one), so the overlap may run a
+    little cold; the normalisation still holds the whole target's coverage."""
+    g, rx = r.goal, protocol.prescription_gy
+    helper = next(
+        (
+            h.name
+            for h in protocol.helpers
+            if h.kind == "minus" and h.of == protocol.target and h.subtract == g.structure
+        ),
+        None,
+    )
+    peak = _last_stat(memory, g.structure, "max_gy")
+    if helper is None or g.unit != "Gy" or g.limit < NEAR_RX * rx or peak is None:
+        return
+    if peak < REACHES_RX * rx or any(t.structure == helper for t in terms.values()):
+        return
+    for kind in ("squared_deviation", "squared_underdose"):
+        old = terms.get(f"{protocol.target}:{kind}")
+        if old is None:
+            continue
+        new = ObjectiveTerm(helper, kind, old.dose_gy, old.weight, old.parameter)
+        terms[new.key()] = new
+        kept = old.with_values(old.dose_gy, old.weight * KEEP_COVERAGE)
+        terms[old.key()] = kept
+        notes.append(
+            f"{g.label} missed where {g.structure} overlaps {protocol.target} (a limit near the "
+            f"prescription): added {new.label()}, {old.key()} weight x{KEEP_COVERAGE:g} (the "
+            f"overlap may run a little cold; the normalisation keeps {protocol.target}'s "
+            "coverage)"
+        )
+        return
+
+
+def _push_coverage(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    r: GoalResult,
+    factor: float,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> bool:
+    """A target hot spot while the normalisation inflates the plan (the optimised coverage
+    falls short, so every dose was multiplied by more than ``INFLATED``): an overdose term
+    cannot help (it acts before the multiplication); the coverage terms can, by making the
+    target's dose more uniform. False when the plan is not inflated."""
+    scale = memory[-1].scale if memory else 1.0
+    target_helpers = {
+        h.name for h in protocol.helpers if h.kind == "minus" and h.of == protocol.target
+    }
+    cover = [
+        t
+        for t in terms.values()
+        if (t.structure == protocol.target or t.structure in target_helpers)
+        and t.kind in ("squared_deviation", "squared_underdose")
+    ]
+    if scale <= INFLATED or not cover:
+        return False
+    for t in cover:
+        terms[t.key()] = t.with_values(t.dose_gy, min(MAX_WEIGHT, t.weight * factor))
+    notes.append(
+        f"{r.goal.label} missed by {abs(r.margin):.2f} {r.goal.unit} while the normalisation "
+        f"multiplies the plan by {scale:.3f} (the optimised coverage falls short): coverage "
+        f"terms {', '.join(t.key() for t in cover)} weight x{factor:.2f}"
+    )
+    return True
+
+
 def _add_ring(
     protocol: Protocol,
     terms: dict[str, ObjectiveTerm],
@@ -232,7 +314,12 @@ def propose_rules(
     best = max(memory, key=lambda m: m.check.rank(), default=None)
     if best is not None and best is not memory[-1]:
         last = memory[-1]
-        if last.check.rank() < best.check.rank():
+        if _new_terms_on_trial(memory, best):
+            notes.append(
+                f"iteration {last.iteration} changed the terms themselves; one step on them "
+                f"before they are judged against iteration {best.iteration}"
+            )
+        elif last.check.rank() < best.check.rank():
             objectives, check = list(best.objectives), best.check
             gain *= 0.5
             # a goal the worse step broke is traded off against the ones being pushed: push it
@@ -296,7 +383,14 @@ def _push(
         factor = _step(r, gain)
         is_target = g.structure == protocol.target
         if g.comparator == "<=" and not is_target:
+            _uncover_overlap(protocol, terms, r, memory, notes)
             _move_to_helper(protocol, terms, r, memory, notes)
+        if (
+            g.comparator == "<="
+            and is_target
+            and _push_coverage(protocol, terms, r, factor, memory, notes)
+        ):
+            continue
         if g.comparator == "<=" and _shaped_push(protocol, terms, r, gain, factor, memory, notes):
             continue
         site = _site(protocol, g.structure, terms)
@@ -468,6 +562,19 @@ def _lower(
             f"{dose:.1f} Gy, weight {f'x{factor:.2f}' if old else 'new'}"
         )
     return list(terms.values()), notes
+
+
+def _new_terms_on_trial(memory: list[MemoryEntry], best: MemoryEntry) -> bool:
+    """The last plan is the first with a changed set of terms (added, moved or retired) and
+    broke no goal of higher priority than the best plan misses: a new strategy gets one step of
+    tuning before the loop backtracks from it."""
+    if len(memory) < 2 or best.check.all_passed:
+        return False
+    last, before = memory[-1], memory[-2]
+    if {t.key() for t in last.objectives} == {t.key() for t in before.objectives}:
+        return False
+    worst = min((r.goal.priority for r in best.check.failed), default=0)
+    return all(r.goal.priority >= worst for r in last.check.failed)
 
 
 def _missed(check: ProtocolCheck) -> frozenset[str]:

@@ -22,6 +22,9 @@ class MemoryEntry:
     findings: tuple[str, ...] = ()  # the evaluator's findings on this iteration's plan
     stats: tuple[dict[str, Any], ...] = ()  # StructureStats.to_dict() of this iteration's plan
     dvh: dict[str, Any] = field(default_factory=dict)  # DVHTable.compact().to_dict()
+    # the FMO's normalisation factor for this plan (the objective doses act on the dose before
+    # it was multiplied by this)
+    scale: float = 1.0
 
 
 @dataclass

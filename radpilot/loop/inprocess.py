@@ -129,6 +129,7 @@ def memory_entries(records: list[IterationRecord]) -> list[MemoryEntry]:
             tuple(r.findings),
             tuple(r.stats),
             dict(r.dvh),
+            r.fmo.scale_factor,
         )
         for r in records
     ]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radpilot.v1 import types_pb2 as radpilot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19radpilot/v1/planner.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xfa\x01\n\x0fIterationMemory\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12&\n\x05goals\x18\x03 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x04 \x03(\t\x12\x1a\n\x12physician_feedback\x18\x05 \x01(\t\x12*\n\x05stats\x18\x06 \x03(\x0b\x32\x1b.radpilot.v1.StructureStats\x12\"\n\x03\x64vh\x18\x07 \x01(\x0b\x32\x15.radpilot.v1.DvhTable\"\xf1\x01\n\x0eProposeRequest\x12\x15\n\rprotocol_yaml\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12+\n\x07\x63urrent\x18\x03 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12,\n\x06memory\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationMemory\x12\x1a\n\x12physician_feedback\x18\x05 \x01(\t\x12.\n\nreferences\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ReferencePlan\x12\x12\n\ncandidates\x18\x07 \x01(\x05\"\xc0\x01\n\x0fProposeResponse\x12.\n\nobjectives\x18\x01 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x11\n\trationale\x18\x02 \x01(\t\x12\'\n\tllm_calls\x18\x03 \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12/\n\x0c\x61lternatives\x18\x05 \x03(\x0b\x32\x19.radpilot.v1.ParameterSet\"\x1f\n\x1dGetPlannerCapabilitiesRequest\"\x8c\x01\n\x1eGetPlannerCapabilitiesResponse\x12\x0e\n\x06\x61gents\x18\x01 \x03(\t\x12\x16\n\x0ellm_configured\x18\x02 \x01(\x08\x12\x19\n\x11llm_step_budget_s\x18\x03 \x01(\x01\x12\x11\n\tllm_model\x18\x04 \x01(\t\x12\x14\n\x0cllm_endpoint\x18\x05 \x01(\t2\xc9\x01\n\x0ePlannerService\x12\x44\n\x07Propose\x12\x1b.radpilot.v1.ProposeRequest\x1a\x1c.radpilot.v1.ProposeResponse\x12q\n\x16GetPlannerCapabilities\x12*.radpilot.v1.GetPlannerCapabilitiesRequest\x1a+.radpilot.v1.GetPlannerCapabilitiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19radpilot/v1/planner.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\x90\x02\n\x0fIterationMemory\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12&\n\x05goals\x18\x03 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x04 \x03(\t\x12\x1a\n\x12physician_feedback\x18\x05 \x01(\t\x12*\n\x05stats\x18\x06 \x03(\x0b\x32\x1b.radpilot.v1.StructureStats\x12\"\n\x03\x64vh\x18\x07 \x01(\x0b\x32\x15.radpilot.v1.DvhTable\x12\x14\n\x0cscale_factor\x18\x08 \x01(\x01\"\xf1\x01\n\x0eProposeRequest\x12\x15\n\rprotocol_yaml\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12+\n\x07\x63urrent\x18\x03 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12,\n\x06memory\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationMemory\x12\x1a\n\x12physician_feedback\x18\x05 \x01(\t\x12.\n\nreferences\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ReferencePlan\x12\x12\n\ncandidates\x18\x07 \x01(\x05\"\xc0\x01\n\x0fProposeResponse\x12.\n\nobjectives\x18\x01 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x11\n\trationale\x18\x02 \x01(\t\x12\'\n\tllm_calls\x18\x03 \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x10\n\x08\x66\x61llback\x18\x04 \x01(\x08\x12/\n\x0c\x61lternatives\x18\x05 \x03(\x0b\x32\x19.radpilot.v1.ParameterSet\"\x1f\n\x1dGetPlannerCapabilitiesRequest\"\x8c\x01\n\x1eGetPlannerCapabilitiesResponse\x12\x0e\n\x06\x61gents\x18\x01 \x03(\t\x12\x16\n\x0ellm_configured\x18\x02 \x01(\x08\x12\x19\n\x11llm_step_budget_s\x18\x03 \x01(\x01\x12\x11\n\tllm_model\x18\x04 \x01(\t\x12\x14\n\x0cllm_endpoint\x18\x05 \x01(\t2\xc9\x01\n\x0ePlannerService\x12\x44\n\x07Propose\x12\x1b.radpilot.v1.ProposeRequest\x1a\x1c.radpilot.v1.ProposeResponse\x12q\n\x16GetPlannerCapabilities\x12*.radpilot.v1.GetPlannerCapabilitiesRequest\x1a+.radpilot.v1.GetPlannerCapabilitiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'radpilot.v1.planner_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ITERATIONMEMORY']._serialized_start=68
-  _globals['_ITERATIONMEMORY']._serialized_end=318
-  _globals['_PROPOSEREQUEST']._serialized_start=321
-  _globals['_PROPOSEREQUEST']._serialized_end=562
-  _globals['_PROPOSERESPONSE']._serialized_start=565
-  _globals['_PROPOSERESPONSE']._serialized_end=757
-  _globals['_GETPLANNERCAPABILITIESREQUEST']._serialized_start=759
-  _globals['_GETPLANNERCAPABILITIESREQUEST']._serialized_end=790
-  _globals['_GETPLANNERCAPABILITIESRESPONSE']._serialized_start=793
-  _globals['_GETPLANNERCAPABILITIESRESPONSE']._serialized_end=933
-  _globals['_PLANNERSERVICE']._serialized_start=936
-  _globals['_PLANNERSERVICE']._serialized_end=1137
+  _globals['_ITERATIONMEMORY']._serialized_end=340
+  _globals['_PROPOSEREQUEST']._serialized_start=343
+  _globals['_PROPOSEREQUEST']._serialized_end=584
+  _globals['_PROPOSERESPONSE']._serialized_start=587
+  _globals['_PROPOSERESPONSE']._serialized_end=779
+  _globals['_GETPLANNERCAPABILITIESREQUEST']._serialized_start=781
+  _globals['_GETPLANNERCAPABILITIESREQUEST']._serialized_end=812
+  _globals['_GETPLANNERCAPABILITIESRESPONSE']._serialized_start=815
+  _globals['_GETPLANNERCAPABILITIESRESPONSE']._serialized_end=955
+  _globals['_PLANNERSERVICE']._serialized_start=958
+  _globals['_PLANNERSERVICE']._serialized_end=1159
 # @@protoc_insertion_point(module_scope)

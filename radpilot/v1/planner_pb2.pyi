@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IterationMemory(_message.Message):
-    __slots__ = ("iteration", "objectives", "goals", "findings", "physician_feedback", "stats", "dvh")
+    __slots__ = ("iteration", "objectives", "goals", "findings", "physician_feedback", "stats", "dvh", "scale_factor")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     GOALS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class IterationMemory(_message.Message):
     PHYSICIAN_FEEDBACK_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     DVH_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FACTOR_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     goals: _containers.RepeatedCompositeFieldContainer[_types_pb2.GoalResult]
@@ -23,7 +24,8 @@ class IterationMemory(_message.Message):
     physician_feedback: str
     stats: _containers.RepeatedCompositeFieldContainer[_types_pb2.StructureStats]
     dvh: _types_pb2.DvhTable
-    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., physician_feedback: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[_types_pb2.DvhTable, _Mapping]] = ...) -> None: ...
+    scale_factor: float
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., physician_feedback: _Optional[str] = ..., stats: _Optional[_Iterable[_Union[_types_pb2.StructureStats, _Mapping]]] = ..., dvh: _Optional[_Union[_types_pb2.DvhTable, _Mapping]] = ..., scale_factor: _Optional[float] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("protocol_yaml", "agent", "current", "memory", "physician_feedback", "references", "candidates")

@@ -263,6 +263,7 @@ class GrpcPlanner:
                     physician_feedback=m.physician_feedback,
                     stats=[stats_to_proto(st) for st in m.stats],
                     dvh=dvh_to_proto(DVHTable.from_dict(m.dvh)) if m.dvh else None,
+                    scale_factor=m.fmo.scale_factor,
                 )
                 for m in memory
             ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 from radpilot.agents.llm_planner import step_budget_s
@@ -47,6 +49,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 tuple(m.findings),
                 tuple(stats_from_proto(st) for st in m.stats),
                 dvh_from_proto(m.dvh).to_dict() if m.dvh.structures else {},
+                _scale(m.scale_factor),
             )
             for m in request.memory
         ]
@@ -70,3 +73,12 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 types_pb2.ParameterSet(terms=terms_to_proto(a)) for a in out.alternatives
             ],
         )
+
+
+def _scale(value: float) -> float:
+    """A plan's normalisation factor from the wire (0: not sent, taken as 1)."""
+    if value == 0:
+        return 1.0
+    if not (math.isfinite(value) and 0 < value < 1e3):
+        raise ValueError(f"memory scale_factor must be a positive finite number, got {value}")
+    return float(value)

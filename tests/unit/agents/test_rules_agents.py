@@ -12,8 +12,9 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
+from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
-from radpilot.protocol import load_protocol
+from radpilot.protocol import load_protocol, load_protocol_text
 from tests.paths import REPO_ROOT
 
 PROTOCOLS = REPO_ROOT / "protocols"
@@ -82,7 +83,10 @@ def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Cas
     _, bad = _check(analytic_case, 58.0, 14.0)
     assert bad.shortfall() > good.shortfall() and bad.rank() < good.rank()
     best_objs = protocol.objectives
-    worse_objs = [t for t in protocol.objectives if t.structure != "NormalTissue"]
+    worse_objs = [  # the same terms, other values (a step that changed the terms is tried once)
+        t.with_values(t.dose_gy, t.weight * 0.1) if t.structure == "NormalTissue" else t
+        for t in protocol.objectives
+    ]
     memory = [MemoryEntry(1, best_objs, good), MemoryEntry(2, worse_objs, bad)]
     new, why, _ = propose_rules(protocol, worse_objs, bad, memory)
     assert "stepping again from iteration 1" in why
@@ -240,3 +244,70 @@ def test_spillage_adds_a_term_on_the_ring_around_the_target_once(analytic_case: 
         [MemoryEntry(1, protocol.objectives, check, stats=low)],
     )
     assert all(t.structure != "PTV_ring" for t in calm)
+
+
+def test_a_limit_near_the_prescription_on_an_overlapping_organ_gives_coverage_to_a_helper(
+    analytic_case: Case,
+) -> None:
+    from radpilot.cases.helpers import Helper
+
+    # a protocol whose core limit sits near the prescription (45 of 50 Gy), missed at 48 Gy
+    text = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text()
+    base = load_protocol_text(text.replace("limit: 10.0", "limit: 45.0"))
+    protocol = replace(base, helpers=(Helper("PTV_core", "minus", "PTV", subtract="Core"),))
+    dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
+    dose[analytic_case.rows_of("PTV")] = 50.0
+    dose[analytic_case.rows_of("Core")] = 48.0
+    check = check_protocol(PlanDose(analytic_case, dose), protocol)
+    assert [r.goal.label for r in check.failed] == ["Core D10 <= 45 Gy"]
+    overlapping = ({"name": "Core", "max_gy": 49.0},)
+    memory = [MemoryEntry(1, protocol.objectives, check, stats=overlapping)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    got = {t.key(): t for t in new}
+    old = {t.key(): t for t in protocol.objectives}
+    assert got["PTV_core:squared_deviation"].weight == old["PTV:squared_deviation"].weight
+    assert got["PTV:squared_deviation"].weight == pytest.approx(
+        0.2 * old["PTV:squared_deviation"].weight
+    )
+    assert "added PTV_core squared_deviation 50 Gy w=100, PTV:squared_deviation weight x0.2" in why
+    # the organ far from the prescription, or without the helper: the coverage stays put
+    for p, stats in ((protocol, ({"name": "Core", "max_gy": 30.0},)), (base, overlapping)):
+        same, _, _ = propose_rules(
+            p, p.objectives, check, [MemoryEntry(1, p.objectives, check, stats=stats)]
+        )
+        assert "PTV_core:squared_deviation" not in {t.key() for t in same}
+
+
+def test_a_hot_spot_of_an_inflated_plan_pushes_coverage_not_the_overdose_term(
+    analytic_case: Case,
+) -> None:
+    protocol, check = _check(analytic_case, 58.0, 8.0)  # PTV D10 58 > 55, core met
+    old = {t.key(): t for t in protocol.objectives}
+    inflated = [MemoryEntry(1, protocol.objectives, check, scale=1.08)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, inflated)
+    got = {t.key(): t for t in new}
+    assert got["PTV:squared_deviation"].weight > old["PTV:squared_deviation"].weight
+    assert got["PTV:squared_overdose"] == old["PTV:squared_overdose"]
+    assert "while the normalisation multiplies the plan by 1.080" in why
+    flat = [MemoryEntry(1, protocol.objectives, check, scale=1.0)]
+    new, _, _ = propose_rules(protocol, protocol.objectives, check, flat)
+    got = {t.key(): t for t in new}
+    assert got["PTV:squared_overdose"].weight > old["PTV:squared_overdose"].weight
+    assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
+
+
+def test_a_step_that_changed_the_terms_gets_one_more_step_before_a_backtrack(
+    analytic_case: Case,
+) -> None:
+    protocol, good = _check(analytic_case, 52.0, 10.5)
+    _, bad = _check(analytic_case, 58.0, 10.2)  # same priority traded: PTV D10 for core D10
+    assert bad.rank() < good.rank()
+    added = [*protocol.objectives, ObjectiveTerm("Core", "max_dvh", 9.0, 100.0, 10.0)]
+    memory = [MemoryEntry(1, protocol.objectives, good), MemoryEntry(2, added, bad)]
+    new, why, _ = propose_rules(protocol, added, bad, memory)
+    assert "iteration 2 changed the terms themselves; one step on them" in why
+    assert "Core:max_dvh" in {t.key() for t in new}
+    # a second plan on the new terms that is still worse: back to the best one
+    again = [*memory, MemoryEntry(3, new, bad)]
+    _, why3, _ = propose_rules(protocol, new, bad, again)
+    assert "stepping again from iteration 1" in why3
