@@ -27,6 +27,8 @@ RUNS = [
     ("tg119-multitarget", "tg119_multitarget.yaml"),
     ("tg119-prostate", "paper_prostate.yaml"),
     ("paper-headneck", "paper_headneck.yaml"),
+    # RadPilot's own, tighter than the class solution meets (benchmarks/protocols/)
+    ("tg119-prostate", "../benchmarks/protocols/tg119_prostate_tight.yaml"),
 ]
 INSTITUTIONS = {  # TG-119 Table VI (Ezzell et al. 2009): mean (SD), Gy
     ("tg119-multitarget", "Center", "D99"): "49.55 (1.62)",

@@ -221,3 +221,9 @@ def test_yaml_aliases_anchors_and_deep_nesting_are_refused_before_they_cost_anyt
         load_protocol_text(BASE + "intent: " + deep + "\n")
     with pytest.raises(ProtocolError, match="limited to"):
         load_protocol_text(BASE + "intent: '" + "x" * (1 << 20) + "'\n")
+
+
+def test_the_benchmark_s_own_protocols_load_with_their_helpers() -> None:
+    p = load_protocol(REPO_ROOT / "benchmarks" / "protocols" / "tg119_prostate_tight.yaml")
+    assert {h.name for h in p.helpers} == {"Rectum_opt", "Bladder_opt", "PTV_core", "PTV_ring"}
+    assert p.used_structures == {"PTV", "Rectum", "Bladder", "NormalTissue"}
