@@ -17,6 +17,7 @@ from radpilot.dicom.write import export_dicom
 from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck, sparing_gains
+from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
@@ -93,6 +94,7 @@ class PlanReport:
             "fmo_calls": len(self.iterations),
             "candidates_per_round": self.rounds[1],
             "best_iteration": self.best_iteration,
+            "helpers": [{**h.to_dict(), "what": h.describe()} for h in self.protocol.helpers],
             "all_goals_met": self.check.all_passed,
             "all_hard_goals_met": self.check.all_hard_passed,
             "after_goals_met": self.protocol.after_goals_met,
@@ -136,6 +138,8 @@ class PlanReport:
                     "rationale": it.rationale,
                     "physician_feedback": it.physician_feedback,
                     "proposal": [o.to_dict() for o in it.proposal],
+                    # terms the planner added or retired for the next plan (why: rationale)
+                    "term_changes": term_changes(it.objectives, it.proposal),
                     "alternatives": [[o.to_dict() for o in a] for a in it.alternatives],
                     "seconds": dict(it.seconds),
                 }
@@ -320,3 +324,17 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def term_changes(
+    current: list[ObjectiveTerm], proposal: list[ObjectiveTerm]
+) -> dict[str, list[str]]:
+    """The terms a proposal adds to and retires from the current ones (by structure and kind);
+    empty lists when it only changes weights and doses, or proposes nothing."""
+    if not proposal:
+        return {"added": [], "retired": []}
+    now, then = {t.key(): t for t in current}, {t.key(): t for t in proposal}
+    return {
+        "added": [t.label() for k, t in then.items() if k not in now],
+        "retired": [t.label() for k, t in now.items() if k not in then],
+    }

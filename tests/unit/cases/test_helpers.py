@@ -128,3 +128,18 @@ def test_the_in_process_loop_builds_the_protocol_s_helpers(analytic_case: Case) 
     )
     report = plan_loop(analytic_case, load_protocol_text(text), max_iterations=1, agent="fixed")
     assert any(t.structure == "PTV_ring" for t in report.iterations[0].objectives)
+    summary = report.summary()
+    assert summary["helpers"][0]["what"] == "ring 3-15 mm around PTV"
+    assert summary["per_iteration"][0]["term_changes"] == {"added": [], "retired": []}
+
+
+def test_term_changes_name_what_a_proposal_adds_and_retires() -> None:
+    from radpilot.report import term_changes
+
+    ring = ObjectiveTerm("PTV_ring", "squared_overdose", 25.0, 50.0)
+    changes = term_changes(TERMS, [*TERMS[:3], ring])
+    assert changes == {
+        "added": ["PTV_ring squared_overdose 25 Gy w=50"],
+        "retired": ["NormalTissue squared_overdose 25 Gy w=5"],
+    }
+    assert term_changes(TERMS, []) == {"added": [], "retired": []}
