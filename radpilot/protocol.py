@@ -122,11 +122,6 @@ class Protocol:
     def helper(self, name: str) -> Helper | None:
         return next((h for h in self.helpers if h.name == name), None)
 
-    def helpers_for(self, objectives: list[ObjectiveTerm]) -> list[Helper]:
-        """The helper definitions that these terms name (what the optimizer must build)."""
-        named = {t.structure for t in objectives}
-        return [h for h in self.helpers if h.name in named]
-
     @property
     def used_structures(self) -> set[str]:
         """Every structure of the case the protocol names: its target, goals, objectives (on

@@ -42,6 +42,7 @@ import itertools
 
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import NORMAL_TISSUE
+from radpilot.cases.helpers import Helper
 from radpilot.dosimetry import parse_metric
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
@@ -131,13 +132,22 @@ def _last_stat(memory: list[MemoryEntry] | None, structure: str, field: str) -> 
     return None
 
 
+def _helpers(
+    protocol: Protocol, kind: str, of: str, subtract: set[str] | None = None
+) -> list[Helper]:
+    """The protocol's helpers of a kind built from ``of`` (minus one of ``subtract``, if given)."""
+    return [
+        h
+        for h in protocol.helpers
+        if h.kind == kind and h.of == of and (subtract is None or h.subtract in subtract)
+    ]
+
+
 def _minus_helper(protocol: Protocol, structure: str) -> str | None:
     """The protocol's "structure minus a target" helper, if it defines one."""
     targets = {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
-    for h in protocol.helpers:
-        if h.kind == "minus" and h.of == structure and h.subtract in targets:
-            return h.name
-    return None
+    found = _helpers(protocol, "minus", structure, targets)
+    return found[0].name if found else None
 
 
 def _site(protocol: Protocol, structure: str, terms: dict[str, ObjectiveTerm]) -> str:
@@ -196,14 +206,8 @@ def _uncover_overlap(
     protocol's "target minus organ" helper (when it defines one), so the overlap may run a
     little cold; the normalisation still holds the whole target's coverage."""
     g, rx = r.goal, protocol.prescription_gy
-    helper = next(
-        (
-            h.name
-            for h in protocol.helpers
-            if h.kind == "minus" and h.of == protocol.target and h.subtract == g.structure
-        ),
-        None,
-    )
+    found = _helpers(protocol, "minus", protocol.target, {g.structure})
+    helper = found[0].name if found else None
     peak = _last_stat(memory, g.structure, "max_gy")
     if helper is None or g.unit != "Gy" or g.limit < NEAR_RX * rx or peak is None:
         return
@@ -239,9 +243,7 @@ def _push_coverage(
     cannot help (it acts before the multiplication); the coverage terms can, by making the
     target's dose more uniform. False when the plan is not inflated."""
     scale = memory[-1].scale if memory else 1.0
-    target_helpers = {
-        h.name for h in protocol.helpers if h.kind == "minus" and h.of == protocol.target
-    }
+    target_helpers = {h.name for h in _helpers(protocol, "minus", protocol.target)}
     cover = [
         t
         for t in terms.values()
@@ -267,7 +269,7 @@ def _add_ring(
     notes: list[str],
 ) -> None:
     """A term on the protocol's ring around the target when the dose spills far from it."""
-    ring = next((h for h in protocol.helpers if h.kind == "ring" and h.of == protocol.target), None)
+    ring = next(iter(_helpers(protocol, "ring", protocol.target)), None)
     spill = _last_stat(memory, NORMAL_TISSUE, "max_gy")
     if (
         ring is None

@@ -178,9 +178,6 @@ class FluenceOptimizer:
                 raise CaseError(
                     f"helper {h.name!r} has the name of a structure of case {self.case.name!r}"
                 )
-            missing = ~np.isin(h.voxel_indices, self.case.row_voxels)
-            if missing.any():
-                raise CaseError(f"helper {h.name!r} has voxels without rows in the matrix")
             old = self._helpers.get(h.name)
             same = (
                 old is not None
@@ -190,7 +187,9 @@ class FluenceOptimizer:
                     h.weights if h.weights is not None else [],
                 )
             )
-            if not same:
+            if not same:  # a new or changed helper: its voxels must have rows (once per change)
+                if (~np.isin(h.voxel_indices, self.case.row_voxels)).any():
+                    raise CaseError(f"helper {h.name!r} has voxels without rows in the matrix")
                 self._helpers[h.name] = h
                 self._rows.pop(h.name, None)
 

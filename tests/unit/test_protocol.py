@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from radpilot.case import Case
+from radpilot.cases.helpers import referenced
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.protocol import ProtocolError, load_protocol, load_protocol_text
@@ -104,7 +105,8 @@ def test_helpers_load_round_trip_and_are_checked_against_the_case(analytic_case:
     p = load_protocol_text(text + HELPERS)
     assert [h.name for h in p.helpers] == ["PTV_ring", "Core_opt"]
     assert p.helper("PTV_ring").outer_mm == 15.0 and p.helper("nope") is None
-    assert [h.name for h in p.helpers_for(p.objectives)] == ["PTV_ring"]
+    named = {t.structure for t in p.objectives}
+    assert [h.name for h in referenced(list(p.helpers), named)] == ["PTV_ring"]
     assert "PTV_ring" not in p.used_structures and "Core" in p.used_structures
     p.check_case(analytic_case)
     again = load_protocol_text(yaml.safe_dump(p.to_dict()))
