@@ -133,9 +133,50 @@ class Structure:
 
 @dataclass(frozen=True)
 class Beam:
+    """One field. ``beamlets_mm`` holds each beamlet's centre in the beam's eye view at the
+    isocentre plane, ``(x, z)`` in mm (x: the leaf travel direction, z: across the leaf pairs),
+    in the order of the matrix columns; with ``bixel_mm`` it places the fluence map under an
+    MLC. Cases stored before RadPilot kept it have ``None`` (they cannot be sequenced)."""
+
     gantry_deg: float
     couch_deg: float
     num_beamlets: int
+    bixel_mm: float = 0.0
+    beamlets_mm: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.beamlets_mm is not None:
+            xy = np.asarray(self.beamlets_mm, dtype=np.float64).reshape(-1, 2)
+            if xy.shape[0] != self.num_beamlets:
+                raise CaseError(
+                    f"beam at gantry {self.gantry_deg:g}: {xy.shape[0]} beamlet positions for "
+                    f"{self.num_beamlets} beamlets"
+                )
+            if self.bixel_mm <= 0:
+                raise CaseError(f"beam at gantry {self.gantry_deg:g}: bixel_mm must be positive")
+            object.__setattr__(self, "beamlets_mm", xy)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "gantry_deg": self.gantry_deg,
+            "couch_deg": self.couch_deg,
+            "num_beamlets": self.num_beamlets,
+        }
+        if self.beamlets_mm is not None:
+            d["bixel_mm"] = self.bixel_mm
+            d["beamlets_mm"] = np.round(self.beamlets_mm, 4).tolist()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Beam:
+        xy = d.get("beamlets_mm")
+        return cls(
+            float(d["gantry_deg"]),
+            float(d["couch_deg"]),
+            int(d["num_beamlets"]),
+            float(d.get("bixel_mm", 0.0)),
+            None if xy is None else np.asarray(xy, dtype=np.float64),
+        )
 
 
 @dataclass

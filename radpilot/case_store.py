@@ -156,14 +156,7 @@ class CaseStore:
                 "recipe": recipe or {},
                 "grid": case.grid.to_dict(),
                 "structures": [_structure_entry(i, s) for i, s in enumerate(stored)],
-                "beams": [
-                    {
-                        "gantry_deg": b.gantry_deg,
-                        "couch_deg": b.couch_deg,
-                        "num_beamlets": b.num_beamlets,
-                    }
-                    for b in case.beams
-                ],
+                "beams": [b.to_dict() for b in case.beams],
                 "isocenter_mm": list(case.isocenter_mm),
                 "prescription_gy": case.prescription_gy,
                 "dose_influence_shape": list(A.shape),
@@ -255,7 +248,7 @@ class CaseStore:
             grid=Grid.from_dict(m["grid"]),
             ct_hu=arr("ct_hu"),
             structures=structures,
-            beams=[Beam(**b) for b in m["beams"]],
+            beams=[Beam.from_dict(b) for b in m["beams"]],
             isocenter_mm=tuple(m["isocenter_mm"]),
             prescription_gy=float(m["prescription_gy"]),
             row_voxels=arr("row_voxels"),

@@ -28,6 +28,10 @@ class HelperError(ValueError):
     """A helper structure definition (ring, minus) is malformed or names what a case lacks."""
 
 
+class DeliveryError(ValueError):
+    """An MLC model, sequencing setting or beam geometry that cannot give a deliverable plan."""
+
+
 class WireError(ValueError):
     """An array message is malformed or too large."""
 

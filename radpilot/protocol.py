@@ -15,9 +15,11 @@ import yaml
 
 from radpilot.case import Case
 from radpilot.cases.helpers import Helper, check_helpers
+from radpilot.delivery.mlc import load_mlc
+from radpilot.delivery.sequencing import SequencingSettings, protocol_fractions
 from radpilot.dosimetry import parse_metric
-from radpilot.errors import HelperError, MetricError, ProtocolError
-from radpilot.fmo.objectives import ObjectiveError, ObjectiveTerm, validate_terms
+from radpilot.errors import DeliveryError, HelperError, MetricError, ProtocolError
+from radpilot.fmo.objectives import ALL_BEAMS, ObjectiveError, ObjectiveTerm, validate_terms
 from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
@@ -42,10 +44,11 @@ TOP_LEVEL = (
     "after_goals_met",
     "improve_min_gain",
     "helpers",
+    "delivery",
 )
 AFTER_GOALS_MET = ("improve", "stop")
 DEFAULT_MIN_GAIN = 0.5  # Gy (or % for a Vx goal): a round that gains less ends the improvement
-PRESCRIPTION_FIELDS = ("target", "dose_gy", "coverage_pct")
+PRESCRIPTION_FIELDS = ("target", "dose_gy", "coverage_pct", "fractions")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,15 @@ class Protocol:
     improve_min_gain: float = DEFAULT_MIN_GAIN
     # helper structures (rings, OAR minus PTV, target minus OAR) that objective terms may name
     helpers: tuple[Helper, ...] = ()
+    # the final plan is leaf-sequenced with these settings and judged on its deliverable dose;
+    # None (``delivery: off``) keeps the fluence-optimal plan
+    delivery: SequencingSettings | None = field(default_factory=SequencingSettings)
+    fractions: int | None = None  # None: 2 Gy per fraction
     source: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def num_fractions(self) -> int:
+        return protocol_fractions(self.prescription_gy, self.fractions)
 
     def fmo_settings(self) -> FMOSettings:
         """FMO settings that normalise plans the way this protocol prescribes."""
@@ -129,7 +140,11 @@ class Protocol:
         return (
             {self.target}
             | {g.structure for g in self.goals}
-            | {o.structure for o in self.objectives if o.structure not in self.helper_names}
+            | {
+                o.structure
+                for o in self.objectives
+                if o.structure not in self.helper_names and o.structure != ALL_BEAMS
+            }
             | {s for h in self.helpers for s in h.sources}
         )
 
@@ -160,6 +175,7 @@ class Protocol:
                 "target": self.target,
                 "dose_gy": self.prescription_gy,
                 "coverage_pct": self.coverage_pct,
+                **({"fractions": self.fractions} if self.fractions else {}),
             },
             "intent": self.intent,
             "goals": [g.to_dict() for g in self.goals],
@@ -167,6 +183,7 @@ class Protocol:
             "after_goals_met": self.after_goals_met,
             "improve_min_gain": self.improve_min_gain,
             **({"helpers": [h.to_dict() for h in self.helpers]} if self.helpers else {}),
+            "delivery": self.delivery.to_dict() if self.delivery is not None else "off",
         }
 
 
@@ -359,6 +376,11 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         data.get("improve_min_gain", DEFAULT_MIN_GAIN), "improve_min_gain", 0.0, 50.0, True
     )
     helpers = _helpers(data.get("helpers"), goals, str(rx["target"]))
+    fractions = rx.get("fractions")
+    if fractions is not None and (
+        isinstance(fractions, bool) or not isinstance(fractions, int) or not 1 <= fractions <= 100
+    ):
+        raise ProtocolError(f"prescription.fractions must be an integer 1..100, got {fractions!r}")
     return Protocol(
         name=str(data["name"]),
         version=str(data.get("version", "1")),
@@ -374,6 +396,8 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         after_goals_met=after,
         improve_min_gain=min_gain,
         helpers=helpers,
+        delivery=_delivery(data.get("delivery", {}), source),
+        fractions=fractions,
         source={"origin": source},
     )
 
@@ -451,6 +475,24 @@ class _PlainYamlLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+def _delivery(raw: Any, source: str) -> SequencingSettings | None:
+    """``delivery:`` off/false, or a mapping of sequencing settings (defaults when absent)."""
+    if raw is False or (isinstance(raw, str) and raw.strip().lower() == "off"):
+        return None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProtocolError(
+            f"{source}: delivery must be 'off' or a mapping (mlc, levels, min_segment_mu, refit)"
+        )
+    try:
+        settings = SequencingSettings.from_dict(raw)
+        load_mlc(settings.mlc)  # an unknown model is refused now, not after the loop
+        return settings
+    except DeliveryError as exc:
+        raise ProtocolError(f"{source}: delivery: {exc}") from None
 
 
 def load_protocol_text(text: str, source: str = "<protocol>") -> Protocol:

@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from radpilot.agents.rules_planner import goal_term
 from radpilot.case import Case
-from radpilot.dicom.write import export_dicom
-from radpilot.evaluation.images import dose_images
+from radpilot.dicom.write import PlanExport, export_dicom
+from radpilot.dosimetry import dvh_levels
+from radpilot.evaluation.images import dose_images, dvh_compare_plot
 from radpilot.evaluation.metrics import PlanDose
-from radpilot.evaluation.protocol_check import ProtocolCheck, sparing_gains
-from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.evaluation.protocol_check import ProtocolCheck, check_protocol, sparing_gains
+from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
@@ -33,6 +35,67 @@ class PlanReport:
     iterations: list[IterationRecord]
     best_iteration: int
     seconds: dict[str, float] = field(default_factory=dict)
+    # the sequenced plan (Deliverable.to_json) once the best plan was leaf-sequenced; then
+    # ``plan`` and ``check`` are the deliverable dose's and the fluence optimum's are kept here
+    deliverable: dict[str, Any] | None = None
+    optimal_plan: PlanDose | None = None
+    optimal_check: ProtocolCheck | None = None
+    delivery_error: str = ""  # why the plan could not be sequenced (then it is fluence-optimal)
+
+    def goals_lost_by(self, dose_rows: np.ndarray) -> list[str]:
+        """Goals the report's (fluence-optimal) plan meets that a dose would fail."""
+        after = check_protocol(PlanDose(self.plan.case, np.asarray(dose_rows)), self.protocol)
+        optimum = self.optimal_check or self.check
+        met = {r.goal.label for r in optimum.results if r.passed}
+        return [r.goal.label for r in after.results if not r.passed and r.goal.label in met]
+
+    def goal_terms(
+        self, labels: list[str], factor: float, terms: list[ObjectiveTerm]
+    ) -> list[ObjectiveTerm]:
+        """A term shaped like each named upper-limit goal, weighted ``factor`` x the heaviest of
+        ``terms`` on that structure (or overall): what the segment-weight refit is given besides
+        the plan's terms when sequencing lost those goals."""
+        out = []
+        heaviest = max((t.weight for t in terms), default=1.0)
+        for goal in self.protocol.goals:
+            if goal.label not in labels or goal.comparator != "<=":
+                continue
+            on_site = [t.weight for t in terms if t.structure == goal.structure]
+            weight = min(factor * max(on_site, default=heaviest), MAX_WEIGHT)
+            term = goal_term(self.protocol, goal, 1.0, weight)
+            if term is not None:
+                out.append(term)
+        return out
+
+    def use_deliverable(self, delivered: dict[str, Any], dose_rows: np.ndarray) -> None:
+        """Judge the report's plan by the dose of its leaf-sequenced delivery."""
+        self.optimal_plan, self.optimal_check = self.plan, self.check
+        self.plan = PlanDose(self.plan.case, np.asarray(dose_rows, dtype=np.float32))
+        self.check = check_protocol(self.plan, self.protocol)
+        self.deliverable = delivered
+
+    def deliverable_summary(self) -> dict[str, Any] | None:
+        """Fluence-optimal vs deliverable goal values, segments, MU and the largest difference."""
+        if self.deliverable is None or self.optimal_check is None:
+            return None
+        optimal = {r.goal.label: r for r in self.optimal_check.results}
+        return {
+            **self.deliverable["summary"],
+            "all_goals_met_fluence_optimal": self.optimal_check.all_passed,
+            # on the deliverable dose once the plan was sequenced ("dose_basis")
+            "dose_basis": "deliverable" if self.deliverable is not None else "fluence-optimal",
+            "all_goals_met": self.check.all_passed,
+            "goals": [
+                {
+                    "goal": r.goal.label,
+                    "fluence_optimal": round(optimal[r.goal.label].achieved, 4),
+                    "deliverable": round(r.achieved, 4),
+                    "passed_fluence_optimal": optimal[r.goal.label].passed,
+                    "passed": r.passed,
+                }
+                for r in self.check.results
+            ],
+        }
 
     @property
     def rounds(self) -> tuple[int, int]:
@@ -65,8 +128,9 @@ class PlanReport:
         first = next((it for it in self.iterations if it.meets), None)
         if first is None:
             return {"met_at_iteration": 0, "gains": []}
+        best = self.optimal_check or self.check  # iterations are fluence optima: compare alike
         was = {r.goal.label: r.achieved for r in first.check.sparing_results()}
-        gains = sparing_gains(first.check, self.check)
+        gains = sparing_gains(first.check, best)
         return {
             "met_at_iteration": first.iteration,
             "best_iteration": self.best_iteration,
@@ -78,7 +142,7 @@ class PlanReport:
                     "best": round(r.achieved, 4),
                     "gained": round(gains[r.goal.label], 4),
                 }
-                for r in self.check.sparing_results()
+                for r in best.sparing_results()
                 if r.goal.label in gains
             ],
         }
@@ -95,10 +159,14 @@ class PlanReport:
             "candidates_per_round": self.rounds[1],
             "best_iteration": self.best_iteration,
             "helpers": [{**h.to_dict(), "what": h.describe()} for h in self.protocol.helpers],
+            # on the deliverable dose once the plan was sequenced ("dose_basis")
+            "dose_basis": "deliverable" if self.deliverable is not None else "fluence-optimal",
             "all_goals_met": self.check.all_passed,
             "all_hard_goals_met": self.check.all_hard_passed,
             "after_goals_met": self.protocol.after_goals_met,
             "improvement": self.improvement(),
+            "deliverable": self.deliverable_summary(),
+            "delivery_error": self.delivery_error,
             "loop_ended": last.rationale if last is not None and not last.proposal else "",
             "goals": [
                 {
@@ -154,20 +222,84 @@ class PlanReport:
             f"{'' if k.startswith('crop_') or k == 'dvh' else 'dose_'}{k}.png": v
             for k, v in dose_images(self.plan, with_dvh=True).items()
         }
+        if self.optimal_plan is not None:
+            levels = dvh_levels(float(max(self.plan.dose_rows.max(), 1e-6)), 0.25)
+            images["dvh_deliverable.png"] = dvh_compare_plot(
+                levels,
+                self.optimal_plan.dvh_curves(levels),
+                self.plan.dvh_curves(levels),
+                ("fluence-optimal", "deliverable"),
+            )
         for name, data in images.items():
             (out / name).write_bytes(data)
         summary = self.summary()
         case = self.plan.case
+        label = f"RadPilot {self.protocol.name} iteration {self.best_iteration}"
+        if self.deliverable is not None:
+            (out / "delivery.json").write_text(json.dumps(self.deliverable, indent=1))
         summary["dicom"] = export_dicom(
             case,
             self.plan.dose_rows,
             out / "dicom",
             with_images=case.metadata.get("builder") != "dicom",
-            description=f"RadPilot {self.protocol.name} iteration {self.best_iteration}",
+            description=label,
+            plan=PlanExport(
+                self.deliverable, self.protocol.target, self.protocol.prescription_gy, label
+            )
+            if self.deliverable is not None
+            else None,
         )["files"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
         (out / "report.html").write_text(self._html(summary, list(images)))
         return out / "report.html"
+
+    def _deliverable_html(self, summary: dict[str, Any]) -> tuple[str, str]:
+        """The report's deliverable-plan section and the sentence saying which dose is judged."""
+        norm = (
+            f"normalised to {html.escape(self.protocol.target)} D{self.protocol.coverage_pct:g} = "
+            f"{self.protocol.prescription_gy:g} Gy"
+        )
+        d = summary.get("deliverable")
+        if not d:
+            why = summary.get("delivery_error", "")
+            return (
+                f"<h2>Deliverable plan</h2><p>Not sequenced: {html.escape(why)}</p>" if why else ""
+            ), f"Plans are fluence-map optima {norm} (not leaf-sequenced)."
+        mlc = d["mlc"]
+        per_beam = ", ".join(
+            f"{n} ({mu:.0f} MU)"
+            for n, mu in zip(d["segments_per_beam"], d["mu_per_beam"], strict=True)
+        )
+        refit = d.get("refit") or {}
+        refit_text = (
+            f" Segment weights were re-optimised on the dose influence matrix (RMS dose error "
+            f"{refit['rms_error_before_gy']:.2f} &rarr; {refit['rms_error_after_gy']:.2f} Gy)."
+            if refit.get("segments")
+            else ""
+        )
+        section = (
+            "<h2>Deliverable plan</h2>"
+            f"<p>Step-and-shoot on the MLC model <b>{html.escape(mlc['name'])}</b> "
+            f"({html.escape(mlc['description'])}), {d['settings']['levels']} intensity levels per "
+            f"beam, segments of at least {d['settings']['min_segment_mu']:g} MU; "
+            f"{d['fractions']} fractions. Segments per beam (MU per fraction): {per_beam}; "
+            f"{d['segments']} segments, {d['total_mu']:.0f} MU per fraction, {d['mu_per_gy']:.0f} "
+            f"MU/Gy. Largest dose difference from the fluence optimum: "
+            f"{d['max_dose_difference_gy']:.2f} Gy. {d['dropped_segments']} segment(s) below the "
+            f"minimum MU were dropped.{refit_text} MU calibration: "
+            f"{mlc['mu_per_gy_at_dmax']:g} MU per Gy at the maximum of each beam's open field "
+            "(1 cGy/MU at dmax). Sequencing took "
+            f"{d['seconds']:.1f} s.</p>"
+            "<table><tr><th>goal</th><th>fluence-optimal</th><th>deliverable</th><th>result</th>"
+            f"</tr>{_deliverable_rows(d)}</table>"
+        )
+        basis = (
+            f"Goals, statistics, images and the exported dose are those of the leaf-sequenced "
+            f"(deliverable) plan, {norm}; the fluence optimum "
+            + ("also meets" if d["all_goals_met_fluence_optimal"] else "does not meet")
+            + " every goal."
+        )
+        return section, basis
 
     def _html(self, summary: dict[str, Any], images: list[str]) -> str:
         e = html.escape
@@ -267,6 +399,7 @@ class PlanReport:
             )
         else:
             met_text = "<p>No iteration met every goal.</p>"
+        deliverable_section, basis = self._deliverable_html(summary)
         files = summary.get("dicom", [])
         dicom_text = (
             "In <code>dicom/</code>: the plan dose as RTDOSE"
@@ -274,6 +407,12 @@ class PlanReport:
                 ", and the CT series (<code>dicom/CT/</code>) and RTSTRUCT it was planned on"
                 if any(f.startswith("CT/") for f in files)
                 else ", in the frame of reference of the imported CT"
+            )
+            + (
+                "; the leaf-sequenced plan as RTPLAN (<code>dicom/RTPLAN.dcm</code>), which the "
+                "RTDOSE references"
+                if "RTPLAN.dcm" in files
+                else ""
             )
             + ". Any DICOM viewer or TPS opens them."
         )
@@ -285,9 +424,9 @@ tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{ma
 <body><h1>Plan report: {e(summary["case"])}</h1>
 <p>Protocol <b>{e(summary["protocol"])}</b>, agent <b>{e(summary["agent"])}</b>. Best plan from iteration
 {summary["best_iteration"]} of {summary["iterations"]}{rounds_text}: it <b>{verdict}</b>.
-Plans are fluence-map optima normalised to PTV D{self.protocol.coverage_pct:g} = {self.protocol.prescription_gy:g} Gy
-(not leaf-sequenced).</p>
+{basis}</p>
 {met_text}
+{deliverable_section}
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
 <h2>Target indices</h2><ul>{ti}</ul>
 <p>HI = (D5 &minus; D95) / prescription &times; 100, in % of the prescription (0 is uniform).
@@ -302,6 +441,16 @@ TV95 the volume receiving at least 95 % of the prescription. {e(summary["dosimet
 <h2>Physician intent</h2><pre>{e(self.protocol.intent)}</pre>
 </body></html>
 """
+
+
+def _deliverable_rows(d: dict[str, Any]) -> str:
+    e = html.escape
+    return "".join(
+        f"<tr class={'pass' if g['passed'] else 'fail'}><td>{e(g['goal'])}</td>"
+        f"<td>{g['fluence_optimal']:.2f}{'' if g['passed_fluence_optimal'] else ' (fail)'}</td>"
+        f"<td>{g['deliverable']:.2f}</td><td>{'pass' if g['passed'] else 'FAIL'}</td></tr>"
+        for g in d["goals"]
+    )
 
 
 def dosimetry_note(case: Case) -> str:

@@ -145,12 +145,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"best plan: iteration {report.best_iteration} of {len(report.iterations)}"
         f"{_rounds(*report.rounds)} ({report.agent})"
     )
+    summary = report.summary()
+    print(delivery_text(summary["deliverable"], summary["delivery_error"]))
     print(f"report: {path}")
     print(f"summary: {Path(args.out) / 'summary.json'}")
     print(json.dumps({k: round(v, 2) for k, v in report.seconds.items()}))
     if args.print_summary:
         print("SUMMARY " + json.dumps(json.loads((Path(args.out) / "summary.json").read_text())))
     return 0
+
+
+def delivery_text(d: dict[str, Any] | None, error: str = "") -> str:
+    """One line on the deliverable plan the goals above were judged on."""
+    if not d:
+        return f"not leaf-sequenced: {error}" if error else "fluence-optimal plan (delivery: off)"
+    per_beam = "/".join(str(n) for n in d["segments_per_beam"])
+    return (
+        f"goals judged on the deliverable (leaf-sequenced) dose: {d['mlc']['name']}, "
+        f"{d['segments']} segments ({per_beam} per beam), {d['total_mu']:.0f} MU per fraction, "
+        f"{d['mu_per_gy']:.0f} MU/Gy, largest difference from the fluence optimum "
+        f"{d['max_dose_difference_gy']:.2f} Gy"
+    )
 
 
 def _rounds(rounds: int, per_round: int) -> str:
@@ -220,6 +235,7 @@ def cmd_plan_remote(args: argparse.Namespace) -> int:
         f"best plan: iteration {summary['best_iteration']} of {summary['iterations']}"
         f"{_rounds(summary['rounds'], summary['candidates_per_round'])}"
     )
+    print(delivery_text(summary.get("deliverable"), summary.get("delivery_error", "")))
     calls = summary.get("llm_calls", [])
     if calls:
         print(f"LLM calls: {len(calls)} {summary.get('llm_outcomes') or count_outcomes(calls)}")

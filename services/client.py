@@ -183,7 +183,12 @@ def plan_remote(
                 )
             elif e.kind == pb.EVENT_KIND_PROPOSAL and e.message:
                 echo(f"    planner: {e.message[:160]}")
-            elif e.kind in (pb.EVENT_KIND_FINISHED, pb.EVENT_KIND_FAILED, pb.EVENT_KIND_CANCELLED):
+            elif e.kind in (
+                pb.EVENT_KIND_FINISHED,
+                pb.EVENT_KIND_FAILED,
+                pb.EVENT_KIND_CANCELLED,
+                pb.EVENT_KIND_SEQUENCED,
+            ):
                 echo(e.message)
         t_loop = time.perf_counter() - t_loop
         t_export = time.perf_counter()

@@ -19,7 +19,7 @@ from scipy.special import erf
 from radpilot.case import Beam, Case, Grid, Structure, StructureKind, as_csr32
 from radpilot.cases.derived import with_normal_tissue
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: beamlet centres on multiples of the bixel width, kept
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def _geometry(p: AnalyticParams) -> tuple[Grid, np.ndarray, dict[str, np.ndarray
 
 def _beam_matrix(
     p: AnalyticParams, gantry_deg: float, xyz: np.ndarray, target_xyz: np.ndarray
-) -> sp.csc_matrix:
-    """Dose per unit fluence from every beamlet of one beam to the given voxel centres."""
+) -> tuple[sp.csc_matrix, np.ndarray]:
+    """Dose per unit fluence from every beamlet of one beam to the given voxel centres, and
+    each kept beamlet's centre ``(x, z)`` in mm in the beam's eye view."""
     t = np.radians(gantry_deg)
     travel = np.array([np.sin(t), -np.cos(t)])  # beam direction in (x, y)
     lateral = np.array([np.cos(t), np.sin(t)])
@@ -81,21 +82,22 @@ def _beam_matrix(
     tz = target_xyz[:, 2]
     u_lo, u_hi = np.floor(tu.min() / w - 1) * w, np.ceil(tu.max() / w + 1) * w
     z_lo, z_hi = np.floor(tz.min() / w - 1) * w, np.ceil(tz.max() / w + 1) * w
-    nu = round((u_hi - u_lo) / w)
-    nz = round((z_hi - z_lo) / w)
-    home_u = np.floor((u - u_lo) / w).astype(np.int64)
-    home_z = np.floor((zc - z_lo) / w).astype(np.int64)
+    nu = round((u_hi - u_lo) / w) + 1
+    nz = round((z_hi - z_lo) / w) + 1
+    # beamlet centres on multiples of the bixel width from the axis, as pyRadPlan places rays
+    home_u = np.round((u - u_lo) / w).astype(np.int64)
+    home_z = np.round((zc - z_lo) / w).astype(np.int64)
     reach = int(np.ceil(p.cutoff_sigmas * sigma.max() / w)) + 1
 
     rows, cols, vals = [], [], []
     inv = 1.0 / (np.sqrt(2.0) * sigma)
     for du in range(-reach, reach + 1):
         iu = home_u + du
-        cu = u_lo + (iu + 0.5) * w
+        cu = u_lo + iu * w
         fu = 0.5 * (erf((u - cu + w / 2) * inv) - erf((u - cu - w / 2) * inv))
         for dz in range(-reach, reach + 1):
             iz = home_z + dz
-            cz = z_lo + (iz + 0.5) * w
+            cz = z_lo + iz * w
             fz = 0.5 * (erf((zc - cz + w / 2) * inv) - erf((zc - cz - w / 2) * inv))
             v = depth_dose * fu * fz
             keep = (iu >= 0) & (iu < nu) & (iz >= 0) & (iz < nz) & (v > 1e-4)
@@ -108,7 +110,8 @@ def _beam_matrix(
         (np.concatenate(vals).astype(np.float32), (r, c)), shape=(xyz.shape[0], nu * nz)
     )
     used = np.flatnonzero(np.diff(m.indptr))  # drop beamlets that reach no voxel
-    return m[:, used]
+    centres = np.stack([u_lo + (used // nz) * w, z_lo + (used % nz) * w], axis=1)
+    return m[:, used], centres
 
 
 def build_analytic_cshape(params: AnalyticParams | None = None) -> Case:
@@ -126,7 +129,8 @@ def build_analytic_cshape(params: AnalyticParams | None = None) -> Case:
     xyz = zyx[:, ::-1]
     target_xyz = xyz[np.isin(rows, structures[0].voxel_indices)]
     gantries = [360.0 * k / p.num_beams for k in range(p.num_beams)]
-    blocks = [_beam_matrix(p, g, xyz, target_xyz) for g in gantries]
+    beams = [_beam_matrix(p, g, xyz, target_xyz) for g in gantries]
+    blocks = [b for b, _ in beams]
     A = sp.hstack(blocks, format="csr")
     # scale so that a uniform unit fluence gives roughly the prescription in the target
     A = A * (
@@ -138,7 +142,10 @@ def build_analytic_cshape(params: AnalyticParams | None = None) -> Case:
         grid=grid,
         ct_hu=ct,
         structures=structures,
-        beams=[Beam(g, 0.0, b.shape[1]) for g, b in zip(gantries, blocks, strict=True)],
+        beams=[
+            Beam(g, 0.0, b.shape[1], p.bixel_mm, xy)
+            for g, (b, xy) in zip(gantries, beams, strict=True)
+        ],
         isocenter_mm=(0.0, 0.0, 0.0),
         prescription_gy=p.prescription_gy,
         row_voxels=rows.astype(np.int64),

@@ -211,7 +211,13 @@ def _case(
         ct_hu=ct_hu,
         structures=structures,
         beams=[
-            Beam(float(b.gantry_angle), float(b.couch_angle), int(b.total_number_of_bixels))
+            Beam(
+                float(b.gantry_angle),
+                float(b.couch_angle),
+                int(b.total_number_of_bixels),
+                float(b.bixel_width),
+                np.array([[r.ray_pos_bev[0], r.ray_pos_bev[2]] for r in b.rays]),
+            )
             for b in stf.beams
         ],
         isocenter_mm=(float(iso[2]), float(iso[1]), float(iso[0])),

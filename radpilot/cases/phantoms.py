@@ -33,7 +33,7 @@ from radpilot.cases.engine import (
     ct_from_array,
 )
 
-BUILDER_VERSION = 7
+BUILDER_VERSION = 8  # 8: beams keep their beamlet positions (MLC sequencing)
 SEVEN_FIELDS = (0.0, 50.0, 100.0, 150.0, 210.0, 260.0, 310.0)  # TG-119's 7-field arrangement
 NINE_FIELDS = tuple(40.0 * k for k in range(9))
 SLAB_MM = (200.0, 200.0, 300.0)  # SI (z), AP (y), RL (x)

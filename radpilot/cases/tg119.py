@@ -13,7 +13,7 @@ from typing import Any
 from radpilot.case import Case, CaseError, StructureKind
 from radpilot.cases.engine import BeamSetup, build_case, pyradplan
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: beams keep their beamlet positions (MLC sequencing)
 log = logging.getLogger(__name__)
 
 # pyRadPlan's names -> RadPilot's, and each one's kind.

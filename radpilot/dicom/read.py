@@ -381,6 +381,12 @@ def case_id_for(ct: Any, structures: list[Any], beams: Any, prescription_gy: flo
     return "dicom-" + h.hexdigest()[:16]
 
 
+def _sop_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
 def import_dicom(
     folder: str | Path, protocol: Protocol, store: CaseStore | None = None
 ) -> tuple[Case, list[str]]:
@@ -432,6 +438,7 @@ def import_dicom(
                 "study_uid": scan.study_uid,
                 "series_uid": scan.series_uid,
                 "frame_of_reference_uid": scan.frame_of_reference_uid,
+                "rtstruct_uid": _sop_uid(scan.rtstruct),
                 "slices": len(scan.ct_files),
                 "slice_spacing_mm": scan.slice_spacing_mm,
             },

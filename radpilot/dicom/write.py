@@ -26,6 +26,7 @@ from radpilot.case import DERIVED, Case, StructureKind
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 RTDOSE_STORAGE = "1.2.840.10008.5.1.4.1.1.481.2"
+RTPLAN_STORAGE = "1.2.840.10008.5.1.4.1.1.481.5"
 INTERPRETED = {
     StructureKind.TARGET: "PTV",
     StructureKind.OAR: "ORGAN",
@@ -38,6 +39,17 @@ MANUFACTURER = "RadPilot"
 # 1/(2 UPSAMPLE^2) of a voxel), and a centre-in reader gets exactly the exported voxels.
 CONTOUR_LEVEL = 0.5
 UPSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class PlanExport:
+    """What the RT Plan needs beyond the case: the sequenced plan (``Deliverable.to_json``),
+    the prescription's target and dose, and a label."""
+
+    delivered: dict[str, Any]
+    target: str
+    prescription_gy: float
+    label: str
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,7 @@ def _base(ds: Dataset, sop_class: str, sop_uid: str, uids: SeriesUIDs, case: Cas
     ds.FrameOfReferenceUID = uids.frame_of_reference
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer = MANUFACTURER
+    ds.OperatorsName = ""
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SpecificCharacterSet = "ISO_IR 100"
@@ -131,6 +144,9 @@ def write_ct_series(case: Case, folder: Path, uids: SeriesUIDs) -> list[str]:
         ds.SeriesNumber = 1
         ds.InstanceNumber = k + 1
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.PatientPosition = "HFS"
+        ds.Laterality = ""
+        ds.AcquisitionNumber = ""
         _image_plane(ds, case, z, 16, signed=True)
         ds.SliceLocation = float(z)
         ds.RescaleIntercept = 0
@@ -164,13 +180,7 @@ def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str
     xs, ys, zs = _geometry(case)
     dx, dy = case.grid.spacing_mm[2], case.grid.spacing_mm[1]
     ds = Dataset()
-    _base(
-        ds,
-        RTSTRUCT_STORAGE,
-        str(generate_uid(entropy_srcs=[uids.ct_series, "rtstruct"])),
-        uids,
-        case,
-    )
+    _base(ds, RTSTRUCT_STORAGE, rtstruct_uid(uids), uids, case)
     ds.Modality = "RTSTRUCT"
     ds.SeriesInstanceUID = str(generate_uid(entropy_srcs=[uids.ct_series, "rtstruct-series"]))
     ds.SeriesNumber = 2
@@ -248,15 +258,23 @@ def write_rtstruct(case: Case, folder: Path, uids: SeriesUIDs, ct_sops: list[str
 
 
 def write_rtdose(
-    case: Case, dose_rows: np.ndarray, folder: Path, uids: SeriesUIDs, description: str = ""
+    case: Case,
+    dose_rows: np.ndarray,
+    folder: Path,
+    uids: SeriesUIDs,
+    description: str = "",
+    rtplan_uid: str = "",
 ) -> Path:
-    """The plan dose (Gy) on the case's grid as an RTDOSE file."""
+    """The plan dose (Gy) on the case's grid as an RTDOSE file (referencing the RT Plan whose
+    delivery it is, when there is one)."""
     zs = _geometry(case)[2]
     nz = case.grid.shape[0]
     cube = case.dose_cube(np.asarray(dose_rows)).astype(np.float64)
+    # 16-bit frames (a step of max/65534: under a milligray for any prescription); dciodvfy
+    # cannot read 32-bit RTDOSE pixel data
     top = float(cube.max())
-    scale = top / (2**32 - 2) if top > 0 else 1.0
-    pixels = np.clip(np.round(cube / scale), 0, 2**32 - 1).astype(np.uint32)
+    scale = top / (2**16 - 2) if top > 0 else 1.0
+    pixels = np.clip(np.round(cube / scale), 0, 2**16 - 1).astype(np.uint16)
     ds = Dataset()
     _base(ds, RTDOSE_STORAGE, str(generate_uid()), uids, case)
     ds.Modality = "RTDOSE"
@@ -264,7 +282,7 @@ def write_rtdose(
     ds.SeriesNumber = 3
     ds.InstanceNumber = 1
     ds.SeriesDescription = description[:64]
-    _image_plane(ds, case, zs[0], 32, signed=False)
+    _image_plane(ds, case, zs[0], 16, signed=False)
     ds.GridFrameOffsetVector = [float(z - zs[0]) for z in zs]
     ds.FrameIncrementPointer = pydicom.tag.Tag(0x3004, 0x000C)
     ds.NumberOfFrames = nz
@@ -272,28 +290,61 @@ def write_rtdose(
     ds.DoseType = "PHYSICAL"
     ds.DoseSummationType = "PLAN"
     ds.DoseGridScaling = f"{scale:.10g}"
-    # the CT series this dose was computed on (General Reference module)
-    ref = Dataset()
-    ref.SeriesInstanceUID = uids.ct_series
-    ds.ReferencedSeriesSequence = Sequence([ref])
+    if rtplan_uid:
+        ds.ReferencedRTPlanSequence = Sequence([_ref(RTPLAN_STORAGE, rtplan_uid)])
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     return _save(ds, folder / "RTDOSE.dcm")
 
 
+def _ref(sop_class: str, sop_uid: str) -> Dataset:
+    d = Dataset()
+    d.ReferencedSOPClassUID = sop_class
+    d.ReferencedSOPInstanceUID = sop_uid
+    return d
+
+
+def rtstruct_uid(uids: SeriesUIDs) -> str:
+    """The SOP Instance UID of the RTSTRUCT RadPilot writes for a CT series."""
+    return str(generate_uid(entropy_srcs=[uids.ct_series, "rtstruct"]))
+
+
 def export_dicom(
-    case: Case, dose_rows: np.ndarray, folder: str | Path, with_images: bool, description: str = ""
+    case: Case,
+    dose_rows: np.ndarray,
+    folder: str | Path,
+    with_images: bool,
+    description: str = "",
+    plan: PlanExport | None = None,
 ) -> dict[str, Any]:
-    """RTDOSE (and, with ``with_images``, the CT series in ``CT/`` and RTSTRUCT) into ``folder``."""
+    """RTDOSE (and, with ``with_images``, the CT series in ``CT/`` and RTSTRUCT; with ``plan``,
+    the sequenced plan as RTPLAN, which the RTDOSE references) into ``folder``."""
+    from radpilot.dicom.rtplan import write_rtplan  # the RT Plan writer builds on this module
+
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     uids = SeriesUIDs.for_case(case)
     files: list[str] = []
+    struct_uid = str(case.metadata.get("dicom", {}).get("rtstruct_uid", ""))
     if with_images:
         (out / "CT").mkdir(exist_ok=True)
         sops = write_ct_series(case, out / "CT", uids)
         files += [f"CT/CT.{k + 1:04d}.dcm" for k in range(len(sops))]
         files.append(write_rtstruct(case, out, uids, sops).name)
-    files.append(write_rtdose(case, dose_rows, out, uids, description).name)
+        struct_uid = rtstruct_uid(uids)
+    plan_uid = ""
+    if plan is not None:
+        path, plan_uid = write_rtplan(
+            case,
+            plan.delivered,
+            out,
+            uids,
+            target=plan.target,
+            prescription_gy=plan.prescription_gy,
+            label=plan.label,
+            rtstruct_uid=struct_uid,
+        )
+        files.append(path.name)
+    files.append(write_rtdose(case, dose_rows, out, uids, description, plan_uid).name)
     return {
         "files": files,
         "study_uid": uids.study,

@@ -222,6 +222,32 @@ def dvh_plot(
     return _png(fig)
 
 
+def dvh_compare_plot(
+    levels_gy: np.ndarray,
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    labels: tuple[str, str],
+) -> bytes:
+    """Two plans' DVHs on one axis: ``before`` dashed, ``after`` solid, a colour per structure."""
+    fig, ax = _pyplot().subplots(figsize=(7.0, 4.5))
+    for k, name in enumerate(after):
+        c = COLORS[k % len(COLORS)]
+        if name in before:
+            ax.plot(levels_gy, before[name], color=c, linestyle="--", linewidth=1)
+        ax.plot(levels_gy, after[name], color=c, label=name)
+    ax.plot([], [], color="k", linestyle="--", label=labels[0])
+    ax.plot([], [], color="k", label=labels[1])
+    ax.set_xlabel("Dose [Gy]")
+    ax.set_ylabel("Volume [%]")
+    ax.set_ylim(0, 101)
+    ax.set_xlim(0, float(levels_gy[-1]) if len(levels_gy) else 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Cumulative DVH: {labels[0]} (dashed) and {labels[1]} (solid)")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def dose_images(plan: PlanDose, with_dvh: bool = False) -> dict[str, bytes]:
     """Every image of one plan, rendered once: the three planes (``axial``, ``sagittal``,
     ``coronal``), ``crop_<structure>`` for each organ and target, and ``dvh`` on request.

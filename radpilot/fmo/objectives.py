@@ -36,6 +36,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+import numpy as np
+import scipy.sparse as sp
+
 from radpilot.errors import ObjectiveError
 
 _REGISTRY: dict[str, type[ObjectiveKind]] = {}
@@ -492,6 +495,68 @@ class SmoothMax(StructurePenalty):
 MAX_WEIGHT = 1e6  # weights span at most 12 orders of magnitude: [0, 1e6]
 MAX_OBJECTIVE_DOSE_GY = 300.0  # twice the highest prescription a protocol may have
 TERM_FIELDS = ("structure", "kind", "dose_gy", "weight")
+ALL_BEAMS = "AllBeams"  # the structure name of fluence-space terms: they act on every beam
+
+
+class FluencePenalty(ObjectiveKind):
+    """A penalty on the fluence itself, not on dose: ``f(x) = w / P * |D x|^2`` for a sparse
+    difference operator ``D`` (``P`` rows) built from the case's beam geometry. Its terms name
+    the structure ``AllBeams``; their objective dose is not used. The solver adds it to the dose
+    terms in beamlet space (host arrays), so both backends share it."""
+
+    fluence_space: ClassVar[bool] = True
+
+    def value_and_gradient_x(self, x: Any, D: Any, weight: float) -> tuple[float, Any]:
+        dx = D @ x
+        p = max(D.shape[0], 1)
+        return weight / p * float(dx @ dx), (2.0 * weight / p) * (D.T @ dx)
+
+    def along_x(self, x: Any, step: Any, D: Any, weight: float) -> tuple[float, float]:
+        """(a, b) with f'(t) = a + b t along ``x + t step``."""
+        dx, ds = D @ x, D @ step
+        p = max(D.shape[0], 1)
+        return 2.0 * weight / p * float(dx @ ds), 2.0 * weight / p * float(ds @ ds)
+
+
+@register("fluence_smoothness")
+class FluenceSmoothness(FluencePenalty):
+    summary = (
+        "mean squared difference between neighbouring beamlets of each beam (along and across "
+        "the leaves): smoother fluence, fewer segments and MU after leaf sequencing; only on "
+        "the structure AllBeams, with dose_gy 0"
+    )
+
+
+def is_fluence_kind(name: str) -> bool:
+    return bool(getattr(_kind_class(name), "fluence_space", False))
+
+
+def fluence_differences(beams: list[Any]) -> Any:
+    """The sparse operator whose rows are ``x_i - x_j`` for every pair of beamlets of one beam
+    that are neighbours on its grid (along x and along z); ``beams`` are the case's Beams."""
+    rows: list[tuple[int, int]] = []
+    start = 0
+    for k, b in enumerate(beams):
+        if b.beamlets_mm is None or b.bixel_mm <= 0:
+            raise ObjectiveError(
+                f"fluence_smoothness needs beamlet positions, which beam {k + 1} of this case "
+                "lacks (stored before RadPilot kept them): rebuild the case"
+            )
+        grid = np.rint(b.beamlets_mm / b.bixel_mm).astype(np.int64)
+        index = {(int(c), int(r)): j for j, (c, r) in enumerate(grid)}
+        for (c, r), j in index.items():
+            for other in (index.get((c + 1, r)), index.get((c, r + 1))):
+                if other is not None:
+                    rows.append((start + j, start + other))
+        start += b.num_beamlets
+    pairs = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+    m = pairs.shape[0]
+    data = np.concatenate([np.ones(m), -np.ones(m)])
+    pair_rows = np.concatenate([np.arange(m), np.arange(m)])
+    cols = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    return sp.csr_matrix((data, (pair_rows, cols)), shape=(m, start))
+
+
 OPTIONAL_TERM_FIELDS = ("parameter",)
 
 
@@ -510,6 +575,11 @@ class ObjectiveTerm:
         cls = _kind_class(self.kind)  # raises with the list of known kinds
         if not self.structure:
             raise ObjectiveError("an objective term needs a structure name")
+        if getattr(cls, "fluence_space", False) != (self.structure == ALL_BEAMS):
+            raise ObjectiveError(
+                f"{self.kind} on {self.structure!r}: fluence kinds act on the structure "
+                f"{ALL_BEAMS!r} (every beam), and {ALL_BEAMS!r} takes only fluence kinds"
+            )
         if not (math.isfinite(self.dose_gy) and 0 <= self.dose_gy <= MAX_OBJECTIVE_DOSE_GY):
             raise ObjectiveError(
                 f"objective dose for {self.structure} ({self.kind}) must be a finite number "

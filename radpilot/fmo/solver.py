@@ -38,7 +38,15 @@ import numpy as np
 from radpilot.case import Case, CaseError, Structure
 from radpilot.dosimetry import dose_at_volume
 from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops
-from radpilot.fmo.objectives import ObjectiveKind, ObjectiveTerm, kind_of, validate_terms
+from radpilot.fmo.objectives import (
+    FluencePenalty,
+    ObjectiveKind,
+    ObjectiveTerm,
+    fluence_differences,
+    is_fluence_kind,
+    kind_of,
+    validate_terms,
+)
 
 GREW = "working set grew"
 
@@ -155,6 +163,9 @@ class FluenceOptimizer:
         self._rows: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         self._helpers: dict[str, Structure] = {}  # helper structures terms may name
         self.sparse_products = 0
+        # fluence-space terms of the solve in progress: (kind, weight), on the operator below
+        self._fluence_terms: list[tuple[FluencePenalty, float]] = []
+        self._differences: Any = None  # neighbouring-beamlet differences (built on first use)
 
     @property
     def backend(self) -> str:
@@ -214,7 +225,16 @@ class FluenceOptimizer:
         return self.xp.asarray(self.host_rows(structure))
 
     def _prepare(self, terms: list[ObjectiveTerm]) -> list[_Term]:
+        """The dose terms, mapped to rows; the fluence terms are kept for the solve apart."""
         validate_terms(terms)
+        self._fluence_terms = []
+        for t in terms:
+            kind = kind_of(t)
+            if isinstance(kind, FluencePenalty) and t.weight > 0:
+                if self._differences is None:
+                    self._differences = fluence_differences(self.case.beams)
+                self._fluence_terms.append((kind, t.weight))
+        terms = [t for t in terms if not is_fluence_kind(t.kind)]
         names = set(self.case.structure_names) | set(self._helpers)
         unknown = sorted({t.structure for t in terms} - names)
         if unknown:
@@ -238,6 +258,22 @@ class FluenceOptimizer:
                 )
         return out
 
+    # -- fluence-space terms (host arrays, both backends) -----------------------------------
+    def _fx(self, x: np.ndarray) -> tuple[float, np.ndarray | float]:
+        """Value and gradient of the solve's fluence terms at ``x`` (0, 0 when it has none)."""
+        f, g = 0.0, 0.0
+        for kind, w in self._fluence_terms:
+            v, gk = kind.value_and_gradient_x(x, self._differences, w)
+            f, g = f + v, g + gk
+        return f, g
+
+    def _fx_line(self, x: np.ndarray, step: np.ndarray) -> tuple[float, float]:
+        a, b = 0.0, 0.0
+        for kind, w in self._fluence_terms:
+            ak, bk = kind.along_x(x, step, self._differences, w)
+            a, b = a + ak, b + bk
+        return a, b
+
     # -- objective on a dose vector -------------------------------------------------------
     def _value_grad(self, dose: Any, terms: list[_Term]) -> tuple[float, Any]:
         xp = self.xp
@@ -251,11 +287,22 @@ class FluenceOptimizer:
             grad[t.rows] += g
         return total, grad
 
-    def term_values(self, dose_rows: Any, terms: list[ObjectiveTerm]) -> dict[str, float]:
+    def term_values(
+        self, dose_rows: Any, terms: list[ObjectiveTerm], fluence: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Each term's value; fluence terms need the ``fluence`` (skipped without it)."""
         xp = self.xp
         dose = self.ops.asarray(dose_rows)
         out = {}
         for t in terms:
+            kind = kind_of(t)
+            if isinstance(kind, FluencePenalty):
+                if fluence is not None:
+                    if self._differences is None:
+                        self._differences = fluence_differences(self.case.beams)
+                    x = np.asarray(fluence, dtype=np.float64)
+                    out[t.key()] = kind.value_and_gradient_x(x, self._differences, t.weight)[0]
+                continue
             rows, vw = self._objective_rows(t.structure)
             out[t.key()] = kind_of(t).value(
                 dose[xp.asarray(rows)],
@@ -271,7 +318,21 @@ class FluenceOptimizer:
         """Eq. 1's objective at a fluence (no normalisation)."""
         dose = self.ops.matvec(self.ops.asarray(fluence))
         self.sparse_products += 1
-        return self._value_grad(dose, self._prepare(terms))[0]
+        prepared = self._prepare(terms)
+        return self._value_grad(dose, prepared)[0] + self._fx(np.asarray(fluence, float))[0]
+
+    def value_and_gradient(
+        self, fluence: np.ndarray, terms: list[ObjectiveTerm]
+    ) -> tuple[float, np.ndarray]:
+        """Eq. 1's objective at a fluence and its gradient in beamlet space (two products)."""
+        prepared = self._prepare(terms)
+        x = np.asarray(fluence, dtype=np.float64)
+        dose = self.ops.matvec(self.ops.asarray(x.astype(np.float32)))
+        f, g_dose = self._value_grad(dose, prepared)
+        g = self.ops.to_host(self.ops.rmatvec(g_dose)).astype(np.float64)
+        self.sparse_products += 2
+        fx, gx = self._fx(x)
+        return f + fx, g + gx
 
     def dose(self, fluence: np.ndarray) -> np.ndarray:
         self.sparse_products += 1
@@ -317,7 +378,14 @@ class FluenceOptimizer:
         return _Space(ops, mapped, rows)
 
     # -- exact line search ------------------------------------------------------------------
-    def _line_search(self, dose: Any, q: Any, terms: list[_Term], slope0: float) -> float:
+    def _line_search(
+        self,
+        dose: Any,
+        q: Any,
+        terms: list[_Term],
+        slope0: float,
+        fluence_line: tuple[float, float] = (0.0, 0.0),
+    ) -> float:
         """argmin over t in [0, 1] of the objective at ``dose + t q``.
 
         Along the line the voxel penalties are piecewise quadratic in ``t`` and the structure
@@ -329,9 +397,11 @@ class FluenceOptimizer:
             for t in terms
         ]
 
+        fa, fb = fluence_line  # fluence terms: f'(t) = fa + fb t along the same step
+
         def derivs(step: float) -> tuple[float, float]:
-            d1 = 0.0
-            d2 = 0.0
+            d1 = fa + fb * step
+            d2 = fb
             for line in lines:
                 a, b = line(step)
                 d1 += a
@@ -430,7 +500,7 @@ class FluenceOptimizer:
                 nonlocal dose_full
                 dose_full = ops.matvec(ops.asarray(x_now.astype(np.float32)))
                 self.sparse_products += 1
-                f_full = self._value_grad(dose_full, prepared)[0]
+                f_full = self._value_grad(dose_full, prepared)[0] + self._fx(x_now)[0]
                 verified.append((time.perf_counter() - t_start, f_full))
                 return int(left_out[self._near_active(dose_full, prepared, 0.0)].sum())
 
@@ -462,7 +532,7 @@ class FluenceOptimizer:
         x32 = x.astype(np.float32)
         dose = ops.matvec(ops.asarray(x32))
         self.sparse_products += 1
-        f_final = self._value_grad(dose, prepared)[0]
+        f_final = self._value_grad(dose, prepared)[0] + self._fx(x32.astype(np.float64))[0]
         verified.append((time.perf_counter() - t_start, f_final))
         # normalise the coverage exactly as dosimetry reports it (volume-weighted, at the
         # target's sample points where the case has them)
@@ -473,7 +543,9 @@ class FluenceOptimizer:
             raise CaseError(f"the optimised plan gives {norm_name} no dose; cannot normalise")
         scale = (s.prescription_gy or self.case.prescription_gy) / d95
         dose = dose * np.float32(scale)
-        f_norm = self._value_grad(dose, prepared)[0]
+        f_norm = (
+            self._value_grad(dose, prepared)[0] + self._fx(x32.astype(np.float64) * float(scale))[0]
+        )
         dose_host = raw_host * np.float32(scale)
         seconds = time.perf_counter() - t_start
         return FMOResult(
@@ -493,7 +565,11 @@ class FluenceOptimizer:
             sparse_products=self.sparse_products - products0,
             working_set_rows=ws_rows,
             iterates=iterates or [],
-            term_values=self.term_values(dose_host, [p.term for p in prepared]),
+            term_values=self.term_values(
+                dose_host,
+                [t for t in terms if t.weight > 0],
+                (x32 * np.float32(scale)).astype(np.float64),
+            ),
         )
 
     def _rescale(self, x: np.ndarray, dose: Any, terms: list[_Term]) -> tuple[np.ndarray, Any]:
@@ -502,9 +578,12 @@ class FluenceOptimizer:
         A warm start is usually a plan normalised for other weights; this puts it back on scale.
         """
         _, g_dose = self._value_grad(dose, terms)
-        slope = float(self.xp.sum(g_dose * dose, dtype=self.xp.float64))  # d/dc f(c x) at c = 1
+        # d/dc f(c x) at c = 1 (a fluence term is quadratic in x: its share is 2 f_x(x))
+        slope = float(self.xp.sum(g_dose * dose, dtype=self.xp.float64)) + 2 * self._fx(x)[0]
         direction = 1.0 if slope < 0 else -1.0
-        t = self._line_search(dose, direction * dose, terms, -abs(slope))
+        t = self._line_search(
+            dose, direction * dose, terms, -abs(slope), self._fx_line(x, direction * x)
+        )
         if t <= 0:
             return x, dose
         c = 1.0 + direction * t
@@ -514,7 +593,8 @@ class FluenceOptimizer:
         f, g_dose = self._value_grad(dose, space.terms)
         g = space.ops.to_host(space.ops.rmatvec(g_dose)).astype(np.float64)
         self.sparse_products += 1
-        return _State(x, dose, f, g)
+        fx, gx = self._fx(x)
+        return _State(x, dose, f + fx, g + gx)
 
     def _iterate(
         self,
@@ -549,13 +629,15 @@ class FluenceOptimizer:
                     return _State(x, dose, f, g), it - 1, True, "no descent direction"
             q = ops.matvec(ops.asarray(step))
             self.sparse_products += 1
-            t = self._line_search(dose, q, terms, slope0)
+            t = self._line_search(dose, q, terms, slope0, self._fx_line(x, step))
             if t <= 0:
                 return _State(x, dose, f, g), it, True, "line search made no progress"
             x_new = np.maximum(x + t * step, 0.0)
             dose = dose + np.float32(t) * q
             f_new, g_dose = self._value_grad(dose, terms)
             g_new = ops.to_host(ops.rmatvec(g_dose)).astype(np.float64)
+            fx, gx = self._fx(x_new)
+            f_new, g_new = f_new + fx, g_new + gx
             self.sparse_products += 1
             sv, yv = x_new - x, g_new - g
             sy = float(sv @ yv)

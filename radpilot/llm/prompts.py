@@ -17,7 +17,13 @@ from typing import Any
 
 from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import ProtocolCheck
-from radpilot.fmo.objectives import ObjectiveTerm, kind_class, kind_of, objective_kinds
+from radpilot.fmo.objectives import (
+    ALL_BEAMS,
+    ObjectiveTerm,
+    kind_class,
+    kind_of,
+    objective_kinds,
+)
 from radpilot.protocol import Protocol
 
 EVALUATOR_SYSTEM = (
@@ -415,7 +421,12 @@ Answer with one JSON object and nothing else:
 def term_structures(protocol: Protocol, current: list[ObjectiveTerm]) -> list[str]:
     """The structures a planner may put a new term on: those the protocol and the current
     terms name, and the protocol's helper structures."""
-    return sorted(protocol.used_structures | protocol.helper_names | {t.structure for t in current})
+    return sorted(
+        protocol.used_structures
+        | protocol.helper_names
+        | {t.structure for t in current}
+        | {ALL_BEAMS}
+    )
 
 
 def _changes_text(protocol: Protocol, current: list[ObjectiveTerm]) -> str:

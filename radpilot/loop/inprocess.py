@@ -27,6 +27,13 @@ from radpilot.agents.step import (
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
 from radpilot.cases.helpers import build_helper
+from radpilot.delivery.sequencing import (
+    SequencingSettings,
+    deliver,
+    keep_goals,
+    merged_terms,
+)
+from radpilot.errors import DeliveryError
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision
 from radpilot.fmo import FluenceOptimizer
@@ -246,9 +253,10 @@ def plan_loop(
         if use_llm
         else []
     )
+    optimizer = LibraryOptimizer(case, protocol, backend, arrays)
     result = run_loop(
         list(protocol.objectives),
-        LibraryOptimizer(case, protocol, backend, arrays),
+        optimizer,
         LibraryEvaluator(
             case,
             protocol,
@@ -264,8 +272,40 @@ def plan_loop(
     report = PlanReport.from_records(
         case, protocol, agent, result.records, result.best_iteration, arrays.get
     )
+    best = next(r for r in result.records if r.iteration == result.best_iteration)
+    t_seq = time.perf_counter()
+    if protocol.delivery is not None and best.fluence is not None:
+        fluence = arrays.get(best.fluence)
+
+        def sequence(
+            settings: SequencingSettings, extra: list[ObjectiveTerm]
+        ) -> tuple[dict[str, Any], np.ndarray]:
+            terms = merged_terms(best.objectives, extra)
+            d = deliver(
+                case,
+                fluence,
+                settings,
+                fractions=protocol.num_fractions,
+                target=protocol.target,
+                prescription_gy=protocol.prescription_gy,
+                coverage_pct=protocol.coverage_pct,
+                objective=lambda x: optimizer.optimizer.value_and_gradient(x, terms),
+            )
+            return d.to_json(protocol.prescription_gy), d.dose_rows
+
+        try:
+            plan, dose = keep_goals(
+                sequence,
+                report.goals_lost_by,
+                protocol.delivery,
+                lambda lost, factor: report.goal_terms(lost, factor, best.objectives),
+            )
+            report.use_deliverable(plan, dose)
+        except DeliveryError as exc:
+            report.delivery_error = str(exc)
     report.seconds = {
         "fmo": sum(r.fmo.seconds for r in result.records),
+        "sequencing": time.perf_counter() - t_seq,
         "loop": time.perf_counter() - t0,
     }
     return report

@@ -62,3 +62,43 @@ class OptimizeResponse(_message.Message):
     replica: str
     case_load_seconds: float
     def __init__(self, stats: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., replica: _Optional[str] = ..., case_load_seconds: _Optional[float] = ...) -> None: ...
+
+class SequenceRequest(_message.Message):
+    __slots__ = ("case_id", "fluence", "normalize_to", "prescription_gy", "coverage_pct", "fractions", "mlc", "levels", "min_segment_mu", "refit", "objectives", "helpers")
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    FLUENCE_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_TO_FIELD_NUMBER: _ClassVar[int]
+    PRESCRIPTION_GY_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_PCT_FIELD_NUMBER: _ClassVar[int]
+    FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    MLC_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEGMENT_MU_FIELD_NUMBER: _ClassVar[int]
+    REFIT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
+    HELPERS_FIELD_NUMBER: _ClassVar[int]
+    case_id: str
+    fluence: _types_pb2.NDArray
+    normalize_to: str
+    prescription_gy: float
+    coverage_pct: float
+    fractions: int
+    mlc: str
+    levels: int
+    min_segment_mu: float
+    refit: bool
+    objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
+    helpers: _containers.RepeatedCompositeFieldContainer[_types_pb2.HelperStructure]
+    def __init__(self, case_id: _Optional[str] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., normalize_to: _Optional[str] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ..., fractions: _Optional[int] = ..., mlc: _Optional[str] = ..., levels: _Optional[int] = ..., min_segment_mu: _Optional[float] = ..., refit: _Optional[bool] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., helpers: _Optional[_Iterable[_Union[_types_pb2.HelperStructure, _Mapping]]] = ...) -> None: ...
+
+class SequenceResponse(_message.Message):
+    __slots__ = ("plan_json", "dose", "fluence", "replica")
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    DOSE_FIELD_NUMBER: _ClassVar[int]
+    FLUENCE_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    plan_json: str
+    dose: _types_pb2.ArtefactRef
+    fluence: _types_pb2.NDArray
+    replica: str
+    def __init__(self, plan_json: _Optional[str] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., replica: _Optional[str] = ...) -> None: ...

@@ -45,6 +45,11 @@ class OptimizerServiceStub:
                 request_serializer=radpilot_dot_v1_dot_optimizer__pb2.OptimizeRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_optimizer__pb2.OptimizeResponse.FromString,
                 _registered_method=True)
+        self.Sequence = channel.unary_unary(
+                '/radpilot.v1.OptimizerService/Sequence',
+                request_serializer=radpilot_dot_v1_dot_optimizer__pb2.SequenceRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_optimizer__pb2.SequenceResponse.FromString,
+                _registered_method=True)
 
 
 class OptimizerServiceServicer:
@@ -65,6 +70,14 @@ class OptimizerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sequence(self, request, context):
+        """Leaf-sequence a plan's fluence into step-and-shoot segments on an MLC model and compute the
+        dose of what those segments deliver (normalised like the plan), kept in the case store.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_OptimizerServiceServicer_to_server(servicer, server):
                     servicer.Optimize,
                     request_deserializer=radpilot_dot_v1_dot_optimizer__pb2.OptimizeRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_optimizer__pb2.OptimizeResponse.SerializeToString,
+            ),
+            'Sequence': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sequence,
+                    request_deserializer=radpilot_dot_v1_dot_optimizer__pb2.SequenceRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_optimizer__pb2.SequenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class OptimizerService:
             '/radpilot.v1.OptimizerService/Optimize',
             radpilot_dot_v1_dot_optimizer__pb2.OptimizeRequest.SerializeToString,
             radpilot_dot_v1_dot_optimizer__pb2.OptimizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sequence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.OptimizerService/Sequence',
+            radpilot_dot_v1_dot_optimizer__pb2.SequenceRequest.SerializeToString,
+            radpilot_dot_v1_dot_optimizer__pb2.SequenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

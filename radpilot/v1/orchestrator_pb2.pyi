@@ -27,6 +27,7 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_FINISHED: _ClassVar[EventKind]
     EVENT_KIND_FAILED: _ClassVar[EventKind]
     EVENT_KIND_CANCELLED: _ClassVar[EventKind]
+    EVENT_KIND_SEQUENCED: _ClassVar[EventKind]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -41,6 +42,7 @@ EVENT_KIND_PROPOSAL: EventKind
 EVENT_KIND_FINISHED: EventKind
 EVENT_KIND_FAILED: EventKind
 EVENT_KIND_CANCELLED: EventKind
+EVENT_KIND_SEQUENCED: EventKind
 
 class CreateCaseRequest(_message.Message):
     __slots__ = ("builtin", "parameters", "dicom_zip_chunk", "protocol_yaml")

@@ -7,12 +7,14 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from radpilot.case import CaseError
 from radpilot.case_store import CaseStore
 from radpilot.cases.helpers import Helper, check_helpers
+from radpilot.delivery.sequencing import SequencingSettings, deliver, protocol_fractions
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
 from radpilot.fmo.backend import make_ops, uses_compressed
 from radpilot.protocol import MAX_PRESCRIPTION_GY
@@ -155,3 +157,47 @@ class OptimizerCore:
         FMO_ITERATIONS.observe(result.iterations)
         path, sha = self.store.put_artefact(case_id, "dose", result.dose_rows)
         return Optimized(result, path, sha, prepared.seconds if prepared.loaded else 0.0)
+
+    def sequence(
+        self,
+        case_id: str,
+        fluence: np.ndarray,
+        settings: SequencingSettings,
+        *,
+        fractions: int,
+        normalize_to: str = "",
+        prescription_gy: float = 0.0,
+        coverage_pct: float = 0.0,
+        terms: list[ObjectiveTerm] | None = None,
+        helpers: list[Helper] | None = None,
+    ) -> tuple[dict[str, Any], np.ndarray, str, str]:
+        """Sequence a plan on this replica's matrix: (plan JSON, delivered fluence, dose path,
+        dose sha256). Bad settings or a beam grid the MLC cannot deliver: DeliveryError."""
+        if not (np.isfinite(prescription_gy) and 0 <= prescription_gy <= MAX_PRESCRIPTION_GY):
+            raise ValueError(
+                f"prescription_gy must be within 0..{MAX_PRESCRIPTION_GY:g} Gy (0 = the case's)"
+            )
+        if not (coverage_pct == 0 or 0 < coverage_pct < 100):
+            raise ValueError("coverage_pct must be within (0, 100), or 0 for the default 95")
+        opt, _ = self.prepare(case_id)
+        case = opt.case
+        if not normalize_to:
+            normalize_to = case.targets[0].name if case.targets else ""
+        rx = prescription_gy or case.prescription_gy
+        helpers = helpers or []
+        check_helpers(helpers, set(case.structure_names))
+        with self._lock(case_id):
+            if terms:
+                opt.use_helpers([self.store.helper(case_id, case, h) for h in helpers])
+            d = deliver(
+                case,
+                np.asarray(fluence, dtype=np.float32),
+                settings,
+                fractions=fractions or protocol_fractions(rx, None),
+                target=normalize_to,
+                prescription_gy=rx,
+                coverage_pct=coverage_pct or 95.0,
+                objective=(lambda x: opt.value_and_gradient(x, terms)) if terms else None,
+            )
+        path, sha = self.store.put_artefact(case_id, "dose", d.dose_rows)
+        return d.to_json(rx), d.fluence, path, sha

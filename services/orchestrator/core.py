@@ -31,6 +31,7 @@ from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent
 from radpilot.case_store import CaseStore
 from radpilot.cases import builtin_case_id, load_builtin
 from radpilot.cases.helpers import check_helpers
+from radpilot.delivery.sequencing import keep_goals, merged_terms
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
 from radpilot.errors import (
@@ -47,7 +48,7 @@ from radpilot.evaluation.metrics import PlanDose
 from radpilot.llm.prompts import PHYSICIAN_LIMIT
 from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
 from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, MAX_CANDIDATES, best_iteration, finished
-from radpilot.protocol import ProtocolError, load_protocol_text
+from radpilot.protocol import Protocol, ProtocolError, load_protocol_text
 from radpilot.report import PlanReport
 from radpilot.v1 import types_pb2
 from radpilot.wire import from_ndarray
@@ -404,9 +405,10 @@ class Orchestrator:
         def references() -> list[tuple[ReferencePlan, float]]:
             return self._references(job.case_id, protocol.name)
 
+        optimizer = GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s)
         result = run_loop(
             list(protocol.objectives),
-            GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s),
+            optimizer,
             GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
             GrpcPlanner(c.planner, ctx, references, d.propose_s),
             _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),
@@ -419,7 +421,52 @@ class Orchestrator:
                 **protocol.improvement_settings(),
             ),
         )
+        self._sequence(job_id, protocol, result, optimizer)
         self._finish(job_id, result)
+
+    def _sequence(
+        self, job_id: str, protocol: Protocol, result: LoopResult, optimizer: GrpcOptimizer
+    ) -> None:
+        """Leaf-sequence the best plan on an optimizer replica and keep it with the job; a plan
+        the MLC cannot deliver is kept fluence-optimal, with the reason in the report."""
+        if protocol.delivery is None or self.jobs.job(job_id).state == "cancelled":
+            return
+        best = next(r for r in result.records if r.iteration == result.best_iteration)
+        fluence = best.fluence
+        if fluence is None:
+            return
+        report = self.report(job_id, result.records)
+
+        def lost(ref: ArtefactRef) -> list[str]:
+            return report.goals_lost_by(self.cases.get_artefact(ref.path, ref.sha256))
+
+        try:
+            plan, dose = keep_goals(
+                lambda settings, extra: optimizer.sequence(
+                    fluence,
+                    settings,
+                    protocol.num_fractions,
+                    merged_terms(best.objectives, extra),
+                ),
+                lost,
+                protocol.delivery,
+                lambda labels, factor: report.goal_terms(labels, factor, best.objectives),
+            )
+        except (StepFailedError, UnavailableError) as exc:
+            log.warning("job %s: the best plan was not sequenced: %s", job_id, exc)
+            self.jobs.set_delivery(job_id, best.iteration, None, None, str(exc))
+            return
+        self.jobs.set_delivery(job_id, best.iteration, plan, dose)
+        s = plan["summary"]
+        self.jobs.add_event(
+            job_id,
+            {
+                "kind": "sequenced",
+                "iteration": best.iteration,
+                "message": f"best plan sequenced: {s['segments']} segments, "
+                f"{s['total_mu']:.0f} MU per fraction",
+            },
+        )
 
     # -- reference plans ------------------------------------------------------------------------
     def _case_features(self, case_id: str) -> dict[str, float]:
@@ -488,24 +535,32 @@ class Orchestrator:
         )
 
     # -- export --------------------------------------------------------------------------------
-    def report(self, job_id: str) -> PlanReport:
+    def report(self, job_id: str, records: list[IterationRecord] | None = None) -> PlanReport:
         """The job's report from its stored records (geometry only: no matrix is loaded)."""
         job = self.jobs.job(job_id)
-        records = self.jobs.iterations(job_id)
+        records = self.jobs.iterations(job_id) if records is None else records
         if not records:
             raise FailedPreconditionError(
                 f"job {job_id} has no completed iteration yet; export later"
             )
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
         case = self.cases.load(job.case_id, matrix=False)
-        return PlanReport.from_records(
+        best = best_iteration(records)
+        report = PlanReport.from_records(
             case,
             protocol,
             job.agent,
             records,
-            best_iteration(records),
+            best,
             lambda ref: self.cases.get_artefact(ref.path, ref.sha256),
         )
+        delivered = self.jobs.delivery(job_id)
+        if delivered is not None and delivered[0] == best:
+            _, plan, dose, error = delivered
+            if dose is not None:
+                report.use_deliverable(plan, self.cases.get_artefact(dose.path, dose.sha256))
+            report.delivery_error = error
+        return report
 
     def export(self, job_id: str) -> tuple[bytes, str]:
         report = self.report(job_id)

@@ -8,6 +8,7 @@ same step; anything else -> ``StepFailedError``: the job fails with that status 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import grpc
 from radpilot.agents.references import ReferencePlan
 from radpilot.case_store import CaseStore
 from radpilot.cases.helpers import Helper, referenced
+from radpilot.delivery.sequencing import SequencingSettings
 from radpilot.errors import StepFailedError, UnavailableError
 from radpilot.evaluation.metrics import DVHTable
 from radpilot.fmo.objectives import ObjectiveTerm
@@ -189,6 +191,34 @@ class GrpcOptimizer:
         fmo.case_load_seconds = r.case_load_seconds
         path, sha = self.cases.put_artefact(self.job.case_id, "fluence", from_ndarray(r.fluence))
         return Optimized(ArtefactRef(r.dose.path, r.dose.sha256), ArtefactRef(path, sha), fmo)
+
+    def sequence(
+        self,
+        fluence: ArtefactRef,
+        settings: SequencingSettings,
+        fractions: int,
+        objectives: list[ObjectiveTerm],
+    ) -> tuple[dict[str, Any], ArtefactRef]:
+        """The best plan leaf-sequenced on an optimizer replica: (plan JSON, deliverable dose);
+        its segment weights are refitted on the plan's own ``objectives``."""
+        request = optimizer_pb2.SequenceRequest(
+            case_id=self.job.case_id,
+            fluence=to_ndarray(self.cases.get_artefact(fluence.path, fluence.sha256)),
+            normalize_to=self.job.target,
+            prescription_gy=self.job.prescription_gy,
+            coverage_pct=self.job.coverage_pct,
+            fractions=fractions,
+            mlc=settings.mlc,
+            levels=settings.levels,
+            min_segment_mu=settings.min_segment_mu,
+            refit=settings.refit,
+            objectives=terms_to_proto(objectives),
+            helpers=helpers_to_proto(
+                referenced(list(self.job.helpers), {t.structure for t in objectives})
+            ),
+        )
+        r = _call("optimizer", lambda: self.stub.Sequence(request, timeout=self.deadline_s))
+        return json.loads(r.plan_json), ArtefactRef(r.dose.path, r.dose.sha256)
 
 
 class GrpcEvaluator:

@@ -32,6 +32,7 @@ KINDS = {
     "finished": pb.EVENT_KIND_FINISHED,
     "failed": pb.EVENT_KIND_FAILED,
     "cancelled": pb.EVENT_KIND_CANCELLED,
+    "sequenced": pb.EVENT_KIND_SEQUENCED,
 }
 
 

@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE TABLE IF NOT EXISTS reference_plans (
   reference_id TEXT PRIMARY KEY, protocol TEXT NOT NULL, plan TEXT NOT NULL,
   source TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS deliveries (
+  job_id TEXT PRIMARY KEY, iteration INTEGER NOT NULL, plan TEXT NOT NULL,
+  dose_path TEXT NOT NULL, dose_sha256 TEXT NOT NULL, error TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (
   job_id TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL);
 """
@@ -281,6 +284,45 @@ class JobStore:
         if event is not None:
             stmts.append(self._event_stmt(job_id, event))
         self._write(stmts)
+
+    # -- the leaf-sequenced best plan ------------------------------------------------------------
+    def set_delivery(
+        self,
+        job_id: str,
+        iteration: int,
+        plan: dict[str, Any] | None,
+        dose: ArtefactRef | None,
+        error: str = "",
+    ) -> None:
+        """The sequenced plan of a job's best iteration (or why it could not be sequenced)."""
+        self._write(
+            [
+                (
+                    "INSERT OR REPLACE INTO deliveries (job_id, iteration, plan, dose_path,"
+                    " dose_sha256, error) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        iteration,
+                        json.dumps(plan or {}),
+                        dose.path if dose else "",
+                        dose.sha256 if dose else "",
+                        error,
+                    ),
+                )
+            ]
+        )
+
+    def delivery(self, job_id: str) -> tuple[int, dict[str, Any], ArtefactRef | None, str] | None:
+        """(iteration, plan, dose, error) of the job's sequenced plan, or None."""
+        rows = self._query(
+            "SELECT iteration, plan, dose_path, dose_sha256, error FROM deliveries"
+            " WHERE job_id = ?",
+            (job_id,),
+        )
+        if not rows:
+            return None
+        it, plan, path, sha, error = rows[0]
+        return int(it), json.loads(plan), ArtefactRef(path, sha) if path else None, str(error)
 
     # -- iterations and events -------------------------------------------------------------------
     def _event_stmt(self, job_id: str, event: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:

@@ -22,6 +22,7 @@ from scipy.ndimage import binary_dilation
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
+from radpilot.delivery import SequencingSettings
 from radpilot.dicom.read import DicomImportError, import_dicom, scan_folder
 from radpilot.loop.inprocess import plan_once
 from radpilot.protocol import BeamSpec, ProtocolError, load_protocol, load_protocol_text
@@ -78,7 +79,33 @@ def test_foreign_patient_imports_plans_and_exports(
     ds = pydicom.dcmread(dose_file)
     assert ds.Modality == "RTDOSE" and ds.DoseUnits == "GY" and ds.DoseSummationType == "PLAN"
     assert ds.FrameOfReferenceUID == uids["frame"] and ds.StudyInstanceUID == uids["study"]
-    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == uids["series"]
+    # 8 mm beamlet rows do not fall on the 5 mm leaves of the default MLC: the plan stays
+    # fluence-optimal, the report says why, and no RT Plan is written or referenced
+    summary = json.loads((out.parent / "summary.json").read_text())
+    assert summary["dose_basis"] == "fluence-optimal"
+    assert "8 mm beamlet row" in summary["delivery_error"]
+    assert "no leaf boundary" in summary["delivery_error"]
+    assert not (out.parent / "dicom" / "RTPLAN.dcm").exists()
+    assert "ReferencedRTPlanSequence" not in ds
+    # an MLC model of the site's own (a YAML file) with 8 mm leaves, one pair on the axis: the
+    # plan is sequenced, and the RT Plan references the imported structure set
+    mlc = tmp_path / "mlc-8mm.yaml"
+    mlc.write_text(
+        "name: site-8mm\nleaf_pairs: {first_boundary_mm: -204, widths_mm: [{count: 51, "
+        "width_mm: 8}]}\nleaf_travel_mm: [-200, 200]\njaws: {x_mm: [-200, 200], "
+        "y_mm: [-204, 204]}\n"
+    )
+    site = dataclasses.replace(protocol, delivery=SequencingSettings(mlc=str(mlc)))
+    sequenced = plan_once(store.load(case.case_id), site)
+    sequenced.write(tmp_path / "seq")
+    assert sequenced.delivery_error == "" and sequenced.deliverable is not None
+    plan = pydicom.dcmread(tmp_path / "seq" / "dicom" / "RTPLAN.dcm")
+    seq_dose = pydicom.dcmread(tmp_path / "seq" / "dicom" / "RTDOSE.dcm")
+    assert seq_dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    assert plan.StudyInstanceUID == uids["study"] and plan.FrameOfReferenceUID == uids["frame"]
+    struct_uid = plan.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID
+    assert struct_uid == case.metadata["dicom"]["rtstruct_uid"]
+    assert plan.BeamSequence[0].BeamLimitingDeviceSequence[2].NumberOfLeafJawPairs == 51
     dose = ds.pixel_array * float(ds.DoseGridScaling)
     assert abs(dose.max() - report.plan.dose_rows.max()) < 1e-3
     # each structure's volume beside its contours' volume, in the notes, summary and report
@@ -209,7 +236,9 @@ def test_phantom_export_read_by_other_readers(prostate: Case, tmp_path: Path) ->
     assert np.allclose(image.GetOrigin(), grid.origin_mm[::-1])
     ct0 = pydicom.dcmread(sorted((dicom / "CT").iterdir())[0])
     assert ds.FrameOfReferenceUID == ct0.FrameOfReferenceUID
-    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ct0.SeriesInstanceUID
+    plan = pydicom.dcmread(dicom / "RTPLAN.dcm")
+    assert ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    assert plan.FrameOfReferenceUID == ct0.FrameOfReferenceUID
     for s in prostate.structures:
         if s.name == "NormalTissue":
             continue

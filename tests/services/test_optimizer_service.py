@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -309,3 +310,51 @@ def test_process_serves_then_drains_on_sigterm(tmp_path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sequence_over_grpc(service) -> None:
+    """Sequence: segments and MU back as JSON, the deliverable dose in the store, normalised
+    like the plan; bad settings and an MLC that cannot deliver the beamlet grid are refused."""
+    stub, _, store, case_id = service
+    plan = stub.Optimize(
+        optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=TERMS), timeout=60
+    )
+    seq = stub.Sequence(
+        optimizer_pb2.SequenceRequest(
+            case_id=case_id,
+            fluence=plan.fluence,
+            normalize_to="PTV",
+            prescription_gy=50.0,
+            fractions=25,
+            levels=10,
+            min_segment_mu=2.0,
+            refit=True,
+        ),
+        timeout=120,
+    )
+    delivered = json.loads(seq.plan_json)
+    s = delivered["summary"]
+    assert s["fractions"] == 25 and s["mlc"]["name"] == "uniform-5mm"
+    assert len(delivered["beams"]) == len(s["segments_per_beam"]) and s["total_mu"] > 0
+    assert all(seg["mu"] > 0 for b in delivered["beams"] for seg in b["segments"])
+    dose = store.get_artefact(seq.dose.path, seq.dose.sha256)
+    case = load_builtin("analytic-cshape", store, spacing_mm=8.0)
+    ptv = dose[case.rows_of("PTV")]
+    assert abs(np.percentile(ptv, 5) - 50.0) < 0.5  # D95 = 50 Gy, as the plan
+    assert from_ndarray(seq.fluence).shape == from_ndarray(plan.fluence).shape
+    bad = [
+        (dict(mlc="nope"), "unknown MLC model 'nope'"),
+        (dict(mlc="mlc60-5-10mm"), "no leaf boundary"),
+        (dict(levels=300), "levels must be within"),
+        (dict(fractions=-1), "fractions must be positive"),
+    ]
+    for fields, message in bad:
+        request = optimizer_pb2.SequenceRequest(case_id=case_id, fluence=plan.fluence, **fields)
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.Sequence(request, timeout=60)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert message in exc.value.details(), exc.value.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.Sequence(optimizer_pb2.SequenceRequest(case_id=case_id), timeout=60)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "fluence is missing" in exc.value.details()

@@ -134,6 +134,12 @@ def test_job_runs_streams_events_and_exports(cluster: Cluster, case_id: str) -> 
         summary = json.loads(z.read("summary.json"))
     assert {"report.html", "summary.json", "dvh.png", "dose_axial.png"} <= names
     assert summary["best_iteration"] == job.best_iteration
+    # the best plan was leaf-sequenced on an optimizer replica: judged on its deliverable dose,
+    # exported as an RT Plan that the RTDOSE references
+    assert summary["dose_basis"] == "deliverable", summary["delivery_error"]
+    assert {"dicom/RTPLAN.dcm", "delivery.json", "dvh_deliverable.png"} <= names
+    assert summary["deliverable"]["total_mu"] > 0
+    assert pb.EVENT_KIND_SEQUENCED in kinds
     # a late watcher replays everything from the store
     again = list(
         cluster.stub.WatchPlanning(

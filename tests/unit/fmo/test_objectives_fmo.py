@@ -10,7 +10,12 @@ import pytest
 from radpilot.case import Case, CaseError
 from radpilot.dosimetry import dose_at_volume
 from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveError, ObjectiveTerm
-from radpilot.fmo.objectives import objective_kind, objective_kinds, validate_terms
+from radpilot.fmo.objectives import (
+    fluence_differences,
+    objective_kind,
+    objective_kinds,
+    validate_terms,
+)
 from radpilot.fmo.reference import solve_lbfgsb
 
 TERMS = [
@@ -333,3 +338,74 @@ def test_term_labels_name_the_parameter() -> None:
     assert ObjectiveTerm("PTV", "squared_deviation", 50.0, 1.0).label() == (
         "PTV squared_deviation 50 Gy w=1"
     )
+
+
+SMOOTH = ObjectiveTerm("AllBeams", "fluence_smoothness", 0.0, 200.0)
+
+
+def _variation(case: Case, x: np.ndarray) -> float:
+    D = fluence_differences(case.beams)
+    return float(np.mean((D @ x) ** 2))
+
+
+def test_smoothness_operator_pairs_grid_neighbours(analytic_case: Case) -> None:
+    D = fluence_differences(analytic_case.beams)
+    assert D.shape[1] == analytic_case.num_beamlets
+    assert np.allclose(D @ np.ones(D.shape[1]), 0.0)  # a flat fluence has no variation
+    assert np.all(np.abs(D).sum(axis=1) == 2)  # each row is one pair: +1 and -1
+    # neighbours lie one bixel apart within one beam
+    starts = np.cumsum([0] + [b.num_beamlets for b in analytic_case.beams])
+    xy = np.concatenate([b.beamlets_mm for b in analytic_case.beams])
+    coo = D.tocoo()
+    plus, minus = coo.data > 0, coo.data < 0
+    i = coo.col[plus][np.argsort(coo.row[plus])]
+    j = coo.col[minus][np.argsort(coo.row[minus])]
+    assert np.allclose(np.abs(xy[i] - xy[j]).sum(axis=1), 5.0)
+    assert np.array_equal(np.searchsorted(starts, i, "right"), np.searchsorted(starts, j, "right"))
+
+
+def test_smoothness_gradient_line_and_solve(analytic_case: Case) -> None:
+    opt = FluenceOptimizer(analytic_case)
+    terms = [*TERMS, SMOOTH]
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.5, 1.5, analytic_case.num_beamlets) * 0.05
+    opt._prepare(terms)
+    _, g = opt._fx(x)
+    for j in rng.choice(x.size, 5, replace=False):
+        h = 1e-3 * x[j]
+        xp, xm = x.copy(), x.copy()
+        xp[j] += h
+        xm[j] -= h
+        fd = (opt._fx(xp)[0] - opt._fx(xm)[0]) / (2 * h)
+        assert g[j] == pytest.approx(fd, rel=1e-5, abs=1e-9)
+    step = rng.normal(size=x.size) * 0.01
+    a, b = opt._fx_line(x, step)
+    t = 0.3
+    fd = (opt._fx(x + (t + 1e-4) * step)[0] - opt._fx(x + (t - 1e-4) * step)[0]) / 2e-4
+    assert a + b * t == pytest.approx(fd, rel=1e-5)
+    # the total objective includes it (gradient of the whole objective by finite differences)
+    j = int(rng.integers(x.size))
+    h = 1e-2 * x[j]
+    xp, xm = x.copy(), x.copy()
+    xp[j] += h
+    xm[j] -= h
+    dose = opt.ops.matvec(x.astype(np.float32))
+    prepared = opt._prepare(terms)
+    g_full = opt.ops.rmatvec(opt._value_grad(dose, prepared)[1]).astype(np.float64) + opt._fx(x)[1]
+    fd = (opt.objective(xp, terms) - opt.objective(xm, terms)) / (2 * h)
+    assert g_full[j] == pytest.approx(fd, rel=2e-2, abs=1e-3 * abs(g_full).max())
+    # in a solve it smooths the fluence, and the term's value is reported
+    plain = opt.solve(TERMS)
+    smooth = opt.solve(terms)
+    assert _variation(analytic_case, smooth.fluence) < 0.7 * _variation(
+        analytic_case, plain.fluence
+    )
+    assert smooth.term_values["AllBeams:fluence_smoothness"] > 0
+    assert smooth.objective_history[-1] <= smooth.objective_history[0]
+
+
+def test_smoothness_terms_name_all_beams() -> None:
+    with pytest.raises(ObjectiveError, match="fluence kinds act on the structure 'AllBeams'"):
+        ObjectiveTerm("PTV", "fluence_smoothness", 0.0, 1.0)
+    with pytest.raises(ObjectiveError, match="'AllBeams' takes only fluence kinds"):
+        ObjectiveTerm("AllBeams", "squared_overdose", 10.0, 1.0)

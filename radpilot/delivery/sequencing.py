@@ -1,0 +1,659 @@
+"""Step-and-shoot leaf sequencing: from an optimised fluence map to MLC segments and back.
+
+Per beam the fluence is quantised to ``levels`` equal steps of the beam's largest beamlet value
+and decomposed into uniform-intensity apertures by the reducing-level idea of Xia and Verhey
+(Xia P, Verhey LJ. Multileaf collimator leaf sequencing algorithm for intensity modulated beams
+with multiple static segments. Med Phys 1998;25(8):1424-34): the remaining integer map is
+thresholded at a level that halves each round (the largest power of two not above its maximum),
+each leaf-pair row of the threshold mask opens one interval per segment, and the level is taken
+off where the mask is set, until nothing remains. Our own choices on top of that: apertures that
+would make a leaf pass its neighbour's opposing leaf (when the MLC forbids interdigitation) are
+split into further segments of the same weight, identical apertures are merged, segments below the
+minimum MU are dropped, and (by default) the segment weights are re-optimised as a bounded linear
+least-squares problem on the case's own dose influence matrix against the fluence-optimal dose.
+
+Units: a segment's ``weight`` is in the plan's fluence units (the matrix gives Gy per unit over
+the whole course). MU per fraction = weight x the beam's MU per unit fluence / fractions, where a
+beam's MU per unit fluence = ``mu_per_gy_at_dmax`` x the maximum dose of that beam's open field
+(every beamlet at unit fluence): 1 MU gives 1 cGy at dmax of the open field by default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import lsq_linear, minimize
+
+from radpilot.case import Case
+from radpilot.delivery.mlc import DEFAULT_MLC, BeamGrid, MlcModel, load_mlc
+from radpilot.dosimetry import dose_at_volume
+from radpilot.errors import DeliveryError
+from radpilot.fmo.objectives import ObjectiveTerm
+
+T = TypeVar("T")
+Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]  # fluence -> (value, gradient)
+OBJECTIVE_REFIT_ITERATIONS = 150
+MAX_FIT_ROWS = 60_000  # rows of A the segment-weight fit reads (targets always all of theirs)
+TARGET_FIT_WEIGHT = 10.0  # a target's rows against an organ's, per unit of volume
+GAP_CLEARANCE_MM = 0.01  # a closed pair's gap overlaps its open neighbour's opening by this
+
+
+@dataclass(frozen=True)
+class SequencingSettings:
+    """How a plan is turned into segments: MLC model (shipped name or YAML path), intensity
+    levels per beam, the smallest segment in MU per fraction, and whether segment weights are
+    re-optimised on the dose influence matrix after sequencing."""
+
+    mlc: str = DEFAULT_MLC
+    levels: int = 10
+    min_segment_mu: float = 2.0
+    refit: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int):
+            raise DeliveryError(f"levels must be an integer, got {self.levels!r}")
+        if not 1 <= self.levels <= 255:
+            raise DeliveryError(f"levels must be within 1..255, got {self.levels}")
+        if not 0 <= self.min_segment_mu <= 100:
+            raise DeliveryError(
+                f"min_segment_mu must be within 0..100 MU, got {self.min_segment_mu!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mlc": self.mlc,
+            "levels": self.levels,
+            "min_segment_mu": self.min_segment_mu,
+            "refit": self.refit,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SequencingSettings:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"mlc", "levels", "min_segment_mu", "refit"})
+        if unknown:
+            raise DeliveryError(
+                f"unknown delivery field(s) {unknown}; known: mlc, levels, min_segment_mu, refit"
+            )
+        refit = d.get("refit", True)
+        if not isinstance(refit, bool):
+            raise DeliveryError("delivery.refit must be true or false")
+        mu = d.get("min_segment_mu", 2.0)
+        if isinstance(mu, bool) or not isinstance(mu, int | float):
+            raise DeliveryError(f"delivery.min_segment_mu must be a number, got {mu!r}")
+        return cls(str(d.get("mlc", DEFAULT_MLC)), d.get("levels", 10), float(mu), refit)
+
+
+@dataclass
+class Segment:
+    """One static aperture: each leaf pair's bank positions in mm (left <= right; a closed pair
+    keeps the MLC's minimum gap), the jaws, and its weight in fluence units."""
+
+    weight: float
+    left_mm: np.ndarray
+    right_mm: np.ndarray
+    jaw_x_mm: tuple[float, float]
+    jaw_y_mm: tuple[float, float]
+
+
+@dataclass
+class BeamSequence:
+    index: int
+    gantry_deg: float
+    couch_deg: float
+    grid: BeamGrid
+    segments: list[Segment]
+    mu_per_unit: float  # MU (whole course) per unit of fluence for this beam
+
+    def apertures(self, mlc: MlcModel) -> np.ndarray:
+        """Open fraction of every beamlet (rows) in every segment (columns)."""
+        return (
+            np.stack([open_fractions(self.grid, mlc, s) for s in self.segments], axis=1)
+            if self.segments
+            else np.zeros((self.grid.rows.size, 0))
+        )
+
+    def fluence(self, mlc: MlcModel) -> np.ndarray:
+        if not self.segments:
+            return np.zeros(self.grid.rows.size)
+        return self.apertures(mlc) @ np.array([s.weight for s in self.segments])
+
+
+def open_fractions(grid: BeamGrid, mlc: MlcModel, seg: Segment) -> np.ndarray:
+    """The fraction of each beamlet's area that the aperture leaves open: per leaf pair the
+    overlap of [left, right] (clipped by the X jaws) with the beamlet's column, weighted by the
+    part of the beamlet's row that pair (clipped by the Y jaws) covers."""
+    w = grid.bixel_mm
+    b = mlc.boundaries_mm
+    out = np.zeros(grid.shape, dtype=np.float64)
+    col_lo = grid.x0_mm + np.arange(grid.shape[1]) * w
+    for r in range(grid.shape[0]):
+        for p in range(int(grid.pair_lo[r]), int(grid.pair_hi[r])):
+            z_lo = max(b[p], seg.jaw_y_mm[0])
+            z_hi = min(b[p + 1], seg.jaw_y_mm[1])
+            if z_hi <= z_lo:
+                continue
+            x_lo = max(float(seg.left_mm[p]), seg.jaw_x_mm[0])
+            x_hi = min(float(seg.right_mm[p]), seg.jaw_x_mm[1])
+            if x_hi <= x_lo:
+                continue
+            across = np.clip(np.minimum(col_lo + w, x_hi) - np.maximum(col_lo, x_lo), 0, None)
+            out[r] += across / w * (z_hi - z_lo) / w
+    return grid.from_map(out)
+
+
+def _intervals(row: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of True in a boolean row as [start, stop) column pairs."""
+    padded = np.concatenate([[False], row, [False]]).astype(np.int8)
+    d = np.diff(padded)
+    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
+
+
+Aperture = dict[int, tuple[int, int]]  # beamlet row -> open columns [start, stop)
+
+
+def _feasible(
+    apertures: list[tuple[int, Aperture]], interdigitation: bool
+) -> list[tuple[int, Aperture]]:
+    """Split apertures in which a leaf would pass its neighbour's opposing leaf (consecutive
+    open rows that do not overlap) into several of the same weight; merge identical ones."""
+    out: list[tuple[int, Aperture]] = []
+    for level, rows in apertures:
+        pending = [rows]
+        while pending:
+            keep: Aperture = {}
+            defer: Aperture = {}
+            last: tuple[int, int] | None = None
+            for r, (a, b) in sorted(pending.pop().items()):
+                if interdigitation or last is None or (a < last[1] and last[0] < b):
+                    keep[r] = (a, b)
+                    last = (a, b)
+                else:
+                    defer[r] = (a, b)
+            out.append((level, keep))
+            if defer:
+                pending.append(defer)
+    merged: dict[tuple[tuple[int, int, int], ...], int] = {}
+    for level, rows in out:
+        key = tuple((r, a, b) for r, (a, b) in sorted(rows.items()))
+        merged[key] = merged.get(key, 0) + level
+    return [(lv, {r: (a, b) for r, a, b in key}) for key, lv in merged.items()]
+
+
+def reducing_levels(levels_map: np.ndarray) -> list[tuple[int, Aperture]]:
+    """Xia and Verhey's reducing-level decomposition (levels halving as powers of two)."""
+    remaining = levels_map.astype(np.int64).copy()
+    out: list[tuple[int, Aperture]] = []
+    while remaining.max() > 0:
+        level = 1 << int(np.floor(np.log2(remaining.max())))
+        mask = remaining >= level
+        runs = {r: _intervals(mask[r]) for r in range(mask.shape[0]) if mask[r].any()}
+        for j in range(max(len(v) for v in runs.values())):
+            out.append((level, {r: v[j] for r, v in runs.items() if j < len(v)}))
+        remaining[mask] -= level
+    return out
+
+
+def unidirectional_sweep(levels_map: np.ndarray) -> list[tuple[int, Aperture]]:
+    """The unidirectional leaf-sweep decomposition (Bortfeld TR et al., X-ray field compensation
+    with multileaf collimators, Int J Radiat Oncol Biol Phys 1994;28:723-30): in each row, unit
+    k is open over [first column where the running sum of rises reaches k, first column where
+    the running sum of falls reaches k). Each row then takes exactly its total rise in units,
+    the fewest MU any decomposition of that row can have."""
+    m = levels_map.astype(np.int64)
+    padded = np.concatenate([np.zeros((m.shape[0], 1), np.int64), m], axis=1)
+    step = np.diff(padded, axis=1)
+    rise = np.cumsum(np.clip(step, 0, None), axis=1)
+    fall = np.cumsum(np.clip(-step, 0, None), axis=1)
+    n_cols = m.shape[1]
+    out: list[tuple[int, Aperture]] = []
+    for k in range(1, int(rise[:, -1].max()) + 1):
+        rows: Aperture = {}
+        for r in np.flatnonzero(rise[:, -1] >= k):
+            a = int(np.searchsorted(rise[r], k))
+            b = int(np.searchsorted(fall[r], k))
+            rows[int(r)] = (a, min(b, n_cols))
+        out.append((1, rows))
+    return out
+
+
+def decompose(levels_map: np.ndarray, interdigitation: bool) -> list[tuple[int, Aperture]]:
+    """Integer intensity map -> [(level, {row: (start, stop)})]: apertures whose weighted sum is
+    the map. Both decompositions are tried; the one with fewer segments (then fewer MU) wins."""
+    if levels_map.max() <= 0:
+        return []
+    options = [
+        _feasible(reducing_levels(levels_map), interdigitation),
+        _feasible(unidirectional_sweep(levels_map), interdigitation),
+    ]
+    return min(options, key=lambda o: (len(o), sum(lv for lv, _ in o)))
+
+
+def _segment(
+    grid: BeamGrid, mlc: MlcModel, rows: dict[int, tuple[int, int]], weight: float
+) -> Segment:
+    """Leaf and jaw positions for an aperture given as open column intervals per beamlet row.
+    Closed pairs park (minimum gap) inside the opening of their nearest open rows, so no leaf
+    passes an opposing neighbour; pairs outside the open rows hide behind the Y jaws."""
+    n = mlc.num_pairs
+    left = np.full(n, np.nan)
+    right = np.full(n, np.nan)
+    for r, (a, b) in rows.items():
+        left[grid.pair_lo[r] : grid.pair_hi[r]] = grid.col_edge(a)
+        right[grid.pair_lo[r] : grid.pair_hi[r]] = grid.col_edge(b)
+    open_pairs = np.flatnonzero(~np.isnan(left))
+    half = mlc.min_leaf_gap_mm / 2
+    for p in np.flatnonzero(np.isnan(left)):
+        below = open_pairs[open_pairs < p]
+        above = open_pairs[open_pairs > p]
+        spans = [(left[q], right[q]) for q in [*below[-1:], *above[:1]]]
+        # the gap sits as far left as the neighbours allow (left < their right, right > their
+        # left): mostly under the X jaw when a neighbour opens from the field's left edge
+        lo = max(sp[0] for sp in spans)
+        left[p], right[p] = lo - 2 * half + GAP_CLEARANCE_MM, lo + GAP_CLEARANCE_MM
+    first, last = min(rows), max(rows)
+    jaw_y = (
+        float(mlc.boundaries_mm[grid.pair_lo[first]]),
+        float(mlc.boundaries_mm[grid.pair_hi[last]]),
+    )
+    jaw_x = (float(left[open_pairs].min()), float(right[open_pairs].max()))
+    return Segment(float(weight), left, right, jaw_x, jaw_y)
+
+
+def sequence_beam(grid: BeamGrid, mlc: MlcModel, fluence: np.ndarray, levels: int) -> list[Segment]:
+    """A beam's fluence (one value per beamlet, the grid's order) as step-and-shoot segments."""
+    m = grid.to_map(np.clip(fluence, 0, None))
+    top = float(m.max())
+    if top <= 0:
+        return []
+    step = top / levels
+    apertures = decompose(np.rint(m / step).astype(np.int64), mlc.interdigitation)
+    return [_segment(grid, mlc, rows, lv * step) for lv, rows in apertures]
+
+
+@dataclass
+class Deliverable:
+    """A plan as the linac would deliver it, with the numbers that compare it to its optimum."""
+
+    mlc: MlcModel
+    settings: SequencingSettings
+    fractions: int
+    beams: list[BeamSequence]
+    fluence: np.ndarray  # delivered fluence per beamlet (the plan's units, normalised)
+    dose_rows: np.ndarray  # its dose on the case's rows, normalised like the plan
+    scale_factor: float  # the normalisation applied after sequencing
+    dropped_segments: int
+    seconds: float
+    max_dose_difference_gy: float = 0.0
+    max_difference_at_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def mu(self, beam: BeamSequence) -> list[float]:
+        """MU per fraction of each of the beam's segments."""
+        return [s.weight * beam.mu_per_unit / self.fractions for s in beam.segments]
+
+    @property
+    def total_mu(self) -> float:
+        return float(sum(sum(self.mu(b)) for b in self.beams))
+
+    def summary(self, prescription_gy: float) -> dict[str, Any]:
+        per_fraction = prescription_gy / self.fractions
+        return {
+            "mlc": self.mlc.to_dict(),
+            "settings": self.settings.to_dict(),
+            "fractions": self.fractions,
+            "segments_per_beam": [len(b.segments) for b in self.beams],
+            "segments": sum(len(b.segments) for b in self.beams),
+            "mu_per_beam": [round(sum(self.mu(b)), 1) for b in self.beams],
+            "total_mu": round(self.total_mu, 1),
+            "mu_per_gy": round(self.total_mu / per_fraction, 2),
+            "dropped_segments": self.dropped_segments,
+            "scale_factor": round(self.scale_factor, 4),
+            "max_dose_difference_gy": round(self.max_dose_difference_gy, 3),
+            "max_difference_at_mm": [round(v, 1) for v in self.max_difference_at_mm],
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+    def to_json(self, prescription_gy: float) -> dict[str, Any]:
+        """The sequenced plan as stored and sent: summary, and per beam its segments (leaf and
+        jaw positions in mm, weight in fluence units, MU per fraction)."""
+        return {
+            "summary": self.summary(prescription_gy),
+            "beams": [
+                {
+                    "gantry_deg": b.gantry_deg,
+                    "couch_deg": b.couch_deg,
+                    "mu_per_unit": b.mu_per_unit,
+                    "segments": [
+                        {
+                            "weight": s.weight,
+                            "mu": mu,
+                            "left_mm": np.round(s.left_mm, 3).tolist(),
+                            "right_mm": np.round(s.right_mm, 3).tolist(),
+                            "jaw_x_mm": list(s.jaw_x_mm),
+                            "jaw_y_mm": list(s.jaw_y_mm),
+                        }
+                        for s, mu in zip(b.segments, self.mu(b), strict=True)
+                    ],
+                }
+                for b in self.beams
+            ],
+        }
+
+
+def segments_from_json(beam: dict[str, Any]) -> list[Segment]:
+    return [
+        Segment(
+            float(s["weight"]),
+            np.asarray(s["left_mm"], dtype=np.float64),
+            np.asarray(s["right_mm"], dtype=np.float64),
+            (float(s["jaw_x_mm"][0]), float(s["jaw_x_mm"][1])),
+            (float(s["jaw_y_mm"][0]), float(s["jaw_y_mm"][1])),
+        )
+        for s in beam["segments"]
+    ]
+
+
+def fluence_of_segments(case: Case, mlc: MlcModel, beams: list[list[Segment]]) -> np.ndarray:
+    """The fluence per beamlet that segments deliver (each beam's open fractions x weights):
+    how a stored or imported plan's apertures are turned back into the case's fluence."""
+    if len(beams) != len(case.beams):
+        raise DeliveryError(f"{len(beams)} beams of segments for a case of {len(case.beams)}")
+    out = []
+    for i, (b, segs) in enumerate(zip(case.beams, beams, strict=True)):
+        grid = BeamGrid.of(b, mlc, i)
+        f = np.zeros(b.num_beamlets)
+        for sg in segs:
+            f += sg.weight * open_fractions(grid, mlc, sg)
+        out.append(f)
+    return np.concatenate(out)
+
+
+def _mu_per_unit(case: Case, mlc: MlcModel) -> list[float]:
+    """Each beam's MU (whole course) per unit fluence: its open field's largest dose x the
+    calibration (MU per Gy at dmax)."""
+    A = case.dose_influence
+    out, start = [], 0
+    for b in case.beams:
+        ones = np.zeros(A.shape[1], dtype=np.float32)
+        ones[start : start + b.num_beamlets] = 1.0
+        start += b.num_beamlets
+        out.append(float((A @ ones).max()) * mlc.mu_per_gy_at_dmax)
+    return out
+
+
+def _fit_rows(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (positions in ``row_voxels``) and weights for the segment-weight fit: every target
+    row; other rows thinned to at most MAX_FIT_ROWS; each structure weighted per unit volume."""
+    n = case.row_voxels.size
+    weight = np.zeros(n, dtype=np.float64)
+    target_names = {t.name for t in case.targets}
+    for s in case.structures:
+        rows = case.rows_of(s.name)
+        per = (TARGET_FIT_WEIGHT if s.name in target_names else 1.0) / max(s.volume_voxels, 1.0)
+        weight[rows] += per * (1.0 if s.weights is None else s.weights)
+    target = np.zeros(n, dtype=bool)
+    for t in case.targets:
+        target[case.rows_of(t.name)] = True
+    rest = np.flatnonzero(~target & (weight > 0))
+    stride = max(1, int(np.ceil(rest.size / MAX_FIT_ROWS)))
+    chosen = np.sort(np.concatenate([np.flatnonzero(target), rest[::stride]]))
+    w = weight[chosen] * np.where(target[chosen], 1.0, float(stride))
+    return chosen, w
+
+
+def deliver(
+    case: Case,
+    fluence: np.ndarray,
+    settings: SequencingSettings,
+    *,
+    fractions: int,
+    target: str,
+    prescription_gy: float,
+    coverage_pct: float = 95.0,
+    objective: Objective | None = None,
+) -> Deliverable:
+    """Sequence a (normalised) plan fluence, compute the delivered fluence's dose with the case's
+    matrix and normalise it as the plan was (``target``'s D``coverage_pct`` = prescription).
+    With ``objective`` (the plan's FMO objective and its gradient in beamlet space) the refitted
+    segment weights are then optimised on that objective itself."""
+    if case.geometry_only:
+        raise DeliveryError("sequencing needs the case's dose influence matrix")
+    if fluence.shape != (case.num_beamlets,):
+        raise DeliveryError(
+            f"a fluence of {case.num_beamlets} beamlets is needed, got {fluence.shape}"
+        )
+    if fractions < 1:
+        raise DeliveryError(f"fractions must be at least 1, got {fractions}")
+    t0 = time.perf_counter()
+    mlc = load_mlc(settings.mlc)
+    mu_unit = _mu_per_unit(case, mlc)
+    beams: list[BeamSequence] = []
+    start = 0
+    for i, b in enumerate(case.beams):
+        grid = BeamGrid.of(b, mlc, i)
+        segs = sequence_beam(grid, mlc, fluence[start : start + b.num_beamlets], settings.levels)
+        beams.append(BeamSequence(i, b.gantry_deg, b.couch_deg, grid, segs, mu_unit[i]))
+        start += b.num_beamlets
+    # drop segments below the minimum MU (per fraction)
+    dropped = 0
+    for bs in beams:
+        keep = [
+            s
+            for s in bs.segments
+            if s.weight * bs.mu_per_unit / fractions >= settings.min_segment_mu
+        ]
+        dropped += len(bs.segments) - len(keep)
+        bs.segments = keep
+    A = case.dose_influence
+    optimum = np.asarray(A @ fluence.astype(np.float32), dtype=np.float64)
+    extra: dict[str, Any] = {}
+    if settings.refit:
+        extra["refit"] = _refit(case, mlc, beams, optimum, settings.min_segment_mu, fractions)
+        if objective is not None:
+            extra["objective_refit"] = _objective_refit(
+                case, mlc, beams, objective, settings.min_segment_mu, fractions
+            )
+    delivered = _delivered_fluence(case, mlc, beams)
+    dose = np.asarray(A @ delivered.astype(np.float32), dtype=np.float64)
+    tdose, tw = case.dose_in(target, dose.astype(np.float32))
+    dx = dose_at_volume(tdose, coverage_pct, tw)
+    if dx <= 0:
+        raise DeliveryError(f"the sequenced plan gives {target} no dose")
+    scale = prescription_gy / dx
+    for bs in beams:
+        for s in bs.segments:
+            s.weight *= scale
+    dose *= scale
+    delivered *= scale
+    diff = np.abs(dose - optimum)
+    at = int(np.argmax(diff)) if diff.size else 0
+    return Deliverable(
+        mlc,
+        settings,
+        fractions,
+        beams,
+        delivered.astype(np.float32),
+        dose.astype(np.float32),
+        float(scale),
+        dropped,
+        time.perf_counter() - t0,
+        float(diff[at]) if diff.size else 0.0,
+        case.grid.centre_of(int(case.row_voxels[at])) if diff.size else (0.0, 0.0, 0.0),
+        extra,
+    )
+
+
+def _delivered_fluence(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> np.ndarray:
+    return np.concatenate([bs.fluence(mlc) for bs in beams]) if beams else np.zeros(0)
+
+
+def _refit(
+    case: Case,
+    mlc: MlcModel,
+    beams: list[BeamSequence],
+    optimum: np.ndarray,
+    min_mu: float,
+    fractions: int,
+) -> dict[str, Any]:
+    """Segment weights that best reproduce the fluence-optimal dose (weighted least squares on
+    the case's rows, each segment at least the minimum MU); updates the segments in place."""
+    S, info = _segment_matrix(case, mlc, beams)
+    if S.shape[1] == 0:
+        return {"segments": 0}
+    before = np.array([w for w, _ in info])
+    lower = np.array([min(min_mu * fractions / per, w) for w, per in info])
+    rows, rw = _fit_rows(case)
+    M = np.asarray((case.dose_influence[rows] @ S).todense(), dtype=np.float64)
+    sq = np.sqrt(rw)
+    # a light pull towards the sequenced weights keeps the fit well posed when apertures are
+    # nearly collinear (ridge: lambda = 1e-4 of the mean squared column norm)
+    # solved on the normal equations (segments x segments): the same minimiser, a small system
+    Mw = M * sq[:, None]
+    gram = Mw.T @ Mw
+    lam = 1e-4 * float(np.mean(np.diag(gram)))
+    gram += lam * np.eye(gram.shape[0])
+    rhs = Mw.T @ (optimum[rows] * sq) + lam * before
+    factor = np.linalg.cholesky(gram)  # gram = L L^T: minimise |L^T w - L^-1 rhs|^2
+    res = lsq_linear(
+        factor.T,
+        np.linalg.solve(factor, rhs),
+        bounds=(lower, np.inf),
+        method="bvls",
+    )
+    err_before = float(np.sqrt(np.sum(rw * (M @ before - optimum[rows]) ** 2) / rw.sum()))
+    err_after = float(np.sqrt(np.sum(rw * (M @ res.x - optimum[rows]) ** 2) / rw.sum()))
+    k = 0
+    for bs in beams:
+        for s in bs.segments:
+            s.weight = float(res.x[k])
+            k += 1
+    return {
+        "segments": S.shape[1],
+        "rms_error_before_gy": round(err_before, 4),
+        "rms_error_after_gy": round(err_after, 4),
+    }
+
+
+def _segment_matrix(
+    case: Case, mlc: MlcModel, beams: list[BeamSequence]
+) -> tuple[sp.csc_matrix, list[tuple[float, float]]]:
+    """Beamlets x segments open fractions (every beam's apertures in one matrix), and each
+    segment's (weight, MU per unit weight) for the bounds."""
+    blocks, start = [], 0
+    for bs, b in zip(beams, case.beams, strict=True):
+        ap = bs.apertures(mlc)
+        m = sp.lil_matrix((case.num_beamlets, ap.shape[1]))
+        m[start : start + b.num_beamlets, :] = ap
+        blocks.append(m.tocsc())
+        start += b.num_beamlets
+    return sp.hstack(blocks, format="csc"), [
+        (s.weight, bs.mu_per_unit) for bs in beams for s in bs.segments
+    ]
+
+
+def _objective_refit(
+    case: Case,
+    mlc: MlcModel,
+    beams: list[BeamSequence],
+    objective: Objective,
+    min_mu: float,
+    fractions: int,
+) -> dict[str, Any]:
+    """Segment weights that minimise the plan's own FMO objective (L-BFGS-B, each segment at
+    least the minimum MU): the direct answer to what the fluence optimum was for."""
+    S, info = _segment_matrix(case, mlc, beams)
+    if S.shape[1] == 0:
+        return {"segments": 0}
+    w0 = np.array([w for w, _ in info])
+    lower = np.array([min(min_mu * fractions / per, w) for w, per in info])
+    calls = 0
+
+    def f(w: np.ndarray) -> tuple[float, np.ndarray]:
+        nonlocal calls
+        calls += 1
+        value, grad = objective(S @ w)
+        return value, S.T @ grad
+
+    before = f(w0)[0]
+    res = minimize(
+        f,
+        w0,
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(lo, None) for lo in lower],
+        options={"maxiter": OBJECTIVE_REFIT_ITERATIONS},
+    )
+    k = 0
+    for bs in beams:
+        for sg in bs.segments:
+            sg.weight = float(res.x[k])
+            k += 1
+    return {
+        "objective_before": round(float(before), 4),
+        "objective_after": round(float(res.fun), 4),
+        "evaluations": calls,
+    }
+
+
+def protocol_fractions(prescription_gy: float, fractions: int | None) -> int:
+    """The protocol's number of fractions, or 2 Gy per fraction when it does not say."""
+    return int(fractions) if fractions else max(1, round(prescription_gy / 2.0))
+
+
+MAX_TRIES = 3  # sequencing at the protocol's levels, then twice and four times as many
+
+
+def merged_terms(base: list[ObjectiveTerm], extra: list[ObjectiveTerm]) -> list[ObjectiveTerm]:
+    """``base`` with ``extra`` added; an extra term replaces one of the same structure:kind."""
+    out = {t.key(): t for t in base}
+    out.update({t.key(): t for t in extra})
+    return list(out.values())
+
+
+def keep_goals(
+    sequence: Callable[[SequencingSettings, list[ObjectiveTerm]], tuple[dict[str, Any], T]],
+    lost_goals: Callable[[T], list[str]],
+    settings: SequencingSettings,
+    goal_terms: Callable[[list[str], float], list[ObjectiveTerm]] | None = None,
+) -> tuple[dict[str, Any], T]:
+    """Sequence, and when the deliverable dose loses a goal the fluence optimum met, sequence
+    again with twice the intensity levels (finer steps, more segments), up to MAX_TRIES; with
+    ``goal_terms`` the segment-weight refit of a retry also gets a term shaped like each lost
+    goal (``goal_terms(labels, weight factor)``: 1, then 10). The first plan that loses nothing
+    is kept, else the one that loses the fewest goals. Every try is recorded in the plan's
+    summary (``tries``)."""
+    tries: list[dict[str, Any]] = []
+    best: tuple[dict[str, Any], T, int] | None = None
+    current = settings
+    lost_so_far: list[str] = []
+    extra: list[ObjectiveTerm] = []
+    for attempt in range(MAX_TRIES):
+        plan, dose = sequence(current, extra)
+        lost = lost_goals(dose)
+        tries.append(
+            {
+                "levels": current.levels,
+                "segments": plan["summary"]["segments"],
+                "total_mu": plan["summary"]["total_mu"],
+                "goal_terms": [t.label() for t in extra],
+                "lost_goals": lost,
+            }
+        )
+        if best is None or len(lost) < best[2]:
+            best = (plan, dose, len(lost))
+        if not lost or current.levels >= 255:
+            break
+        current = replace(current, levels=min(2 * current.levels, 255))
+        lost_so_far += [g for g in lost if g not in lost_so_far]
+        extra = goal_terms(lost_so_far, 10.0**attempt) if goal_terms and settings.refit else []
+    assert best is not None
+    plan, dose, _ = best
+    plan["summary"]["tries"] = tries
+    return plan, dose

@@ -1,0 +1,304 @@
+"""Leaf sequencing: MLC models, decompositions, the delivered dose and the RT Plan round trip."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from radpilot.case import Beam, Case
+from radpilot.delivery import BeamGrid, SequencingSettings, deliver, load_mlc, shipped_mlcs
+from radpilot.delivery.mlc import mlc_from_dict
+from radpilot.delivery.sequencing import (
+    decompose,
+    fluence_of_segments,
+    open_fractions,
+    reducing_levels,
+    segments_from_json,
+    unidirectional_sweep,
+)
+from radpilot.dicom.rtplan import read_rtplan
+from radpilot.errors import DeliveryError, ProtocolError
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.protocol_check import check_protocol
+from radpilot.fmo import FluenceOptimizer
+from radpilot.loop.inprocess import plan_loop
+from radpilot.protocol import load_protocol, load_protocol_text
+from tests.paths import REPO_ROOT
+
+HARDER = REPO_ROOT / "protocols" / "tg119_cshape_harder.yaml"
+
+
+def _rebuilt(apertures: list[tuple[int, dict[int, tuple[int, int]]]], shape) -> np.ndarray:
+    m = np.zeros(shape, dtype=np.int64)
+    for level, rows in apertures:
+        for r, (a, b) in rows.items():
+            m[r, a:b] += level
+    return m
+
+
+def _overlap_ok(rows: dict[int, tuple[int, int]]) -> bool:
+    """Consecutive open rows overlap: no leaf passes its neighbour's opposing leaf."""
+    ordered = [rows[r] for r in sorted(rows)]
+    return all(a < d and c < b for (a, b), (c, d) in itertools.pairwise(ordered))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decompositions_rebuild_the_map_exactly(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    m = rng.integers(0, 11, size=(7, 9))
+    m[:, 0] = 0
+    for method in (reducing_levels, unidirectional_sweep):
+        assert np.array_equal(_rebuilt(method(m), m.shape), m)
+    for inter in (True, False):
+        chosen = decompose(m, inter)
+        assert np.array_equal(_rebuilt(chosen, m.shape), m)
+        if not inter:
+            assert all(_overlap_ok(rows) for _, rows in chosen)
+    # the sweep gives each row exactly its total rise in units: the fewest MU for that row
+    rise = np.clip(np.diff(np.concatenate([np.zeros((7, 1), int), m], axis=1), axis=1), 0, None)
+    assert sum(lv for lv, _ in unidirectional_sweep(m)) == rise.sum(axis=1).max()
+
+
+def test_interdigitation_splits_disjoint_rows() -> None:
+    m = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+    with_inter = decompose(m, True)
+    without = decompose(m, False)
+    assert len(with_inter) == 1 and len(without) == 2
+    assert np.array_equal(_rebuilt(without, m.shape), m)
+
+
+def test_shipped_mlc_models_and_errors() -> None:
+    assert {"uniform-5mm", "mlc60-5-10mm"} <= set(shipped_mlcs())
+    u = load_mlc("uniform-5mm")
+    assert u.num_pairs == 81 and u.boundaries_mm[0] == -202.5 and u.boundaries_mm[-1] == 202.5
+    m60 = load_mlc("mlc60-5-10mm")
+    widths = np.diff(m60.boundaries_mm)
+    assert m60.num_pairs == 60 and widths[:10].tolist() == [10.0] * 10 and widths[10] == 5.0
+    with pytest.raises(DeliveryError, match=r"unknown MLC model 'nope'.*uniform-5mm"):
+        load_mlc("nope")
+    good = {
+        "name": "x",
+        "leaf_pairs": {"first_boundary_mm": -10, "widths_mm": [{"count": 4, "width_mm": 5}]},
+        "leaf_travel_mm": [-50, 50],
+        "jaws": {"x_mm": [-50, 50], "y_mm": [-10, 10]},
+    }
+    assert mlc_from_dict(good).num_pairs == 4
+    with pytest.raises(DeliveryError, match="unknown field"):
+        mlc_from_dict({**good, "leaves": 3})
+    with pytest.raises(DeliveryError, match=r"widths_mm\[0\].width_mm must be above 0"):
+        mlc_from_dict(
+            {
+                **good,
+                "leaf_pairs": {"first_boundary_mm": 0, "widths_mm": [{"count": 2, "width_mm": 0}]},
+            }
+        )
+    with pytest.raises(DeliveryError, match="leaf_travel_mm: low"):
+        mlc_from_dict({**good, "leaf_travel_mm": [5, -5]})
+
+
+def test_beam_grid_maps_rows_onto_leaf_pairs_or_says_why(analytic_case: Case) -> None:
+    beam = analytic_case.beams[0]
+    grid = BeamGrid.of(beam, load_mlc("uniform-5mm"))
+    assert np.all(grid.pair_hi - grid.pair_lo == 1)  # one 5 mm pair per 5 mm beamlet row
+    fluence = np.arange(beam.num_beamlets, dtype=float)
+    assert np.array_equal(grid.from_map(grid.to_map(fluence)), fluence)
+    with pytest.raises(DeliveryError, match=r"beamlet row centred at z = .* no leaf boundary"):
+        BeamGrid.of(beam, load_mlc("mlc60-5-10mm"))  # its boundaries fall on the row centres
+    with pytest.raises(DeliveryError, match=r"keeps no beamlet positions.*rebuild"):
+        BeamGrid.of(Beam(0.0, 0.0, 3), load_mlc())
+    wide = replace(load_mlc(), leaf_travel_mm=(-20.0, 20.0))
+    with pytest.raises(DeliveryError, match="beyond the leaf travel"):
+        BeamGrid.of(beam, wide)
+
+
+@pytest.fixture(scope="module")
+def optimum(analytic_case: Case) -> tuple[np.ndarray, np.ndarray]:
+    p = load_protocol(HARDER)
+    r = FluenceOptimizer(analytic_case).solve(list(p.objectives), settings=p.fmo_settings())
+    return r.fluence, r.dose_rows
+
+
+def test_deliverable_plan_is_close_to_its_optimum(analytic_case: Case, optimum) -> None:
+    p = load_protocol(HARDER)
+    fluence, dose = optimum
+    d = deliver(
+        analytic_case,
+        fluence,
+        SequencingSettings(),
+        fractions=25,
+        target="PTV",
+        prescription_gy=50.0,
+    )
+    # the delivered fluence is what the segments' apertures and weights give
+    mlc = load_mlc()
+    again = fluence_of_segments(analytic_case, mlc, [b.segments for b in d.beams])
+    assert np.allclose(again, d.fluence, rtol=1e-4, atol=1e-6)
+    assert np.allclose(analytic_case.dose_influence @ d.fluence, d.dose_rows, rtol=1e-3, atol=1e-3)
+    # normalised like the plan, and every goal within a gray of the fluence optimum
+    assert PlanDose(analytic_case, d.dose_rows).metric("PTV", "D95") == pytest.approx(
+        50.0, abs=0.01
+    )
+    before = check_protocol(PlanDose(analytic_case, dose), p)
+    after = check_protocol(PlanDose(analytic_case, d.dose_rows), p)
+    for a, b in zip(before.results, after.results, strict=True):
+        assert abs(a.achieved - b.achieved) < 1.0, (a.goal.label, a.achieved, b.achieved)
+    s = d.summary(50.0)
+    assert s["segments"] == sum(s["segments_per_beam"]) > len(analytic_case.beams)
+    assert s["total_mu"] > 0 and s["mu_per_gy"] == pytest.approx(s["total_mu"] / 2.0, rel=1e-3)
+    assert min(min(d.mu(b)) for b in d.beams) >= 0.9 * 2.0  # minimum segment MU (after scaling)
+    assert s["refit"]["rms_error_after_gy"] <= s["refit"]["rms_error_before_gy"]
+    # every closed leaf pair keeps the minimum gap; no pair is reversed
+    for b in d.beams:
+        for sg in b.segments:
+            assert np.all(sg.right_mm - sg.left_mm >= mlc.min_leaf_gap_mm - 1e-6)
+
+
+def test_fewer_levels_give_fewer_segments_and_a_larger_error(analytic_case: Case, optimum) -> None:
+    fluence, _ = optimum
+    runs = {
+        lv: deliver(
+            analytic_case,
+            fluence,
+            SequencingSettings(levels=lv, refit=False),
+            fractions=25,
+            target="PTV",
+            prescription_gy=50.0,
+        ).summary(50.0)
+        for lv in (3, 20)
+    }
+    assert runs[3]["segments"] < runs[20]["segments"]
+    assert runs[3]["max_dose_difference_gy"] > runs[20]["max_dose_difference_gy"]
+
+
+def test_open_fractions_follow_leaves_and_jaws(analytic_case: Case) -> None:
+    mlc = load_mlc()
+    grid = BeamGrid.of(analytic_case.beams[0], mlc)
+    x0 = grid.x0_mm
+    left = np.full(mlc.num_pairs, x0 + 5.0)
+    right = np.full(mlc.num_pairs, x0 + 12.5)  # half way into column 2
+    seg = replace(
+        segments_from_json(
+            {
+                "segments": [
+                    {
+                        "weight": 1.0,
+                        "left_mm": left.tolist(),
+                        "right_mm": right.tolist(),
+                        "jaw_x_mm": [-300, 300],
+                        "jaw_y_mm": [-300, 300],
+                    }
+                ]
+            }
+        )[0]
+    )
+    f = grid.to_map(open_fractions(grid, mlc, seg))
+    occupied = grid.to_map(np.ones(grid.rows.size)) > 0
+    assert np.allclose(f[:, 1][occupied[:, 1]], 1.0) and np.allclose(f[:, 2][occupied[:, 2]], 0.5)
+    assert np.allclose(f[:, 0], 0.0) and np.allclose(f[:, 3:], 0.0)
+    seg.jaw_x_mm = (x0 + 5.0, x0 + 7.5)  # the X jaw closes half of column 1
+    f = grid.to_map(open_fractions(grid, mlc, seg))
+    assert np.allclose(f[:, 1][occupied[:, 1]], 0.5) and np.allclose(f[:, 2], 0.0)
+
+
+def test_protocol_delivery_settings() -> None:
+    text = HARDER.read_text()
+    p = load_protocol_text(text)
+    assert p.delivery == SequencingSettings() and p.num_fractions == 25
+    off = load_protocol_text(text + "\ndelivery: off\n")
+    assert off.delivery is None and off.to_dict()["delivery"] == "off"
+    custom = load_protocol_text(text + "\ndelivery: {levels: 5, min_segment_mu: 1, refit: false}\n")
+    assert custom.delivery == SequencingSettings(levels=5, min_segment_mu=1.0, refit=False)
+    assert load_protocol_text(json.dumps(custom.to_dict())).delivery == custom.delivery
+    with pytest.raises(ProtocolError, match="unknown MLC model 'x'"):
+        load_protocol_text(text + "\ndelivery: {mlc: x}\n")
+    with pytest.raises(ProtocolError, match=r"levels must be within 1..255"):
+        load_protocol_text(text + "\ndelivery: {levels: 0}\n")
+    with pytest.raises(ProtocolError, match="unknown delivery field"):
+        load_protocol_text(text + "\ndelivery: {speed: 3}\n")
+    raw = p.to_dict()
+    raw["prescription"]["fractions"] = 28
+    assert load_protocol_text(json.dumps(raw)).num_fractions == 28
+    raw["prescription"]["fractions"] = 0
+    with pytest.raises(ProtocolError, match="fractions must be an integer"):
+        load_protocol_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module")
+def report_dir(analytic_case: Case, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    report = plan_loop(analytic_case, load_protocol(HARDER), max_iterations=1)
+    out = tmp_path_factory.mktemp("deliverable-report")
+    report.write(out)
+    return out
+
+
+def test_report_judges_the_deliverable_dose(report_dir: Path) -> None:
+    s = json.loads((report_dir / "summary.json").read_text())
+    assert s["dose_basis"] == "deliverable" and s["delivery_error"] == ""
+    d = s["deliverable"]
+    assert len(d["segments_per_beam"]) == 9 and d["total_mu"] > 0
+    achieved = {g["structure"] + " " + g["metric"]: g["achieved"] for g in s["goals"]}
+    for g in d["goals"]:  # the goals table is the deliverable one
+        key = " ".join(g["goal"].split()[:2])
+        assert achieved[key] == pytest.approx(g["deliverable"], abs=1e-3)
+    assert s["all_goals_met"] == d["all_goals_met"]
+    html = (report_dir / "report.html").read_text()
+    assert "Deliverable plan" in html and "MU/Gy" in html and "dvh_deliverable.png" in html
+    assert (report_dir / "dvh_deliverable.png").stat().st_size > 1000
+    assert "RTPLAN.dcm" in s["dicom"]
+
+
+def test_rtplan_round_trip_and_references(analytic_case: Case, report_dir: Path) -> None:
+    dicom = report_dir / "dicom"
+    plan = pydicom.dcmread(dicom / "RTPLAN.dcm")
+    dose = pydicom.dcmread(dicom / "RTDOSE.dcm")
+    struct = pydicom.dcmread(dicom / "RTSTRUCT.dcm")
+    ct = pydicom.dcmread(sorted((dicom / "CT").iterdir())[0])
+    assert dose.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == plan.SOPInstanceUID
+    assert plan.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID == struct.SOPInstanceUID
+    assert {plan.StudyInstanceUID, dose.StudyInstanceUID, struct.StudyInstanceUID} == {
+        ct.StudyInstanceUID
+    }
+    assert plan.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert plan.FractionGroupSequence[0].NumberOfFractionsPlanned == 25
+    assert plan.DoseReferenceSequence[0].TargetPrescriptionDose == 50
+    mlc_item = plan.BeamSequence[0].BeamLimitingDeviceSequence[2]
+    assert mlc_item.RTBeamLimitingDeviceType == "MLCX" and mlc_item.NumberOfLeafJawPairs == 81
+    delivered = json.loads((report_dir / "delivery.json").read_text())
+    gantries, beams = read_rtplan(dicom / "RTPLAN.dcm")
+    assert gantries == [b.gantry_deg % 360 for b in analytic_case.beams]
+    fractions = delivered["summary"]["fractions"]
+    segments = []
+    for stored, read in zip(delivered["beams"], beams, strict=True):
+        assert len(read) == len(stored["segments"])
+        for mu, seg in read:
+            seg.weight = mu * fractions / stored["mu_per_unit"]
+        segments.append([seg for _, seg in read])
+        meterset = plan.FractionGroupSequence[0].ReferencedBeamSequence[len(segments) - 1]
+        assert float(meterset.BeamMeterset) == pytest.approx(sum(mu for mu, _ in read), rel=1e-4)
+    rebuilt = fluence_of_segments(analytic_case, load_mlc(), segments)
+    stored_fluence = fluence_of_segments(
+        analytic_case, load_mlc(), [segments_from_json(b) for b in delivered["beams"]]
+    )
+    assert np.allclose(rebuilt, stored_fluence, rtol=2e-3, atol=1e-3 * stored_fluence.max())
+
+
+@pytest.mark.skipif(
+    shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) missing"
+)
+def test_every_exported_object_passes_dciodvfy(report_dir: Path) -> None:
+    dicom = report_dir / "dicom"
+    files = [dicom / "RTPLAN.dcm", dicom / "RTDOSE.dcm", dicom / "RTSTRUCT.dcm"]
+    files += sorted((dicom / "CT").iterdir())[:3]
+    for f in files:
+        out = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, check=False)
+        errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+        assert not errors, (f.name, errors)
+        assert "Assertion" not in out.stderr, (f.name, out.stderr[-300:])
