@@ -2,7 +2,8 @@
 rewrites its section of docs/benchmarks.md).
 
 Per case and protocol: one FMO with the protocol's own objectives, then leaf sequencing with the
-default settings (uniform-5mm MLC, 10 levels, 2 MU minimum, segment weights refitted), without
+default settings (uniform-5mm MLC, 10 levels, 2 MU minimum, segment weights refitted to the
+fluence-optimal dose: the loop's first try), without
 and with the optional ``fluence_smoothness`` term; goal values of the fluence optimum and of the
 deliverable dose side by side, segments per beam, MU per fraction, MU/Gy, the largest dose
 difference and the time sequencing took. No agent: the loop's own use of this is in
@@ -102,7 +103,8 @@ def main() -> int:
 Every shipped case with its TG-119 (or paper-style) protocol: one FMO with the protocol's own
 objectives (no agent), then step-and-shoot leaf sequencing with the defaults (MLC `uniform-5mm`,
 10 intensity levels per beam, segments of at least 2 MU per fraction, segment weights refitted on
-the dose influence matrix, renormalised to the prescription), without and with the optional
+the dose influence matrix to the fluence-optimal dose, renormalised to the prescription: the
+loop's first try, without its retries), without and with the optional
 `fluence_smoothness` term (weight 3, on `AllBeams`). MU per fraction with 1 cGy/MU at the maximum
 of each beam's open field (`docs/delivery.md`); MU/Gy per fraction dose. One run on this 2-core
 machine; times are wall seconds.

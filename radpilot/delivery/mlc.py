@@ -192,6 +192,8 @@ class BeamGrid:
                 f"{where}: the case keeps no beamlet positions (stored before RadPilot "
                 "recorded them); rebuild the case to sequence its plans"
             )
+        if beam.num_beamlets == 0:
+            raise DeliveryError(f"{where}: the beam has no beamlets")
         w = beam.bixel_mm
         xz = beam.beamlets_mm
         x0 = float(xz[:, 0].min()) - w / 2

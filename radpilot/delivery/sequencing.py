@@ -625,10 +625,11 @@ def keep_goals(
 ) -> tuple[dict[str, Any], T]:
     """Sequence, and when the deliverable dose loses a goal the fluence optimum met, sequence
     again with twice the intensity levels (finer steps, more segments), up to MAX_TRIES; with
-    ``goal_terms`` the segment-weight refit of a retry also gets a term shaped like each lost
-    goal (``goal_terms(labels, weight factor)``: 1, then 10). The first plan that loses nothing
-    is kept, else the one that loses the fewest goals. Every try is recorded in the plan's
-    summary (``tries``)."""
+    ``goal_terms`` a retry's segment weights are also optimised on the plan's objective plus a
+    term shaped like each lost goal (``goal_terms(labels, weight factor)``: 1, then 10;
+    ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
+    first plan that loses nothing is kept, else the one that loses the fewest goals. Every try
+    is recorded in the plan's summary (``tries``)."""
     tries: list[dict[str, Any]] = []
     best: tuple[dict[str, Any], T, int] | None = None
     current = settings

@@ -289,7 +289,10 @@ def plan_loop(
                 target=protocol.target,
                 prescription_gy=protocol.prescription_gy,
                 coverage_pct=protocol.coverage_pct,
-                objective=lambda x: optimizer.optimizer.value_and_gradient(x, terms),
+                # a retry (goals lost) also optimises the segment weights on the objective
+                objective=(
+                    (lambda x: optimizer.optimizer.value_and_gradient(x, terms)) if extra else None
+                ),
             )
             return d.to_json(protocol.prescription_gy), d.dose_rows
 

@@ -442,11 +442,12 @@ class Orchestrator:
 
         try:
             plan, dose = keep_goals(
+                # a retry (goals lost) also optimises the segment weights on the objective
                 lambda settings, extra: optimizer.sequence(
                     fluence,
                     settings,
                     protocol.num_fractions,
-                    merged_terms(best.objectives, extra),
+                    merged_terms(best.objectives, extra) if extra else [],
                 ),
                 lost,
                 protocol.delivery,

@@ -13,7 +13,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from radpilot.case import Beam, Case
+from radpilot.case import Beam, Case, CaseError
+from radpilot.case_store import CaseStore
 from radpilot.delivery import BeamGrid, SequencingSettings, deliver, load_mlc, shipped_mlcs
 from radpilot.delivery.mlc import mlc_from_dict
 from radpilot.delivery.sequencing import (
@@ -102,6 +103,20 @@ def test_shipped_mlc_models_and_errors() -> None:
         )
     with pytest.raises(DeliveryError, match="leaf_travel_mm: low"):
         mlc_from_dict({**good, "leaf_travel_mm": [5, -5]})
+
+
+def test_beamlet_positions_are_kept_with_the_case(analytic_case: Case, tmp_path: Path) -> None:
+    store = CaseStore(tmp_path / "store")
+    store.save(analytic_case, "kept")
+    loaded = store.load("kept")
+    for a, b in zip(analytic_case.beams, loaded.beams, strict=True):
+        assert b.bixel_mm == a.bixel_mm == 5.0
+        assert b.beamlets_mm is not None and np.allclose(a.beamlets_mm, b.beamlets_mm)
+    # pyRadPlan's convention: beamlet centres on multiples of the bixel width
+    xy = analytic_case.beams[0].beamlets_mm
+    assert np.allclose(xy / 5.0, np.rint(xy / 5.0))
+    with pytest.raises(CaseError, match="3 beamlet positions for 2 beamlets"):
+        Beam(0.0, 0.0, 2, 5.0, np.zeros((3, 2)))
 
 
 def test_beam_grid_maps_rows_onto_leaf_pairs_or_says_why(analytic_case: Case) -> None:
