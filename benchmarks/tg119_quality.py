@@ -3,7 +3,7 @@
     make bench-quality        # rewrites its section of docs/benchmarks.md
 
 One FMO per protocol (no outer loop), normalised to PTV D95 = 50 Gy, next to the TG-119
-institutions' mean (Ezzell et al. 2009). Those were deliverable plans; these are fluence-map optima.
+institutions' mean (Ezzell et al. 2009). Those were deliverable plans; these are leaf-sequenced too.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> int:
 `tg119-cshape` at {args.dose_grid_mm:g} mm dose grid and {args.bixel_mm:g} mm bixels, normalised to PTV D95 = 50 Gy.
 "Initial" is one FMO with the protocol's hand-set objectives; "rules loop" is the rule-based outer loop
 (at most 6 iterations, best plan reported). TG-119 institutions' mean (SD) from Ezzell et al. 2009,
-Table VI (deliverable plans; ours are fluence-map optima, not leaf-sequenced).
+Table VI (deliverable plans); ours are judged on their leaf-sequenced dose (docs/delivery.md).
 
 | protocol | goal | initial objectives | rules loop | TG-119 institutions |
 |---|---|---|---|---|
