@@ -32,7 +32,7 @@ from radpilot.evaluation.rules import Decision
 from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
 from radpilot.llm.client import LLMClient, LLMSettings
 from radpilot.loop.inprocess import case_anatomy_features, plan_loop
-from radpilot.protocol import load_protocol
+from radpilot.protocol import load_protocol, load_protocol_text
 from radpilot.v1 import orchestrator_pb2 as pb
 from services.client import LOOP_PARTS
 from tests.doubles.cluster import LLMCluster, analytic_case
@@ -49,6 +49,16 @@ from tests.services.test_orchestrator import _wait
 ROOT = REPO_ROOT
 HARDER_PATH = ROOT / "protocols" / "tg119_cshape_harder.yaml"
 HARDER = HARDER_PATH.read_text()
+# The LLM and BO jobs below plan the analytic phantom. Since its beamlets are centred like
+# pyRadPlan's (on multiples of the bixel width), the harder protocol's class solution misses both
+# PTV D10 (56.5 Gy) and core D10 (10.4 Gy), and no weight doubling reaches both limits. With PTV
+# D10 <= 56 Gy and core D10 <= 11 Gy it misses PTV D10 only and one doubling of the PTV's weights
+# meets both: the situation these jobs are about (the scripted planner doubles the weights of a
+# missed structure).
+LLM_JOB_PROTOCOL = HARDER.replace(
+    'D10, comparator: "<=", limit: 10.0', 'D10, comparator: "<=", limit: 11.0'
+).replace('D10, comparator: "<=", limit: 55.0', 'D10, comparator: "<=", limit: 56.0')
+assert LLM_JOB_PROTOCOL.count("11.0") > HARDER.count("11.0") and "limit: 56.0" in LLM_JOB_PROTOCOL
 
 
 class Hostile:
@@ -221,10 +231,11 @@ def test_llm_that_never_says_done_runs_its_budget(analytic_case: Case, harder) -
     assert roles.count("evaluator") == 3 and roles.count("planner") == 2
 
 
-def _core_missed(check: ProtocolCheck) -> ProtocolCheck:
+def _core_at(check: ProtocolCheck, achieved: float) -> ProtocolCheck:
+    """The check with the core's D10 goal set to ``achieved`` (limit 10 Gy)."""
     return ProtocolCheck(
         [
-            replace(r, achieved=12.0, passed=False, margin=-2.0)
+            replace(r, achieved=achieved, passed=achieved <= 10.0, margin=10.0 - achieved)
             if r.goal.structure == "Core"
             else r
             for r in check.results
@@ -232,8 +243,12 @@ def _core_missed(check: ProtocolCheck) -> ProtocolCheck:
     )
 
 
+def _core_missed(check: ProtocolCheck) -> ProtocolCheck:
+    return _core_at(check, 12.0)
+
+
 def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, first_plan) -> None:
-    memory = _memory(first_plan, harder)
+    memory = [replace(m, check=_core_at(m.check, 9.0)) for m in _memory(first_plan, harder)]
     a, _, _ = propose_bo(harder, memory, seed=1)
     b, _, _ = propose_bo(harder, memory, seed=1)
     assert a == b
@@ -249,8 +264,13 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
         else:
             assert t.dose_gy == t0.dose_gy  # targets and organs without a missed goal
     assert plan_quality(memory[0].check) < 0  # the first plan misses a goal
-    report = plan_loop(analytic_case, harder, max_iterations=10, agent="bo")
-    assert report.check.all_passed  # BO finds the core/hot-spot trade-off on this phantom
+    report = plan_loop(
+        analytic_case, load_protocol_text(LLM_JOB_PROTOCOL), max_iterations=10, agent="bo"
+    )
+    # BO moves the plan towards the core/hot-spot trade-off on this phantom (its fluence optimum;
+    # the leaf-sequenced plan is judged too)
+    best = report.optimal_check or report.check
+    assert plan_quality(best) > plan_quality(report.iterations[0].check)
     fixed = plan_loop(analytic_case, harder, max_iterations=5, agent="fixed")
     assert len(fixed.iterations) == 1  # the class solution does not change: one plan
 
@@ -348,7 +368,7 @@ def _run(
     job_id = stub.StartPlanning(
         pb.StartPlanningRequest(
             case_id=case_id,
-            protocol_yaml=HARDER,
+            protocol_yaml=LLM_JOB_PROTOCOL,
             agent=agent,
             max_iterations=max_iterations,
             physician_feedback=feedback,
