@@ -529,16 +529,18 @@ def _refit(
     )
     err_before = float(np.sqrt(np.sum(rw * (M @ before - optimum[rows]) ** 2) / rw.sum()))
     err_after = float(np.sqrt(np.sum(rw * (M @ res.x - optimum[rows]) ** 2) / rw.sum()))
-    k = 0
-    for bs in beams:
-        for s in bs.segments:
-            s.weight = float(res.x[k])
-            k += 1
+    _set_weights(beams, res.x)
     return {
         "segments": S.shape[1],
         "rms_error_before_gy": round(err_before, 4),
         "rms_error_after_gy": round(err_after, 4),
     }
+
+
+def _set_weights(beams: list[BeamSequence], weights: np.ndarray) -> None:
+    """Give the segments, in beam order, the fitted ``weights``."""
+    for sg, w in zip([sg for bs in beams for sg in bs.segments], weights, strict=True):
+        sg.weight = float(w)
 
 
 def _segment_matrix(
@@ -590,11 +592,7 @@ def _objective_refit(
         bounds=[(lo, None) for lo in lower],
         options={"maxiter": OBJECTIVE_REFIT_ITERATIONS},
     )
-    k = 0
-    for bs in beams:
-        for sg in bs.segments:
-            sg.weight = float(res.x[k])
-            k += 1
+    _set_weights(beams, res.x)
     return {
         "objective_before": round(float(before), 4),
         "objective_after": round(float(res.fun), 4),

@@ -19,7 +19,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from radpilot.case import Case
-from radpilot.delivery.sequencing import Segment
+from radpilot.delivery.sequencing import Segment, segments_from_json
 from radpilot.dicom.write import RTPLAN_STORAGE, RTSTRUCT_STORAGE, SeriesUIDs, _base, _save
 from radpilot.errors import DeliveryError
 
@@ -166,17 +166,7 @@ def write_rtplan(
     iso = [_mm(x), _mm(y), _mm(z)]
     beam_items = []
     for i, b in enumerate(beams, start=1):
-        segs = [
-            Segment(
-                float(s["weight"]),
-                np.asarray(s["left_mm"]),
-                np.asarray(s["right_mm"]),
-                (float(s["jaw_x_mm"][0]), float(s["jaw_x_mm"][1])),
-                (float(s["jaw_y_mm"][0]), float(s["jaw_y_mm"][1])),
-            )
-            for s in b["segments"]
-        ]
-        beam_items.append(_beam(i, b, mlc, iso, segs))
+        beam_items.append(_beam(i, b, mlc, iso, segments_from_json(b)))
     ds.BeamSequence = Sequence(beam_items)
     ds.FractionGroupSequence = Sequence(
         [

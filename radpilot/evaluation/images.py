@@ -211,12 +211,17 @@ def dvh_plot(
     fig, ax = _pyplot().subplots(figsize=(7.0, 4.5))
     for k, (name, v) in enumerate(curves.items()):
         ax.plot(levels_gy, v, color=COLORS[k % len(COLORS)], label=name)
+    return _dvh_figure(fig, ax, levels_gy, title, legend_size=8)
+
+
+def _dvh_figure(fig: Figure, ax: Any, levels_gy: np.ndarray, title: str, legend_size: int) -> bytes:
+    """Axes, grid, legend and title of a cumulative DVH plot, rendered to PNG."""
     ax.set_xlabel("Dose [Gy]")
     ax.set_ylabel("Volume [%]")
     ax.set_ylim(0, 101)
     ax.set_xlim(0, float(levels_gy[-1]) if len(levels_gy) else 1.0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     ax.set_title(title)
     fig.tight_layout()
     return _png(fig)
@@ -237,15 +242,8 @@ def dvh_compare_plot(
         ax.plot(levels_gy, after[name], color=c, label=name)
     ax.plot([], [], color="k", linestyle="--", label=labels[0])
     ax.plot([], [], color="k", label=labels[1])
-    ax.set_xlabel("Dose [Gy]")
-    ax.set_ylabel("Volume [%]")
-    ax.set_ylim(0, 101)
-    ax.set_xlim(0, float(levels_gy[-1]) if len(levels_gy) else 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title(f"Cumulative DVH: {labels[0]} (dashed) and {labels[1]} (solid)")
-    fig.tight_layout()
-    return _png(fig)
+    title = f"Cumulative DVH: {labels[0]} (dashed) and {labels[1]} (solid)"
+    return _dvh_figure(fig, ax, levels_gy, title, legend_size=7)
 
 
 def dose_images(plan: PlanDose, with_dvh: bool = False) -> dict[str, bytes]:

@@ -272,7 +272,7 @@ def plan_loop(
     report = PlanReport.from_records(
         case, protocol, agent, result.records, result.best_iteration, arrays.get
     )
-    best = next(r for r in result.records if r.iteration == result.best_iteration)
+    best = result.best
     t_seq = time.perf_counter()
     if protocol.delivery is not None and best.fluence is not None:
         fluence = arrays.get(best.fluence)

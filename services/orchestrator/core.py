@@ -431,7 +431,7 @@ class Orchestrator:
         the MLC cannot deliver is kept fluence-optimal, with the reason in the report."""
         if protocol.delivery is None or self.jobs.job(job_id).state == "cancelled":
             return
-        best = next(r for r in result.records if r.iteration == result.best_iteration)
+        best = result.best
         fluence = best.fluence
         if fluence is None:
             return
