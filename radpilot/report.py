@@ -8,12 +8,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from radpilot.agents.rules_planner import goal_term
 from radpilot.case import Case
+from radpilot.delivery.sequencing import SequencingSettings, keep_goals, merged_terms
 from radpilot.dicom.write import PlanExport, export_dicom
 from radpilot.dosimetry import dvh_levels
 from radpilot.evaluation.images import dose_images, dvh_compare_plot
@@ -23,6 +24,8 @@ from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
 from radpilot.protocol import Protocol
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,6 +69,27 @@ class PlanReport:
             if term is not None:
                 out.append(term)
         return out
+
+    def sequence_keeping_goals(
+        self,
+        sequence: Callable[[SequencingSettings, list[ObjectiveTerm]], tuple[dict[str, Any], T]],
+        dose_of: Callable[[T], np.ndarray],
+        settings: SequencingSettings,
+        objectives: list[ObjectiveTerm],
+    ) -> tuple[dict[str, Any], T]:
+        """Sequence the report's plan with ``keep_goals`` and judge it on the kept deliverable
+        dose. ``sequence(settings, terms)`` sequences once: ``terms`` is empty on the first try
+        (a least-squares fit only), and on a retry the plan's ``objectives`` with the lost goals'
+        terms, on which the segment weights are then optimised; ``dose_of`` reads the dose it
+        returned (in memory, or from the case store)."""
+        plan, dose = keep_goals(
+            lambda s, extra: sequence(s, merged_terms(objectives, extra) if extra else []),
+            lambda d: self.goals_lost_by(dose_of(d)),
+            settings,
+            lambda labels, factor: self.goal_terms(labels, factor, objectives),
+        )
+        self.use_deliverable(plan, dose_of(dose))
+        return plan, dose
 
     def use_deliverable(self, delivered: dict[str, Any], dose_rows: np.ndarray) -> None:
         """Judge the report's plan by the dose of its leaf-sequenced delivery."""

@@ -27,12 +27,7 @@ from radpilot.agents.step import (
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
 from radpilot.cases.helpers import build_helper
-from radpilot.delivery.sequencing import (
-    SequencingSettings,
-    deliver,
-    keep_goals,
-    merged_terms,
-)
+from radpilot.delivery.sequencing import SequencingSettings, deliver
 from radpilot.errors import DeliveryError
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision
@@ -278,9 +273,8 @@ def plan_loop(
         fluence = arrays.get(best.fluence)
 
         def sequence(
-            settings: SequencingSettings, extra: list[ObjectiveTerm]
+            settings: SequencingSettings, terms: list[ObjectiveTerm]
         ) -> tuple[dict[str, Any], np.ndarray]:
-            terms = merged_terms(best.objectives, extra)
             d = deliver(
                 case,
                 fluence,
@@ -289,21 +283,16 @@ def plan_loop(
                 target=protocol.target,
                 prescription_gy=protocol.prescription_gy,
                 coverage_pct=protocol.coverage_pct,
-                # a retry (goals lost) also optimises the segment weights on the objective
                 objective=(
-                    (lambda x: optimizer.optimizer.value_and_gradient(x, terms)) if extra else None
+                    (lambda x: optimizer.optimizer.value_and_gradient(x, terms)) if terms else None
                 ),
             )
             return d.to_json(protocol.prescription_gy), d.dose_rows
 
         try:
-            plan, dose = keep_goals(
-                sequence,
-                report.goals_lost_by,
-                protocol.delivery,
-                lambda lost, factor: report.goal_terms(lost, factor, best.objectives),
+            report.sequence_keeping_goals(
+                sequence, lambda dose: dose, protocol.delivery, best.objectives
             )
-            report.use_deliverable(plan, dose)
         except DeliveryError as exc:
             report.delivery_error = str(exc)
     report.seconds = {

@@ -31,7 +31,6 @@ from radpilot.agents.step import JOB_AGENTS, check_agent, evaluator_agent
 from radpilot.case_store import CaseStore
 from radpilot.cases import builtin_case_id, load_builtin
 from radpilot.cases.helpers import check_helpers
-from radpilot.delivery.sequencing import keep_goals, merged_terms
 from radpilot.dicom.read import import_dicom
 from radpilot.dicom.upload import unpack_zip
 from radpilot.errors import (
@@ -436,22 +435,14 @@ class Orchestrator:
         if fluence is None:
             return
         report = self.report(job_id, result.records)
-
-        def lost(ref: ArtefactRef) -> list[str]:
-            return report.goals_lost_by(self.cases.get_artefact(ref.path, ref.sha256))
-
         try:
-            plan, dose = keep_goals(
-                # a retry (goals lost) also optimises the segment weights on the objective
-                lambda settings, extra: optimizer.sequence(
-                    fluence,
-                    settings,
-                    protocol.num_fractions,
-                    merged_terms(best.objectives, extra) if extra else [],
+            plan, dose = report.sequence_keeping_goals(
+                lambda settings, terms: optimizer.sequence(
+                    fluence, settings, protocol.num_fractions, terms
                 ),
-                lost,
+                lambda ref: self.cases.get_artefact(ref.path, ref.sha256),
                 protocol.delivery,
-                lambda labels, factor: report.goal_terms(labels, factor, best.objectives),
+                best.objectives,
             )
         except (StepFailedError, UnavailableError) as exc:
             log.warning("job %s: the best plan was not sequenced: %s", job_id, exc)
