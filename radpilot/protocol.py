@@ -19,7 +19,13 @@ from radpilot.delivery.mlc import load_mlc
 from radpilot.delivery.sequencing import SequencingSettings, protocol_fractions
 from radpilot.dosimetry import parse_metric
 from radpilot.errors import DeliveryError, HelperError, MetricError, ProtocolError
-from radpilot.fmo.objectives import ALL_BEAMS, ObjectiveError, ObjectiveTerm, validate_terms
+from radpilot.fmo.objectives import (
+    ALL_BEAMS,
+    ObjectiveError,
+    ObjectiveTerm,
+    is_fluence_kind,
+    validate_terms,
+)
 from radpilot.fmo.solver import FMOSettings
 
 COMPARATORS = ("<=", ">=")
@@ -326,6 +332,12 @@ def _objective(raw: Any, i: int, prescription_gy: float) -> ObjectiveTerm:
     except ObjectiveError as exc:
         raise ProtocolError(f"{where}: {exc}") from None
     # the weight's range is the term's own (ObjectiveTerm); the dose's depends on the protocol
+    if is_fluence_kind(term.kind):
+        if term.dose_gy != 0:
+            raise ProtocolError(
+                f"{where}.dose_gy must be 0 for {term.kind} (it penalises the fluence, not a dose)"
+            )
+        return term
     _num(term.dose_gy, f"{where}.dose_gy", 0.0, 2 * prescription_gy, open_low=True)
     return term
 
@@ -485,7 +497,8 @@ def _delivery(raw: Any, source: str) -> SequencingSettings | None:
         raw = {}
     if not isinstance(raw, dict):
         raise ProtocolError(
-            f"{source}: delivery must be 'off' or a mapping (mlc, levels, min_segment_mu, refit)"
+            f"{source}: delivery must be 'off' or a mapping (mlc, levels, min_segment_mu, refit, "
+            "max_segments_per_beam)"
         )
     try:
         settings = SequencingSettings.from_dict(raw)

@@ -36,23 +36,27 @@ from radpilot.errors import DeliveryError
 from radpilot.fmo.objectives import ObjectiveTerm
 
 T = TypeVar("T")
+W = TypeVar("W", int, float)  # an aperture's weight: integer levels, or fluence units
 Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]  # fluence -> (value, gradient)
 OBJECTIVE_REFIT_ITERATIONS = 150
 MAX_FIT_ROWS = 60_000  # rows of A the segment-weight fit reads (targets always all of theirs)
 TARGET_FIT_WEIGHT = 10.0  # a target's rows against an organ's, per unit of volume
 GAP_CLEARANCE_MM = 0.01  # a closed pair's gap overlaps its open neighbour's opening by this
+DEFAULT_MAX_SEGMENTS = 12  # per beam: what a step-and-shoot plan is usually held to
 
 
 @dataclass(frozen=True)
 class SequencingSettings:
     """How a plan is turned into segments: MLC model (shipped name or YAML path), intensity
-    levels per beam, the smallest segment in MU per fraction, and whether segment weights are
-    re-optimised on the dose influence matrix after sequencing."""
+    levels per beam, the smallest segment in MU per fraction, whether segment weights are
+    re-optimised on the dose influence matrix after sequencing, and the most segments a beam
+    may have (0: no limit; a beam over it is sequenced with fewer levels)."""
 
     mlc: str = DEFAULT_MLC
     levels: int = 10
     min_segment_mu: float = 2.0
     refit: bool = True
+    max_segments_per_beam: int = DEFAULT_MAX_SEGMENTS
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, bool) or not isinstance(self.levels, int):
@@ -63,6 +67,12 @@ class SequencingSettings:
             raise DeliveryError(
                 f"min_segment_mu must be within 0..100 MU, got {self.min_segment_mu!r}"
             )
+        cap = self.max_segments_per_beam
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= 1000:
+            raise DeliveryError(
+                f"max_segments_per_beam must be an integer within 0..1000 (0: no limit), "
+                f"got {cap!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,23 +80,30 @@ class SequencingSettings:
             "levels": self.levels,
             "min_segment_mu": self.min_segment_mu,
             "refit": self.refit,
+            "max_segments_per_beam": self.max_segments_per_beam,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SequencingSettings:
         d = dict(d or {})
-        unknown = sorted(set(d) - {"mlc", "levels", "min_segment_mu", "refit"})
+        known = ("mlc", "levels", "min_segment_mu", "refit", "max_segments_per_beam")
+        unknown = sorted(set(d) - set(known))
         if unknown:
-            raise DeliveryError(
-                f"unknown delivery field(s) {unknown}; known: mlc, levels, min_segment_mu, refit"
-            )
+            raise DeliveryError(f"unknown delivery field(s) {unknown}; known: {', '.join(known)}")
         refit = d.get("refit", True)
         if not isinstance(refit, bool):
             raise DeliveryError("delivery.refit must be true or false")
         mu = d.get("min_segment_mu", 2.0)
         if isinstance(mu, bool) or not isinstance(mu, int | float):
             raise DeliveryError(f"delivery.min_segment_mu must be a number, got {mu!r}")
-        return cls(str(d.get("mlc", DEFAULT_MLC)), d.get("levels", 10), float(mu), refit)
+        cap = d.get("max_segments_per_beam", DEFAULT_MAX_SEGMENTS)
+        return cls(
+            str(d.get("mlc", DEFAULT_MLC)),
+            d.get("levels", 10),
+            float(mu),
+            refit,
+            0 if cap is None else cap,
+        )
 
 
 @dataclass
@@ -109,6 +126,7 @@ class BeamSequence:
     grid: BeamGrid
     segments: list[Segment]
     mu_per_unit: float  # MU (whole course) per unit of fluence for this beam
+    levels: int = 0  # the intensity levels its fluence was quantised to
 
     def apertures(self, mlc: MlcModel) -> np.ndarray:
         """Open fraction of every beamlet (rows) in every segment (columns)."""
@@ -158,11 +176,11 @@ Aperture = dict[int, tuple[int, int]]  # beamlet row -> open columns [start, sto
 
 
 def _feasible(
-    apertures: list[tuple[int, Aperture]], interdigitation: bool
-) -> list[tuple[int, Aperture]]:
+    apertures: list[tuple[W, Aperture]], interdigitation: bool
+) -> list[tuple[W, Aperture]]:
     """Split apertures in which a leaf would pass its neighbour's opposing leaf (consecutive
     open rows that do not overlap) into several of the same weight; merge identical ones."""
-    out: list[tuple[int, Aperture]] = []
+    out: list[tuple[W, Aperture]] = []
     for level, rows in apertures:
         pending = [rows]
         while pending:
@@ -178,7 +196,7 @@ def _feasible(
             out.append((level, keep))
             if defer:
                 pending.append(defer)
-    merged: dict[tuple[tuple[int, int, int], ...], int] = {}
+    merged: dict[tuple[tuple[int, int, int], ...], W] = {}
     for level, rows in out:
         key = tuple((r, a, b) for r, (a, b) in sorted(rows.items()))
         merged[key] = merged.get(key, 0) + level
@@ -265,15 +283,86 @@ def _segment(
     return Segment(float(weight), left, right, jaw_x, jaw_y)
 
 
-def sequence_beam(grid: BeamGrid, mlc: MlcModel, fluence: np.ndarray, levels: int) -> list[Segment]:
-    """A beam's fluence (one value per beamlet, the grid's order) as step-and-shoot segments."""
+def lloyd_max_levels(values: np.ndarray, k: int, iterations: int = 40) -> np.ndarray:
+    """``k`` intensity levels (ascending, all > 0) that minimise the squared quantisation error
+    of ``values`` when each value goes to the nearest of 0 and the levels (Lloyd SP, Least
+    squares quantization in PCM, IEEE Trans Inf Theory 1982;28:129-37; 0 stays a fixed level,
+    the closed leaves)."""
+    v = np.sort(values[values > 0])
+    if v.size == 0:
+        return np.zeros(0)
+    # from the equal steps: each round can only lower the error, so the result is never worse
+    # than rounding to ``k`` equal steps of the largest value
+    levels = v[-1] * np.arange(1, k + 1) / k
+    for _ in range(iterations):
+        edges = (np.concatenate([[0.0], levels[:-1]]) + levels) / 2
+        which = np.searchsorted(edges, v, side="right") - 1  # -1: nearer to 0
+        new = np.array(
+            [v[which == i].mean() if np.any(which == i) else levels[i] for i in range(levels.size)]
+        )
+        if np.allclose(new, levels, rtol=1e-6, atol=0):
+            break
+        levels = np.unique(new)
+    return levels[levels > 0]
+
+
+def _quantised(m: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Index (0 = closed, i = ``levels[i-1]``) of the nearest level for every value."""
+    edges = (np.concatenate([[0.0], levels[:-1]]) + levels) / 2
+    return np.searchsorted(edges, m, side="right")
+
+
+def threshold_apertures(index_map: np.ndarray, levels: np.ndarray) -> list[tuple[float, Aperture]]:
+    """A map quantised to arbitrary ``levels`` as stacked isointensity apertures: the beamlets at
+    level i or above, weighted by the step from level i-1 (one segment per open interval)."""
+    out: list[tuple[float, Aperture]] = []
+    steps = np.diff(np.concatenate([[0.0], levels]))
+    for i, step in enumerate(steps, start=1):
+        mask = index_map >= i
+        runs = {r: _intervals(mask[r]) for r in range(mask.shape[0]) if mask[r].any()}
+        for j in range(max((len(v) for v in runs.values()), default=0)):
+            out.append((float(step), {r: v[j] for r, v in runs.items() if j < len(v)}))
+    return out
+
+
+def sequence_beam(
+    grid: BeamGrid, mlc: MlcModel, fluence: np.ndarray, levels: int, max_segments: int = 0
+) -> tuple[list[Segment], int]:
+    """A beam's fluence (one value per beamlet, the grid's order) as step-and-shoot segments,
+    and the intensity levels they use. Without a limit: ``levels`` equal steps, decomposed by
+    ``decompose``. With ``max_segments`` (> 0), a beam that needs more is quantised more
+    coarsely: the most equal steps, and the most Lloyd-Max levels (stacked isointensity
+    apertures), that fit, whichever of the two reproduces the fluence better (the segment
+    weights are refitted afterwards); if even one level needs more apertures, those that
+    deliver the least (weight x open beamlets) are left out."""
     m = grid.to_map(np.clip(fluence, 0, None))
     top = float(m.max())
     if top <= 0:
-        return []
-    step = top / levels
-    apertures = decompose(np.rint(m / step).astype(np.int64), mlc.interdigitation)
-    return [_segment(grid, mlc, rows, lv * step) for lv, rows in apertures]
+        return [], levels
+    candidates: list[tuple[float, int, list[tuple[float, Aperture]]]] = []
+    for n in range(levels, 0, -1):
+        step = top / n
+        q = np.rint(m / step).astype(np.int64)
+        apertures = [(lv * step, rows) for lv, rows in decompose(q, mlc.interdigitation)]
+        if not max_segments or len(apertures) <= max_segments:
+            candidates.append((float(np.sum((q * step - m) ** 2)), n, apertures))
+            break
+    if max_segments:
+        for k in range(levels, 0, -1):
+            lm = lloyd_max_levels(m.ravel(), k)
+            idx = _quantised(m, lm)
+            apertures = _feasible(threshold_apertures(idx, lm), mlc.interdigitation)
+            if len(apertures) <= max_segments:
+                recon = np.concatenate([[0.0], lm])[idx]
+                candidates.append((float(np.sum((recon - m) ** 2)), lm.size, apertures))
+                break
+    if candidates:
+        _, n, apertures = min(candidates, key=lambda c: (c[0], len(c[2])))
+    else:  # a single level still needs more apertures than allowed
+        apertures = sorted(apertures, key=lambda a: -a[0] * sum(b - c for c, b in a[1].values()))[
+            :max_segments
+        ]
+    return [_segment(grid, mlc, rows, w) for w, rows in apertures], n
 
 
 @dataclass
@@ -308,6 +397,7 @@ class Deliverable:
             "settings": self.settings.to_dict(),
             "fractions": self.fractions,
             "segments_per_beam": [len(b.segments) for b in self.beams],
+            "levels_per_beam": [b.levels for b in self.beams],
             "segments": sum(len(b.segments) for b in self.beams),
             "mu_per_beam": [round(sum(self.mu(b)), 1) for b in self.beams],
             "total_mu": round(self.total_mu, 1),
@@ -438,8 +528,14 @@ def deliver(
     start = 0
     for i, b in enumerate(case.beams):
         grid = BeamGrid.of(b, mlc, i)
-        segs = sequence_beam(grid, mlc, fluence[start : start + b.num_beamlets], settings.levels)
-        beams.append(BeamSequence(i, b.gantry_deg, b.couch_deg, grid, segs, mu_unit[i]))
+        segs, levels = sequence_beam(
+            grid,
+            mlc,
+            fluence[start : start + b.num_beamlets],
+            settings.levels,
+            settings.max_segments_per_beam,
+        )
+        beams.append(BeamSequence(i, b.gantry_deg, b.couch_deg, grid, segs, mu_unit[i], levels))
         start += b.num_beamlets
     # drop segments below the minimum MU (per fraction)
     dropped = 0
@@ -622,7 +718,9 @@ def keep_goals(
     goal_terms: Callable[[list[str], float], list[ObjectiveTerm]] | None = None,
 ) -> tuple[dict[str, Any], T]:
     """Sequence, and when the deliverable dose loses a goal the fluence optimum met, sequence
-    again with twice the intensity levels (finer steps, more segments), up to MAX_TRIES; with
+    again with twice the intensity levels (finer steps, more segments) and, where segments are
+    limited, half as many more allowed per beam (12, 18, 24: goals before segment count), up to
+    MAX_TRIES; with
     ``goal_terms`` a retry's segment weights are also optimised on the plan's objective plus a
     term shaped like each lost goal (``goal_terms(labels, weight factor)``: 1, then 10;
     ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
@@ -639,6 +737,7 @@ def keep_goals(
         tries.append(
             {
                 "levels": current.levels,
+                "max_segments_per_beam": current.max_segments_per_beam,
                 "segments": plan["summary"]["segments"],
                 "total_mu": plan["summary"]["total_mu"],
                 "goal_terms": [t.label() for t in extra],
@@ -649,7 +748,12 @@ def keep_goals(
             best = (plan, dose, len(lost))
         if not lost or current.levels >= 255:
             break
-        current = replace(current, levels=min(2 * current.levels, 255))
+        cap = current.max_segments_per_beam
+        current = replace(
+            current,
+            levels=min(2 * current.levels, 255),
+            max_segments_per_beam=cap and cap + settings.max_segments_per_beam // 2,
+        )
         lost_so_far += [g for g in lost if g not in lost_so_far]
         extra = goal_terms(lost_so_far, 10.0**attempt) if goal_terms and settings.refit else []
     assert best is not None

@@ -17,6 +17,7 @@ from radpilot.cases.helpers import Helper, check_helpers
 from radpilot.delivery.sequencing import SequencingSettings, deliver, protocol_fractions
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
 from radpilot.fmo.backend import make_ops, uses_compressed
+from radpilot.fmo.objectives import ALL_BEAMS
 from radpilot.protocol import MAX_PRESCRIPTION_GY
 from services.common.metrics import FMO_ITERATIONS, FMO_SECONDS, OPTIMIZE_IN_FLIGHT
 
@@ -142,7 +143,7 @@ class OptimizerCore:
         )
         helpers = helpers or []
         check_helpers(helpers, set(opt.case.structure_names))
-        known = set(opt.case.structure_names) | {h.name for h in helpers}
+        known = set(opt.case.structure_names) | {h.name for h in helpers} | {ALL_BEAMS}
         unknown = sorted({t.structure for t in terms} - known)
         if unknown:  # a helper of an earlier request does not carry over: send its definition
             raise CaseError(

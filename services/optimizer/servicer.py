@@ -75,6 +75,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             levels=request.levels or 10,
             min_segment_mu=request.min_segment_mu,
             refit=request.refit,
+            max_segments_per_beam=request.max_segments_per_beam,
         )
         load_mlc(settings.mlc)  # an unknown model: INVALID_ARGUMENT naming the shipped ones
         plan, fluence, path, sha = self.core.sequence(

@@ -211,6 +211,7 @@ class GrpcOptimizer:
             mlc=settings.mlc,
             levels=settings.levels,
             min_segment_mu=settings.min_segment_mu,
+            max_segments_per_beam=settings.max_segments_per_beam,
             refit=settings.refit,
             objectives=terms_to_proto(objectives),
             helpers=helpers_to_proto(

@@ -67,7 +67,9 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
     d = summary["deliverable"]
     assert d["all_goals_met_fluence_optimal"], d["goals"]
     assert summary["all_goals_met"] == d["all_goals_met"]
-    assert all(abs(g["deliverable"] - g["fluence_optimal"]) < 0.5 for g in d["goals"]), d
+    # at most 12 segments per beam, raised to 18 and 24 on the retries that keep goals
+    assert all(abs(g["deliverable"] - g["fluence_optimal"]) < 1.5 for g in d["goals"]), d
+    assert max(d["segments_per_beam"]) <= 24, d["segments_per_beam"]
     assert d["tries"][0]["levels"] == 10 and (d["all_goals_met"] or len(d["tries"]) == 3)
     assert (out / "dicom" / "RTPLAN.dcm").is_file()
     protocol_goals = [g for g in summary["goals"] if g["structure"] != "Global"]

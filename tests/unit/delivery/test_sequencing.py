@@ -18,11 +18,15 @@ from radpilot.case_store import CaseStore
 from radpilot.delivery import BeamGrid, SequencingSettings, deliver, load_mlc, shipped_mlcs
 from radpilot.delivery.mlc import mlc_from_dict
 from radpilot.delivery.sequencing import (
+    _quantised,
     decompose,
     fluence_of_segments,
+    lloyd_max_levels,
     open_fractions,
     reducing_levels,
     segments_from_json,
+    sequence_beam,
+    threshold_apertures,
     unidirectional_sweep,
 )
 from radpilot.dicom.rtplan import read_rtplan
@@ -182,7 +186,7 @@ def test_fewer_levels_give_fewer_segments_and_a_larger_error(analytic_case: Case
         lv: deliver(
             analytic_case,
             fluence,
-            SequencingSettings(levels=lv, refit=False),
+            SequencingSettings(levels=lv, refit=False, max_segments_per_beam=0),
             fractions=25,
             target="PTV",
             prescription_gy=50.0,
@@ -191,6 +195,55 @@ def test_fewer_levels_give_fewer_segments_and_a_larger_error(analytic_case: Case
     }
     assert runs[3]["segments"] < runs[20]["segments"]
     assert runs[3]["max_dose_difference_gy"] > runs[20]["max_dose_difference_gy"]
+
+
+def test_lloyd_max_levels_beat_equal_steps_and_stack_exactly() -> None:
+    rng = np.random.default_rng(3)
+    m = np.clip(rng.gamma(2.0, 1.0, size=(9, 12)) - 0.5, 0, None)
+    m[:, :2] = 0
+    for k in (2, 4, 6):
+        lm = lloyd_max_levels(m.ravel(), k)
+        assert lm.size <= k and np.all(lm > 0) and np.all(np.diff(lm) > 0)
+        idx = _quantised(m, lm)
+        lloyd = np.concatenate([[0.0], lm])[idx]
+        step = m.max() / k
+        uniform = np.rint(m / step) * step
+        assert np.sum((lloyd - m) ** 2) < np.sum((uniform - m) ** 2)
+        # every beamlet goes to its nearest level (0 included)
+        choices = np.abs(m[..., None] - np.concatenate([[0.0], lm]))
+        assert np.array_equal(idx, np.argmin(choices, axis=-1))
+        # the stacked isointensity apertures rebuild the quantised map
+        rebuilt = np.zeros_like(m)
+        for w, rows in threshold_apertures(idx, lm):
+            for r, (a, b) in rows.items():
+                rebuilt[r, a:b] += w
+        assert np.allclose(rebuilt, lloyd)
+
+
+def test_segment_limit_per_beam(analytic_case: Case, optimum) -> None:
+    fluence, _ = optimum
+    mlc = load_mlc()
+    beam = analytic_case.beams[0]
+    grid = BeamGrid.of(beam, mlc)
+    f = fluence[: beam.num_beamlets]
+    free, levels_free = sequence_beam(grid, mlc, f, 20)
+    assert levels_free == 20 and len(free) > 6
+    capped, levels_capped = sequence_beam(grid, mlc, f, 20, max_segments=6)
+    assert len(capped) <= 6 and levels_capped < 20
+    single, _ = sequence_beam(grid, mlc, f, 20, max_segments=1)
+    assert len(single) == 1
+    d = deliver(
+        analytic_case,
+        fluence,
+        SequencingSettings(levels=20, max_segments_per_beam=5),
+        fractions=25,
+        target="PTV",
+        prescription_gy=50.0,
+    )
+    s = d.summary(50.0)
+    assert max(s["segments_per_beam"]) <= 5
+    assert all(1 <= lv <= 20 for lv in s["levels_per_beam"])
+    assert s["settings"]["max_segments_per_beam"] == 5
 
 
 def test_open_fractions_follow_leaves_and_jaws(analytic_case: Case) -> None:
@@ -238,6 +291,17 @@ def test_protocol_delivery_settings() -> None:
         load_protocol_text(text + "\ndelivery: {levels: 0}\n")
     with pytest.raises(ProtocolError, match="unknown delivery field"):
         load_protocol_text(text + "\ndelivery: {speed: 3}\n")
+    assert p.delivery.max_segments_per_beam == 12
+    free = load_protocol_text(text + "\ndelivery: {max_segments_per_beam: 0}\n")
+    assert free.delivery.max_segments_per_beam == 0
+    with pytest.raises(ProtocolError, match="max_segments_per_beam must be an integer"):
+        load_protocol_text(text + "\ndelivery: {max_segments_per_beam: 2.5}\n")
+    # the smoothness term penalises the fluence: its dose must be 0
+    prostate = (REPO_ROOT / "protocols" / "tg119_prostate.yaml").read_text()
+    assert any(t.kind == "fluence_smoothness" for t in load_protocol_text(prostate).objectives)
+    bad = prostate.replace("fluence_smoothness, dose_gy: 0.0", "fluence_smoothness, dose_gy: 5")
+    with pytest.raises(ProtocolError, match="dose_gy must be 0 for fluence_smoothness"):
+        load_protocol_text(bad)
     raw = p.to_dict()
     raw["prescription"]["fractions"] = 28
     assert load_protocol_text(json.dumps(raw)).num_fractions == 28
