@@ -142,9 +142,16 @@ class PlanReport:
         best = next(r for r in records if r.iteration == best_iteration)
         if best.dose is None:
             raise ValueError(f"iteration {best_iteration} has no stored dose")
-        plan = PlanDose(case, dose_of(best.dose))
-        plan.reuse_stats(best.stats)
-        return cls(case.name, protocol, agent, plan, best.check, records, best_iteration)
+        if best.optimal_dose is not None:
+            # sequenced every iteration: the report starts from the best plan's fluence optimum
+            # and is judged on its deliverable dose once the plan is sequenced (again) at the end
+            plan = PlanDose(case, dose_of(best.optimal_dose))
+            check = check_protocol(plan, protocol)
+        else:
+            plan = PlanDose(case, dose_of(best.dose))
+            plan.reuse_stats(best.stats)
+            check = best.check
+        return cls(case.name, protocol, agent, plan, check, records, best_iteration)
 
     def improvement(self) -> dict[str, Any]:
         """When the protocol was first met and what each organ-at-risk goal gained after it
@@ -152,7 +159,10 @@ class PlanReport:
         first = next((it for it in self.iterations if it.meets), None)
         if first is None:
             return {"met_at_iteration": 0, "gains": []}
-        best = self.optimal_check or self.check  # iterations are fluence optima: compare alike
+        # compare alike: iterations are judged on their fluence optima, unless every iteration
+        # was sequenced (then on their deliverable doses)
+        every = any(it.optimal_dose is not None for it in self.iterations)
+        best = self.check if every else (self.optimal_check or self.check)
         was = {r.goal.label: r.achieved for r in first.check.sparing_results()}
         gains = sparing_gains(first.check, best)
         return {
@@ -234,6 +244,11 @@ class PlanReport:
                     "term_changes": term_changes(it.objectives, it.proposal),
                     "alternatives": [[o.to_dict() for o in a] for a in it.alternatives],
                     "seconds": dict(it.seconds),
+                    # delivery.every_iteration: judged on this plan's deliverable dose
+                    "dose_basis": "deliverable"
+                    if it.optimal_dose is not None
+                    else "fluence-optimal",
+                    "delivery": dict(it.delivery),
                 }
                 for it in self.iterations
             ],
@@ -348,6 +363,11 @@ class PlanReport:
                 e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results
             )
             where = f"<br>round {it.round}, candidate {it.candidate + 1}" if parallel_rounds else ""
+            if "segments" in it.delivery:
+                metrics += "<br>" + e(
+                    f"(as delivered: {it.delivery['segments']} segments, "
+                    f"{it.delivery['total_mu']:.0f} MU)"
+                )
             iter_rows += (
                 f"<tr><td>{it.iteration}{where}</td><td>{weights}</td><td>{metrics}</td>"
                 f"<td>{it.fmo.iterations} it, {it.fmo.seconds:.2f} s, {e(it.fmo.backend)}, "

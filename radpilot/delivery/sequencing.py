@@ -50,13 +50,17 @@ class SequencingSettings:
     """How a plan is turned into segments: MLC model (shipped name or YAML path), intensity
     levels per beam, the smallest segment in MU per fraction, whether segment weights are
     re-optimised on the dose influence matrix after sequencing, and the most segments a beam
-    may have (0: no limit; a beam over it is sequenced with fewer levels)."""
+    may have (0: no limit; a beam over it is sequenced with fewer levels), and whether every
+    iteration is judged on its deliverable dose (else only the best plan is sequenced)."""
 
     mlc: str = DEFAULT_MLC
     levels: int = 10
     min_segment_mu: float = 2.0
     refit: bool = True
     max_segments_per_beam: int = DEFAULT_MAX_SEGMENTS
+    # sequence every iteration's plan (not only the best one), so that the protocol check, the
+    # ranking and "meets the protocol" judge what would be delivered all along
+    every_iteration: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, bool) or not isinstance(self.levels, int):
@@ -81,18 +85,26 @@ class SequencingSettings:
             "min_segment_mu": self.min_segment_mu,
             "refit": self.refit,
             "max_segments_per_beam": self.max_segments_per_beam,
+            "every_iteration": self.every_iteration,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> SequencingSettings:
         d = dict(d or {})
-        known = ("mlc", "levels", "min_segment_mu", "refit", "max_segments_per_beam")
+        known = (
+            "mlc",
+            "levels",
+            "min_segment_mu",
+            "refit",
+            "max_segments_per_beam",
+            "every_iteration",
+        )
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise DeliveryError(f"unknown delivery field(s) {unknown}; known: {', '.join(known)}")
-        refit = d.get("refit", True)
-        if not isinstance(refit, bool):
-            raise DeliveryError("delivery.refit must be true or false")
+        refit, every = d.get("refit", True), d.get("every_iteration", False)
+        if not isinstance(refit, bool) or not isinstance(every, bool):
+            raise DeliveryError("delivery.refit and delivery.every_iteration are true or false")
         mu = d.get("min_segment_mu", 2.0)
         if isinstance(mu, bool) or not isinstance(mu, int | float):
             raise DeliveryError(f"delivery.min_segment_mu must be a number, got {mu!r}")
@@ -103,6 +115,7 @@ class SequencingSettings:
             float(mu),
             refit,
             0 if cap is None else cap,
+            every,
         )
 
 

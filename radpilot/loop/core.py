@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -39,6 +39,10 @@ class Optimized:
     dose: ArtefactRef
     fluence: ArtefactRef
     fmo: FmoStats
+    # set by SequencingOptimizer: ``dose`` is then the deliverable dose, this the optimum's
+    optimal_dose: ArtefactRef | None = None
+    delivery: dict[str, Any] = field(default_factory=dict)
+    sequence_seconds: float = 0.0
 
 
 @dataclass
@@ -110,6 +114,50 @@ class IterationSink(Protocol):
     def check_stop(self) -> None:
         """Raise (any exception) to stop between steps: cancelled, shutting down."""
         ...
+
+
+# what one iteration keeps of its sequenced plan's summary
+DELIVERY_KEYS = ("segments", "segments_per_beam", "total_mu", "mu_per_gy", "max_dose_difference_gy")
+Sequence = Callable[[ArtefactRef, list[ObjectiveTerm]], tuple[dict[str, Any], ArtefactRef]]
+
+
+class SequencingOptimizer:
+    """An optimizer port whose plans are judged as they would be delivered (the protocol's
+    ``delivery: {every_iteration: true}``): each FMO's fluence is leaf-sequenced at once (the
+    first try: segment weights fitted to the optimal dose) by ``sequence(fluence, objectives)``
+    -> (plan JSON, deliverable dose), and the deliverable dose is what the evaluator checks and
+    the loop ranks. Warm starts keep using the optimal fluence. A plan that cannot be sequenced
+    (``errors``: the MLC cannot deliver the case's grid, a bad setting) is judged on its optimum,
+    and no later plan is sequenced: the reason is kept with the iteration."""
+
+    def __init__(
+        self,
+        inner: OptimizerPort,
+        sequence: Sequence,
+        errors: tuple[type[Exception], ...],
+    ) -> None:
+        self.inner, self.sequence, self.errors = inner, sequence, errors
+        self.error = ""
+
+    def optimize(self, objectives: list[ObjectiveTerm], warm: ArtefactRef | None) -> Optimized:
+        opt = self.inner.optimize(objectives, warm)
+        if self.error:
+            return replace(opt, delivery={"error": self.error})
+        t0 = time.perf_counter()
+        try:
+            plan, dose = self.sequence(opt.fluence, objectives)
+        except self.errors as exc:
+            self.error = str(exc)
+            log.warning("the plan was not sequenced; judged on its fluence optimum: %s", exc)
+            return replace(opt, delivery={"error": self.error})
+        summary = plan["summary"]
+        return replace(
+            opt,
+            dose=dose,
+            optimal_dose=opt.dose,
+            delivery={k: summary[k] for k in DELIVERY_KEYS if k in summary},
+            sequence_seconds=time.perf_counter() - t0,
+        )
 
 
 @dataclass(frozen=True)
@@ -387,13 +435,23 @@ def _candidate(
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     opt = _retrying(settings, sink, "optimizer", partial(optimizer.optimize, objectives, warm))
-    seconds["optimize"] = time.perf_counter() - t0
+    seconds["optimize"] = time.perf_counter() - t0 - opt.sequence_seconds
+    if opt.optimal_dose is not None:
+        seconds["sequence"] = opt.sequence_seconds
+    delivered = ""
+    if "segments" in opt.delivery:
+        delivered = (
+            f"; judged as delivered: {opt.delivery['segments']} segments, "
+            f"{opt.delivery['total_mu']:.0f} MU per fraction"
+        )
+    elif "error" in opt.delivery:
+        delivered = f"; not sequenced ({opt.delivery['error']}): judged on the fluence optimum"
     sink.event(
         {
             "kind": "fmo_done",
             **tag,
             "fmo": opt.fmo.to_json(),
-            "message": f"served by {opt.fmo.replica or 'this process'}",
+            "message": f"served by {opt.fmo.replica or 'this process'}{delivered}",
         }
     )
     sink.check_stop()
@@ -429,6 +487,8 @@ def _candidate(
         dvh=dict(ev.dvh),
         round=rnd,
         candidate=k,
+        optimal_dose=opt.optimal_dose,
+        delivery=dict(opt.delivery),
     )
 
 

@@ -38,7 +38,9 @@ from radpilot.loop.core import (
     Evaluated,
     LoopSettings,
     Optimized,
+    OptimizerPort,
     Proposal,
+    SequencingOptimizer,
     run_loop,
 )
 from radpilot.loop.record import ArtefactRef, FmoStats, IterationRecord
@@ -249,9 +251,28 @@ def plan_loop(
         else []
     )
     optimizer = LibraryOptimizer(case, protocol, backend, arrays)
+    port: OptimizerPort = optimizer
+    if protocol.delivery is not None and protocol.delivery.every_iteration:
+        delivery = protocol.delivery
+
+        def sequence_iteration(
+            fluence: ArtefactRef, _terms: list[ObjectiveTerm]
+        ) -> tuple[dict[str, Any], ArtefactRef]:
+            d = deliver(
+                case,
+                arrays.get(fluence),
+                delivery,
+                fractions=protocol.num_fractions,
+                target=protocol.target,
+                prescription_gy=protocol.prescription_gy,
+                coverage_pct=protocol.coverage_pct,
+            )
+            return d.to_json(protocol.prescription_gy), arrays.put("deliverable", d.dose_rows)
+
+        port = SequencingOptimizer(optimizer, sequence_iteration, (DeliveryError,))
     result = run_loop(
         list(protocol.objectives),
-        optimizer,
+        port,
         LibraryEvaluator(
             case,
             protocol,

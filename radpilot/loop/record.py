@@ -90,6 +90,11 @@ class IterationRecord:
     round: int = 0
     candidate: int = 0
     alternatives: list[list[ObjectiveTerm]] = field(default_factory=list)
+    # Sequenced every iteration (delivery.every_iteration): ``dose`` is then the deliverable
+    # dose the check judged, ``optimal_dose`` the fluence optimum's, ``delivery`` its segments
+    # and MU (or {"error": why} when this plan could not be sequenced).
+    optimal_dose: ArtefactRef | None = None
+    delivery: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.round <= 0:
@@ -132,6 +137,8 @@ class IterationRecord:
             "round": self.round,
             "candidate": self.candidate,
             "alternatives": [[o.to_dict() for o in a] for a in self.alternatives],
+            "optimal_dose": self.optimal_dose.to_json() if self.optimal_dose else None,
+            "delivery": dict(self.delivery),
         }
 
     @classmethod
@@ -161,4 +168,6 @@ class IterationRecord:
             alternatives=[
                 [ObjectiveTerm.from_dict(o) for o in a] for a in d.get("alternatives", [])
             ],
+            optimal_dose=ArtefactRef.from_json(d.get("optimal_dose")),
+            delivery=dict(d.get("delivery") or {}),
         )

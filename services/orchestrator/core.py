@@ -46,7 +46,14 @@ from radpilot.errors import (
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.llm.prompts import PHYSICIAN_LIMIT
 from radpilot.loop import ArtefactRef, IterationRecord, LoopResult, LoopSettings, run_loop
-from radpilot.loop.core import DEFAULT_RETRY_BUDGET_S, MAX_CANDIDATES, best_iteration, finished
+from radpilot.loop.core import (
+    DEFAULT_RETRY_BUDGET_S,
+    MAX_CANDIDATES,
+    OptimizerPort,
+    SequencingOptimizer,
+    best_iteration,
+    finished,
+)
 from radpilot.protocol import Protocol, ProtocolError, load_protocol_text
 from radpilot.report import PlanReport
 from radpilot.v1 import types_pb2
@@ -405,9 +412,21 @@ class Orchestrator:
             return self._references(job.case_id, protocol.name)
 
         optimizer = GrpcOptimizer(c.optimizer, self.cases, ctx, d.optimize_s)
+        port: OptimizerPort = optimizer
+        delivery = protocol.delivery
+        if delivery is not None and delivery.every_iteration:
+            port = SequencingOptimizer(
+                optimizer,
+                # the first try only (segment weights fitted to the optimal dose); the best
+                # plan is sequenced again at the end, with the goal-keeping retries
+                lambda fluence, _terms: optimizer.sequence(
+                    fluence, delivery, protocol.num_fractions, []
+                ),
+                (StepFailedError,),
+            )
         result = run_loop(
             list(protocol.objectives),
-            optimizer,
+            port,
             GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
             GrpcPlanner(c.planner, ctx, references, d.propose_s),
             _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),

@@ -149,6 +149,30 @@ def test_job_runs_streams_events_and_exports(cluster: Cluster, case_id: str) -> 
     assert again[0].sequence == 3 and again[-1].kind == pb.EVENT_KIND_FINISHED
 
 
+def test_every_iteration_is_judged_as_delivered_through_the_services(
+    cluster: Cluster, case_id: str
+) -> None:
+    start = pb.StartPlanningRequest(
+        case_id=case_id,
+        protocol_yaml=HARDER + "\ndelivery: {every_iteration: true}\n",
+        max_iterations=2,
+        memory_length=2,
+    )
+    job_id = cluster.stub.StartPlanning(start, timeout=30).job_id
+    events = list(cluster.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=120))
+    done = [e.message for e in events if e.kind == pb.EVENT_KIND_FMO_DONE]
+    assert done and all("judged as delivered" in m for m in done), done
+    job = _wait(cluster.stub, job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    bundle = cluster.stub.ExportPlan(pb.ExportPlanRequest(job_id=job_id), timeout=120)
+    with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
+        summary = json.loads(z.read("summary.json"))
+    per = summary["per_iteration"]
+    assert len(per) == len(job.iterations)
+    assert all(it["dose_basis"] == "deliverable" and it["delivery"]["segments"] > 0 for it in per)
+    assert summary["dose_basis"] == "deliverable" and summary["deliverable"]["total_mu"] > 0
+
+
 WITH_RING = (
     HARDER
     + "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 20.0, weight: 20.0}\n"

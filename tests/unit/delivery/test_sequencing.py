@@ -34,7 +34,9 @@ from radpilot.errors import DeliveryError, ProtocolError
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.fmo import FluenceOptimizer
-from radpilot.loop.inprocess import plan_loop
+from radpilot.loop.core import SequencingOptimizer
+from radpilot.loop.inprocess import LibraryOptimizer, MemoryArtefacts, plan_loop
+from radpilot.loop.record import ArtefactRef
 from radpilot.protocol import load_protocol, load_protocol_text
 from tests.paths import REPO_ROOT
 
@@ -293,7 +295,12 @@ def test_protocol_delivery_settings() -> None:
         load_protocol_text(text + "\ndelivery: {speed: 3}\n")
     assert p.delivery.max_segments_per_beam == 12
     free = load_protocol_text(text + "\ndelivery: {max_segments_per_beam: 0}\n")
-    assert free.delivery.max_segments_per_beam == 0
+    assert free.delivery.max_segments_per_beam == 0 and not free.delivery.every_iteration
+    every = load_protocol_text(text + EVERY)
+    assert every.delivery.every_iteration
+    assert load_protocol_text(json.dumps(every.to_dict())).delivery == every.delivery
+    with pytest.raises(ProtocolError, match="every_iteration are true or false"):
+        load_protocol_text(text + "\ndelivery: {every_iteration: 3}\n")
     with pytest.raises(ProtocolError, match="max_segments_per_beam must be an integer"):
         load_protocol_text(text + "\ndelivery: {max_segments_per_beam: 2.5}\n")
     # the smoothness term penalises the fluence: its dose must be 0
@@ -381,3 +388,77 @@ def test_every_exported_object_passes_dciodvfy(report_dir: Path) -> None:
         errors = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
         assert not errors, (f.name, errors)
         assert "Assertion" not in out.stderr, (f.name, out.stderr[-300:])
+
+
+EVERY = "\ndelivery: {every_iteration: true}\n"
+
+
+def test_every_iteration_port_judges_the_deliverable_dose(analytic_case: Case) -> None:
+    p = load_protocol_text(HARDER.read_text() + EVERY)
+    assert p.delivery is not None and p.delivery.every_iteration
+    arrays = MemoryArtefacts()
+    inner = LibraryOptimizer(analytic_case, p, "numpy", arrays)
+    calls: list[int] = []
+
+    def sequence(fluence: ArtefactRef, _terms: list) -> tuple[dict, ArtefactRef]:
+        calls.append(1)
+        d = deliver(
+            analytic_case,
+            arrays.get(fluence),
+            p.delivery,
+            fractions=p.num_fractions,
+            target=p.target,
+            prescription_gy=p.prescription_gy,
+        )
+        return d.to_json(p.prescription_gy), arrays.put("deliverable", d.dose_rows)
+
+    port = SequencingOptimizer(inner, sequence, (DeliveryError,))
+    out = port.optimize(list(p.objectives), None)
+    assert out.optimal_dose is not None and out.dose != out.optimal_dose
+    optimum, delivered = arrays.get(out.optimal_dose), arrays.get(out.dose)
+    assert not np.allclose(optimum, delivered)  # the evaluator sees the segments' dose
+    assert np.allclose(analytic_case.dose_influence @ arrays.get(out.fluence), optimum, rtol=1e-3)
+    assert out.delivery["segments"] == sum(out.delivery["segments_per_beam"]) > 0
+    assert max(out.delivery["segments_per_beam"]) <= 12
+
+    def refuse(fluence: ArtefactRef, _terms: list) -> tuple[dict, ArtefactRef]:
+        calls.append(1)
+        raise DeliveryError("the MLC cannot deliver this grid")
+
+    calls.clear()
+    port = SequencingOptimizer(inner, refuse, (DeliveryError,))
+    first = port.optimize(list(p.objectives), None)
+    second = port.optimize(list(p.objectives), first.fluence)
+    # judged on the optimum, the reason kept; not tried again for later plans
+    assert first.optimal_dose is None and first.delivery == {"error": port.error}
+    assert second.delivery["error"] == "the MLC cannot deliver this grid" and len(calls) == 1
+
+
+def test_every_iteration_loop_ranks_plans_as_delivered(analytic_case: Case, tmp_path: Path) -> None:
+    events: list[dict] = []
+    report = plan_loop(
+        analytic_case,
+        load_protocol_text(HARDER.read_text() + EVERY),
+        max_iterations=2,
+        on_event=events.append,
+    )
+    assert all(
+        it.optimal_dose is not None and it.delivery["segments"] > 0 for it in report.iterations
+    )
+    assert all(it.seconds["sequence"] > 0 for it in report.iterations)
+    done = [e["message"] for e in events if e["kind"] == "fmo_done"]
+    assert done and all("judged as delivered" in m for m in done)
+    # the best record's check is its deliverable dose's; the report's fluence-optimal side is
+    # its optimum, and its final check the (re)sequenced plan's
+    best = next(it for it in report.iterations if it.iteration == report.best_iteration)
+    assert report.optimal_check is not None and report.deliverable is not None
+    first_try = report.deliverable["summary"]["tries"][0]
+    assert first_try["segments"] == best.delivery["segments"]
+    if len(report.deliverable["summary"]["tries"]) == 1:  # no retry: the very same plan
+        assert [r.achieved for r in report.check.results] == pytest.approx(
+            [r.achieved for r in best.check.results], abs=1e-3
+        )
+    report.write(tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert {it["dose_basis"] for it in s["per_iteration"]} == {"deliverable"}
+    assert "as delivered:" in (tmp_path / "report.html").read_text()
