@@ -11,6 +11,8 @@ would make a leaf pass its neighbour's opposing leaf (when the MLC forbids inter
 split into further segments of the same weight, identical apertures are merged, segments below the
 minimum MU are dropped, and (by default) the segment weights are re-optimised as a bounded linear
 least-squares problem on the case's own dose influence matrix against the fluence-optimal dose.
+A beam held to fewer segments than its map needs (``max_segments_per_beam``) is quantised more
+coarsely: fewer equal steps, or Lloyd-Max levels stacked as isointensity apertures.
 
 Units: a segment's ``weight`` is in the plan's fluence units (the matrix gives Gy per unit over
 the whole course). MU per fraction = weight x the beam's MU per unit fluence / fractions, where a
@@ -49,8 +51,8 @@ DEFAULT_MAX_SEGMENTS = 12  # per beam: what a step-and-shoot plan is usually hel
 class SequencingSettings:
     """How a plan is turned into segments: MLC model (shipped name or YAML path), intensity
     levels per beam, the smallest segment in MU per fraction, whether segment weights are
-    re-optimised on the dose influence matrix after sequencing, and the most segments a beam
-    may have (0: no limit; a beam over it is sequenced with fewer levels), and whether every
+    re-optimised on the dose influence matrix after sequencing, the most segments a beam may
+    have (0: no limit; a beam over it is sequenced with fewer levels), and whether every
     iteration is judged on its deliverable dose (else only the best plan is sequenced)."""
 
     mlc: str = DEFAULT_MLC

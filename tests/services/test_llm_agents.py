@@ -54,16 +54,11 @@ HARDER = HARDER_PATH.read_text()
 # PTV D10 (56.5 Gy) and core D10 (10.4 Gy), and no weight doubling reaches both limits. With PTV
 # D10 <= 56 Gy and core D10 <= 11 Gy it misses PTV D10 only and one doubling of the PTV's weights
 # meets both: the situation these jobs are about (the scripted planner doubles the weights of a
-# missed structure). The variant leaves out the shipped protocol's fluence_smoothness term (that
-# calibration predates it; with it, BO did not move this phantom's plan within 10 iterations).
-SMOOTHNESS_LINE = next(ln for ln in HARDER.splitlines(True) if "fluence_smoothness" in ln)
-LLM_JOB_PROTOCOL = (
-    HARDER.replace('D10, comparator: "<=", limit: 10.0', 'D10, comparator: "<=", limit: 11.0')
-    .replace('D10, comparator: "<=", limit: 55.0', 'D10, comparator: "<=", limit: 56.0')
-    .replace(SMOOTHNESS_LINE, "")
-)
+# missed structure).
+LLM_JOB_PROTOCOL = HARDER.replace(
+    'D10, comparator: "<=", limit: 10.0', 'D10, comparator: "<=", limit: 11.0'
+).replace('D10, comparator: "<=", limit: 55.0', 'D10, comparator: "<=", limit: 56.0')
 assert LLM_JOB_PROTOCOL.count("11.0") > HARDER.count("11.0") and "limit: 56.0" in LLM_JOB_PROTOCOL
-assert "fluence_smoothness" not in LLM_JOB_PROTOCOL
 
 
 class Hostile:
