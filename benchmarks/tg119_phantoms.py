@@ -116,8 +116,10 @@ photon pencil beams, TG-119 field arrangements), planned by the rule-based loop 
 {MAX_ITERATIONS} iterations; after the protocol is met it goes on sparing the organs at risk,
 protocol default `after_goals_met: improve`). "First met" is the first plan that met every goal,
 "best" the plan reported, judged (and compared with the institutions) on its deliverable dose:
-leaf-sequenced with the defaults of `docs/delivery.md` (MLC `uniform-5mm`, 10 levels, 2 MU
-minimum, segment weights refitted), its fluence optimum alongside. TG-119 institutions' mean (SD)
+leaf-sequenced with the defaults of `docs/delivery.md` (MLC `uniform-5mm`, 10 levels, at most
+12 segments per beam (18, then 24 on the retries that keep goals), 2 MU minimum, segment weights
+refitted), its fluence optimum alongside. The shipped protocols but the tight one carry
+`fluence_smoothness` (weight 3). TG-119 institutions' mean (SD)
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out
 leaf transmission and small-field output: compare with care. The row "hottest
