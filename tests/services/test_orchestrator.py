@@ -127,6 +127,8 @@ def test_job_runs_streams_events_and_exports(cluster: Cluster, case_id: str) -> 
     job = _wait(cluster.stub, job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED
     assert 1 <= len(job.iterations) <= 4 and job.best_iteration >= 1
+    assert {it.dose_basis for it in job.iterations} == {"fluence-optimal"}
+    assert not any(it.delivery_json for it in job.iterations)
     assert all(it.fmo.iterations > 0 for it in job.iterations)
     bundle = cluster.stub.ExportPlan(pb.ExportPlanRequest(job_id=job_id), timeout=120)
     with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
@@ -164,6 +166,8 @@ def test_every_iteration_is_judged_as_delivered_through_the_services(
     assert done and all("judged as delivered" in m for m in done), done
     job = _wait(cluster.stub, job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert all(it.dose_basis == "deliverable" for it in job.iterations)
+    assert all(json.loads(it.delivery_json)["segments"] > 0 for it in job.iterations)
     bundle = cluster.stub.ExportPlan(pb.ExportPlanRequest(job_id=job_id), timeout=120)
     with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
         summary = json.loads(z.read("summary.json"))
