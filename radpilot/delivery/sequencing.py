@@ -190,6 +190,16 @@ def _intervals(row: np.ndarray) -> list[tuple[int, int]]:
 Aperture = dict[int, tuple[int, int]]  # beamlet row -> open columns [start, stop)
 
 
+def _mask_apertures(mask: np.ndarray) -> list[Aperture]:
+    """The open beamlets of a boolean map as apertures: the j-th run of every row that has one
+    opens in the j-th aperture (a row with one run opens in the first only)."""
+    runs = {r: _intervals(mask[r]) for r in range(mask.shape[0]) if mask[r].any()}
+    return [
+        {r: v[j] for r, v in runs.items() if j < len(v)}
+        for j in range(max((len(v) for v in runs.values()), default=0))
+    ]
+
+
 def _feasible(
     apertures: list[tuple[W, Aperture]], interdigitation: bool
 ) -> list[tuple[W, Aperture]]:
@@ -225,9 +235,7 @@ def reducing_levels(levels_map: np.ndarray) -> list[tuple[int, Aperture]]:
     while remaining.max() > 0:
         level = 1 << int(np.floor(np.log2(remaining.max())))
         mask = remaining >= level
-        runs = {r: _intervals(mask[r]) for r in range(mask.shape[0]) if mask[r].any()}
-        for j in range(max(len(v) for v in runs.values())):
-            out.append((level, {r: v[j] for r, v in runs.items() if j < len(v)}))
+        out += [(level, rows) for rows in _mask_apertures(mask)]
         remaining[mask] -= level
     return out
 
@@ -310,8 +318,7 @@ def lloyd_max_levels(values: np.ndarray, k: int, iterations: int = 40) -> np.nda
     # than rounding to ``k`` equal steps of the largest value
     levels = v[-1] * np.arange(1, k + 1) / k
     for _ in range(iterations):
-        edges = (np.concatenate([[0.0], levels[:-1]]) + levels) / 2
-        which = np.searchsorted(edges, v, side="right") - 1  # -1: nearer to 0
+        which = _quantised(v, levels) - 1  # -1: nearer to 0
         new = np.array(
             [v[which == i].mean() if np.any(which == i) else levels[i] for i in range(levels.size)]
         )
@@ -333,10 +340,7 @@ def threshold_apertures(index_map: np.ndarray, levels: np.ndarray) -> list[tuple
     out: list[tuple[float, Aperture]] = []
     steps = np.diff(np.concatenate([[0.0], levels]))
     for i, step in enumerate(steps, start=1):
-        mask = index_map >= i
-        runs = {r: _intervals(mask[r]) for r in range(mask.shape[0]) if mask[r].any()}
-        for j in range(max((len(v) for v in runs.values()), default=0)):
-            out.append((float(step), {r: v[j] for r, v in runs.items() if j < len(v)}))
+        out += [(float(step), rows) for rows in _mask_apertures(index_map >= i)]
     return out
 
 

@@ -251,6 +251,25 @@ def plan_loop(
         else []
     )
     optimizer = LibraryOptimizer(case, protocol, backend, arrays)
+
+    def sequence(
+        fluence: np.ndarray, settings: SequencingSettings, terms: list[ObjectiveTerm]
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """One sequencing of a plan's fluence (with ``terms``: weights refitted on them too)."""
+        d = deliver(
+            case,
+            fluence,
+            settings,
+            fractions=protocol.num_fractions,
+            target=protocol.target,
+            prescription_gy=protocol.prescription_gy,
+            coverage_pct=protocol.coverage_pct,
+            objective=(
+                (lambda x: optimizer.optimizer.value_and_gradient(x, terms)) if terms else None
+            ),
+        )
+        return d.to_json(protocol.prescription_gy), d.dose_rows
+
     port: OptimizerPort = optimizer
     if protocol.delivery is not None and protocol.delivery.every_iteration:
         delivery = protocol.delivery
@@ -258,16 +277,8 @@ def plan_loop(
         def sequence_iteration(
             fluence: ArtefactRef, _terms: list[ObjectiveTerm]
         ) -> tuple[dict[str, Any], ArtefactRef]:
-            d = deliver(
-                case,
-                arrays.get(fluence),
-                delivery,
-                fractions=protocol.num_fractions,
-                target=protocol.target,
-                prescription_gy=protocol.prescription_gy,
-                coverage_pct=protocol.coverage_pct,
-            )
-            return d.to_json(protocol.prescription_gy), arrays.put("deliverable", d.dose_rows)
+            plan, dose = sequence(arrays.get(fluence), delivery, [])
+            return plan, arrays.put("deliverable", dose)
 
         port = SequencingOptimizer(optimizer, sequence_iteration, (DeliveryError,))
     result = run_loop(
@@ -293,26 +304,12 @@ def plan_loop(
     if protocol.delivery is not None and best.fluence is not None:
         fluence = arrays.get(best.fluence)
 
-        def sequence(
-            settings: SequencingSettings, terms: list[ObjectiveTerm]
-        ) -> tuple[dict[str, Any], np.ndarray]:
-            d = deliver(
-                case,
-                fluence,
-                settings,
-                fractions=protocol.num_fractions,
-                target=protocol.target,
-                prescription_gy=protocol.prescription_gy,
-                coverage_pct=protocol.coverage_pct,
-                objective=(
-                    (lambda x: optimizer.optimizer.value_and_gradient(x, terms)) if terms else None
-                ),
-            )
-            return d.to_json(protocol.prescription_gy), d.dose_rows
-
         try:
             report.sequence_keeping_goals(
-                sequence, lambda dose: dose, protocol.delivery, best.objectives
+                lambda settings, terms: sequence(fluence, settings, terms),
+                lambda dose: dose,
+                protocol.delivery,
+                best.objectives,
             )
         except DeliveryError as exc:
             report.delivery_error = str(exc)
