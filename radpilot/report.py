@@ -245,9 +245,7 @@ class PlanReport:
                     "alternatives": [[o.to_dict() for o in a] for a in it.alternatives],
                     "seconds": dict(it.seconds),
                     # delivery.every_iteration: judged on this plan's deliverable dose
-                    "dose_basis": "deliverable"
-                    if it.optimal_dose is not None
-                    else "fluence-optimal",
+                    "dose_basis": it.dose_basis,
                     "delivery": dict(it.delivery),
                 }
                 for it in self.iterations

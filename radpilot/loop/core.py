@@ -118,13 +118,13 @@ class IterationSink(Protocol):
 
 # what one iteration keeps of its sequenced plan's summary
 DELIVERY_KEYS = ("segments", "segments_per_beam", "total_mu", "mu_per_gy", "max_dose_difference_gy")
-Sequence = Callable[[ArtefactRef, list[ObjectiveTerm]], tuple[dict[str, Any], ArtefactRef]]
+Sequence = Callable[[ArtefactRef], tuple[dict[str, Any], ArtefactRef]]
 
 
 class SequencingOptimizer:
     """An optimizer port whose plans are judged as they would be delivered (the protocol's
     ``delivery: {every_iteration: true}``): each FMO's fluence is leaf-sequenced at once (the
-    first try: segment weights fitted to the optimal dose) by ``sequence(fluence, objectives)``
+    first try: segment weights fitted to the optimal dose) by ``sequence(fluence)``
     -> (plan JSON, deliverable dose), and the deliverable dose is what the evaluator checks and
     the loop ranks. Warm starts keep using the optimal fluence. A plan that cannot be sequenced
     (``errors``: the MLC cannot deliver the case's grid, a bad setting) is judged on its optimum,
@@ -145,7 +145,7 @@ class SequencingOptimizer:
             return replace(opt, delivery={"error": self.error})
         t0 = time.perf_counter()
         try:
-            plan, dose = self.sequence(opt.fluence, objectives)
+            plan, dose = self.sequence(opt.fluence)
         except self.errors as exc:
             self.error = str(exc)
             log.warning("the plan was not sequenced; judged on its fluence optimum: %s", exc)

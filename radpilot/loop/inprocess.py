@@ -274,9 +274,7 @@ def plan_loop(
     if protocol.delivery is not None and protocol.delivery.every_iteration:
         delivery = protocol.delivery
 
-        def sequence_iteration(
-            fluence: ArtefactRef, _terms: list[ObjectiveTerm]
-        ) -> tuple[dict[str, Any], ArtefactRef]:
+        def sequence_iteration(fluence: ArtefactRef) -> tuple[dict[str, Any], ArtefactRef]:
             plan, dose = sequence(arrays.get(fluence), delivery, [])
             return plan, arrays.put("deliverable", dose)
 

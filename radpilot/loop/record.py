@@ -106,6 +106,11 @@ class IterationRecord:
         return [list(self.proposal), *map(list, self.alternatives)] if self.proposal else []
 
     @property
+    def dose_basis(self) -> str:
+        """What the check judged: "deliverable" (sequenced every iteration) or "fluence-optimal"."""
+        return "deliverable" if self.optimal_dose is not None else "fluence-optimal"
+
+    @property
     def meets(self) -> bool:
         return self.decision == MEETS
 

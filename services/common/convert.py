@@ -127,7 +127,7 @@ def record_to_proto(r: IterationRecord) -> orchestrator_pb2.IterationRecord:
         round=r.round,
         candidate=r.candidate,
         proposals=[types_pb2.ParameterSet(terms=terms_to_proto(c)) for c in r.candidates],
-        dose_basis="deliverable" if r.optimal_dose is not None else "fluence-optimal",
+        dose_basis=r.dose_basis,
         delivery_json=json.dumps(r.delivery) if r.delivery else "",
     )
 

@@ -419,9 +419,7 @@ class Orchestrator:
                 optimizer,
                 # the first try only (segment weights fitted to the optimal dose); the best
                 # plan is sequenced again at the end, with the goal-keeping retries
-                lambda fluence, _terms: optimizer.sequence(
-                    fluence, delivery, protocol.num_fractions, []
-                ),
+                lambda fluence: optimizer.sequence(fluence, delivery, protocol.num_fractions, []),
                 (StepFailedError,),
             )
         result = run_loop(

@@ -400,7 +400,7 @@ def test_every_iteration_port_judges_the_deliverable_dose(analytic_case: Case) -
     inner = LibraryOptimizer(analytic_case, p, "numpy", arrays)
     calls: list[int] = []
 
-    def sequence(fluence: ArtefactRef, _terms: list) -> tuple[dict, ArtefactRef]:
+    def sequence(fluence: ArtefactRef) -> tuple[dict, ArtefactRef]:
         calls.append(1)
         d = deliver(
             analytic_case,
@@ -421,7 +421,7 @@ def test_every_iteration_port_judges_the_deliverable_dose(analytic_case: Case) -
     assert out.delivery["segments"] == sum(out.delivery["segments_per_beam"]) > 0
     assert max(out.delivery["segments_per_beam"]) <= 12
 
-    def refuse(fluence: ArtefactRef, _terms: list) -> tuple[dict, ArtefactRef]:
+    def refuse(fluence: ArtefactRef) -> tuple[dict, ArtefactRef]:
         calls.append(1)
         raise DeliveryError("the MLC cannot deliver this grid")
 
