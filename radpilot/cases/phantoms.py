@@ -6,12 +6,18 @@ phantom centred on the origin.
 
 - ``tg119-prostate``: CTV = ellipsoid RL/AP/SI 4.0/2.6/6.5 cm with a posterior concavity around
   the rectum (a 1.5 cm cylinder); PTV = CTV + 6 mm, which takes in about a third of the rectal
-  cross-section; bladder = ellipsoid 5.0/4.0/5.0 cm on the superior aspect of the prostate; two
-  femoral heads (for the paper-style protocol). 7 fields, 50 deg apart.
+  cross-section; bladder = ellipsoid 5.0/4.0/5.0 cm on the superior aspect of the prostate,
+  overlapping the PTV (not the CTV); two femoral heads (for the paper-style protocol). 7 fields,
+  50 deg apart.
 - ``tg119-headneck``: a horseshoe PTV around the anterior and lateral neck including posterior
-  nodes, 6 mm from the skin, 1.5 cm from the cord; parotids at the superior aspect of the PTV.
-  9 fields, 40 deg apart. ``paper-headneck`` splits the PTV into PTV70, PTV56 and PTV52 and adds
-  brainstem, oral cavity and larynx (the paper's head & neck protocol).
+  nodes, 6 mm from the skin, 1.5 cm from the cord; parotids beside the superior part of the PTV,
+  about a third of each inside it. 9 fields, 40 deg apart. ``paper-headneck`` splits the PTV
+  into PTV70, PTV56 and PTV52, keeps its parotids above the PTV and adds brainstem, oral cavity
+  and larynx (the paper's head & neck protocol).
+
+A voxel may belong to several structures (rectum, bladder and parotids overlap the PTV), as in
+the TG-119 report's own structure sets; protocols plan the organs where they do not overlap the
+target through helper structures (``helpers:``, "organ minus PTV").
 - ``tg119-multitarget``: three cylinders 4 cm diameter x 4 cm long, centres 4 cm apart along SI.
   7 fields, 50 deg apart.
 """
@@ -33,7 +39,7 @@ from radpilot.cases.engine import (
     ct_from_array,
 )
 
-BUILDER_VERSION = 8  # 8: beams keep their beamlet positions (MLC sequencing)
+BUILDER_VERSION = 9  # 9: bladder and parotids overlap the PTV, as in TG-119 (calibrated)
 SEVEN_FIELDS = (0.0, 50.0, 100.0, 150.0, 210.0, 260.0, 310.0)  # TG-119's 7-field arrangement
 NINE_FIELDS = tuple(40.0 * k for k in range(9))
 SLAB_MM = (200.0, 200.0, 300.0)  # SI (z), AP (y), RL (x)
@@ -103,26 +109,40 @@ def _full(g: Geometry, m: np.ndarray) -> np.ndarray:
     return np.broadcast_to(m, g.shape).copy()
 
 
+# the bladder's centre (x, y, z mm): 5.5 mm above the CTV's superior tip, 14 mm anterior; about
+# a tenth of it lies in the PTV. Calibrated (with bench-phantoms) so that the class solution's
+# bladder D30/D10 fall within the TG-119 institutions' mean +- 2 SD.
+BLADDER_CENTRE = (0.0, -14.0, 38.0)
+
+
 def prostate(g: Geometry) -> list[MaskedStructure]:
     rectum = _full(g, g.cylinder_z(0.0, 17.0, 7.5, -75.0, 65.0))
     ctv = _full(g, g.ellipsoid((0.0, 0.0, 0.0), (20.0, 13.0, 32.5))) & ~g.expand(rectum, 3.0)
     ptv = g.expand(ctv, 6.0)
-    bladder = _full(g, g.ellipsoid((0.0, -14.0, 42.0), (25.0, 20.0, 25.0)))
+    # on the superior aspect of the prostate, anterior, overlapping the PTV, not the CTV (nor
+    # what lies posterior of the CTV: a slice of the bladder never encloses the prostate's)
+    behind_ctv = np.logical_or.accumulate(ctv, axis=1)  # axis 1 is y, posterior increasing
+    bladder = _full(g, g.ellipsoid(BLADDER_CENTRE, (25.0, 20.0, 25.0))) & ~behind_ctv
     fem_l = _full(g, g.ellipsoid((90.0, 5.0, -25.0), (22.0, 22.0, 22.0)))
     fem_r = _full(g, g.ellipsoid((-90.0, 5.0, -25.0), (22.0, 22.0, 22.0)))
     return [
         MaskedStructure("PTV", T, ptv),
         MaskedStructure("CTV", T, ctv),
         MaskedStructure("Rectum", OAR, rectum),
-        MaskedStructure("Bladder", OAR, bladder & ~ptv),
+        MaskedStructure("Bladder", OAR, bladder),
         MaskedStructure("FemoralHeadL", OAR, fem_l),
         MaskedStructure("FemoralHeadR", OAR, fem_r),
     ]
 
 
-# parotids sit on the superior-lateral aspect of the neck PTV, partly beside it
-PAROTID_X, PAROTID_Y, PAROTID_Z = 42.0, 12.0, 50.0
-PAROTID_R = (14.0, 18.0, 16.0)
+# TG-119 head & neck: the parotids lie beside the superior part of the PTV, about a third of
+# each inside it (the overlap belongs to both); calibrated (bench-phantoms) so that the class
+# solution's parotid D50 falls within the TG-119 institutions' mean +- 2 SD
+PAROTID = (55.0, 10.0, 38.0)  # the left one's centre (x, y, z mm); the right one mirrored in x
+PAROTID_R = (14.0, 18.0, 18.0)
+# the paper-style head & neck keeps its own parotids: above the PTV's superior edge, outside it
+PAPER_PAROTID = (42.0, 12.0, 50.0)
+PAPER_PAROTID_R = (14.0, 18.0, 16.0)
 
 
 def _neck(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
@@ -138,13 +158,14 @@ def _neck(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
 
 def headneck(g: Geometry) -> list[MaskedStructure]:
     cord, ptv = _neck(g)
-    par_l = _full(g, g.ellipsoid((PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
-    par_r = _full(g, g.ellipsoid((-PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
+    x, y, z = PAROTID
+    par_l = _full(g, g.ellipsoid((x, y, z), PAROTID_R))
+    par_r = _full(g, g.ellipsoid((-x, y, z), PAROTID_R))
     return [
         MaskedStructure("PTV", T, ptv),
         MaskedStructure("Cord", OAR, cord),
-        MaskedStructure("ParotidL", OAR, par_l & ~ptv),
-        MaskedStructure("ParotidR", OAR, par_r & ~ptv),
+        MaskedStructure("ParotidL", OAR, par_l),
+        MaskedStructure("ParotidR", OAR, par_r),
     ]
 
 
@@ -157,8 +178,9 @@ def paper_headneck(g: Geometry) -> list[MaskedStructure]:
     ptv56 = ptv & (x >= 0.0) & (z >= -15.0) & ~g.expand(ptv70, 5.0)
     ptv52 = ptv & (z < -20.0)
     brainstem = _full(g, g.cylinder_z(0.0, 45.0, 12.0, 72.0, 100.0))
-    par_l = _full(g, g.ellipsoid((PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
-    par_r = _full(g, g.ellipsoid((-PAROTID_X, PAROTID_Y, PAROTID_Z), PAROTID_R))
+    x, y, z = PAPER_PAROTID
+    par_l = _full(g, g.ellipsoid((x, y, z), PAPER_PAROTID_R))
+    par_r = _full(g, g.ellipsoid((-x, y, z), PAPER_PAROTID_R))
     oral = _full(g, g.ellipsoid((0.0, -35.0, 62.0), (28.0, 18.0, 14.0)))
     larynx = _full(g, g.ellipsoid((0.0, -58.0, -30.0), (14.0, 12.0, 20.0)))
     targets = ptv70 | ptv56 | ptv52
