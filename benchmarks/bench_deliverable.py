@@ -24,8 +24,8 @@ from radpilot.cases import load_builtin
 from radpilot.delivery import SequencingSettings, deliver
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
-from radpilot.fmo import FluenceOptimizer
 from radpilot.fmo.objectives import ALL_BEAMS, ObjectiveTerm
+from radpilot.loop.inprocess import protocol_optimizer
 from radpilot.protocol import load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,7 +59,7 @@ def main() -> int:
         case = load_builtin(case_name, store, **options)
         protocol = load_protocol(ROOT / "protocols" / proto_file)
         grid = f"{case.grid.spacing_mm[0]:g} mm"
-        opt = FluenceOptimizer(case)
+        opt = protocol_optimizer(case, protocol)
         for w in SMOOTHNESS:
             # the shipped protocols carry the term: once without it, once at weight w
             terms = [t for t in protocol.objectives if t.kind != "fluence_smoothness"]

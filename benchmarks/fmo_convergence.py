@@ -14,7 +14,8 @@ from pathlib import Path
 from benchmarks.docsection import write_section
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
-from radpilot.fmo import FluenceOptimizer, FMOSettings
+from radpilot.fmo import FMOSettings
+from radpilot.loop.inprocess import protocol_optimizer
 from radpilot.protocol import load_protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ def main() -> None:
     for case_name, proto in PAIRS:
         case = load_builtin(case_name, store)
         protocol = load_protocol(ROOT / "protocols" / proto)
-        opt = FluenceOptimizer(case)
+        opt = protocol_optimizer(case, protocol)
         default = opt.solve(protocol.objectives, settings=protocol.fmo_settings())
         unlimited = opt.solve(
             protocol.objectives,

@@ -65,10 +65,16 @@ class MemoryArtefacts:
         return self._arrays[ref.path]
 
 
+def protocol_optimizer(case: Case, protocol: Protocol, backend: str = "numpy") -> FluenceOptimizer:
+    """An optimizer for the case that knows the protocol's helper structures (terms name them)."""
+    optimizer = FluenceOptimizer(case, backend=backend)
+    optimizer.use_helpers([build_helper(case, h) for h in protocol.helpers])
+    return optimizer
+
+
 class LibraryOptimizer:
     def __init__(self, case: Case, protocol: Protocol, backend: str, arrays: MemoryArtefacts):
-        self.optimizer = FluenceOptimizer(case, backend=backend)
-        self.optimizer.use_helpers([build_helper(case, h) for h in protocol.helpers])
+        self.optimizer = protocol_optimizer(case, protocol, backend)
         self.settings = protocol.fmo_settings()
         self.arrays = arrays
 
