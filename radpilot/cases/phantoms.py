@@ -178,9 +178,9 @@ def paper_headneck(g: Geometry) -> list[MaskedStructure]:
     ptv56 = ptv & (x >= 0.0) & (z >= -15.0) & ~g.expand(ptv70, 5.0)
     ptv52 = ptv & (z < -20.0)
     brainstem = _full(g, g.cylinder_z(0.0, 45.0, 12.0, 72.0, 100.0))
-    x, y, z = PAPER_PAROTID
-    par_l = _full(g, g.ellipsoid((x, y, z), PAPER_PAROTID_R))
-    par_r = _full(g, g.ellipsoid((-x, y, z), PAPER_PAROTID_R))
+    px, py, pz = PAPER_PAROTID
+    par_l = _full(g, g.ellipsoid((px, py, pz), PAPER_PAROTID_R))
+    par_r = _full(g, g.ellipsoid((-px, py, pz), PAPER_PAROTID_R))
     oral = _full(g, g.ellipsoid((0.0, -35.0, 62.0), (28.0, 18.0, 14.0)))
     larynx = _full(g, g.ellipsoid((0.0, -58.0, -30.0), (14.0, 12.0, 20.0)))
     targets = ptv70 | ptv56 | ptv52
