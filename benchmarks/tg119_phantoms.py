@@ -95,14 +95,11 @@ def main() -> int:
                 f"{was} | {optimum[g.label]:.2f} | {r.achieved:.2f} | "
                 f"{'pass' if r.passed else 'FAIL'} | {tg} | {diff} |"
             )
-        hottest = report.plan.hottest_outside_targets()
-        if hottest is not None:
-            gy, (x, y, z), where = hottest
-            pct = 100.0 * gy / protocol.prescription_gy
+        spot = report.hot_spots().get("global")
+        if spot is not None:
             rows.append(
-                f"| {case_name} | {protocol.name} | hottest point outside the targets (not a "
-                f"goal yet) | | | | | {gy:.2f} | {pct:.0f} % of Rx at x {x:.0f}, y {y:.0f}, z {z:.0f}"
-                f" mm{', in ' + ', '.join(where) if where else ''} | | |"
+                f"| {case_name} | {protocol.name} | global maximum (deliverable) | | | | | "
+                f"{spot['dose_gy']:.2f} | {spot['text'].split(' ', 2)[2]} | | |"
             )
         met = sum(r.passed for r in report.check.results)
         met_at = f"first met at iteration {first.iteration}, " if first else "never met, "
@@ -138,10 +135,10 @@ refitted), its fluence optimum alongside. The shipped protocols but the tight on
 `fluence_smoothness` (weight 3). TG-119 institutions' mean (SD)
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out
-leaf transmission and small-field output: compare with care. The row "hottest
-point outside the targets" is what the rules evaluator reports: nothing in these protocols limits
-the dose within 10 mm of a target (NormalTissue starts there), and the optimum puts hot spots
-there; the implicit hot-spot goals of issue 10 are not in place yet. While sparing, the loop's own
+leaf transmission and small-field output: compare with care. The row "global maximum" says
+where the reported plan is hottest: nothing in these protocols limits the dose within 10 mm of a
+target (NormalTissue starts there; the `safety: on` hot-spot goals of docs/agents.md are not in
+them). While sparing, the loop's own
 goal `Global max` keeps every plan's hottest point within 2 % of the first plan that met (rows
 "Global max"), so the improvement never makes the plan hotter.
 

@@ -18,6 +18,8 @@ from radpilot.errors import CaseError
 
 NORMAL_TISSUE = "NormalTissue"  # derived: the body minus the targets grown by 10 mm
 DERIVED = (NORMAL_TISSUE,)  # RadPilot's own structures (not exported, no crops)
+# the body outside every target: the implicit hot-spot goal's region (a protocol's safety goals)
+OUTSIDE_TARGETS = "OutsideTargets"
 
 
 class StructureKind(enum.StrEnum):

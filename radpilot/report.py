@@ -20,6 +20,7 @@ from radpilot.dosimetry import dvh_levels
 from radpilot.evaluation.images import dose_images, dvh_compare_plot
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck, check_protocol, sparing_gains
+from radpilot.evaluation.rules import describe_hot_spot
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.llm.client import count_outcomes
 from radpilot.loop.record import ArtefactRef, IterationRecord
@@ -181,8 +182,29 @@ class PlanReport:
             ],
         }
 
+    def hot_spots(self) -> dict[str, Any]:
+        """Where the reported plan is hottest: its global maximum and its hottest point outside
+        the targets (Gy, % of the prescription, x/y/z mm, the structures there)."""
+        out = {}
+        rx = self.protocol.prescription_gy
+        for key, spot in (
+            ("global", self.plan.hottest_point()),
+            ("outside_targets", self.plan.hottest_outside_targets()),
+        ):
+            if spot is not None:
+                gy, (x, y, z), where = spot
+                out[key] = {
+                    "dose_gy": round(gy, 3),
+                    "pct_of_prescription": round(100.0 * gy / rx, 1),
+                    "xyz_mm": [round(x, 1), round(y, 1), round(z, 1)],
+                    "in": where,
+                    "text": describe_hot_spot(spot, rx),
+                }
+        return out
+
     def summary(self) -> dict[str, Any]:
         last = self.iterations[-1] if self.iterations else None
+        implicit = self.protocol.implicit_goals
         return {
             "case": self.case_name,
             "protocol": self.protocol.name,
@@ -212,9 +234,13 @@ class PlanReport:
                     "passed": r.passed,
                     "hard": r.goal.hard,
                     "margin": round(r.margin, 4),
+                    # added by the protocol's safety settings (the hot-spot limits)
+                    "implicit": r.goal in implicit,
                 }
                 for r in self.check.results
             ],
+            "safety": self.protocol.safety.to_dict() if self.protocol.safety else "off",
+            "hot_spots": self.hot_spots(),
             "structures": [s.to_dict() for s in self.plan.stats()],
             "target_indices": self.plan.target_indices(),
             "dosimetry": dosimetry_note(self.plan.case),
@@ -341,7 +367,8 @@ class PlanReport:
     def _html(self, summary: dict[str, Any], images: list[str]) -> str:
         e = html.escape
         goal_rows = "".join(
-            f"<tr class={'pass' if g['passed'] else 'fail'}><td>{e(g['structure'])}</td>"
+            f"<tr class={'pass' if g['passed'] else 'fail'}><td>{e(g['structure'])}"
+            f"{' &dagger;' if g.get('implicit') else ''}</td>"
             f"<td>{e(g['metric'])} {e(g['comparator'])} {g['limit']:g}</td><td>{g['achieved']:.2f}</td>"
             f"<td>{g['margin']:+.2f}</td><td>{'pass' if g['passed'] else 'FAIL'}</td>"
             f"<td>{'hard' if g['hard'] else 'soft'}</td></tr>"
@@ -442,6 +469,29 @@ class PlanReport:
         else:
             met_text = "<p>No iteration met every goal.</p>"
         deliverable_section, basis = self._deliverable_html(summary)
+        hot = summary.get("hot_spots", {})
+        safety = summary.get("safety")
+        hot_section = (
+            "<h2>Hot spots</h2><ul>"
+            + "".join(
+                f"<li>{label}: {e(hot[key]['text'])}</li>"
+                for key, label in (
+                    ("global", "Global maximum"),
+                    ("outside_targets", "Hottest point outside the targets"),
+                )
+                if key in hot
+            )
+            + "</ul><p>"
+            + (
+                "The protocol's safety goals (marked &dagger; above) limit the hottest point "
+                f"outside the targets to {safety['outside_targets_max_pct']} % and the target "
+                f"maximum to {safety['target_max_pct']} % of the prescription (None: no limit)."
+                if isinstance(safety, dict)
+                else "The protocol sets no implicit hot-spot goals (<code>safety: on</code> "
+                "would add them)."
+            )
+            + " Coordinates are voxel centres in the case's patient frame (DICOM LPS, mm).</p>"
+        )
         files = summary.get("dicom", [])
         dicom_text = (
             "In <code>dicom/</code>: the plan dose as RTDOSE"
@@ -470,6 +520,7 @@ tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{ma
 {met_text}
 {deliverable_section}
 <h2>Clinical goals</h2><table><tr><th>structure</th><th>goal</th><th>achieved</th><th>margin</th><th>result</th><th></th></tr>{goal_rows}</table>
+{hot_section}
 <h2>Target indices</h2><ul>{ti}</ul>
 <p>HI = (D5 &minus; D95) / prescription &times; 100, in % of the prescription (0 is uniform).
 CI = TV95,target&sup2; / (TV &times; TV95,body), dimensionless (1 is ideal): TV is the target volume,

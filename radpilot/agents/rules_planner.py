@@ -41,7 +41,7 @@ import dataclasses
 import itertools
 
 from radpilot.agents.types import MemoryEntry
-from radpilot.case import NORMAL_TISSUE
+from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS
 from radpilot.cases.helpers import Helper
 from radpilot.dosimetry import parse_metric
 from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
@@ -70,6 +70,7 @@ SPILL = 0.8  # NormalTissue's maximum above this fraction of Rx: the dose spills
 RING_DOSE = 0.75  # a ring's overdose term starts at this fraction of Rx
 STALL_PLANS = 3  # a goal missed in this many plans in a row ...
 STALL_GAIN = 0.25  # ... whose miss shrank by less than this fraction of itself has stalled
+HOT_SPOT_SOFTNESS_GY = 0.25  # the smooth maximum on the hot spots outside the targets
 
 
 def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
@@ -95,7 +96,7 @@ def goal_term(
     fits the metric)."""
     kind, x = parse_metric(goal.metric)
     shrink = 1 - OAR_MARGIN * gain
-    if goal.structure == protocol.target:  # a hot-spot limit: never aimed below 101 % of Rx
+    if _hot_spot_limit(protocol, goal):  # never aimed below 101 % of Rx
         floor = protocol.prescription_gy * 1.01
         dose = max(floor, goal.limit - (goal.limit - floor) * 0.5)
     else:
@@ -108,9 +109,20 @@ def goal_term(
         return ObjectiveTerm(s, "max_dvh", x, weight, round(goal.limit * shrink, 3))
     if kind == "mean":
         return ObjectiveTerm(s, "mean_dose", round(dose, 3), weight)
+    if s == OUTSIDE_TARGETS:
+        # a few hot voxels among many near the prescription: a sharp smooth maximum (0.25 Gy),
+        # or the many would dominate it and pull the target's edge down
+        return ObjectiveTerm(s, "smooth_max", round(dose, 3), weight, HOT_SPOT_SOFTNESS_GY)
     if kind == "max" or (kind == "D" and x == 0):
         return ObjectiveTerm(s, "smooth_max", round(dose, 3), weight)
     return None
+
+
+def _hot_spot_limit(protocol: Protocol, goal: ClinicalGoal) -> bool:
+    """An upper limit on a hot spot (in the prescription target, or anywhere outside the
+    targets, where the voxels next to a target get the prescription): its terms aim between
+    the limit and 101 % of the prescription, never lower."""
+    return goal.structure in (protocol.target, OUTSIDE_TARGETS)
 
 
 def _shaped_for(goal: ClinicalGoal, term: ObjectiveTerm | None) -> bool:
@@ -400,14 +412,29 @@ def _push(
             key = f"{site}:squared_overdose"
             old = terms.get(key)
             unit = g.limit if g.unit == "Gy" else protocol.prescription_gy
-            floor = protocol.prescription_gy * 1.01 if is_target else 0.0
+            hot_spot = _hot_spot_limit(protocol, g)
+            floor = protocol.prescription_gy * 1.01 if hot_spot else 0.0
             shrink = 1 - OAR_MARGIN * gain
             new_dose = min((old.dose_gy if old else unit) * shrink, unit * shrink)
-            if is_target:
+            if hot_spot:
                 new_dose = max(
                     floor, min(old.dose_gy if old else unit, unit - (unit - floor) * 0.5)
                 )
-            weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
+            if old:
+                weight = min(MAX_WEIGHT, old.weight * factor)
+            elif g.structure == OUTSIDE_TARGETS:
+                # a few hot voxels in a large region: as heavy as the target's own hot-spot
+                # term, or it would hardly move them
+                weight = max(
+                    (
+                        t.weight
+                        for t in terms.values()
+                        if t.structure == protocol.target and t.kind == "squared_overdose"
+                    ),
+                    default=_median_weight(objectives),
+                )
+            else:
+                weight = _median_weight(objectives)
             terms[key] = ObjectiveTerm(site, "squared_overdose", round(new_dose, 3), weight)
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}, "
@@ -531,13 +558,17 @@ def _lower(
     overdose terms of the ``guard`` goals' structures get the same weight factor."""
     terms = {t.key(): t for t in objectives}
     factor = 1.0 + gain
+    hot: dict[str, float] = {}  # overdose term -> the lowest hot spot its guard goals are at
     for r in guard:
         key = f"{r.goal.structure}:squared_overdose"
         if key in terms and r.goal.unit == "Gy":
-            # active at the hot spot the plan has now (never below 101 % of the prescription)
-            t = terms[key]
-            dose = min(t.dose_gy, max(r.achieved, protocol.prescription_gy * 1.01))
-            terms[key] = t.with_values(round(dose, 3), min(MAX_WEIGHT, t.weight * factor))
+            hot[key] = min(hot.get(key, r.achieved), r.achieved)
+    for key, achieved in hot.items():
+        # active at the hot spot the plan has now (never below 101 % of the prescription); once
+        # per term, however many of its structure's limits guard it
+        t = terms[key]
+        dose = min(t.dose_gy, max(achieved, protocol.prescription_gy * 1.01))
+        terms[key] = t.with_values(round(dose, 3), min(MAX_WEIGHT, t.weight * factor))
     level: dict[str, float] = {}  # structure -> the lowest dose one of its goals sits at
     for r in goals:
         kind, value = parse_metric(r.goal.metric)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from radpilot.case import NORMAL_TISSUE, Case, CaseError, StructureKind
+from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS, Case, CaseError, StructureKind
 from radpilot.dosimetry import (
     cumulative_dvh,
     dose_at_volume,
@@ -64,6 +64,10 @@ def conformity_index(
     return tv95_ptv**2 / (tv * tv95_body)
 
 
+# a hot spot: (dose Gy, the voxel centre as (x, y, z) mm, the structures it lies in)
+HotSpot = tuple[float, tuple[float, float, float], list[str]]
+
+
 class PlanDose:
     """A dose on a case, with per-structure access to the voxel doses."""
 
@@ -80,6 +84,7 @@ class PlanDose:
         # readers (evaluator, LLM experts, report) ask for them
         self._stats: list[StructureStats] | None = None
         self._tables: dict[tuple[float | None, tuple[str, ...] | None], DVHTable] = {}
+        self._once: dict[str, Any] = {}
 
     def of(self, structure: str) -> np.ndarray:
         """The structure's dose where dosimetry reads it (``Case.dose_in``)."""
@@ -95,17 +100,27 @@ class PlanDose:
         self.of(structure)
         return self._cache[structure][1]
 
-    def hottest_outside_targets(
-        self,
-    ) -> tuple[float, tuple[float, float, float], list[str]] | None:
+    def hottest_outside_targets(self) -> HotSpot | None:
         """The hottest voxel with no volume in any target (inside the external contour, where
         the case has one): (dose Gy, its centre as (x, y, z) mm in the case's frame, the
-        structures it lies in); None when every voxel with dose is in a target."""
+        organs it lies in); None when every voxel with dose is in a target."""
+        if "outside" not in self._once:
+            self._once["outside"] = self._hottest(outside_targets=True)
+        return self._once["outside"]
+
+    def hottest_point(self) -> HotSpot | None:
+        """The global maximum (inside the external contour, where the case has one): (dose Gy,
+        its centre as (x, y, z) mm, the targets and organs it lies in)."""
+        if "global" not in self._once:
+            self._once["global"] = self._hottest(outside_targets=False)
+        return self._once["global"]
+
+    def _hottest(self, outside_targets: bool) -> HotSpot | None:
         case = self.case
         ext = case.external
         pool = ext.voxel_indices if ext is not None else case.row_voxels
         targets = [t.voxel_indices for t in case.targets]
-        if targets:
+        if targets and outside_targets:
             pool = pool[~np.isin(pool, np.concatenate(targets))]
         if pool.size == 0:
             return None
@@ -116,7 +131,7 @@ class PlanDose:
         inside = [
             s.name
             for s in case.structures
-            if s.kind is StructureKind.OAR
+            if s.kind in (StructureKind.OAR, StructureKind.TARGET)
             and s.name != NORMAL_TISSUE
             and bool(np.isin(voxel, s.voxel_indices))
         ]
@@ -130,6 +145,11 @@ class PlanDose:
         return vox * self.case.grid.voxel_volume_cc
 
     def metric(self, structure: str, name: str) -> float:
+        if structure == OUTSIDE_TARGETS:  # only its maximum is a goal (the protocol says so)
+            if name != "max":
+                raise CaseError(f"{OUTSIDE_TARGETS} has a maximum only, not {name}")
+            hottest = self.hottest_outside_targets()
+            return hottest[0] if hottest is not None else 0.0
         return metric_value(self.of(structure), name, self.weights(structure))
 
     def stats(self) -> list[StructureStats]:

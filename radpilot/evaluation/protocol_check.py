@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from radpilot.case import OUTSIDE_TARGETS
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.protocol import ClinicalGoal, Protocol
 
@@ -118,9 +119,10 @@ class ProtocolCheck:
 
     def sparing_results(self) -> list[GoalResult]:
         """The organ-at-risk goals: upper limits on structures that have no lower limit (a
-        target's D95 >= is a lower limit, so its hot-spot goals are not sparing goals)."""
+        target's D95 >= is a lower limit, so its hot-spot goals are not sparing goals; nor are
+        the hot-spot limits outside the targets)."""
         lower = {r.goal.structure for r in self.results if r.goal.comparator == ">="}
-        lower.add(GLOBAL)
+        lower |= {GLOBAL, OUTSIDE_TARGETS}  # hot-spot limits, not organs to spare
         return [
             r for r in self.results if r.goal.comparator == "<=" and r.goal.structure not in lower
         ]

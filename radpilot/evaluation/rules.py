@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from radpilot.evaluation.metrics import PlanDose
+from radpilot.evaluation.metrics import HotSpot, PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck, check_protocol
 from radpilot.protocol import Protocol
 
@@ -25,6 +25,15 @@ class Evaluation:
     check: ProtocolCheck
     findings: list[str]
     measures: dict[str, float] = field(default_factory=dict)
+
+
+def describe_hot_spot(spot: HotSpot, prescription_gy: float) -> str:
+    """ "63.2 Gy (126 % of the prescription) at x 56, y 1, z 36 mm, in ParotidL"."""
+    gy, (x, y, z), where = spot
+    return (
+        f"{gy:.1f} Gy ({100.0 * gy / prescription_gy:.0f} % of the prescription) at x {x:.0f}, "
+        f"y {y:.0f}, z {z:.0f} mm, " + (f"in {', '.join(where)}" if where else "in no named organ")
+    )
 
 
 def evaluate_rules(plan: PlanDose, protocol: Protocol) -> Evaluation:
@@ -52,16 +61,19 @@ def evaluate_rules(plan: PlanDose, protocol: Protocol) -> Evaluation:
             f"cold spot: only {measures['target_v95_pct']:.1f} % of {protocol.target} receives "
             f"95 % of the prescription (min {measures['target_min_gy']:.1f} Gy)"
         )
-    hottest = plan.hottest_outside_targets()
-    if hottest is not None:
-        gy, (x, y, z), where = hottest
-        measures["max_outside_targets_gy"] = gy
-        measures["max_outside_targets_pct"] = 100.0 * gy / rx
-        findings.append(
-            f"hottest point outside the targets: {gy:.1f} Gy ({100.0 * gy / rx:.0f} % of the "
-            f"prescription) at x {x:.0f}, y {y:.0f}, z {z:.0f} mm, "
-            + (f"in {', '.join(where)}" if where else "in no named organ")
-        )
+    for key, what, spot in (
+        ("max_global", "global maximum", plan.hottest_point()),
+        (
+            "max_outside_targets",
+            "hottest point outside the targets",
+            plan.hottest_outside_targets(),
+        ),
+    ):
+        if spot is None:
+            continue
+        measures[f"{key}_gy"] = spot[0]
+        measures[f"{key}_pct"] = 100.0 * spot[0] / rx
+        findings.append(f"{what}: {describe_hot_spot(spot, rx)}")
     ext = case.external
     if ext is not None:
         for level in (0.95, 1.05):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from radpilot.case import OUTSIDE_TARGETS
 from radpilot.evaluation.metrics import DVHTable, StructureStats
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import (
@@ -111,6 +112,12 @@ def protocol_text(protocol: Protocol) -> str:
     ]
     for g in protocol.goals:
         lines.append(f"- {g.label} ({'hard' if g.hard else 'soft'}, priority {g.priority})")
+    if any(g.structure == OUTSIDE_TARGETS for g in protocol.goals):
+        lines.append(
+            f"{OUTSIDE_TARGETS} is not a delineated structure: it is every point of the body "
+            "outside the targets, and its goal caps the hottest point there. A term on it (the "
+            f"helper {OUTSIDE_TARGETS}) should aim just above the prescription, never below it."
+        )
     if protocol.intent.strip():
         lines.append(f"Physician's intent: {protocol.intent.strip()}")
     return "\n".join(lines)
@@ -433,7 +440,7 @@ def _changes_text(protocol: Protocol, current: list[ObjectiveTerm]) -> str:
     """How the planner may add and retire terms (the answer's "add" and "remove")."""
     helpers = "".join(
         f"\n- {h.name}: {h.describe()} (a helper structure: it steers the optimiser only)"
-        for h in protocol.helpers
+        for h in protocol.all_helpers
     )
     kinds = "".join(
         f"\n- {name}: {kind_class(name).summary}"
@@ -458,7 +465,7 @@ coverage stay. Leave both lists empty when the current terms suffice."""
 
 def _improving_text(protocol: Protocol) -> str:
     """What the planner is asked once a plan meets every goal (after_goals_met: improve)."""
-    lower = {g.structure for g in protocol.goals if g.comparator == ">="}
+    lower = {g.structure for g in protocol.goals if g.comparator == ">="} | {OUTSIDE_TARGETS}
     order = sorted(
         (g.priority, g.structure)
         for g in protocol.goals

@@ -68,7 +68,7 @@ class MemoryArtefacts:
 def protocol_optimizer(case: Case, protocol: Protocol, backend: str = "numpy") -> FluenceOptimizer:
     """An optimizer for the case that knows the protocol's helper structures (terms name them)."""
     optimizer = FluenceOptimizer(case, backend=backend)
-    optimizer.use_helpers([build_helper(case, h) for h in protocol.helpers])
+    optimizer.use_helpers([build_helper(case, h) for h in protocol.all_helpers])
     return optimizer
 
 

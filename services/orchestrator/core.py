@@ -95,7 +95,7 @@ def _check_names(protocol: Any, manifest: dict[str, Any]) -> None:
             f"it has {sorted(kinds)}"
         )
     try:
-        check_helpers(list(protocol.helpers), set(kinds))
+        check_helpers(list(protocol.all_helpers), set(kinds))
     except HelperError as exc:
         raise ProtocolError(f"protocol {protocol.name!r}: {exc}") from None
     if kinds[protocol.target] != "target":
@@ -386,7 +386,7 @@ class Orchestrator:
             protocol.prescription_gy,
             protocol.coverage_pct,
             protocol.target,
-            protocol.helpers,
+            protocol.all_helpers,
         )
         c, d = self.clients, self.deadlines
         if job.agent == "llm":

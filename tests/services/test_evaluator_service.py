@@ -11,7 +11,7 @@ from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.rules import Decision, evaluate_rules
-from radpilot.protocol import load_protocol
+from radpilot.protocol import load_protocol, load_protocol_text
 from radpilot.v1 import (
     evaluator_pb2,
     evaluator_pb2_grpc,
@@ -19,6 +19,7 @@ from radpilot.v1 import (
     optimizer_pb2_grpc,
     types_pb2,
 )
+from services.common.convert import helpers_to_proto
 from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve as serve_evaluator
 from services.optimizer.config import OptimizerConfig
@@ -50,6 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "case": case,
             "dose": optimized.dose,
             "stub": evaluator_pb2_grpc.EvaluatorServiceStub(ch_e),
+            "optimizer": optimizer_pb2_grpc.OptimizerServiceStub(ch_o),
         }
     finally:
         ch_o.close()
@@ -81,6 +83,45 @@ def test_rules_evaluation_with_images(cluster: dict) -> None:
     assert {"axial", "sagittal", "coronal", "dvh", "crop_PTV"} <= set(resp.images)
     png = cluster["store"].get_bytes(resp.images["axial"].path, resp.images["axial"].sha256)
     assert png.startswith(b"\x89PNG")
+
+
+def test_safety_goals_are_checked_over_the_wire_and_a_term_on_their_region_optimises(
+    cluster: dict,
+) -> None:
+    # the evaluator checks the implicit hot-spot goals and says where the global maximum is
+    safe = EASIER + "safety: {outside_targets_max_pct: 101}\n"
+    resp = cluster["stub"].Evaluate(
+        evaluator_pb2.EvaluateRequest(
+            case_id=cluster["case"].case_id, dose=cluster["dose"], protocol_yaml=safe
+        ),
+        timeout=60,
+    )
+    outside = next(g for g in resp.goals if g.goal.structure == "OutsideTargets")
+    assert outside.goal.metric == "max" and outside.goal.limit == pytest.approx(50.5)
+    assert outside.goal.hard and outside.goal.priority == 2
+    dose = cluster["store"].get_artefact(cluster["dose"].path)
+    hottest = PlanDose(cluster["case"], dose).hottest_outside_targets()
+    assert hottest is not None and outside.achieved == pytest.approx(hottest[0], abs=1e-4)
+    assert outside.passed == (hottest[0] <= 50.5)
+    assert any(f.startswith("global maximum: ") and " at x " in f for f in resp.findings)
+    # the optimizer builds the OutsideTargets region from the definition the request carries
+    protocol = load_protocol_text(safe)
+    region = protocol.helper("OutsideTargets")
+    assert region is not None
+    terms = [types_pb2.ObjectiveTerm(**t.to_dict()) for t in protocol.objectives] + [
+        types_pb2.ObjectiveTerm(
+            structure="OutsideTargets", kind="squared_overdose", dose_gy=50.5, weight=500.0
+        )
+    ]
+    optimized = cluster["optimizer"].Optimize(
+        optimizer_pb2.OptimizeRequest(
+            case_id=cluster["case"].case_id, objectives=terms, helpers=helpers_to_proto([region])
+        ),
+        timeout=60,
+    )
+    capped = cluster["store"].get_artefact(optimized.dose.path)
+    hot_after = PlanDose(cluster["case"], capped).hottest_outside_targets()
+    assert hot_after is not None and hot_after[0] < hottest[0]
 
 
 def test_rules_decision_is_the_guardrail(cluster: dict) -> None:

@@ -10,7 +10,8 @@ from radpilot.case import Case
 from radpilot.cases.helpers import referenced
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
-from radpilot.protocol import ProtocolError, load_protocol, load_protocol_text
+from radpilot.evaluation.rules import evaluate_rules
+from radpilot.protocol import ProtocolError, load_protocol, load_protocol_text, parse_protocol
 from tests.paths import REPO_ROOT
 
 PROTOCOLS = REPO_ROOT / "protocols"
@@ -35,6 +36,7 @@ def test_shipped_protocols_load(name: str) -> None:
         ("PTV", "D10"),
         ("Core", "D10"),
     }
+    assert p.safety is None and p.implicit_goals == []  # hot-spot goals: on request
     assert p.intent
     core = next(g for g in p.goals if g.structure == "Core")
     assert core.limit == (25.0 if "easier" in name else 10.0)
@@ -229,3 +231,96 @@ def test_the_benchmark_s_own_protocols_load_with_their_helpers() -> None:
     p = load_protocol(REPO_ROOT / "benchmarks" / "protocols" / "tg119_prostate_tight.yaml")
     assert {h.name for h in p.helpers} == {"Rectum_opt", "Bladder_opt", "PTV_core", "PTV_ring"}
     assert p.used_structures == {"PTV", "Rectum", "Bladder", "NormalTissue"}
+
+
+def test_implicit_safety_goals_limit_hot_spots_and_can_be_overridden(analytic_case: Case) -> None:
+    p = load_protocol_text(BASE + "safety: on\n")
+    assert [g.label for g in p.implicit_goals] == [
+        "OutsideTargets max <= 53.5 Gy",
+        "PTV max <= 57.5 Gy",
+    ]
+    assert all(g.hard and g.priority == 2 for g in p.implicit_goals)
+    # written out without them, read back with them: the same protocol
+    assert "OutsideTargets" not in str(p.to_dict()["goals"])
+    assert parse_protocol(p.to_dict()).goals == p.goals
+    # a term on the hot-spot goal's region has rows to act on: a helper outside every target
+    region = p.helper("OutsideTargets")
+    assert region is not None and region.kind == "ring" and region.of == "PTV"
+    assert not p.helpers  # the protocol's own helpers: none
+    dose = np.zeros(analytic_case.row_voxels.size, dtype=np.float32)
+    dose[analytic_case.rows_of("PTV")] = 50.0
+    body = analytic_case.rows_of("BODY")
+    outside = np.setdiff1d(body, analytic_case.rows_of("PTV"))
+    dose[outside[len(outside) // 2]] = 60.0  # 120 % of Rx outside the target
+    dose[analytic_case.rows_of("PTV")[0]] = 58.0  # 116 % in it
+    plan = PlanDose(analytic_case, dose)
+    check = check_protocol(plan, p)
+    hot = {r.goal.label: r for r in check.results}
+    assert not hot["OutsideTargets max <= 53.5 Gy"].passed
+    assert hot["OutsideTargets max <= 53.5 Gy"].achieved == pytest.approx(60.0)
+    assert not hot["PTV max <= 57.5 Gy"].passed
+    # the evaluator says where the global maximum and the hottest point outside the targets are
+    findings = evaluate_rules(plan, p).findings
+    spot = next(f for f in findings if f.startswith("global maximum: 60.0 Gy (120 %"))
+    assert " at x " in spot
+    assert any(f.startswith("hottest point outside the targets: 60.0 Gy") for f in findings)
+    # overridden: other limits, a lower priority, soft; one switched off; or all off
+    q = load_protocol_text(
+        BASE + "safety: {outside_targets_max_pct: 110, target_max_pct: null, priority: 3,"
+        " hard: false}\n"
+    )
+    assert parse_protocol(p.to_dict()).safety == p.safety
+    assert [(g.label, g.priority, g.hard) for g in q.implicit_goals] == [
+        ("OutsideTargets max <= 55 Gy", 3, False)
+    ]
+    assert parse_protocol(q.to_dict()).goals == q.goals
+    for text in (BASE, BASE + "safety: off\n"):  # none unless asked for
+        off = load_protocol_text(text)
+        assert off.implicit_goals == [] and off.helper("OutsideTargets") is None
+        assert len(off.goals) == 2 and parse_protocol(off.to_dict()).goals == off.goals
+    # a protocol's own limit on the target maximum replaces the implicit one
+    own = load_protocol_text(
+        BASE.replace(
+            "objectives:",
+            '  - {structure: PTV, metric: max, comparator: "<=", limit: 55, priority: 1}\n'
+            "objectives:",
+        )
+        + "safety: on\n"
+    )
+    assert [g.label for g in own.implicit_goals] == ["OutsideTargets max <= 53.5 Gy"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("safety: {target_max_pct: 90}\n", r"safety.target_max_pct is 90.*\[100, 200\]"),
+        ("safety: {outside_max: 107}\n", r"safety has unknown field\(s\) \['outside_max'\]"),
+        ("safety: {priority: 0}\n", r"safety.priority must be an integer within 1..100"),
+        ("safety: {hard: 1}\n", r"safety.hard must be true or false"),
+        ("safety: [1]\n", r"safety must be 'on', 'off' or a mapping"),
+        (
+            "helpers:\n  - {name: OutsideTargets, kind: ring, of: PTV, outer_mm: 20}\n",
+            r"helper name 'OutsideTargets' is reserved",
+        ),
+    ],
+)
+def test_bad_safety_settings_are_refused_by_name(extra: str, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        load_protocol_text(BASE + extra)
+
+
+def test_outside_targets_takes_a_maximum_only_and_brings_its_region() -> None:
+    own = load_protocol_text(
+        BASE.replace(
+            "objectives:",
+            '  - {structure: OutsideTargets, metric: max, comparator: "<=", limit: 54}\n'
+            "objectives:",
+        )
+    )  # a protocol may set the goal itself; a term on it then has its region
+    assert own.helper("OutsideTargets") is not None and own.implicit_goals == []
+    bad = BASE.replace(
+        "objectives:",
+        '  - {structure: OutsideTargets, metric: D2, comparator: "<=", limit: 52}\nobjectives:',
+    )
+    with pytest.raises(ProtocolError, match=r"OutsideTargets .* takes 'max <=' only"):
+        load_protocol_text(bad)

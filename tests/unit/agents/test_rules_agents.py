@@ -78,6 +78,30 @@ def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> N
     assert got["PTV:squared_overdose"].dose_gy >= 50.5  # never asks the target to be under-dosed
 
 
+def test_a_hot_spot_outside_the_targets_gets_a_term_on_the_implicit_region(
+    analytic_case: Case,
+) -> None:
+    text = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text() + "safety: on\n"
+    protocol = load_protocol_text(text)
+    dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
+    dose[analytic_case.rows_of("PTV")] = 50.0
+    outside = np.setdiff1d(analytic_case.rows_of("BODY"), analytic_case.rows_of("PTV"))
+    dose[outside[:3]] = 60.0  # 120 % of Rx outside the target: OutsideTargets max <= 53.5 fails
+    check = check_protocol(PlanDose(analytic_case, dose), protocol)
+    assert [r.goal.label for r in check.failed] == ["OutsideTargets max <= 53.5 Gy"]
+    memory = [MemoryEntry(1, protocol.objectives, check)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    term = next(t for t in new if t.structure == "OutsideTargets")
+    assert term.kind == "squared_overdose"
+    # aimed between the limit and just above the prescription: the voxels beside the target
+    # get the prescription, a term below it would pull the coverage down
+    assert 50.5 <= term.dose_gy < 53.5
+    assert "OutsideTargets max <= 53.5 Gy missed by 6.50 Gy" in why
+    again, _, _ = propose_rules(protocol, new, check, [*memory, MemoryEntry(2, new, check)])
+    pushed = next(t for t in again if t.key() == term.key())
+    assert pushed.weight > term.weight and 50.5 <= pushed.dose_gy <= term.dose_gy
+
+
 def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Case) -> None:
     protocol, good = _check(analytic_case, 52.0, 10.5)
     _, bad = _check(analytic_case, 58.0, 14.0)
@@ -311,3 +335,23 @@ def test_a_step_that_changed_the_terms_gets_one_more_step_before_a_backtrack(
     again = [*memory, MemoryEntry(3, new, bad)]
     _, why3, _ = propose_rules(protocol, new, bad, again)
     assert "stepping again from iteration 1" in why3
+
+
+def test_the_rules_loop_brings_a_hot_spot_outside_the_targets_under_its_safety_goal(
+    analytic_case: Case,
+) -> None:
+    text = (PROTOCOLS / "tg119_cshape_easier.yaml").read_text() + "safety: on\n"
+    protocol = load_protocol_text(text)
+    report = plan_loop(analytic_case, protocol, max_iterations=4)
+    label = "OutsideTargets max <= 53.5 Gy"
+
+    def outside(check):
+        return next(r for r in check.results if r.goal.label == label)
+
+    first = report.iterations[0]
+    assert not outside(first.check).passed  # the class solution's hot spot beside the C
+    assert "OutsideTargets:squared_overdose" in first.rationale
+    met = next(it for it in report.iterations if it.meets)  # pushed under the limit
+    assert met.iteration > 1 and outside(met.check).passed
+    hot = report.summary()["hot_spots"]["outside_targets"]
+    assert hot["dose_gy"] == pytest.approx(outside(report.check).achieved, abs=1e-3)

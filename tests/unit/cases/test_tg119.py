@@ -74,6 +74,11 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
     assert (out / "dicom" / "RTPLAN.dcm").is_file()
     protocol_goals = [g for g in summary["goals"] if g["structure"] != "Global"]
     assert {g["metric"] for g in protocol_goals} == {"D95", "D10"}
+    assert not any(g["implicit"] for g in summary["goals"])  # no safety: in this protocol
+    # where the plan is hottest, in the summary and the report
+    hot = summary["hot_spots"]
+    assert hot["global"]["dose_gy"] >= hot["outside_targets"]["dose_gy"] > 0
+    assert len(hot["global"]["xyz_mm"]) == 3 and " at x " in hot["global"]["text"]
     # the loop went on sparing after the goals were met, never hotter than the first met plan
     improvement = summary["improvement"]
     assert 1 <= improvement["met_at_iteration"] <= summary["best_iteration"]
@@ -92,7 +97,7 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
             "hard",
         }
     html = (out / "report.html").read_text()
-    assert "dvh.png" in html and "dose_axial.png" in html
+    assert "dvh.png" in html and "dose_axial.png" in html and "<h2>Hot spots</h2>" in html
     for name in (
         "dvh.png",
         "dose_axial.png",
