@@ -17,7 +17,14 @@ from radpilot.case import Case
 from radpilot.delivery.sequencing import SequencingSettings, keep_goals, merged_terms
 from radpilot.dicom.write import PlanExport, export_dicom
 from radpilot.dosimetry import dvh_levels
-from radpilot.evaluation.images import dose_images, dvh_compare_plot
+from radpilot.evaluation.images import (
+    ISODOSE_PCT,
+    ct_window_text,
+    dvh_compare_plot,
+    dvh_plot,
+    goal_trend_plot,
+    isodose_images,
+)
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck, check_protocol, sparing_gains
 from radpilot.evaluation.rules import describe_hot_spot
@@ -281,12 +288,23 @@ class PlanReport:
     def write(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        images = {
-            f"{'' if k.startswith('crop_') or k == 'dvh' else 'dose_'}{k}.png": v
-            for k, v in dose_images(self.plan, with_dvh=True).items()
+        rx = self.protocol.prescription_gy
+        # isodose lines over the CT (not a colour wash): the planes through the isocentre keep
+        # the names dose_<plane>.png; then through the global maximum and each organ's centroid
+        figures = {
+            (f"dose_{k[4:]}.png" if k.startswith("iso_") else f"dose_{k}.png"): v
+            for k, v in isodose_images(self.plan, rx).items()
         }
+        captions = {name: caption for name, (caption, _) in figures.items()}
+        images = {name: png for name, (_, png) in figures.items()}
+        levels = dvh_levels(float(max(self.plan.dose_rows.max(), 1e-6)), 0.25)
+        images["dvh.png"] = dvh_plot(levels, self.plan.dvh_curves(levels))
+        trend = self.goal_trends()
+        if trend["goals"]:
+            images["goal_trends.png"] = goal_trend_plot(
+                trend["iterations"], trend["goals"], self.best_iteration
+            )
         if self.optimal_plan is not None:
-            levels = dvh_levels(float(max(self.plan.dose_rows.max(), 1e-6)), 0.25)
             images["dvh_deliverable.png"] = dvh_compare_plot(
                 levels,
                 self.optimal_plan.dvh_curves(levels),
@@ -313,8 +331,29 @@ class PlanReport:
             else None,
         )["files"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
-        (out / "report.html").write_text(self._html(summary, list(images)))
+        (out / "report.html").write_text(self._html(summary, list(images), captions))
         return out / "report.html"
+
+    def goal_trends(self) -> dict[str, Any]:
+        """Each goal's value per iteration (None where an iteration did not check it): what
+        the report's trend plot draws."""
+        iterations = [it.iteration for it in self.iterations]
+        goals = []
+        for r in self.check.results:
+            by_it = [
+                next((x for x in it.check.results if x.goal.label == r.goal.label), None)
+                for it in self.iterations
+            ]
+            goals.append(
+                {
+                    "label": r.goal.label,
+                    "unit": r.goal.unit,
+                    "limit": r.goal.limit,
+                    "values": [x.achieved if x else None for x in by_it],
+                    "passed": [x.passed if x else None for x in by_it],
+                }
+            )
+        return {"iterations": iterations, "goals": goals}
 
     def _deliverable_html(self, summary: dict[str, Any]) -> tuple[str, str]:
         """The report's deliverable-plan section and the sentence saying which dose is judged."""
@@ -364,7 +403,9 @@ class PlanReport:
         )
         return section, basis
 
-    def _html(self, summary: dict[str, Any], images: list[str]) -> str:
+    def _html(
+        self, summary: dict[str, Any], images: list[str], captions: dict[str, str] | None = None
+    ) -> str:
         e = html.escape
         goal_rows = "".join(
             f"<tr class={'pass' if g['passed'] else 'fail'}><td>{e(g['structure'])}"
@@ -418,10 +459,37 @@ class PlanReport:
             if llm_rows
             else ""
         )
-        imgs = "".join(
-            f'<figure><img src="{e(n)}" alt="{e(n)}"{" class=wide" if n.startswith("crop_") else ""}>'
-            f"<figcaption>{e(n)}</figcaption></figure>"
-            for n in images
+        captions = captions or {}
+        rx = self.protocol.prescription_gy
+
+        def figure(n: str) -> str:
+            wide = " class=wide" if n == "goal_trends.png" else ""
+            text = captions.get(n, n)
+            return (
+                f'<figure><img src="{e(n)}" alt="{e(text)}"{wide}>'
+                f"<figcaption>{e(text)}</figcaption></figure>"
+            )
+
+        dose_figs = "".join(figure(n) for n in images if n.startswith("dose_"))
+        other_figs = "".join(
+            figure(n) for n in images if not n.startswith("dose_") and n != "goal_trends.png"
+        )
+        imgs = (
+            f"<h3>Dose distribution</h3><p>Isodose lines at "
+            f"{', '.join(f'{p} %' for p in ISODOSE_PCT)} of the prescription ({rx:g} Gy) over "
+            f"the CT, {e(ct_window_text())}; structure outlines dashed; images cropped to the "
+            "body, the patient's sides at the edges (R/L, A/P, S/I; axial images seen from the "
+            "feet). Planes through the isocentre, through the global maximum (marked &times;) "
+            f"and through each organ's centroid.</p>{dose_figs}"
+            + (
+                "<h3>Goals across the iterations</h3><p>Each goal's value per iteration "
+                "(green met, red missed; the limit dashed; the reported plan ringed). Iterations "
+                "are judged on their fluence optimum unless the protocol sequences every "
+                f"iteration.</p>{figure('goal_trends.png')}"
+                if "goal_trends.png" in images
+                else ""
+            )
+            + f"<h3>Dose-volume histograms</h3>{other_figs}"
         )
         ti = "".join(
             f"<li>{e(k)}: HI {v['HI']:.2f}, CI {v['CI']:.3f}</li>"
@@ -509,11 +577,11 @@ class PlanReport:
             + ". Any DICOM viewer or TPS opens them."
         )
         return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary["case"])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>RadPilot plan report: {e(summary["case"])}, {e(summary["protocol"])}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}tr.pass td{{background:#e8f6e8}}
 tr.fail td{{background:#fbe3e3}}figure{{display:inline-block;margin:4px}}img{{max-width:380px}}img.wide{{max-width:1100px}}</style></head>
-<body><h1>Plan report: {e(summary["case"])}</h1>
+<body><h1>Plan report: {e(summary["case"])}, protocol {e(summary["protocol"])}</h1>
 <p>Protocol <b>{e(summary["protocol"])}</b>, agent <b>{e(summary["agent"])}</b>. Best plan from iteration
 {summary["best_iteration"]} of {summary["iterations"]}{rounds_text}: it <b>{verdict}</b>.
 {basis}</p>

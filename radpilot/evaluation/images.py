@@ -246,6 +246,188 @@ def dvh_compare_plot(
     return _dvh_figure(fig, ax, levels_gy, title, legend_size=7)
 
 
+ISODOSE_PCT = (107, 100, 95, 80, 50, 30)  # isodose lines in the report, % of the prescription
+ISODOSE_COLOURS = ("#ff00ff", "#e00000", "#ff8c00", "#e6c200", "#00b000", "#00a0ff")
+CT_WINDOW_HU = (-200.0, 300.0)  # width 500, level 50
+BODY_MARGIN_PX = 3
+# the patient's side at each image edge (left, right, top, bottom), LPS frame: axial images
+# show the patient's right on the left (radiological convention) and anterior up
+ORIENTATION = {
+    "axial": ("R", "L", "A", "P"),
+    "coronal": ("R", "L", "S", "I"),
+    "sagittal": ("A", "P", "S", "I"),
+}
+
+
+def ct_window_text() -> str:
+    lo, hi = CT_WINDOW_HU
+    return f"CT window {lo:g} to {hi:g} HU (width {hi - lo:g}, level {(hi + lo) / 2:g})"
+
+
+def _body_box(case: Case) -> tuple[slice, slice, slice] | None:
+    """The body's bounding box (z, y, x) plus a margin, or None when the case has no body."""
+    ext = case.external
+    if ext is None or not ext.voxel_indices.size:
+        return None
+    zyx = np.unravel_index(ext.voxel_indices, case.grid.shape)
+    return tuple(  # type: ignore[return-value]
+        slice(max(0, int(a.min()) - BODY_MARGIN_PX), min(n, int(a.max()) + 1 + BODY_MARGIN_PX))
+        for a, n in zip(zyx, case.grid.shape, strict=True)
+    )
+
+
+def _plane_window(box: tuple[slice, slice, slice] | None, plane: str) -> tuple[slice, slice] | None:
+    if box is None:
+        return None
+    z, y, x = box
+    return {"axial": (y, x), "coronal": (z, x), "sagittal": (z, y)}[plane]
+
+
+def _label_edges(ax: Any, plane: str) -> None:
+    left, right, top, bottom = ORIENTATION[plane]
+    style = {"transform": ax.transAxes, "fontsize": 11, "fontweight": "bold", "color": "#ffff66"}
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+
+
+def _isodose_figure(
+    case: Case,
+    dose_cube: np.ndarray,
+    prescription_gy: float,
+    plane: str,
+    index: int,
+    title: str,
+    mark: tuple[float, float] | None = None,
+) -> bytes:
+    """One plane: the CT, isodose lines at ``ISODOSE_PCT`` of the prescription, the structures'
+    outlines, cropped to the body, with the patient's sides at the edges."""
+    plt = _pyplot()
+    origin: Literal["upper", "lower"] = "upper" if plane == "axial" else "lower"
+    window = _plane_window(_body_box(case), plane)
+    ct, dose = _slice(case.ct_hu, plane, index), _slice(dose_cube, plane, index)
+    extent = _extent(case, plane)
+    if window is not None:
+        ct, dose = ct[window], dose[window]
+        extent = _window_extent(case, plane, window)
+    fig, ax = plt.subplots(figsize=FIG_SIZE_IN)
+    ax.imshow(ct, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=extent,
+              origin=origin)  # fmt: skip
+    for pct, colour in zip(ISODOSE_PCT, ISODOSE_COLOURS, strict=True):
+        level = prescription_gy * pct / 100.0
+        if float(dose.max()) >= level:
+            ax.contour(dose, levels=[level], colors=[colour], linewidths=1.6, extent=extent,
+                       origin=origin)  # fmt: skip
+        ax.plot([], [], color=colour, linewidth=1.6, label=f"{pct} % ({level:.1f} Gy)")
+    for k, st in enumerate(case.structures):
+        if st.kind is StructureKind.EXTERNAL or st.name in DERIVED:
+            continue
+        m = _slice(st.mask(case.grid), plane, index)
+        if window is not None:
+            m = m[window]
+        if m.any():
+            c = COLORS[(k + 1) % len(COLORS)]
+            ax.contour(m.astype(float), levels=[0.5], colors=[c], linewidths=0.9,
+                       linestyles="dashed", extent=extent, origin=origin)  # fmt: skip
+            ax.plot([], [], color=c, linewidth=0.9, linestyle="dashed", label=st.name)
+    if mark is not None:
+        ax.plot([mark[0]], [mark[1]], marker="x", color="#ffffff", markersize=10, mew=2.5)
+        ax.plot([mark[0]], [mark[1]], marker="x", color="#ff00ff", markersize=8, mew=1.5,
+                label="global maximum")  # fmt: skip
+    _label_edges(ax, plane)
+    ax.set_xlabel("mm")
+    ax.set_ylabel("mm")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _in_plane(point_zyx: tuple[float, float, float], plane: str) -> tuple[float, float]:
+    """A world point's image coordinates (horizontal, vertical) in a plane's extent."""
+    z, y, x = point_zyx
+    return {"axial": (x, y), "coronal": (x, z), "sagittal": (y, z)}[plane]
+
+
+def isodose_images(plan: PlanDose, prescription_gy: float) -> dict[str, tuple[str, bytes]]:
+    """The report's dose images, by name: (caption, PNG). Planes through the isocentre
+    (``iso_axial``, ``iso_sagittal``, ``iso_coronal``), through the global maximum
+    (``hot_axial``, ``hot_sagittal``; marked) and, axial, through each organ's centroid
+    (``oar_<name>``)."""
+    case, cube = plan.case, plan.cube()
+    grid = case.grid
+    out: dict[str, tuple[str, bytes]] = {}
+    iz, iy, ix = grid.index_of(case.isocenter_mm)
+    for plane, index, axis_mm in (
+        ("axial", iz, ("z", case.isocenter_mm[0])),
+        ("sagittal", ix, ("x", case.isocenter_mm[2])),
+        ("coronal", iy, ("y", case.isocenter_mm[1])),
+    ):
+        caption = f"{plane} through the isocentre ({axis_mm[0]} = {axis_mm[1]:.0f} mm)"
+        out[f"iso_{plane}"] = (caption, _isodose_figure(case, cube, prescription_gy, plane,
+                                                        index, caption))  # fmt: skip
+    spot = plan.hottest_point()
+    if spot is not None:
+        gy, (x, y, z), where = spot
+        hz, _, hx = grid.index_of((z, y, x))
+        inside = f", in {', '.join(where)}" if where else ""
+        for plane, index in (("axial", hz), ("sagittal", hx)):
+            caption = (
+                f"{plane} through the global maximum: {gy:.1f} Gy "
+                f"({100 * gy / prescription_gy:.0f} %) at x {x:.0f}, y {y:.0f}, z {z:.0f} mm"
+                f"{inside}"
+            )
+            out[f"hot_{plane}"] = (caption, _isodose_figure(
+                case, cube, prescription_gy, plane, index, caption, _in_plane((z, y, x), plane)
+            ))  # fmt: skip
+    for st in case.structures:
+        if st.kind is not StructureKind.OAR or st.name in DERIVED or not st.voxel_indices.size:
+            continue
+        zyx = np.stack(np.unravel_index(st.voxel_indices, grid.shape), axis=1)
+        index = _through_structure(st.mask(grid), zyx, "axial")
+        z_mm = grid.origin_mm[0] + index * grid.spacing_mm[0]
+        caption = f"axial through the centroid of {st.name} (z = {z_mm:.0f} mm)"
+        out[f"oar_{st.name}"] = (caption, _isodose_figure(case, cube, prescription_gy, "axial",
+                                                          index, caption))  # fmt: skip
+    return out
+
+
+def goal_trend_plot(iterations: list[int], goals: list[dict[str, Any]], best: int) -> bytes:
+    """Each goal's value across the iterations (one panel per goal), its limit dashed, passes
+    green and misses red, the reported (best) iteration ringed. ``goals``: label, unit, limit,
+    values (one per iteration, None where the goal was not checked), passed (likewise)."""
+    plt = _pyplot()
+    n = max(1, len(goals))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, g in zip(axes.ravel(), goals, strict=False):
+        pts = [(i, v, ok) for i, v, ok in zip(iterations, g["values"], g["passed"], strict=True)
+               if v is not None]  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#555555", linewidth=1)
+        for i, v, ok in pts:
+            ax.plot([i], [v], marker="o", markersize=5, color="#2ca02c" if ok else "#d62728")
+            if i == best:
+                ax.plot([i], [v], marker="o", markersize=11, fillstyle="none", color="#000000")
+        ax.axhline(g["limit"], color="#1f77b4", linestyle="--", linewidth=1)
+        # at least 5 % of the limit tall: float noise on a normalised goal is not a trend
+        span = [g["limit"], *(p[1] for p in pts)]
+        lo, hi = min(span), max(span)
+        pad = max(0.05 * abs(g["limit"]), 0.5, hi - lo) / 2
+        ax.set_ylim((lo + hi) / 2 - pad - (hi - lo) / 2, (lo + hi) / 2 + pad + (hi - lo) / 2)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title(g["label"], fontsize=8)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel(g["unit"], fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.set_xticks(iterations if len(iterations) <= 12 else iterations[:: len(iterations) // 12])
+    for ax in axes.ravel()[len(goals) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def dose_images(plan: PlanDose, with_dvh: bool = False) -> dict[str, bytes]:
     """Every image of one plan, rendered once: the three planes (``axial``, ``sagittal``,
     ``coronal``), ``crop_<structure>`` for each organ and target, and ``dvh`` on request.

@@ -103,7 +103,8 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
         "dose_axial.png",
         "dose_sagittal.png",
         "dose_coronal.png",
-        "crop_Core.png",
+        "dose_oar_Core.png",
+        "goal_trends.png",
     ):
         assert (out / name).stat().st_size > 1000
 
