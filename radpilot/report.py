@@ -21,6 +21,7 @@ from radpilot.evaluation.images import (
     ISODOSE_PCT,
     ct_window_text,
     dvh_compare_plot,
+    dvh_overlay_plot,
     dvh_plot,
     goal_trend_plot,
     isodose_images,
@@ -52,6 +53,8 @@ class PlanReport:
     optimal_plan: PlanDose | None = None
     optimal_check: ProtocolCheck | None = None
     delivery_error: str = ""  # why the plan could not be sequenced (then it is fluence-optimal)
+    # the first and last iterations' plans (their stored doses), for the DVH overlay
+    compared: dict[str, PlanDose] = field(default_factory=dict)
 
     def goals_lost_by(self, dose_rows: np.ndarray) -> list[str]:
         """Goals the report's (fluence-optimal) plan meets that a dose would fail."""
@@ -159,7 +162,13 @@ class PlanReport:
             plan = PlanDose(case, dose_of(best.dose))
             plan.reuse_stats(best.stats)
             check = best.check
-        return cls(case.name, protocol, agent, plan, check, records, best_iteration)
+        compared = {}
+        for label, r in (("first", records[0]), ("last", records[-1])):
+            if r.iteration != best_iteration and r.dose is not None:
+                compared[f"{label} (iteration {r.iteration})"] = PlanDose(case, dose_of(r.dose))
+        report = cls(case.name, protocol, agent, plan, check, records, best_iteration)
+        report.compared = compared
+        return report
 
     def improvement(self) -> dict[str, Any]:
         """When the protocol was first met and what each organ-at-risk goal gained after it
@@ -304,6 +313,14 @@ class PlanReport:
             images["goal_trends.png"] = goal_trend_plot(
                 trend["iterations"], trend["goals"], self.best_iteration
             )
+        if self.compared:
+            # the best plan against the first and last iterations (their stored doses)
+            best = self.optimal_plan or self.plan
+            curves = {
+                f"best (iteration {self.best_iteration})": best.dvh_curves(levels),
+                **{k: p.dvh_curves(levels) for k, p in self.compared.items()},
+            }
+            images["dvh_iterations.png"] = dvh_overlay_plot(levels, curves)
         if self.optimal_plan is not None:
             images["dvh_deliverable.png"] = dvh_compare_plot(
                 levels,
@@ -311,6 +328,16 @@ class PlanReport:
                 self.plan.dvh_curves(levels),
                 ("fluence-optimal", "deliverable"),
             )
+        captions.update(
+            {
+                "dvh.png": "DVH of the reported plan",
+                "dvh_iterations.png": "DVH: the reported (best) plan against the first and last "
+                "iterations",
+                "dvh_deliverable.png": "DVH: the fluence-optimal plan and its leaf-sequenced "
+                "(deliverable) dose",
+                "goal_trends.png": "every goal across the iterations",
+            }
+        )
         for name, data in images.items():
             (out / name).write_bytes(data)
         summary = self.summary()

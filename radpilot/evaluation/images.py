@@ -227,23 +227,41 @@ def _dvh_figure(fig: Figure, ax: Any, levels_gy: np.ndarray, title: str, legend_
     return _png(fig)
 
 
+PLAN_STYLES = ("-", "--", ":", "-.")  # the first plan of an overlay solid, then these
+
+
+def dvh_overlay_plot(levels_gy: np.ndarray, plans: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """Several plans' DVHs on one axis: a colour per structure, a line style per plan (the
+    first plan solid, the next dashed, dotted, dash-dotted)."""
+    fig, ax = _pyplot().subplots(figsize=(7.0, 4.5))
+    labels = list(plans)
+    first = plans[labels[0]]
+    for k, name in enumerate(first):
+        c = COLORS[k % len(COLORS)]
+        for j, label in enumerate(labels):
+            if name in plans[label]:
+                ax.plot(levels_gy, plans[label][name], color=c,
+                        linestyle=PLAN_STYLES[j % len(PLAN_STYLES)],
+                        linewidth=1.5 if j == 0 else 1, label=name if j == 0 else None)  # fmt: skip
+    for j, label in enumerate(labels):
+        ax.plot([], [], color="k", linestyle=PLAN_STYLES[j % len(PLAN_STYLES)], label=label)
+    styles = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dotted"}
+    title = "Cumulative DVH: " + ", ".join(
+        f"{label} ({styles[PLAN_STYLES[j % len(PLAN_STYLES)]]})" for j, label in enumerate(labels)
+    )
+    if len(title) > 70:  # the legend names the plans' line styles
+        title = "Cumulative DVH, one line style per plan"
+    return _dvh_figure(fig, ax, levels_gy, title, legend_size=7)
+
+
 def dvh_compare_plot(
     levels_gy: np.ndarray,
     before: dict[str, np.ndarray],
     after: dict[str, np.ndarray],
     labels: tuple[str, str],
 ) -> bytes:
-    """Two plans' DVHs on one axis: ``before`` dashed, ``after`` solid, a colour per structure."""
-    fig, ax = _pyplot().subplots(figsize=(7.0, 4.5))
-    for k, name in enumerate(after):
-        c = COLORS[k % len(COLORS)]
-        if name in before:
-            ax.plot(levels_gy, before[name], color=c, linestyle="--", linewidth=1)
-        ax.plot(levels_gy, after[name], color=c, label=name)
-    ax.plot([], [], color="k", linestyle="--", label=labels[0])
-    ax.plot([], [], color="k", label=labels[1])
-    title = f"Cumulative DVH: {labels[0]} (dashed) and {labels[1]} (solid)"
-    return _dvh_figure(fig, ax, levels_gy, title, legend_size=7)
+    """Two plans' DVHs on one axis: ``after`` solid, ``before`` dashed, a colour per structure."""
+    return dvh_overlay_plot(levels_gy, {labels[1]: after, labels[0]: before})
 
 
 ISODOSE_PCT = (107, 100, 95, 80, 50, 30)  # isodose lines in the report, % of the prescription

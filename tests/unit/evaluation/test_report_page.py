@@ -61,6 +61,15 @@ def test_the_report_shows_isodose_planes_hot_spots_and_goal_trends(
     assert all(len(g["values"]) == len(r.iterations) for g in trend["goals"])
     assert (out / "goal_trends.png").stat().st_size > 5000 and 'src="goal_trends.png"' in html
     assert "<h2>Hot spots</h2>" in html and spot["text"] in html
+    # the DVHs of the best plan against the first and last iterations
+    others = [it.iteration for it in (r.iterations[0], r.iterations[-1])]
+    if any(i != r.best_iteration for i in others):
+        assert 'src="dvh_iterations.png"' in html and (out / "dvh_iterations.png").is_file()
+        assert set(r.compared) == {
+            f"{label} (iteration {i})"
+            for label, i in zip(("first", "last"), others, strict=True)
+            if i != r.best_iteration
+        }
 
 
 def test_every_image_of_the_report_loads_in_headless_chromium(
