@@ -136,9 +136,10 @@ refitted), its fluence optimum alongside. The shipped protocols but the tight on
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out
 leaf transmission and small-field output: compare with care. The row "global maximum" says
-where the reported plan is hottest: nothing in these protocols limits the dose within 10 mm of a
-target (NormalTissue starts there; the `safety: on` hot-spot goals of docs/agents.md are not in
-them). While sparing, the loop's own
+where the reported plan is hottest. `tg119_prostate.yaml` asks for the hot-spot goals
+(`safety: on`, docs/agents.md: `OutsideTargets max` at 107 % and `PTV max` at 115 % of the
+prescription); in the other protocols nothing limits the dose within 10 mm of a target
+(NormalTissue starts there). While sparing, the loop's own
 goal `Global max` keeps every plan's hottest point within 2 % of the first plan that met (rows
 "Global max"), so the improvement never makes the plan hotter.
 
