@@ -96,28 +96,41 @@ def _draw(
     if window is not None:
         ct, dose = ct[window], dose[window]
         extent = _window_extent(case, plane, window)
-    ax.imshow(ct, cmap="gray", vmin=-200, vmax=300, extent=extent, origin=origin)
+    ax.imshow(ct, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=extent,
+              origin=origin)  # fmt: skip
     wash = np.ma.masked_less(dose, 0.1 * case.prescription_gy)
     im = ax.imshow(wash, cmap="jet", vmin=0, vmax=vmax, alpha=0.45, extent=extent, origin=origin)
-    for k, s in enumerate(case.structures):
-        if s.kind is StructureKind.EXTERNAL or s.name in DERIVED:
-            continue
-        m = _slice(s.mask(case.grid), plane, index)
-        if window is not None:
-            m = m[window]
-        if m.any():
-            ax.contour(
-                m.astype(float),
-                levels=[0.5],
-                colors=[COLORS[k % len(COLORS)]],
-                linewidths=1.2,
-                extent=extent,
-                origin=origin,
-            )
-            ax.plot([], [], color=COLORS[k % len(COLORS)], label=s.name)
+    _outline(ax, case, plane, index, window, extent, origin, shift=0, width=1.2, style="solid")
     ax.set_xlabel("mm")
     ax.set_ylabel("mm")
     return im
+
+
+def _outline(
+    ax: Any,
+    case: Case,
+    plane: str,
+    index: int,
+    window: tuple[slice, slice] | None,
+    extent: tuple[float, float, float, float],
+    origin: Literal["upper", "lower"],
+    shift: int,
+    width: float,
+    style: str,
+) -> None:
+    """Each organ's and target's outline in the slice (a colour per structure, ``shift`` along
+    the palette), with a legend entry."""
+    for k, st in enumerate(case.structures):
+        if st.kind is StructureKind.EXTERNAL or st.name in DERIVED:
+            continue
+        m = _slice(st.mask(case.grid), plane, index)
+        if window is not None:
+            m = m[window]
+        if m.any():
+            c = COLORS[(k + shift) % len(COLORS)]
+            ax.contour(m.astype(float), levels=[0.5], colors=[c], linewidths=width,
+                       linestyles=style, extent=extent, origin=origin)  # fmt: skip
+            ax.plot([], [], color=c, linewidth=width, linestyle=style, label=st.name)
 
 
 def _window_extent(
@@ -338,17 +351,7 @@ def _isodose_figure(
             ax.contour(dose, levels=[level], colors=[colour], linewidths=1.6, extent=extent,
                        origin=origin)  # fmt: skip
         ax.plot([], [], color=colour, linewidth=1.6, label=f"{pct} % ({level:.1f} Gy)")
-    for k, st in enumerate(case.structures):
-        if st.kind is StructureKind.EXTERNAL or st.name in DERIVED:
-            continue
-        m = _slice(st.mask(case.grid), plane, index)
-        if window is not None:
-            m = m[window]
-        if m.any():
-            c = COLORS[(k + 1) % len(COLORS)]
-            ax.contour(m.astype(float), levels=[0.5], colors=[c], linewidths=0.9,
-                       linestyles="dashed", extent=extent, origin=origin)  # fmt: skip
-            ax.plot([], [], color=c, linewidth=0.9, linestyle="dashed", label=st.name)
+    _outline(ax, case, plane, index, window, extent, origin, shift=1, width=0.9, style="dashed")
     if mark is not None:
         ax.plot([mark[0]], [mark[1]], marker="x", color="#ffffff", markersize=10, mew=2.5)
         ax.plot([mark[0]], [mark[1]], marker="x", color="#ff00ff", markersize=8, mew=1.5,
