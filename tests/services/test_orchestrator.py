@@ -208,6 +208,30 @@ def test_a_protocol_with_a_helper_structure_plans_through_the_services(
     assert "Rectum" in info.value.details()
 
 
+def test_a_hot_spot_goal_is_worked_on_through_the_services(cluster: Cluster, case_id: str) -> None:
+    # a strict limit on the hottest point outside the PTV: the first plan misses it, the rules
+    # planner puts a term on the OutsideTargets region, which the optimizer builds from the
+    # definition the orchestrator sends
+    strict = HARDER + "\nsafety: {outside_targets_max_pct: 101, target_max_pct: null}\n"
+    start = pb.StartPlanningRequest(
+        case_id=case_id, protocol_yaml=strict, max_iterations=2, memory_length=2
+    )
+    job = _wait(cluster.stub, cluster.stub.StartPlanning(start, timeout=30).job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    first, second = job.iterations[:2]
+    hot = next(g for g in first.goals if g.goal.structure == "OutsideTargets")
+    assert hot.goal.metric == "max" and hot.goal.limit == pytest.approx(50.5) and not hot.passed
+    assert any(f.startswith("global maximum: ") for f in first.findings)
+    assert not any(t.structure == "OutsideTargets" for t in first.objectives)
+    assert any(t.structure == "OutsideTargets" for t in second.objectives), second.objectives
+    assert "OutsideTargets max <= 50.5 Gy missed" in first.rationale
+    bundle = cluster.stub.ExportPlan(pb.ExportPlanRequest(job_id=job.job_id), timeout=120)
+    with zipfile.ZipFile(io.BytesIO(bundle.bundle)) as z:
+        summary = json.loads(z.read("summary.json"))
+    assert summary["safety"]["outside_targets_max_pct"] == 101
+    assert [g["structure"] for g in summary["goals"] if g["implicit"]] == ["OutsideTargets"]
+
+
 def test_orchestrator_restart_resumes_the_job(cluster: Cluster, case_id: str) -> None:
     start = pb.StartPlanningRequest(case_id=case_id, protocol_yaml=IMPOSSIBLE, max_iterations=8)
     job_id = cluster.stub.StartPlanning(start, timeout=30).job_id
