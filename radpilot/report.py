@@ -53,8 +53,9 @@ class PlanReport:
     optimal_plan: PlanDose | None = None
     optimal_check: ProtocolCheck | None = None
     delivery_error: str = ""  # why the plan could not be sequenced (then it is fluence-optimal)
-    # the first and last iterations' plans (their stored doses), for the DVH overlay
-    compared: dict[str, PlanDose] = field(default_factory=dict)
+    # reads a record's stored dose (from_records): the DVH overlay loads the first and last
+    # iterations' doses only when the report is written
+    dose_of: Callable[[ArtefactRef], np.ndarray] | None = None
 
     def goals_lost_by(self, dose_rows: np.ndarray) -> list[str]:
         """Goals the report's (fluence-optimal) plan meets that a dose would fail."""
@@ -162,13 +163,22 @@ class PlanReport:
             plan = PlanDose(case, dose_of(best.dose))
             plan.reuse_stats(best.stats)
             check = best.check
-        compared = {}
-        for label, r in (("first", records[0]), ("last", records[-1])):
-            if r.iteration != best_iteration and r.dose is not None:
-                compared[f"{label} (iteration {r.iteration})"] = PlanDose(case, dose_of(r.dose))
-        report = cls(case.name, protocol, agent, plan, check, records, best_iteration)
-        report.compared = compared
-        return report
+        return cls(
+            case.name, protocol, agent, plan, check, records, best_iteration, dose_of=dose_of
+        )
+
+    def compared(self) -> dict[str, PlanDose]:
+        """The first and last iterations' plans, where they are not the best and their doses
+        are stored: what the DVH overlay draws beside the best plan."""
+        out: dict[str, PlanDose] = {}
+        if self.dose_of is None or not self.iterations:
+            return out
+        for label, r in (("first", self.iterations[0]), ("last", self.iterations[-1])):
+            if r.iteration != self.best_iteration and r.dose is not None:
+                out[f"{label} (iteration {r.iteration})"] = PlanDose(
+                    self.plan.case, self.dose_of(r.dose)
+                )
+        return out
 
     def improvement(self) -> dict[str, Any]:
         """When the protocol was first met and what each organ-at-risk goal gained after it
@@ -313,12 +323,13 @@ class PlanReport:
             images["goal_trends.png"] = goal_trend_plot(
                 trend["iterations"], trend["goals"], self.best_iteration
             )
-        if self.compared:
+        compared = self.compared()
+        if compared:
             # the best plan against the first and last iterations (their stored doses)
             best = self.optimal_plan or self.plan
             curves = {
                 f"best (iteration {self.best_iteration})": best.dvh_curves(levels),
-                **{k: p.dvh_curves(levels) for k, p in self.compared.items()},
+                **{k: p.dvh_curves(levels) for k, p in compared.items()},
             }
             images["dvh_iterations.png"] = dvh_overlay_plot(levels, curves)
         if self.optimal_plan is not None:

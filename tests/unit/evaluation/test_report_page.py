@@ -65,7 +65,7 @@ def test_the_report_shows_isodose_planes_hot_spots_and_goal_trends(
     others = [it.iteration for it in (r.iterations[0], r.iterations[-1])]
     if any(i != r.best_iteration for i in others):
         assert 'src="dvh_iterations.png"' in html and (out / "dvh_iterations.png").is_file()
-        assert set(r.compared) == {
+        assert set(r.compared()) == {
             f"{label} (iteration {i})"
             for label, i in zip(("first", "last"), others, strict=True)
             if i != r.best_iteration
