@@ -99,7 +99,9 @@ def main() -> int:
         if spot is not None:
             rows.append(
                 f"| {case_name} | {protocol.name} | global maximum (deliverable) | | | | | "
-                f"{spot['dose_gy']:.2f} | {spot['text'].split(' ', 2)[2]} | | |"
+                f"{spot['dose_gy']:.2f} | {spot['pct_of_prescription']:.0f} % of Rx at "
+                f"{', '.join(f'{a} {v:.0f}' for a, v in zip('xyz', spot['xyz_mm'], strict=True))}"
+                f" mm, in {', '.join(spot['in']) or 'no named organ'} | | |"
             )
         met = sum(r.passed for r in report.check.results)
         met_at = f"first met at iteration {first.iteration}, " if first else "never met, "

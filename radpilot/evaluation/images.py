@@ -117,13 +117,14 @@ def _outline(
     shift: int,
     width: float,
     style: str,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Each organ's and target's outline in the slice (a colour per structure, ``shift`` along
-    the palette), with a legend entry."""
+    the palette), with a legend entry; ``masks``: the structures' masks, when already built."""
     for k, st in enumerate(case.structures):
         if st.kind is StructureKind.EXTERNAL or st.name in DERIVED:
             continue
-        m = _slice(st.mask(case.grid), plane, index)
+        m = _slice(masks[st.name] if masks else st.mask(case.grid), plane, index)
         if window is not None:
             m = m[window]
         if m.any():
@@ -330,13 +331,16 @@ def _isodose_figure(
     plane: str,
     index: int,
     title: str,
+    box: tuple[slice, slice, slice] | None,
+    masks: dict[str, np.ndarray],
     mark: tuple[float, float] | None = None,
 ) -> bytes:
     """One plane: the CT, isodose lines at ``ISODOSE_PCT`` of the prescription, the structures'
-    outlines, cropped to the body, with the patient's sides at the edges."""
+    outlines (``masks``), cropped to the body (``box``), with the patient's sides at the
+    edges."""
     plt = _pyplot()
     origin: Literal["upper", "lower"] = "upper" if plane == "axial" else "lower"
-    window = _plane_window(_body_box(case), plane)
+    window = _plane_window(box, plane)
     ct, dose = _slice(case.ct_hu, plane, index), _slice(dose_cube, plane, index)
     extent = _extent(case, plane)
     if window is not None:
@@ -351,7 +355,7 @@ def _isodose_figure(
             ax.contour(dose, levels=[level], colors=[colour], linewidths=1.6, extent=extent,
                        origin=origin)  # fmt: skip
         ax.plot([], [], color=colour, linewidth=1.6, label=f"{pct} % ({level:.1f} Gy)")
-    _outline(ax, case, plane, index, window, extent, origin, shift=1, width=0.9, style="dashed")
+    _outline(ax, case, plane, index, window, extent, origin, 1, 0.9, "dashed", masks)
     if mark is not None:
         ax.plot([mark[0]], [mark[1]], marker="x", color="#ffffff", markersize=10, mew=2.5)
         ax.plot([mark[0]], [mark[1]], marker="x", color="#ff00ff", markersize=8, mew=1.5,
@@ -379,6 +383,21 @@ def isodose_images(plan: PlanDose, prescription_gy: float) -> dict[str, tuple[st
     case, cube = plan.case, plan.cube()
     grid = case.grid
     out: dict[str, tuple[str, bytes]] = {}
+    # built once for every image: the body's box and the outlined structures' masks
+    box = _body_box(case)
+    masks = {
+        st.name: st.mask(grid)
+        for st in case.structures
+        if st.kind is not StructureKind.EXTERNAL and st.name not in DERIVED
+    }
+
+    def figure(
+        plane: str, index: int, caption: str, mark: tuple[float, float] | None = None
+    ) -> tuple[str, bytes]:
+        return caption, _isodose_figure(
+            case, cube, prescription_gy, plane, index, caption, box, masks, mark
+        )
+
     iz, iy, ix = grid.index_of(case.isocenter_mm)
     for plane, index, axis_mm in (
         ("axial", iz, ("z", case.isocenter_mm[0])),
@@ -386,8 +405,7 @@ def isodose_images(plan: PlanDose, prescription_gy: float) -> dict[str, tuple[st
         ("coronal", iy, ("y", case.isocenter_mm[1])),
     ):
         caption = f"{plane} through the isocentre ({axis_mm[0]} = {axis_mm[1]:.0f} mm)"
-        out[f"iso_{plane}"] = (caption, _isodose_figure(case, cube, prescription_gy, plane,
-                                                        index, caption))  # fmt: skip
+        out[f"iso_{plane}"] = figure(plane, index, caption)
     spot = plan.hottest_point()
     if spot is not None:
         gy, (x, y, z), where = spot
@@ -399,18 +417,15 @@ def isodose_images(plan: PlanDose, prescription_gy: float) -> dict[str, tuple[st
                 f"({100 * gy / prescription_gy:.0f} %) at x {x:.0f}, y {y:.0f}, z {z:.0f} mm"
                 f"{inside}"
             )
-            out[f"hot_{plane}"] = (caption, _isodose_figure(
-                case, cube, prescription_gy, plane, index, caption, _in_plane((z, y, x), plane)
-            ))  # fmt: skip
+            out[f"hot_{plane}"] = figure(plane, index, caption, _in_plane((z, y, x), plane))
     for st in case.structures:
         if st.kind is not StructureKind.OAR or st.name in DERIVED or not st.voxel_indices.size:
             continue
         zyx = np.stack(np.unravel_index(st.voxel_indices, grid.shape), axis=1)
-        index = _through_structure(st.mask(grid), zyx, "axial")
+        index = _through_structure(masks[st.name], zyx, "axial")
         z_mm = grid.origin_mm[0] + index * grid.spacing_mm[0]
         caption = f"axial through the centroid of {st.name} (z = {z_mm:.0f} mm)"
-        out[f"oar_{st.name}"] = (caption, _isodose_figure(case, cube, prescription_gy, "axial",
-                                                          index, caption))  # fmt: skip
+        out[f"oar_{st.name}"] = figure("axial", index, caption)
     return out
 
 
