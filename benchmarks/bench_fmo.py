@@ -223,15 +223,87 @@ def spmv_profile(opt: FluenceOptimizer, case: Case, repeats: int = 10) -> dict[s
     }
 
 
+def gpu_rmatvec_schedules(opt: FluenceOptimizer, repeats: int = 20) -> list[dict[str, Any]]:
+    """``A.T @ g`` of the compressed GPU kernels under each block schedule (rows per block,
+    warps interleaved or on contiguous runs), the default's first: what sets the defaults in
+    ``radpilot/fmo/gpu_compressed.py``."""
+    ops = opt.ops
+    if getattr(ops, "matrix", "") != "compressed" or not hasattr(ops, "rows_per_block"):
+        return []
+    g = ops.asarray(np.random.default_rng(1).random(ops.shape[0]).astype(np.float32))
+    default = (ops.rows_per_block, ops.chunked)
+    schedules = [default] + [
+        (n, c) for n in (256, 1024, 4096) for c in (False, True) if (n, c) != default
+    ]
+    out = []
+    for rows_per_block, chunked in schedules:
+        ops.rows_per_block, ops.chunked = rows_per_block, chunked
+        ops.rmatvec(g)
+        ops.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            ops.rmatvec(g)
+        ops.synchronize()
+        seconds = (time.perf_counter() - t0) / repeats
+        out.append({"rows_per_block": rows_per_block, "chunked": chunked, "seconds": seconds})
+        log.info(
+            "A^T g, %5d rows per block, %s: %.3f ms",
+            rows_per_block,
+            "chunked" if chunked else "interleaved",
+            seconds * 1e3,
+        )
+    ops.rows_per_block, ops.chunked = default
+    return out
+
+
 def device_peak_gb_per_s() -> float:
-    """The CUDA device's memory bandwidth from its clock and bus width (0 when unknown)."""
+    """The CUDA device's memory bandwidth from its memory clock and bus width (0 when unknown).
+    CUDA 13 dropped the clock from the device properties: the attribute query serves then."""
     try:
         import cupy as cp
 
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9
-    except Exception:
+        dev = cp.cuda.Device().id
+        props = cp.cuda.runtime.getDeviceProperties(dev)
+        clock_khz = props.get("memoryClockRate") or cp.cuda.runtime.deviceGetAttribute(
+            36,
+            dev,  # cudaDevAttrMemoryClockRate
+        )
+        bus_bits = props.get("memoryBusWidth") or cp.cuda.runtime.deviceGetAttribute(37, dev)
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+    except Exception as exc:
+        log.warning("device memory bandwidth unknown: %s", exc)
         return 0.0
+
+
+def device_copy_gb_per_s(gib: float = 2.0, repeats: int = 10) -> float:
+    """Bytes read and written per second by a device-to-device copy: what the memory bus
+    delivers in practice, next to the datasheet figure."""
+    try:
+        import cupy as cp
+
+        a = cp.ones(int(gib * 2**30) // 4, dtype=cp.float32)
+        b = cp.empty_like(a)
+        b[...] = a
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            b[...] = a
+        cp.cuda.Device().synchronize()
+        seconds = (time.perf_counter() - t0) / repeats
+        return 2 * a.nbytes / seconds / 1e9
+    except Exception as exc:
+        log.warning("device copy not measured: %s", exc)
+        return 0.0
+
+
+def device_name() -> str:
+    try:
+        import cupy as cp
+
+        name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return ""
 
 
 def machine() -> dict[str, Any]:
@@ -288,6 +360,12 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench/fmo.json")
     ap.add_argument("--doc", default=None, help="markdown file whose FMO section is rewritten")
     ap.add_argument(
+        "--doc-section",
+        default="bench-fmo",
+        choices=sorted(SECTIONS),
+        help="which section of --doc: bench-fmo (TG-119, CPU) or bench-gpu (a CUDA device)",
+    )
+    ap.add_argument(
         "--doc-only", action="store_true", help="rewrite --doc from an existing --out JSON"
     )
     args = ap.parse_args()
@@ -296,7 +374,7 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.doc_only:
-        write_doc(Path(args.doc), json.loads(Path(args.out).read_text()))
+        write_doc(Path(args.doc), json.loads(Path(args.out).read_text()), args.doc_section)
         return 0
     params = {"dose_grid_mm": args.dose_grid_mm, "bixel_mm": args.bixel_mm}
     t0 = time.perf_counter()
@@ -319,7 +397,7 @@ def main() -> int:
     csr = FluenceOptimizer(case, matrix="csr")
     prepare = time.perf_counter() - t0
     t0 = time.perf_counter()
-    compressed = FluenceOptimizer(case, matrix="compressed")
+    compressed = FluenceOptimizer(case, matrix="compressed")  # needs numba: a make dependency
     compressed.ops.matvec(np.zeros(case.num_beamlets, np.float32))  # numba compiles here
     prepare_compressed = time.perf_counter() - t0
 
@@ -336,13 +414,17 @@ def main() -> int:
     runs["scipy_lbfgsb"] = run_scipy(case, TERMS, stop_at, args.scipy_max_seconds)
     gpu_ok, gpu_why = gpu_available()
     gpu_opts: dict[str, FluenceOptimizer] = {}
-    if gpu_ok:
-        gpu_opts = {
-            layout: FluenceOptimizer(case, backend="cupy", matrix=layout)
-            for layout in ("csr", "compressed")
-        }
-        runs["radpilot_gpu"] = run_radpilot(gpu_opts["csr"], TERMS)
-        runs["radpilot_gpu_compressed"] = run_radpilot(gpu_opts["compressed"], TERMS)
+    gpu_errors: dict[str, str] = {}
+    for layout, name in (("csr", "radpilot_gpu"), ("compressed", "radpilot_gpu_compressed")):
+        if not gpu_ok:
+            break
+        try:  # one layout failing on a device still leaves the other's figures
+            gpu_opts[layout] = FluenceOptimizer(case, backend="cupy", matrix=layout)
+            runs[name] = run_radpilot(gpu_opts[layout], TERMS)
+        except Exception as exc:
+            log.exception("GPU %s failed", layout)
+            gpu_errors[layout] = f"{type(exc).__name__}: {exc}"
+            gpu_opts.pop(layout, None)
 
     best = min(r["objective"] for r in runs.values())
     target = best * (1 + TOLERANCE)
@@ -369,6 +451,9 @@ def main() -> int:
     )
     if "radpilot_gpu" in results:
         ratios["gpu_vs_cpu"] = ours / results["radpilot_gpu"]["seconds"]
+    if "radpilot_gpu_compressed" in results:
+        ratios["gpu_compressed_vs_cpu"] = ours / results["radpilot_gpu_compressed"]["seconds"]
+    if "radpilot_gpu" in results and "radpilot_gpu_compressed" in results:
         ratios["gpu_compressed_vs_gpu_csr"] = (
             results["radpilot_gpu"]["seconds"] / results["radpilot_gpu_compressed"]["seconds"]
         )
@@ -394,10 +479,21 @@ def main() -> int:
         "ratios": ratios,
         "spmv": spmv_profile(csr, case),
         "spmv_compressed": spmv_profile(compressed, case),
-        "gpu": {"available": gpu_ok, "reason": gpu_why, "peak_gb_per_s": device_peak_gb_per_s()},
+        "gpu": {
+            "available": gpu_ok,
+            "reason": gpu_why,
+            "name": device_name() if gpu_ok else "",
+            "peak_gb_per_s": device_peak_gb_per_s() if gpu_ok else 0.0,
+            "copy_gb_per_s": device_copy_gb_per_s() if gpu_ok else 0.0,
+            "errors": gpu_errors,
+        },
         "spmv_gpu": [spmv_profile(o, case) for o in gpu_opts.values()],
+        "gpu_rmatvec_schedules": (
+            gpu_rmatvec_schedules(gpu_opts["compressed"]) if "compressed" in gpu_opts else []
+        ),
         "machine": machine(),
-        "command": "make bench-fmo",
+        "command": f"make {args.doc_section}",
+        "json": args.out,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -405,11 +501,16 @@ def main() -> int:
     log.info("ratios: %s", json.dumps({k: round(v, 2) for k, v in ratios.items()}))
     log.info("wrote %s", out)
     if args.doc:
-        write_doc(Path(args.doc), report)
+        write_doc(Path(args.doc), report, args.doc_section)
     return 0
 
 
-BEGIN, END = "<!-- bench-fmo:begin -->", "<!-- bench-fmo:end -->"
+# the docs/benchmarks.md sections this benchmark writes: markers and title
+SECTIONS = {
+    "bench-fmo": "FMO: RadPilot vs SciPy L-BFGS-B vs pyRadPlan (`make bench-fmo`)",
+    "bench-gpu": "FMO on a CUDA GPU: CuPy (cuSPARSE and the compressed RawKernels) vs the CPU "
+    "(`make bench-gpu`)",
+}
 
 
 def _spmv_line(p: dict[str, Any], peak_gb_per_s: float = 0.0) -> str:
@@ -428,11 +529,23 @@ def _spmv_line(p: dict[str, Any], peak_gb_per_s: float = 0.0) -> str:
     )
 
 
-def write_doc(path: Path, r: dict[str, Any]) -> None:
+def write_doc(path: Path, r: dict[str, Any], section_name: str = "bench-fmo") -> None:
+    begin, end = f"<!-- {section_name}:begin -->", f"<!-- {section_name}:end -->"
     c, res, m = r["case"], r["results"], r["machine"]
     spmv_lines = [_spmv_line(p) for p in (r["spmv"], r.get("spmv_compressed")) if p]
     peak = r["gpu"].get("peak_gb_per_s", 0.0)
     spmv_lines += [_spmv_line(p, peak) for p in r.get("spmv_gpu", [])]
+    schedules = r.get("gpu_rmatvec_schedules", [])
+    if schedules:
+        spmv_lines.append(
+            "- the compressed kernels' A^T g by block schedule (rows per block, warps "
+            "interleaved or on contiguous runs; the default first): "
+            + ", ".join(
+                f"{s['rows_per_block']} {'chunked' if s['chunked'] else 'interleaved'} "
+                f"{s['seconds'] * 1e3:.2f} ms"
+                for s in schedules
+            )
+        )
     rows = []
     for name, v in res.items():
         iters = v.get("iterations", "")
@@ -441,8 +554,20 @@ def write_doc(path: Path, r: dict[str, Any]) -> None:
             f"{v['objective']:.4f} | {iters} | {v['seconds_total']:.2f} |"
         )
     ratio_lines = "\n".join(f"- `{k}`: **{v:.2f}x**" for k, v in r["ratios"].items())
-    section = f"""{BEGIN}
-## FMO: RadPilot vs SciPy L-BFGS-B vs pyRadPlan (`make bench-fmo`)
+    gpu = r["gpu"]
+    if gpu["available"]:
+        copy = (
+            f", device-to-device copy {gpu['copy_gb_per_s']:.0f} GB/s"
+            if gpu.get("copy_gb_per_s")
+            else ""
+        )
+        gpu_line = f"present: {gpu.get('name') or 'a CUDA device'} ({gpu['peak_gb_per_s']:.0f} GB/s by its memory clock and bus{copy})"
+        errors = "; ".join(f"{k}: {v}" for k, v in gpu.get("errors", {}).items())
+        gpu_line += f"; failed: {errors}" if errors else ""
+    else:
+        gpu_line = f"absent ({gpu['reason']})"
+    section = f"""{begin}
+## {SECTIONS[section_name]}
 
 Case `{c["name"]}`: {c["dose_grid_mm"]:g} mm dose grid, {c["bixel_mm"]:g} mm bixels, {c["beams"]} beams,
 A = {c["rows"]} rows x {c["beamlets"]} beamlets, {c["nnz"]:.3g} non-zeros (stored as float32 CSR; the compressed layout is built from it).
@@ -460,16 +585,16 @@ plan, timed against a cold solve of the same changed problem on a fresh optimize
 Ratios (their seconds / ours; bigger is better):
 {ratio_lines}
 
-Sparse products (CPU backend, {m["cores"]} threads; the default layout is `{c.get("default_matrix", "csr")}`, the
-ratios above compare its run with the others):
+Sparse products ({m["cores"]} CPU threads, and the GPU's rows where a device is present; the CPU's default
+layout is `{c.get("default_matrix", "csr")}`, the ratios above compare its run with the others):
 {chr(10).join(spmv_lines)}
 
 Machine: {m["cpu"]}, {m["cores"]} cores, {m["memory_gib"]} GiB; Python {m["python"]}, NumPy {m["numpy"]},
-SciPy {m["scipy"]}. GPU: {"present" if r["gpu"]["available"] else "absent (" + r["gpu"]["reason"] + ")"}.
-Full figures: `out/bench/fmo.json`.
-{END}"""
+SciPy {m["scipy"]}. GPU: {gpu_line}.
+Full figures: `{r.get("json", "out/bench/fmo.json")}` (`{r.get("command", "make bench-fmo")}`).
+{end}"""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_section(path, BEGIN, END, section)
+    write_section(path, begin, end, section)
 
 
 if __name__ == "__main__":

@@ -265,29 +265,42 @@ def _cpu_ops(
     return CompressedCpuOps(A, threads=threads)
 
 
+def gpu_layout(num_beamlets: int, matrix: str | None = None) -> str:
+    """The GPU layout a matrix with ``num_beamlets`` columns gets: ``compressed`` or ``csr``.
+    ``auto`` is the compressed layout where it fits: on an H200 it reached the FMO target 1.28x
+    sooner than cuSPARSE on float32 CSR, in half the device memory (docs/benchmarks.md,
+    ``make bench-gpu``). BackendUnavailableError when ``compressed`` is asked for and the
+    matrix has too many beamlets."""
+    from radpilot.fmo.compressed import MAX_COLUMNS
+
+    layout = matrix_layout(matrix)
+    if layout == "csr":
+        return "csr"
+    if num_beamlets <= MAX_COLUMNS:
+        return "compressed"
+    if layout == "compressed":
+        raise BackendUnavailableError(
+            f"the compressed matrix takes at most {MAX_COLUMNS} beamlets; this one has "
+            f"{num_beamlets}: use --matrix csr"
+        )
+    return "csr"
+
+
 def uses_compressed(backend: str, num_beamlets: int, matrix: str | None = None) -> bool:
     """Whether ``make_ops`` builds the compressed layout for this backend, size and request (the
     case store then hands it the stored arrays instead of quantising again)."""
     if backend in ("cupy", "gpu") or (backend == "auto" and gpu_available()[0]):
-        from radpilot.fmo.compressed import MAX_COLUMNS
-
-        return matrix_layout(matrix) == "compressed" and num_beamlets <= MAX_COLUMNS
+        return gpu_layout(num_beamlets, matrix) == "compressed"
     return cpu_layout(num_beamlets, matrix) == "compressed"
 
 
 def _gpu_ops(A: sp.spmatrix, matrix: str | None, packed: Packed | None = None) -> MatrixOps:
-    """The GPU backend: cuSPARSE on float32 CSR (``auto``, ``csr``), or the compressed layout's
-    RawKernels (``compressed``; ``radpilot.fmo.gpu_compressed``)."""
-    if matrix_layout(matrix) != "compressed":
+    """The GPU backend: the compressed layout's RawKernels (``auto`` where the beamlets fit,
+    ``compressed``; ``radpilot.fmo.gpu_compressed``) or cuSPARSE on float32 CSR (``csr``)."""
+    if gpu_layout(int(A.shape[1]), matrix) == "csr":
         return CupyOps(A)
-    from radpilot.fmo.compressed import MAX_COLUMNS
     from radpilot.fmo.gpu_compressed import CompressedGpuOps
 
-    if A.shape[1] > MAX_COLUMNS:
-        raise BackendUnavailableError(
-            f"the compressed matrix takes at most {MAX_COLUMNS} beamlets; this one has "
-            f"{A.shape[1]}: use --matrix csr"
-        )
     if packed is not None:
         return CompressedGpuOps(None, arrays=packed, num_columns=int(A.shape[1]))
     return CompressedGpuOps(A)
@@ -318,7 +331,7 @@ def make_ops(
 ) -> MatrixOps:
     """The backend for ``A``. ``matrix``: ``compressed`` (16-bit indices and values; numba
     kernels on the CPU, CuPy RawKernels on the GPU), ``csr`` (float32 CSR: SciPy on the CPU,
-    cuSPARSE on the GPU) or ``auto`` (the CPU's ``AUTO_LAYOUT``; cuSPARSE on the GPU).
+    cuSPARSE on the GPU) or ``auto`` (the CPU's ``AUTO_LAYOUT``; ``gpu_layout`` on the GPU).
     ``packed``: ``A`` already in the compressed layout (``CaseStore.compressed``), used when
     that layout is chosen instead of quantising ``A`` again."""
     if backend in ("numpy", "cpu"):

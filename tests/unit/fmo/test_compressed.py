@@ -108,8 +108,14 @@ def test_the_layout_is_chosen_by_argument_environment_or_size(
 
 
 def test_the_gpu_layouts_are_asked_for_the_same_way() -> None:
-    from radpilot.fmo.backend import gpu_available
+    from radpilot.fmo.backend import gpu_available, gpu_layout, uses_compressed
 
+    # auto on the GPU: the compressed kernels where the beamlets fit (the measured winner there)
+    assert gpu_layout(3000) == "compressed" and uses_compressed("cupy", 3000)
+    assert gpu_layout(3000, "csr") == "csr" and not uses_compressed("cupy", 3000, "csr")
+    assert gpu_layout(70001) == "csr"  # too many beamlets for 16-bit indices: cuSPARSE
+    with pytest.raises(BackendUnavailableError, match="use --matrix csr"):
+        gpu_layout(70001, "compressed")
     wide = sp.csr_matrix((np.ones(2, np.float32), ([0, 1], [0, 70000])), shape=(2, 70001))
     with pytest.raises(BackendUnavailableError, match="at most 65536 beamlets"):
         make_ops(wide, backend="cupy", matrix="compressed")  # refused before any device is used

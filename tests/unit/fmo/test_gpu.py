@@ -27,7 +27,8 @@ TERMS = [
 
 def test_cupy_products_match_numpy(analytic_case: Case) -> None:
     cpu = FluenceOptimizer(analytic_case, backend="numpy").ops
-    gpu = FluenceOptimizer(analytic_case, backend="cupy").ops
+    gpu = FluenceOptimizer(analytic_case, backend="cupy", matrix="csr").ops
+    assert gpu.matrix == "csr"
     rng = np.random.default_rng(0)
     x = rng.random(cpu.shape[1]).astype(np.float32)
     g = rng.random(cpu.shape[0]).astype(np.float32)
@@ -37,7 +38,7 @@ def test_cupy_products_match_numpy(analytic_case: Case) -> None:
 
 def test_cupy_solve_matches_numpy(analytic_case: Case) -> None:
     a = FluenceOptimizer(analytic_case, backend="numpy").solve(TERMS)
-    b = FluenceOptimizer(analytic_case, backend="cupy").solve(TERMS)
+    b = FluenceOptimizer(analytic_case, backend="cupy", matrix="csr").solve(TERMS)
     assert b.backend == "cupy"
     assert b.objective == pytest.approx(a.objective, rel=5e-3)
 
@@ -52,7 +53,7 @@ def _dequantised(case: Case) -> sp.csr_matrix:
 def test_compressed_gpu_products_match_the_dequantised_matrix(
     analytic_case: Case, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gpu = FluenceOptimizer(analytic_case, backend="cupy", matrix="compressed").ops
+    gpu = FluenceOptimizer(analytic_case, backend="cupy").ops  # auto: the compressed kernels
     assert gpu.matrix == "compressed" and gpu.bytes_per_nonzero < 4.5
     ref = _dequantised(analytic_case)
     rng = np.random.default_rng(0)
@@ -61,7 +62,11 @@ def test_compressed_gpu_products_match_the_dequantised_matrix(
     g[rng.random(g.size) < 0.5] = 0.0  # rows the transposed product skips
     np.testing.assert_allclose(gpu.to_host(gpu.matvec(x)), ref @ x, rtol=1e-5, atol=1e-6)
     want = ref.T @ g
-    np.testing.assert_allclose(gpu.to_host(gpu.rmatvec(g)), want, rtol=1e-4, atol=1e-5)
+    for rows_per_block in (256, 1024, 4096):  # every schedule make bench-gpu compares
+        for chunked in (False, True):
+            gpu.rows_per_block, gpu.chunked = rows_per_block, chunked
+            got = gpu.to_host(gpu.rmatvec(g))
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     monkeypatch.setattr(gpu_compressed, "SHARED_LIMIT", 0)  # the global-memory kernel
     np.testing.assert_allclose(gpu.to_host(gpu.rmatvec(g)), want, rtol=1e-4, atol=1e-5)
 
