@@ -53,6 +53,14 @@ LLM_SECONDS = Histogram(
 )
 LLM_TOKENS = Counter("radpilot_llm_tokens_total", "LLM tokens", ["role", "kind"])
 LLM_CALLS = Counter("radpilot_llm_calls_total", "LLM calls by outcome", ["role", "outcome"])
+DICOM_INSTANCES = Counter(
+    "radpilot_dicom_instances_total",
+    "DICOM instances the node received, by outcome (stored, refused, invalid, spool_error)",
+    ["outcome"],
+)
+DICOM_ASSOCIATIONS = Counter(
+    "radpilot_dicom_associations_total", "DICOM associations asked of the node", ["outcome"]
+)
 
 
 def observe_llm_calls(calls: Iterable[Any]) -> None:
