@@ -369,6 +369,21 @@ def _isodose_figure(
     return _png(fig)
 
 
+def isodose_slice(plan: PlanDose, prescription_gy: float, index: int) -> bytes:
+    """Axial slice ``index`` of a plan as a PNG: CT, isodose lines, structure outlines, cropped
+    to the body (a review page scrolls through these)."""
+    case = plan.case
+    nz = case.grid.shape[0]
+    if not 0 <= index < nz:
+        raise ValueError(f"slice {index} is out of range: the dose grid has {nz} slices")
+    masks = {s.name: s.mask(case.grid) for s in case.structures}
+    z_mm = case.grid.origin_mm[0] + index * case.grid.spacing_mm[0]
+    title = f"axial slice {index + 1} of {nz}, z = {z_mm:.1f} mm"
+    return _isodose_figure(
+        case, plan.cube(), prescription_gy, "axial", index, title, _body_box(case), masks
+    )
+
+
 def _in_plane(point_zyx: tuple[float, float, float], plane: str) -> tuple[float, float]:
     """A world point's image coordinates (horizontal, vertical) in a plane's extent."""
     z, y, x = point_zyx

@@ -248,3 +248,75 @@ class ApprovePlanResponse(_message.Message):
     protocol: str
     references: int
     def __init__(self, reference_id: _Optional[str] = ..., protocol: _Optional[str] = ..., references: _Optional[int] = ...) -> None: ...
+
+class ListPlanningJobsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class JobSummary(_message.Message):
+    __slots__ = ("job_id", "case_id", "state", "agent", "protocol", "iterations", "best_iteration", "created", "updated")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CASE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    BEST_ITERATION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    case_id: str
+    state: JobState
+    agent: str
+    protocol: str
+    iterations: int
+    best_iteration: int
+    created: float
+    updated: float
+    def __init__(self, job_id: _Optional[str] = ..., case_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., agent: _Optional[str] = ..., protocol: _Optional[str] = ..., iterations: _Optional[int] = ..., best_iteration: _Optional[int] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ...) -> None: ...
+
+class ListPlanningJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobSummary]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobSummary, _Mapping]]] = ...) -> None: ...
+
+class GetIterationViewRequest(_message.Message):
+    __slots__ = ("job_id", "iteration", "slice")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    SLICE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    iteration: int
+    slice: int
+    def __init__(self, job_id: _Optional[str] = ..., iteration: _Optional[int] = ..., slice: _Optional[int] = ...) -> None: ...
+
+class DvhCurve(_message.Message):
+    __slots__ = ("structure", "volume_pct")
+    STRUCTURE_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_PCT_FIELD_NUMBER: _ClassVar[int]
+    structure: str
+    volume_pct: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, structure: _Optional[str] = ..., volume_pct: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetIterationViewResponse(_message.Message):
+    __slots__ = ("iteration", "levels_gy", "dvh", "num_slices", "start_slice", "slice_png", "slice_z_mm", "prescription_gy")
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_GY_FIELD_NUMBER: _ClassVar[int]
+    DVH_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLICES_FIELD_NUMBER: _ClassVar[int]
+    START_SLICE_FIELD_NUMBER: _ClassVar[int]
+    SLICE_PNG_FIELD_NUMBER: _ClassVar[int]
+    SLICE_Z_MM_FIELD_NUMBER: _ClassVar[int]
+    PRESCRIPTION_GY_FIELD_NUMBER: _ClassVar[int]
+    iteration: int
+    levels_gy: _containers.RepeatedScalarFieldContainer[float]
+    dvh: _containers.RepeatedCompositeFieldContainer[DvhCurve]
+    num_slices: int
+    start_slice: int
+    slice_png: bytes
+    slice_z_mm: float
+    prescription_gy: float
+    def __init__(self, iteration: _Optional[int] = ..., levels_gy: _Optional[_Iterable[float]] = ..., dvh: _Optional[_Iterable[_Union[DvhCurve, _Mapping]]] = ..., num_slices: _Optional[int] = ..., start_slice: _Optional[int] = ..., slice_png: _Optional[bytes] = ..., slice_z_mm: _Optional[float] = ..., prescription_gy: _Optional[float] = ...) -> None: ...

@@ -75,6 +75,16 @@ class OrchestratorServiceStub:
                 request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.SerializeToString,
                 response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.FromString,
                 _registered_method=True)
+        self.ListPlanningJobs = channel.unary_unary(
+                '/radpilot.v1.OrchestratorService/ListPlanningJobs',
+                request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsResponse.FromString,
+                _registered_method=True)
+        self.GetIterationView = channel.unary_unary(
+                '/radpilot.v1.OrchestratorService/GetIterationView',
+                request_serializer=radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewRequest.SerializeToString,
+                response_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -134,6 +144,21 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlanningJobs(self, request, context):
+        """The most recent jobs, newest first (what a review page lists).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIterationView(self, request, context):
+        """One iteration's dose for review: its DVH curves and, on request, one axial slice as a PNG
+        (CT, isodose lines, structure outlines).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +201,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ApprovePlan,
                     request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.FromString,
                     response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.SerializeToString,
+            ),
+            'ListPlanningJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlanningJobs,
+                    request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsResponse.SerializeToString,
+            ),
+            'GetIterationView': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIterationView,
+                    request_deserializer=radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewRequest.FromString,
+                    response_serializer=radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +430,60 @@ class OrchestratorService:
             '/radpilot.v1.OrchestratorService/ApprovePlan',
             radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanRequest.SerializeToString,
             radpilot_dot_v1_dot_orchestrator__pb2.ApprovePlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlanningJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.OrchestratorService/ListPlanningJobs',
+            radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsRequest.SerializeToString,
+            radpilot_dot_v1_dot_orchestrator__pb2.ListPlanningJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIterationView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/radpilot.v1.OrchestratorService/GetIterationView',
+            radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewRequest.SerializeToString,
+            radpilot_dot_v1_dot_orchestrator__pb2.GetIterationViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import grpc
+import numpy as np
 
 from radpilot.agents.references import (
     ReferencePlan,
@@ -131,6 +132,7 @@ class Orchestrator:
             log.info("job store: %d iteration record(s) migrated to the typed format", migrated)
         self.num_references = num_references
         self._features: dict[str, dict[str, float]] = {}
+        self._views: dict[tuple[str, str], PlanDose] = {}  # review pages: the last few doses
         if references_dir is not None:
             seeded = sum(
                 self.jobs.add_reference(r.reference_id, r.protocol, r.to_dict())
@@ -316,7 +318,15 @@ class Orchestrator:
             raise FailedPreconditionError(
                 f"job {job_id} is {job.state}; feedback can no longer apply"
             )
-        applies_from = len(self.jobs.iterations(job_id)) + 1
+        # an iteration reads the feedback in force once its FMO is done, just before it is
+        # judged: the first iteration whose FMO is not done yet is the first to see this text
+        # (records are stored only after the planner's proposal: counting them is too early)
+        optimised = [
+            int(e.get("iteration", 0))
+            for _, e in self.jobs.events_since(job_id, 0)
+            if e.get("kind") == "fmo_done"
+        ]
+        applies_from = max([len(self.jobs.iterations(job_id)), *optimised]) + 1
         self.jobs.add_feedback(job_id, text.strip(), applies_from)
         return applies_from
 
@@ -570,6 +580,63 @@ class Orchestrator:
                 report.use_deliverable(plan, self.cases.get_artefact(dose.path, dose.sha256))
             report.delivery_error = error
         return report
+
+    def recent_jobs(self, limit: int = 100) -> list[tuple[Any, str, int, float, float]]:
+        """The newest jobs: (job, protocol name, iterations stored, created, updated)."""
+        if not 0 <= limit <= 1000:
+            raise ValueError(f"limit {limit} is out of range: ask for 1..1000 jobs (0 = 100)")
+        out = []
+        for job, count, created, updated in self.jobs.recent_jobs(limit or 100):
+            try:
+                name = load_protocol_text(job.protocol_yaml, "protocol_yaml").name
+            except ValueError:
+                name = ""
+            out.append((job, name, count, created, updated))
+        return out
+
+    def iteration_view(self, job_id: str, iteration: int, slice_index: int) -> dict[str, Any]:
+        """One iteration's DVH curves and, for ``slice_index`` >= 0, that axial slice as a PNG
+        (for a review page: the case's geometry and the stored dose, no matrix)."""
+        from radpilot.evaluation.images import isodose_slice
+
+        job = self.jobs.job(job_id)
+        records = self.jobs.iterations(job_id)
+        number = iteration or job.best_iteration or (records[-1].iteration if records else 0)
+        record = next((r for r in records if r.iteration == number), None)
+        if record is None or record.dose is None:
+            raise FailedPreconditionError(
+                f"job {job_id} has no stored dose for iteration {number}: "
+                f"it has {len(records)} iteration(s) so far"
+            )
+        key = (job.case_id, record.dose.sha256)
+        plan = self._views.get(key)
+        if plan is None:
+            case = self.cases.load(job.case_id, matrix=False)
+            plan = PlanDose(case, self.cases.get_artefact(record.dose.path, record.dose.sha256))
+            self._views = {**dict(list(self._views.items())[-3:]), key: plan}  # the last few
+        case = plan.case
+        protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
+        levels = np.arange(0.0, float(plan.dose_rows.max()) * 1.05 + 0.5, 0.5)
+        curves = plan.dvh_curves(levels)
+        nz = case.grid.shape[0]
+        hot = plan.hottest_point()
+        start = case.grid.index_of(hot[1])[0] if hot is not None else nz // 2
+        if not -1 <= slice_index < nz:
+            raise ValueError(f"slice {slice_index} is out of range: the dose grid has {nz} slices")
+        png = b""
+        if slice_index >= 0:
+            png = isodose_slice(plan, protocol.prescription_gy, slice_index)
+        z_mm = case.grid.origin_mm[0] + max(slice_index, 0) * case.grid.spacing_mm[0]
+        return {
+            "iteration": number,
+            "levels_gy": levels,
+            "dvh": curves,
+            "num_slices": nz,
+            "start_slice": int(start),
+            "slice_png": png,
+            "slice_z_mm": float(z_mm),
+            "prescription_gy": float(protocol.prescription_gy),
+        }
 
     def export(self, job_id: str) -> tuple[bytes, str]:
         report = self.report(job_id)

@@ -145,6 +145,48 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         data, name = self.core.export(request.job_id)
         return pb.ExportPlanResponse(bundle=data, filename=name)
 
+    def ListPlanningJobs(
+        self, request: pb.ListPlanningJobsRequest, context: grpc.ServicerContext
+    ) -> pb.ListPlanningJobsResponse:
+        return pb.ListPlanningJobsResponse(
+            jobs=[
+                pb.JobSummary(
+                    job_id=job.job_id,
+                    case_id=job.case_id,
+                    state=STATES[job.state],
+                    agent=job.agent,
+                    protocol=name,
+                    iterations=count,
+                    best_iteration=job.best_iteration,
+                    created=created,
+                    updated=updated,
+                )
+                for job, name, count, created, updated in self.core.recent_jobs(request.limit)
+            ]
+        )
+
+    def GetIterationView(
+        self, request: pb.GetIterationViewRequest, context: grpc.ServicerContext
+    ) -> pb.GetIterationViewResponse:
+        if not request.job_id:
+            raise ValueError("job_id is empty: name the job whose iteration to view")
+        if request.iteration < 0:
+            raise ValueError(f"iteration {request.iteration}: give 1 or more, or 0 for the best")
+        v = self.core.iteration_view(request.job_id, request.iteration, request.slice)
+        return pb.GetIterationViewResponse(
+            iteration=v["iteration"],
+            levels_gy=[float(x) for x in v["levels_gy"]],
+            dvh=[
+                pb.DvhCurve(structure=name, volume_pct=[float(x) for x in curve])
+                for name, curve in v["dvh"].items()
+            ],
+            num_slices=v["num_slices"],
+            start_slice=v["start_slice"],
+            slice_png=v["slice_png"],
+            slice_z_mm=v["slice_z_mm"],
+            prescription_gy=v["prescription_gy"],
+        )
+
     def ApprovePlan(
         self, request: pb.ApprovePlanRequest, context: grpc.ServicerContext
     ) -> pb.ApprovePlanResponse:

@@ -194,6 +194,17 @@ class JobStore:
             raise KeyError(f"no planning job {job_id!r}")
         return Job(*rows[0])
 
+    def recent_jobs(self, limit: int) -> list[tuple[Job, int, float, float]]:
+        """The newest ``limit`` jobs with their number of stored iterations, created, updated."""
+        rows = self._query(
+            "SELECT job_id, idempotency_key, case_id, protocol_yaml, max_iterations, memory_length,"
+            " agent, state, best_iteration, error, llm, candidates,"
+            " (SELECT COUNT(*) FROM iterations i WHERE i.job_id = jobs.job_id), created, updated"
+            " FROM jobs ORDER BY created DESC, job_id LIMIT ?",
+            (limit,),
+        )
+        return [(Job(*r[:12]), int(r[12]), float(r[13]), float(r[14])) for r in rows]
+
     def job_count(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM jobs")[0][0])
 
