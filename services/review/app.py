@@ -176,24 +176,26 @@ def create_app(core: ReviewCore, secure_cookie: bool = False) -> Starlette:
             headers={"Cache-Control": "private, max-age=3600"},
         )
 
-    async def _form(request: Request, s: Session) -> dict[str, str] | None:
+    async def _form(request: Request) -> tuple[str, dict[str, str]] | Response:
+        """A job form's (job id, fields), or the response refusing it: no session (to the
+        login page) or no CSRF token of this session (403)."""
+        s = session(request)
+        if s is None:
+            return to_login()
         form = await request.form()
         if str(form.get("csrf", "")) != s.csrf:
-            return None
-        return {k: str(v) for k, v in form.items()}
+            return PlainTextResponse("the form is stale: reload the page and send it again", 403)
+        return request.path_params["job_id"], {k: str(v) for k, v in form.items()}
 
     def back(job_id: str, **message: str) -> Response:
         key, text = next(iter(message.items()))
         return RedirectResponse(f"/jobs/{quote(job_id)}?{key}={quote(text)}", status_code=303)
 
     async def feedback(request: Request) -> Response:
-        s = session(request)
-        if s is None:
-            return to_login()
-        job_id = request.path_params["job_id"]
-        form = await _form(request, s)
-        if form is None:
-            return PlainTextResponse("the form is stale: reload the page and send it again", 403)
+        checked = await _form(request)
+        if isinstance(checked, Response):
+            return checked
+        job_id, form = checked
         text = form.get("text", "").strip()
         if not text or len(text) > MAX_FEEDBACK:
             return back(job_id, error=f"Feedback must be 1 to {MAX_FEEDBACK} characters.")
@@ -204,13 +206,10 @@ def create_app(core: ReviewCore, secure_cookie: bool = False) -> Starlette:
         return back(job_id, note=f"Feedback sent: it applies from iteration {applies}.")
 
     async def approve(request: Request) -> Response:
-        s = session(request)
-        if s is None:
-            return to_login()
-        job_id = request.path_params["job_id"]
-        form = await _form(request, s)
-        if form is None:
-            return PlainTextResponse("the form is stale: reload the page and send it again", 403)
+        checked = await _form(request)
+        if isinstance(checked, Response):
+            return checked
+        job_id, form = checked
         try:
             r = await call(core.approve, job_id, form.get("description", "").strip())
         except grpc.RpcError as exc:

@@ -10,6 +10,7 @@ import grpc
 from radpilot.llm.client import LLMSettings
 from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc
+from services.common.auth import BearerToken
 from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve as serve_evaluator
 from services.optimizer.config import OptimizerConfig
@@ -21,7 +22,10 @@ from services.planner.server import serve as serve_planner
 
 
 class LLMCluster:
-    def __init__(self, root: Path, llm: LLMSettings, refs: str, **orchestrator: Any) -> None:
+    def __init__(
+        self, root: Path, llm: LLMSettings, refs: str, token: str = "", **orchestrator: Any
+    ) -> None:
+        """``token``: the orchestrator's API token ("" = open); ``stub`` presents it."""
         self.root = root
         store = str(root / "store")
         self.workers = [
@@ -39,10 +43,13 @@ class LLMCluster:
                 references=refs,
                 **orchestrator,
             ),
-            token="",
+            token=token,
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.orch.port}")
-        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
+        channel = (
+            grpc.intercept_channel(self.channel, BearerToken(token)) if token else self.channel
+        )
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 
     def close(self) -> None:
         self.channel.close()

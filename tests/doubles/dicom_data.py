@@ -112,3 +112,21 @@ def edit(path: Path, **changes: object) -> None:
     for k, v in changes.items():
         setattr(ds, k, v)
     ds.save_as(str(path))
+
+
+# a protocol for write_patient's patient: its ROI names, beams and a coarse grid
+FOREIGN_PROTOCOL = """
+name: foreign-test
+prescription: {target: PTV, dose_gy: 60.0}
+intent: Treat the PTV, spare the cord.
+goals:
+  - {structure: PTV, metric: D95, comparator: ">=", limit: 60}
+  - {structure: Cord, metric: max, comparator: "<=", limit: 45}
+objectives:
+  - {structure: PTV, kind: squared_deviation, dose_gy: 60, weight: 100}
+  - {structure: Cord, kind: squared_overdose, dose_gy: 30, weight: 20}
+  - {structure: NormalTissue, kind: squared_overdose, dose_gy: 30, weight: 5}
+structures:
+  Spinal_Cord: {name: Cord}
+beams: {gantry_deg: [0, 72, 144, 216, 288], bixel_mm: 8, dose_grid_mm: 8}
+"""

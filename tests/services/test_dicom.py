@@ -26,25 +26,10 @@ from radpilot.delivery import SequencingSettings
 from radpilot.dicom.read import DicomImportError, import_dicom, scan_folder
 from radpilot.loop.inprocess import plan_once
 from radpilot.protocol import BeamSpec, ProtocolError, load_protocol, load_protocol_text
-from tests.doubles.dicom_data import NEEDLES, edit, write_patient
+from tests.doubles.dicom_data import FOREIGN_PROTOCOL, NEEDLES, edit, write_patient
 from tests.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
-FOREIGN_PROTOCOL = """
-name: foreign-test
-prescription: {target: PTV, dose_gy: 60.0}
-intent: Treat the PTV, spare the cord.
-goals:
-  - {structure: PTV, metric: D95, comparator: ">=", limit: 60}
-  - {structure: Cord, metric: max, comparator: "<=", limit: 45}
-objectives:
-  - {structure: PTV, kind: squared_deviation, dose_gy: 60, weight: 100}
-  - {structure: Cord, kind: squared_overdose, dose_gy: 30, weight: 20}
-  - {structure: NormalTissue, kind: squared_overdose, dose_gy: 30, weight: 5}
-structures:
-  Spinal_Cord: {name: Cord}
-beams: {gantry_deg: [0, 72, 144, 216, 288], bixel_mm: 8, dose_grid_mm: 8}
-"""
 
 
 @pytest.fixture(scope="module")

@@ -36,25 +36,10 @@ from services.common.auth import BearerToken
 from services.dicomnode.config import DicomNodeConfig
 from services.dicomnode.server import RunningNode, serve
 from services.launcher import LocalCluster, launch
-from tests.doubles.dicom_data import IDENTIFIERS, NEEDLES, write_patient
+from tests.doubles.dicom_data import FOREIGN_PROTOCOL, IDENTIFIERS, NEEDLES, write_patient
 
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 STORESCU = "/usr/bin/storescu"  # dcmtk's (a venv's pynetdicom installs its own storescu too)
-PROTOCOL = """
-name: dicomnode-test
-prescription: {target: PTV, dose_gy: 60.0}
-intent: Treat the PTV, spare the cord.
-goals:
-  - {structure: PTV, metric: D95, comparator: ">=", limit: 57}
-  - {structure: Cord, metric: max, comparator: "<=", limit: 45}
-objectives:
-  - {structure: PTV, kind: squared_deviation, dose_gy: 60, weight: 100}
-  - {structure: Cord, kind: squared_overdose, dose_gy: 30, weight: 20}
-  - {structure: NormalTissue, kind: squared_overdose, dose_gy: 30, weight: 5}
-structures:
-  Spinal_Cord: {name: Cord}
-beams: {gantry_deg: [0, 72, 144, 216, 288], bixel_mm: 8, dose_grid_mm: 8}
-"""
 
 
 def _free_port() -> int:
@@ -149,7 +134,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     patient = root / "patient"
     patient.mkdir()
     write_patient(patient)
-    (root / "protocol.yaml").write_text(PROTOCOL)
+    (root / "protocol.yaml").write_text(FOREIGN_PROTOCOL)
     orthanc_dicom = _free_port()
     rules = {
         "rules": [

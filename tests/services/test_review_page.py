@@ -4,13 +4,14 @@ chromedriver, against the page and the services over real sockets.
 The job runs with the LLM agents against a scripted local model whose answers the test holds
 back at two points, so the browser provably watches an iteration arrive live and the physician's
 comment provably reaches the next iteration. Skipped, saying why, where chromium, chromedriver
-or Selenium is missing (.ci/run installs them where it can).
+or Selenium is missing (.ci/run installs them where it can); the gRPC checks run anyway.
 
 ``RADPILOT_SCREENSHOTS=docs`` saves the screenshots that docs/review.md shows.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -21,23 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
 from radpilot.v1 import orchestrator_pb2 as pb
 from radpilot.v1 import orchestrator_pb2_grpc
-from services.common.auth import BearerToken
-from services.evaluator.config import EvaluatorConfig
-from services.evaluator.server import serve as serve_evaluator
-from services.optimizer.config import OptimizerConfig
-from services.optimizer.server import serve as serve_optimizer
-from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.server import serve as serve_orchestrator
-from services.planner.config import PlannerConfig
-from services.planner.server import serve as serve_planner
 from services.review.config import ReviewConfig
 from services.review.server import RunningReview
 from services.review.server import serve as serve_review
+from tests.doubles.cluster import LLMCluster
 from tests.doubles.llm_server import (
     Reply,
     ScriptedLLMServer,
@@ -86,57 +78,33 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromedriver")):
-        if not Path(path).is_file():
-            pytest.skip(f"Debian's {what} is not installed (.ci/run installs it where it can)")
-    pytest.importorskip("selenium", reason="Selenium is a dev dependency: make test installs it")
     root = tmp_path_factory.mktemp("review")
-    store = str(root / "store")
     gates = Gates()
     with ScriptedLLMServer(gates.responder) as llm_server:
-        llm = scripted_settings(llm_server)
-        workers = [
-            serve_optimizer(OptimizerConfig(address="127.0.0.1:0", case_store=store)),
-            serve_evaluator(EvaluatorConfig(address="127.0.0.1:0", case_store=store, llm=llm)),
-            serve_planner(PlannerConfig(address="127.0.0.1:0", llm=llm)),
-        ]
-        orch = serve_orchestrator(
-            OrchestratorConfig(
-                address="127.0.0.1:0",
-                case_store=store,
-                optimizers=(f"127.0.0.1:{workers[0].port}",),
-                evaluator=f"127.0.0.1:{workers[1].port}",
-                planner=f"127.0.0.1:{workers[2].port}",
-                references="",
-            ),
-            token=TOKEN,
-        )
-        channel = grpc.insecure_channel(f"127.0.0.1:{orch.port}")
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            grpc.intercept_channel(channel, BearerToken(TOKEN))
-        )
-        case = stub.CreateCase(
+        cluster = LLMCluster(root, scripted_settings(llm_server), "", token=TOKEN)
+        case = cluster.stub.CreateCase(
             iter([pb.CreateCaseRequest(builtin="analytic-cshape", parameters={"spacing_mm": "8"})]),
             timeout=300,
         )
         review = serve_review(
-            ReviewConfig(address="127.0.0.1:0", orchestrator=f"127.0.0.1:{orch.port}"),
+            ReviewConfig(address="127.0.0.1:0", orchestrator=f"127.0.0.1:{cluster.orch.port}"),
             token=TOKEN,
         )
         try:
-            yield World(review, stub, case.case_id, gates, root)
+            yield World(review, cluster.stub, case.case_id, gates, root)
         finally:
             gates.evaluate.set()
             gates.plan.set()
             review.stop(2)
-            channel.close()
-            orch.stop(2)
-            for w in workers:
-                w.stop(1)
+            cluster.close()
 
 
 @pytest.fixture
 def browser(world: World) -> Iterator[Any]:
+    for path, what in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromedriver")):
+        if not Path(path).is_file():
+            pytest.skip(f"Debian's {what} is not installed (.ci/run installs it where it can)")
+    pytest.importorskip("selenium", reason="Selenium is a dev dependency: make test installs it")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -322,3 +290,49 @@ def test_the_page_refuses_without_a_session_and_forged_forms(world: World) -> No
     missing = get("/jobs/no-such-job")
     assert missing.status_code == 404 and "NOT_FOUND" in missing.text
     assert get("/jobs/no-such-job/nonsense").status_code == 404
+
+
+def test_the_review_rpcs_answer_and_refuse_clearly(world: World) -> None:
+    """ListPlanningJobs and GetIterationView over gRPC, bad arguments included."""
+    import grpc
+
+    protocol = (REPO_ROOT / "protocols" / "tg119_cshape_easier.yaml").read_text()
+    job_id = world.stub.StartPlanning(
+        pb.StartPlanningRequest(
+            case_id=world.case_id, protocol_yaml=protocol, agent="fixed", max_iterations=1
+        ),
+        timeout=30,
+    ).job_id
+    for _ in world.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300):
+        pass
+    listed = world.stub.ListPlanningJobs(pb.ListPlanningJobsRequest(limit=5), timeout=30).jobs
+    assert listed[0].job_id == job_id and listed[0].protocol == "tg119-cshape-easier"
+    assert listed[0].iterations == 1 and listed[0].state == pb.JOB_STATE_SUCCEEDED
+    view = world.stub.GetIterationView(
+        pb.GetIterationViewRequest(job_id=job_id, iteration=0, slice=-1), timeout=60
+    )
+    assert view.iteration == 1 and not view.slice_png and 0 <= view.start_slice < view.num_slices
+    assert {c.structure for c in view.dvh} >= {"PTV", "Core"}
+    for c in view.dvh:
+        v = list(c.volume_pct)
+        assert len(v) == len(view.levels_gy) and v[0] == pytest.approx(100, abs=0.01)
+        assert all(a >= b - 1e-4 for a, b in itertools.pairwise(v))  # cumulative
+    png = world.stub.GetIterationView(
+        pb.GetIterationViewRequest(job_id=job_id, iteration=1, slice=view.start_slice), timeout=60
+    ).slice_png
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    for request, code, words in [
+        (pb.GetIterationViewRequest(job_id=job_id, slice=view.num_slices), "INVALID_ARGUMENT",
+         f"the dose grid has {view.num_slices} slices"),
+        (pb.GetIterationViewRequest(job_id=job_id, iteration=-1), "INVALID_ARGUMENT",
+         "give 1 or more"),
+        (pb.GetIterationViewRequest(job_id=job_id, iteration=7), "FAILED_PRECONDITION",
+         "no stored dose for iteration 7"),
+        (pb.GetIterationViewRequest(job_id="nope"), "NOT_FOUND", "nope"),
+    ]:  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            world.stub.GetIterationView(request, timeout=30)
+        assert err.value.code().name == code and words in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        world.stub.ListPlanningJobs(pb.ListPlanningJobsRequest(limit=5000), timeout=30)
+    assert err.value.code().name == "INVALID_ARGUMENT" and "1..1000" in err.value.details()
