@@ -420,6 +420,8 @@ def main() -> int:
             break
         try:  # one layout failing on a device still leaves the other's figures
             gpu_opts[layout] = FluenceOptimizer(case, backend="cupy", matrix=layout)
+            # CuPy compiles its kernels on first use (seconds, once per machine): not timed
+            gpu_opts[layout].solve(TERMS, settings=FMOSettings(max_iter=3))
             runs[name] = run_radpilot(gpu_opts[layout], TERMS)
         except Exception as exc:
             log.exception("GPU %s failed", layout)
