@@ -139,13 +139,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     rules = {
         "rules": [
             {
+                "name": "nowhere",  # plans, then finds nobody listening at its destination
+                "calling_aes": ["FAILSCU"],
+                "protocol": "protocol.yaml",
+                "agent": "fixed",
+                "max_iterations": 1,
+                "destination": {"ae_title": "GONE", "host": "127.0.0.1", "port": _free_port()},
+            },
+            {
                 "name": "cord",
                 "roi_names": ["PTV", "Spinal_Cord"],
                 "protocol": "protocol.yaml",
                 "agent": "rules",
                 "max_iterations": 2,
                 "destination": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_dicom},
-            }
+            },
         ]
     }
     (root / "rules.yaml").write_text(json.dumps(rules))  # JSON is YAML
@@ -154,12 +162,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         address="127.0.0.1:0",
         ae_title="RADPILOT",
         dicom_port=0,
-        calling_aes=("ORTHANC", "STORESCU", "TESTSCU"),
+        calling_aes=("ORTHANC", "STORESCU", "TESTSCU", "FAILSCU"),
         spool=str(root / "spool"),
         rules=str(root / "rules.yaml"),
         orchestrator=cluster.orchestrator,
         quiet_s=3.0,
-        send_retry_s=1.0,
+        send_retry_s=0.5,
     )
     node = serve(config, token=cluster.token)
     pacs = None
@@ -358,3 +366,33 @@ def test_the_status_api_needs_the_token_and_a_known_state(setup: Setup) -> None:
             authed.ListStudies(dicomnode_pb2.ListStudiesRequest(state="lost"), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "unknown state 'lost'" in err.value.details()
+
+
+def test_a_destination_that_does_not_answer_fails_the_study_after_the_retries(
+    setup: Setup,
+) -> None:
+    lost = setup.root / "lost-patient"
+    lost.mkdir()
+    write_patient(lost)
+    assoc = _scu("FAILSCU").associate("127.0.0.1", setup.node.dicom_port, ae_title="RADPILOT")
+    try:
+        for p in _files(lost):
+            assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0x0000
+    finally:
+        assoc.release()
+    from services.dicomnode.core import study_key
+
+    key = study_key(pydicom.dcmread(lost / "structures.dcm").StudyInstanceUID)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        mine = [s for s in setup.studies() if s.study_key == key]
+        if mine and mine[0].state in ("sent", "failed", "incomplete", "unrouted"):
+            break
+        time.sleep(0.5)
+    record = mine[0]
+    assert record.state == "failed" and record.rule == "nowhere" and record.job_id
+    assert record.send_attempts == 3  # the node's default
+    assert "C-STORE to GONE@127.0.0.1" in record.detail and "after 3 attempts" in record.detail
+    assert "could not be established" in record.detail
+    # the plan itself was made: the job succeeded, only the way back failed
+    assert "sent" not in record.detail
