@@ -38,8 +38,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from radpilot.v1 import orchestrator_pb2 as pb
-from services.client import orchestrator_channel, upload_messages
-from services.common.auth import BearerToken
+from services.client import orchestrator_channel, orchestrator_stub, upload_messages
 from services.dicomnode.rules import Destination, RoutingRules, Rule
 
 log = logging.getLogger(__name__)
@@ -271,12 +270,7 @@ class Orchestrator:
 
     def __init__(self, address: str, token: str = "") -> None:
         self._channel = orchestrator_channel(address)
-        channel = (
-            grpc.intercept_channel(self._channel, BearerToken(token)) if token else self._channel
-        )
-        from radpilot.v1 import orchestrator_pb2_grpc
-
-        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        self._stub = orchestrator_stub(self._channel, token)
 
     def create_case(self, zipped: IO[bytes], protocol_yaml: str) -> tuple[str, list[str]]:
         r = self._stub.CreateCase(upload_messages(zipped, protocol_yaml), timeout=1800)

@@ -15,12 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
-
 from radpilot.v1 import orchestrator_pb2 as pb
-from radpilot.v1 import orchestrator_pb2_grpc
-from services.client import orchestrator_channel
-from services.common.auth import BearerToken
+from services.client import orchestrator_channel, orchestrator_stub
 
 VIEW_CACHE = 256  # DVHs and rendered slices kept (an iteration's dose never changes once stored)
 
@@ -40,9 +36,7 @@ class ReviewCore:
             )
         self._token = token
         self._channel = orchestrator_channel(orchestrator)
-        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(
-            grpc.intercept_channel(self._channel, BearerToken(token))
-        )
+        self.stub = orchestrator_stub(self._channel, token)
         self.session_s = session_hours * 3600
         self._sessions: dict[str, Session] = {}
         self._views: OrderedDict[tuple[str, int, int], pb.GetIterationViewResponse] = OrderedDict()
