@@ -242,9 +242,10 @@ class StudyStore:
         return out
 
     def structure_sets(self, study_uid: str) -> list[tuple[str, StructureSetRefs]]:
+        """The study's structure sets with what they reference, in the order received."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT sop_uid, refs FROM structure_sets WHERE study_uid=? ORDER BY sop_uid",
+                "SELECT sop_uid, refs FROM structure_sets WHERE study_uid=? ORDER BY rowid",
                 (study_uid,),
             ).fetchall()
         out = []
@@ -406,7 +407,7 @@ class DicomNodeCore:
         quiet = time.time() - s["last_instance"] >= self.quiet_s
         chosen: tuple[str, StructureSetRefs] | None = None
         missing_detail = "no RTSTRUCT received"
-        for sop, refs in reversed(sets):  # the newest structure set first (UIDs sort by time)
+        for sop, refs in reversed(sets):  # the last received structure set first
             have = present.get(refs.series_uid, set())
             if refs.sop_uids and refs.sop_uids <= have:
                 chosen = (sop, refs)
