@@ -14,6 +14,7 @@ Axial images show anterior up; sagittal and coronal show superior up. Pixel spac
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -369,19 +370,31 @@ def _isodose_figure(
     return _png(fig)
 
 
-def isodose_slice(plan: PlanDose, prescription_gy: float, index: int) -> bytes:
-    """Axial slice ``index`` of a plan as a PNG: CT, isodose lines, structure outlines, cropped
-    to the body (a review page scrolls through these)."""
-    case = plan.case
+def isodose_slicer(plan: PlanDose, prescription_gy: float) -> Callable[[int], bytes]:
+    """A function rendering axial slice ``index`` of a plan as a PNG: CT, isodose lines,
+    structure outlines, cropped to the body (a review page scrolls through these). The dose
+    cube, the body's box and the masks are built once, for every slice it renders."""
+    case, cube = plan.case, plan.cube()
+    box, masks = _body_box(case), _outlined_masks(case)
     nz = case.grid.shape[0]
-    if not 0 <= index < nz:
-        raise ValueError(f"slice {index} is out of range: the dose grid has {nz} slices")
-    masks = {s.name: s.mask(case.grid) for s in case.structures}
-    z_mm = case.grid.origin_mm[0] + index * case.grid.spacing_mm[0]
-    title = f"axial slice {index + 1} of {nz}, z = {z_mm:.1f} mm"
-    return _isodose_figure(
-        case, plan.cube(), prescription_gy, "axial", index, title, _body_box(case), masks
-    )
+
+    def render(index: int) -> bytes:
+        if not 0 <= index < nz:
+            raise ValueError(f"slice {index} is out of range: the dose grid has {nz} slices")
+        z_mm = case.grid.origin_mm[0] + index * case.grid.spacing_mm[0]
+        title = f"axial slice {index + 1} of {nz}, z = {z_mm:.1f} mm"
+        return _isodose_figure(case, cube, prescription_gy, "axial", index, title, box, masks)
+
+    return render
+
+
+def _outlined_masks(case: Case) -> dict[str, np.ndarray]:
+    """The masks of the structures the isodose images outline (not the body, not derived)."""
+    return {
+        st.name: st.mask(case.grid)
+        for st in case.structures
+        if st.kind is not StructureKind.EXTERNAL and st.name not in DERIVED
+    }
 
 
 def _in_plane(point_zyx: tuple[float, float, float], plane: str) -> tuple[float, float]:
@@ -399,12 +412,7 @@ def isodose_images(plan: PlanDose, prescription_gy: float) -> dict[str, tuple[st
     grid = case.grid
     out: dict[str, tuple[str, bytes]] = {}
     # built once for every image: the body's box and the outlined structures' masks
-    box = _body_box(case)
-    masks = {
-        st.name: st.mask(grid)
-        for st in case.structures
-        if st.kind is not StructureKind.EXTERNAL and st.name not in DERIVED
-    }
+    box, masks = _body_box(case), _outlined_masks(case)
 
     def figure(
         plane: str, index: int, caption: str, mark: tuple[float, float] | None = None

@@ -14,7 +14,9 @@ import socket
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -132,7 +134,8 @@ class Orchestrator:
             log.info("job store: %d iteration record(s) migrated to the typed format", migrated)
         self.num_references = num_references
         self._features: dict[str, dict[str, float]] = {}
-        self._views: dict[tuple[str, str], PlanDose] = {}  # review pages: the last few doses
+        self._views: OrderedDict[tuple[str, str, float], _DoseView] = OrderedDict()
+        self._views_lock = threading.Lock()
         if references_dir is not None:
             seeded = sum(
                 self.jobs.add_reference(r.reference_id, r.protocol, r.to_dict())
@@ -597,8 +600,6 @@ class Orchestrator:
     def iteration_view(self, job_id: str, iteration: int, slice_index: int) -> dict[str, Any]:
         """One iteration's DVH curves and, for ``slice_index`` >= 0, that axial slice as a PNG
         (for a review page: the case's geometry and the stored dose, no matrix)."""
-        from radpilot.evaluation.images import isodose_slice
-
         job = self.jobs.job(job_id)
         records = self.jobs.iterations(job_id)
         number = iteration or job.best_iteration or (records[-1].iteration if records else 0)
@@ -608,35 +609,40 @@ class Orchestrator:
                 f"job {job_id} has no stored dose for iteration {number}: "
                 f"it has {len(records)} iteration(s) so far"
             )
-        key = (job.case_id, record.dose.sha256)
-        plan = self._views.get(key)
-        if plan is None:
-            case = self.cases.load(job.case_id, matrix=False)
-            plan = PlanDose(case, self.cases.get_artefact(record.dose.path, record.dose.sha256))
-            self._views = {**dict(list(self._views.items())[-3:]), key: plan}  # the last few
-        case = plan.case
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
-        levels = np.arange(0.0, float(plan.dose_rows.max()) * 1.05 + 0.5, 0.5)
-        curves = plan.dvh_curves(levels)
-        nz = case.grid.shape[0]
-        hot = plan.hottest_point()
-        start = case.grid.index_of(hot[1])[0] if hot is not None else nz // 2
+        key = (job.case_id, record.dose.sha256, protocol.prescription_gy)
+        view = self._dose_view(key, record.dose)
+        grid = view.plan.case.grid
+        nz = grid.shape[0]
         if not -1 <= slice_index < nz:
             raise ValueError(f"slice {slice_index} is out of range: the dose grid has {nz} slices")
-        png = b""
-        if slice_index >= 0:
-            png = isodose_slice(plan, protocol.prescription_gy, slice_index)
-        z_mm = case.grid.origin_mm[0] + max(slice_index, 0) * case.grid.spacing_mm[0]
+        png = view.slice_png(slice_index) if slice_index >= 0 else b""
+        z_mm = grid.origin_mm[0] + max(slice_index, 0) * grid.spacing_mm[0]
         return {
             "iteration": number,
-            "levels_gy": levels,
-            "dvh": curves,
+            "levels_gy": view.levels,
+            "dvh": view.curves,
             "num_slices": nz,
-            "start_slice": int(start),
+            "start_slice": view.start,
             "slice_png": png,
             "slice_z_mm": float(z_mm),
             "prescription_gy": float(protocol.prescription_gy),
         }
+
+    def _dose_view(self, key: tuple[str, str, float], dose: ArtefactRef) -> _DoseView:
+        """The review view of one stored dose, built once and kept for the last few doses."""
+        with self._views_lock:
+            view = self._views.get(key)
+            if view is not None:
+                self._views.move_to_end(key)
+                return view
+        case = self.cases.load(key[0], matrix=False)
+        view = _DoseView.of(PlanDose(case, self.cases.get_artefact(dose.path, dose.sha256)), key[2])
+        with self._views_lock:
+            self._views[key] = view
+            while len(self._views) > REVIEW_VIEWS:
+                self._views.popitem(last=False)
+        return view
 
     def export(self, job_id: str) -> tuple[bytes, str]:
         report = self.report(job_id)
@@ -648,6 +654,37 @@ class Orchestrator:
                     if p.is_file():
                         z.write(p, p.relative_to(tmp).as_posix())
         return buf.getvalue(), f"radpilot-{job_id[:8]}.zip"
+
+
+REVIEW_VIEWS = 4  # stored doses a review page's views are kept for
+
+
+@dataclass
+class _DoseView:
+    """One stored dose as a review page sees it: the DVH curves and the slice to start on,
+    computed once; slices rendered on request by one slicer (cube and masks built once)."""
+
+    plan: PlanDose
+    prescription_gy: float
+    levels: np.ndarray
+    curves: dict[str, np.ndarray]
+    start: int
+    _render: Callable[[int], bytes] | None = None
+
+    @classmethod
+    def of(cls, plan: PlanDose, prescription_gy: float) -> _DoseView:
+        levels = np.arange(0.0, float(plan.dose_rows.max()) * 1.05 + 0.5, 0.5)
+        hot = plan.hottest_point()
+        grid = plan.case.grid
+        start = grid.index_of(hot[1])[0] if hot is not None else grid.shape[0] // 2
+        return cls(plan, prescription_gy, levels, plan.dvh_curves(levels), int(start))
+
+    def slice_png(self, index: int) -> bytes:
+        if self._render is None:
+            from radpilot.evaluation.images import isodose_slicer
+
+            self._render = isodose_slicer(self.plan, self.prescription_gy)
+        return self._render(index)
 
 
 def _llm_identity(status: dict[str, LlmInfo]) -> str:
