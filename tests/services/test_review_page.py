@@ -143,6 +143,22 @@ def _until(predicate: Any, timeout: float = 60.0, what: str = "") -> Any:
     pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
 
 
+def _finished_job(world: World, protocol: str, agent: str, max_iterations: int) -> str:
+    """A job on the world's case with a shipped protocol, run to its end; its id."""
+    job_id = world.stub.StartPlanning(
+        pb.StartPlanningRequest(
+            case_id=world.case_id,
+            protocol_yaml=(REPO_ROOT / "protocols" / protocol).read_text(),
+            agent=agent,
+            max_iterations=max_iterations,
+        ),
+        timeout=30,
+    ).job_id
+    for _ in world.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300):
+        pass
+    return job_id
+
+
 def _shot(driver: Any, name: str) -> None:
     folder = os.environ.get("RADPILOT_SCREENSHOTS")
     if folder:
@@ -245,15 +261,7 @@ def test_a_physician_watches_comments_approves_and_downloads(world: World, brows
     d.find_element(By.ID, "approve").click()
     assert "a reference plan must meet every hard goal" in _until(message, what="the refusal")
     # a job that meets its protocol: approve its best plan, then download the export
-    easier = (REPO_ROOT / "protocols" / "tg119_cshape_easier.yaml").read_text()
-    met_id = world.stub.StartPlanning(
-        pb.StartPlanningRequest(
-            case_id=world.case_id, protocol_yaml=easier, agent="rules", max_iterations=3
-        ),
-        timeout=30,
-    ).job_id
-    for _ in world.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=met_id), timeout=300):
-        pass
+    met_id = _finished_job(world, "tg119_cshape_easier.yaml", "rules", 3)
     d.get(f"{world.url}/jobs/{met_id}")
     d.find_element(By.ID, "approve-description").send_keys("Reviewed in the browser test")
     d.find_element(By.ID, "approve").click()
@@ -296,15 +304,7 @@ def test_the_review_rpcs_answer_and_refuse_clearly(world: World) -> None:
     """ListPlanningJobs and GetIterationView over gRPC, bad arguments included."""
     import grpc
 
-    protocol = (REPO_ROOT / "protocols" / "tg119_cshape_easier.yaml").read_text()
-    job_id = world.stub.StartPlanning(
-        pb.StartPlanningRequest(
-            case_id=world.case_id, protocol_yaml=protocol, agent="fixed", max_iterations=1
-        ),
-        timeout=30,
-    ).job_id
-    for _ in world.stub.WatchPlanning(pb.WatchPlanningRequest(job_id=job_id), timeout=300):
-        pass
+    job_id = _finished_job(world, "tg119_cshape_easier.yaml", "fixed", 1)
     listed = world.stub.ListPlanningJobs(pb.ListPlanningJobsRequest(limit=5), timeout=30).jobs
     assert listed[0].job_id == job_id and listed[0].protocol == "tg119-cshape-easier"
     assert listed[0].iterations == 1 and listed[0].state == pb.JOB_STATE_SUCCEEDED
