@@ -456,15 +456,19 @@ class DicomNodeCore:
                 return r
         raise LookupError(f"routing rule {name!r} is gone from the rules file")
 
+    def _planned_series(self, s: dict[str, Any]) -> list[str]:
+        """The SOP instance UIDs of the CT series the study's chosen structure set references."""
+        refs = dict(self.store.structure_sets(s["study_uid"]))[s["structure_set"]]
+        return sorted(self.store.present(s["study_uid"]).get(refs.series_uid, set()))
+
     def _zip(self, s: dict[str, Any]) -> IO[bytes]:
         """The structure set and the CT series it references, zipped in a temporary file."""
         uid = s["study_uid"]
         folder = self.study_dir(uid)
-        refs = dict(self.store.structure_sets(uid))[s["structure_set"]]
-        sops = self.store.present(uid).get(refs.series_uid, set())
+        sops = self._planned_series(s)
         out = tempfile.TemporaryFile(prefix="radpilot-dicomnode-")  # noqa: SIM115 (closed by the upload)
         with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-            for sop in sorted(sops):
+            for sop in sops:
                 z.write(folder / f"{sop}.dcm", f"CT/{sop}.dcm")
             z.write(folder / f"{s['structure_set']}.dcm", "RTSTRUCT.dcm")
         out.seek(0)
@@ -524,8 +528,7 @@ class DicomNodeCore:
         folder.mkdir(exist_ok=True)
         for old in folder.glob("*.dcm"):
             old.unlink()
-        refs = dict(self.store.structure_sets(s["study_uid"]))[s["structure_set"]]
-        ct_sop = sorted(self.store.present(s["study_uid"]).get(refs.series_uid, set()))[0]
+        ct_sop = self._planned_series(s)[0]
         ct = pydicom.dcmread(
             self.study_dir(s["study_uid"]) / f"{ct_sop}.dcm", stop_before_pixels=True
         )
