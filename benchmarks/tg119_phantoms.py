@@ -140,8 +140,9 @@ are built from the report's description, and the pencil-beam dose of our segment
 leaf transmission and small-field output: compare with care. The row "global maximum" says
 where the reported plan is hottest. `tg119_prostate.yaml` asks for the hot-spot goals
 (`safety: on`, docs/agents.md: `OutsideTargets max` at 107 % and `PTV max` at 115 % of the
-prescription); in the other protocols nothing limits the dose within 10 mm of a target
-(NormalTissue starts there). While sparing, the loop's own
+prescription) and judges every iteration on its leaf-sequenced dose (`delivery: {{every_iteration:
+true}}`); in the other protocols nothing limits the dose within 10 mm of a target
+(NormalTissue starts there), and while sparing the loop's own
 goal `Global max` keeps every plan's hottest point within 2 % of the first plan that met (rows
 "Global max"), so the improvement never makes the plan hotter.
 

@@ -174,7 +174,14 @@ class Protocol:
 
     def improvement_settings(self) -> dict[str, Any]:
         """The outer loop's settings for what follows a plan that meets every goal."""
-        return {"improve": self.after_goals_met == "improve", "min_gain": self.improve_min_gain}
+        # the loop's own "never hotter while sparing" bound stands in for hot-spot limits the
+        # protocol lacks; one that limits both the target's and the outside maximum needs none
+        limited = {(g.structure, g.metric) for g in self.goals if g.comparator == "<=" and g.hard}
+        return {
+            "improve": self.after_goals_met == "improve",
+            "min_gain": self.improve_min_gain,
+            "bound_hot_spot": not {(OUTSIDE_TARGETS, "max"), (self.target, "max")} <= limited,
+        }
 
     @property
     def implicit_goals(self) -> list[ClinicalGoal]:

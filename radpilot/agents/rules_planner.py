@@ -44,13 +44,14 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS
 from radpilot.cases.helpers import Helper
 from radpilot.dosimetry import parse_metric
-from radpilot.evaluation.protocol_check import GoalResult, ProtocolCheck
+from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import ClinicalGoal, Protocol
 
 MAX_FACTOR = 3.0
 OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
 AT_RISK = 0.05  # a met goal within this fraction of its limit: pushed by the first alternative
+SPARE_GAIN = 0.5  # the first sparing step from a plan that meets: half a push (it breaks less)
 ALTERNATIVE_SCALES = (
     2.0,
     0.5,
@@ -494,18 +495,26 @@ def _shaped_push(
         )
         return True
     stalled = _stalled(g, memory or [])
-    if stalled is None or old is not None:
+    # a hot spot outside the targets is a few voxels in a large region: an overdose term on the
+    # region hardly moves it, so its smooth maximum comes at once, aimed lower by the factor the
+    # last plan was normalised by (the terms act on the dose before that multiplication)
+    at_once = g.structure == OUTSIDE_TARGETS
+    if (stalled is None and not at_once) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
     base = terms.get(f"{site}:squared_overdose")
     weight = min(
         MAX_WEIGHT, (base.weight if base else _median_weight(list(terms.values()))) * factor
     )
-    new = probe.with_values(probe.dose_gy, weight)
+    scale = max(1.0, memory[-1].scale) if memory and at_once else 1.0
+    new = probe.with_values(round(probe.dose_gy / scale, 3), weight)
     terms[new.key()] = new
     notes.append(
         f"{g.label} missed in the last {STALL_PLANS} plans without closing in "
         f"({stalled[0]:.2f} -> {stalled[1]:.2f} {g.unit}): switching strategy, new term "
         f"{new.label()}"
+        if stalled is not None
+        else f"{g.label} missed by {abs(r.margin):.2f} {g.unit} (a hot spot outside the "
+        f"targets): new term {new.label()}"
     )
     return True
 
@@ -525,10 +534,32 @@ def _spare(
     # overdose terms get the same weight factor, so the balance with the targets holds
     sparing = {id(r) for r in best.check.sparing_results()}
     guard = [r for r in best.check.results if r.goal.comparator == "<=" and id(r) not in sparing]
+    # goals the last sparing step broke are pushed back while the next one lowers the organs:
+    # the step then moves along the trade-off instead of into the same miss
+    last = memory[-1] if memory else best
+    # (the loop's own Global max has no region to put a term on: the guard holds the targets'
+    # hot spots, OutsideTargets the rest)
+    broken = (
+        [
+            r
+            for r in last.check.failed
+            if r.goal.label not in _missed(best.check) and r.goal.structure != GLOBAL
+        ]
+        if last is not best
+        else []
+    )
+
+    def step(g: float) -> tuple[list[ObjectiveTerm], list[str]]:
+        terms, notes = _lower(protocol, best.objectives, goals, g, guard)
+        if broken:
+            terms, pushed = _hold(protocol, terms, broken, g, memory)
+            notes += pushed
+        return terms, notes
+
     tried = [m.objectives for m in memory]
-    gain = 0.5**attempts
+    gain = SPARE_GAIN * 0.5**attempts
     for _ in range(8):
-        terms, steps = _lower(protocol, best.objectives, goals, gain, guard)
+        terms, steps = step(gain)
         if terms not in tried:
             break
         gain *= 0.5
@@ -536,7 +567,7 @@ def _spare(
     for scale in ALTERNATIVE_SCALES:
         if len(alternatives) >= count - 1:
             break
-        alt, _ = _lower(protocol, best.objectives, goals, gain * scale, guard)
+        alt, _ = step(gain * scale)
         if alt not in tried and alt != terms and alt not in alternatives:
             alternatives.append(alt)
     head = f"every goal is met at iteration {best.iteration}; sparing the organs at risk" + (
@@ -545,6 +576,52 @@ def _spare(
         else ""
     )
     return terms, "; ".join([head, *steps]), alternatives
+
+
+def _hold(
+    protocol: Protocol,
+    objectives: list[ObjectiveTerm],
+    broken: list[GoalResult],
+    gain: float,
+    memory: list[MemoryEntry],
+) -> tuple[list[ObjectiveTerm], list[str]]:
+    """Terms that hold the upper limits a sparing step broke: the goal's own shape (a sharp
+    smooth maximum on a hot spot, a max-DVH term on a Dx) at once, since sparing presses on
+    those goals every round; a goal without a shape, or one that has it, is pushed."""
+    terms = {t.key(): t for t in objectives}
+    notes: list[str] = []
+    rest: list[GoalResult] = []
+    # terms act before the plan is normalised: when the normalisation multiplied the plan that
+    # broke it, the outside hot spot's term aims that much lower to land where it is meant to
+    # (a target's own hot-spot term is left where it is: lower, it would fight the coverage)
+    scale = max(1.0, memory[-1].scale) if memory else 1.0
+    for r in broken:
+        probe = goal_term(protocol, r.goal, gain, 1.0) if r.goal.comparator == "<=" else None
+        if probe is None:
+            rest.append(r)
+            continue
+        site = _site(protocol, r.goal.structure, terms)
+        probe = dataclasses.replace(probe, structure=site)
+        if r.goal.structure == OUTSIDE_TARGETS:
+            probe = probe.with_values(round(probe.dose_gy / scale, 3), probe.weight)
+        if probe.key() in terms:
+            rest.append(r)
+            continue
+        base = terms.get(f"{site}:squared_overdose")
+        weight = min(
+            MAX_WEIGHT,
+            (base.weight if base else _median_weight(objectives)) * _step(r, gain),
+        )
+        new = probe.with_values(probe.dose_gy, weight)
+        terms[new.key()] = new
+        notes.append(
+            f"the last step broke {r.goal.label} ({r.achieved:.2f} {r.goal.unit}): new term "
+            f"{new.label()} holds it while sparing"
+        )
+    if rest:
+        out, pushed = _push(protocol, list(terms.values()), ProtocolCheck(rest), gain, memory)
+        return out, notes + [f"the last step broke it: {n}" for n in pushed]
+    return list(terms.values()), notes
 
 
 def _lower(

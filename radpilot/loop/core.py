@@ -178,6 +178,9 @@ class LoopSettings:
     improve: bool = False
     min_gain: float = 0.5
     improve_idle_rounds: int = 2  # rounds in a row that break a goal or trade worse: stop
+    # while sparing, no plan hotter than the first that met (+2 %): the protocol's hot-spot
+    # limits do that job where it has them (Protocol.improvement_settings)
+    bound_hot_spot: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.candidates <= MAX_CANDIDATES:
@@ -380,7 +383,7 @@ def run_loop(
             new = [run(*job) for job in jobs]
         this_round = [*done, *new]
         so_far = [*records, *new]
-        if settings.improve:
+        if settings.improve and settings.bound_hot_spot:
             _bound_hot_spot(so_far, new)
         best = _best(this_round)
         anchor = _anchor(so_far)

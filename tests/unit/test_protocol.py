@@ -203,11 +203,18 @@ def test_values_outside_their_physical_range_are_refused_with_the_range(
 def test_after_goals_met_defaults_to_improve_and_can_stop() -> None:
     p = load_protocol_text(BASE)
     assert p.after_goals_met == "improve" and p.improve_min_gain == 0.5
-    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5}
+    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5, "bound_hot_spot": True}
     q = load_protocol_text(
         BASE.replace("name: t", "name: t\nafter_goals_met: stop\nimprove_min_gain: 1.5", 1)
     )
-    assert q.improvement_settings() == {"improve": False, "min_gain": 1.5}
+    assert q.improvement_settings() == {"improve": False, "min_gain": 1.5, "bound_hot_spot": True}
+    # a protocol that limits the target's and the outside hot spot needs no loop-made bound
+    safe = load_protocol_text(BASE.replace("name: t", "name: t\nsafety: on", 1))
+    assert safe.improvement_settings()["bound_hot_spot"] is False
+    no_outside = load_protocol_text(
+        BASE.replace("name: t", "name: t\nsafety: {outside_targets_max_pct: null}", 1)
+    )
+    assert no_outside.improvement_settings()["bound_hot_spot"] is True
     assert load_protocol_text(yaml.safe_dump(q.to_dict())) == q  # it survives a round trip
 
 

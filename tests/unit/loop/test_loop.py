@@ -431,3 +431,10 @@ def test_sparing_may_not_make_the_plan_hotter_than_the_first_plan_that_met() -> 
     # without improvement the loop adds nothing to the protocol's goals
     plain, *_ = _run(evaluator=HotterWithWeight(), max_iterations=8)
     assert all(r.goal.structure != "Global" for x in plain.records for r in x.check.results)
+    # nor where the protocol limits its hot spots itself (bound_hot_spot off): the hotter
+    # plan of iteration 5 meets, and sparing goes on from it
+    limited, *_ = _run(
+        evaluator=HotterWithWeight(), improve=True, bound_hot_spot=False, max_iterations=8
+    )
+    assert all(r.goal.structure != "Global" for x in limited.records for r in x.check.results)
+    assert limited.records[4].meets and limited.best_iteration > 4
