@@ -501,12 +501,10 @@ def _shaped_push(
     at_once = g.structure == OUTSIDE_TARGETS
     if (stalled is None and not at_once) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
-    base = terms.get(f"{site}:squared_overdose")
-    weight = min(
-        MAX_WEIGHT, (base.weight if base else _median_weight(list(terms.values()))) * factor
-    )
-    scale = max(1.0, memory[-1].scale) if memory and at_once else 1.0
-    new = probe.with_values(round(probe.dose_gy / scale, 3), weight)
+    weight = min(MAX_WEIGHT, _site_weight(terms, site) * factor)
+    new = probe.with_values(probe.dose_gy, weight)
+    if at_once:
+        new = _below_normalisation(new, memory)
     terms[new.key()] = new
     notes.append(
         f"{g.label} missed in the last {STALL_PLANS} plans without closing in "
@@ -578,6 +576,24 @@ def _spare(
     return terms, "; ".join([head, *steps]), alternatives
 
 
+def _site_weight(
+    terms: dict[str, ObjectiveTerm], site: str, pool: list[ObjectiveTerm] | None = None
+) -> float:
+    """The weight a new goal-shaped term on ``site`` starts from: the site's overdose term's,
+    else the median weight of ``pool`` (default: ``terms``)."""
+    base = terms.get(f"{site}:squared_overdose")
+    if base is not None:
+        return base.weight
+    return _median_weight(pool if pool is not None else list(terms.values()))
+
+
+def _below_normalisation(term: ObjectiveTerm, memory: list[MemoryEntry] | None) -> ObjectiveTerm:
+    """``term`` aimed lower by the factor the last plan was normalised by: the terms act on the
+    dose before that multiplication, so that is where it lands as meant."""
+    scale = max(1.0, memory[-1].scale) if memory else 1.0
+    return term.with_values(round(term.dose_gy / scale, 3), term.weight)
+
+
 def _hold(
     protocol: Protocol,
     objectives: list[ObjectiveTerm],
@@ -591,10 +607,6 @@ def _hold(
     terms = {t.key(): t for t in objectives}
     notes: list[str] = []
     rest: list[GoalResult] = []
-    # terms act before the plan is normalised: when the normalisation multiplied the plan that
-    # broke it, the outside hot spot's term aims that much lower to land where it is meant to
-    # (a target's own hot-spot term is left where it is: lower, it would fight the coverage)
-    scale = max(1.0, memory[-1].scale) if memory else 1.0
     for r in broken:
         probe = goal_term(protocol, r.goal, gain, 1.0) if r.goal.comparator == "<=" else None
         if probe is None:
@@ -603,15 +615,13 @@ def _hold(
         site = _site(protocol, r.goal.structure, terms)
         probe = dataclasses.replace(probe, structure=site)
         if r.goal.structure == OUTSIDE_TARGETS:
-            probe = probe.with_values(round(probe.dose_gy / scale, 3), probe.weight)
+            # (a target's own hot-spot term is left where it is: lower, it would fight the
+            # coverage)
+            probe = _below_normalisation(probe, memory)
         if probe.key() in terms:
             rest.append(r)
             continue
-        base = terms.get(f"{site}:squared_overdose")
-        weight = min(
-            MAX_WEIGHT,
-            (base.weight if base else _median_weight(objectives)) * _step(r, gain),
-        )
+        weight = min(MAX_WEIGHT, _site_weight(terms, site, objectives) * _step(r, gain))
         new = probe.with_values(probe.dose_gy, weight)
         terms[new.key()] = new
         notes.append(
