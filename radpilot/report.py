@@ -57,9 +57,13 @@ class PlanReport:
     # iterations' doses only when the report is written
     dose_of: Callable[[ArtefactRef], np.ndarray] | None = None
 
+    def delivered_check(self, dose_rows: np.ndarray) -> ProtocolCheck:
+        """The protocol check of another dose of the report's case (a sequencing try's)."""
+        return check_protocol(PlanDose(self.plan.case, np.asarray(dose_rows)), self.protocol)
+
     def goals_lost_by(self, dose_rows: np.ndarray) -> list[str]:
         """Goals the report's (fluence-optimal) plan meets that a dose would fail."""
-        after = check_protocol(PlanDose(self.plan.case, np.asarray(dose_rows)), self.protocol)
+        after = self.delivered_check(dose_rows)
         optimum = self.optimal_check or self.check
         met = {r.goal.label for r in optimum.results if r.passed}
         return [r.goal.label for r in after.results if not r.passed and r.goal.label in met]
@@ -99,6 +103,7 @@ class PlanReport:
             lambda d: self.goals_lost_by(dose_of(d)),
             settings,
             lambda labels, factor: self.goal_terms(labels, factor, objectives),
+            lambda d: self.delivered_check(dose_of(d)).rank(),
         )
         self.use_deliverable(plan, dose_of(dose))
         return plan, dose

@@ -735,6 +735,7 @@ def keep_goals(
     lost_goals: Callable[[T], list[str]],
     settings: SequencingSettings,
     goal_terms: Callable[[list[str], float], list[ObjectiveTerm]] | None = None,
+    rank: Callable[[T], Any] | None = None,
 ) -> tuple[dict[str, Any], T]:
     """Sequence, and when the deliverable dose loses a goal the fluence optimum met, sequence
     again with twice the intensity levels (finer steps, more segments) and, where segments are
@@ -743,10 +744,12 @@ def keep_goals(
     ``goal_terms`` a retry's segment weights are also optimised on the plan's objective plus a
     term shaped like each lost goal (``goal_terms(labels, weight factor)``: 1, then 10;
     ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
-    first plan that loses nothing is kept, else the one that loses the fewest goals. Every try
-    is recorded in the plan's summary (``tries``)."""
+    first plan that loses nothing is kept, else the best by ``rank`` (bigger is better: the
+    protocol's ranking, priority and size of each miss) or, without it, the one that loses the
+    fewest goals; the earliest of equals. Every try is recorded in the plan's summary
+    (``tries``)."""
     tries: list[dict[str, Any]] = []
-    best: tuple[dict[str, Any], T, int] | None = None
+    best: tuple[dict[str, Any], T, Any] | None = None
     current = settings
     lost_so_far: list[str] = []
     extra: list[ObjectiveTerm] = []
@@ -763,8 +766,9 @@ def keep_goals(
                 "lost_goals": lost,
             }
         )
-        if best is None or len(lost) < best[2]:
-            best = (plan, dose, len(lost))
+        key = rank(dose) if rank is not None else -len(lost)
+        if best is None or key > best[2]:
+            best = (plan, dose, key)
         if not lost or current.levels >= 255:
             break
         cap = current.max_segments_per_beam

@@ -21,6 +21,7 @@ from radpilot.delivery.sequencing import (
     _quantised,
     decompose,
     fluence_of_segments,
+    keep_goals,
     lloyd_max_levels,
     open_fractions,
     reducing_levels,
@@ -462,3 +463,21 @@ def test_every_iteration_loop_ranks_plans_as_delivered(analytic_case: Case, tmp_
     s = json.loads((tmp_path / "summary.json").read_text())
     assert {it["dose_basis"] for it in s["per_iteration"]} == {"deliverable"}
     assert "as delivered:" in (tmp_path / "report.html").read_text()
+
+
+def test_when_every_try_loses_goals_the_best_ranked_try_is_kept() -> None:
+    # three tries that each lose the same two goals: by count they tie (the first would be
+    # kept); by the protocol's ranking the one that misses them by least wins
+    misses = {10: 3.6, 20: 2.0, 40: 0.9}  # levels -> how far the lost goals are missed
+
+    def sequence(settings: SequencingSettings, extra: list) -> tuple[dict, int]:
+        return {"summary": {"segments": settings.levels, "total_mu": 1.0}}, settings.levels
+
+    def lost(levels: int) -> list[str]:
+        return ["PTV D10 <= 55 Gy", "Core D10 <= 10 Gy"]
+
+    settings = SequencingSettings(levels=10)
+    plan, kept = keep_goals(sequence, lost, settings, rank=lambda levels: (-misses[levels],))
+    assert kept == 40 and [t["levels"] for t in plan["summary"]["tries"]] == [10, 20, 40]
+    _, by_count = keep_goals(sequence, lost, settings)
+    assert by_count == 10  # without a ranking: the fewest lost goals, the earliest of equals
