@@ -30,9 +30,10 @@ objective weights and doses:
   ``SPILL`` of the prescription) a ring around the target gets an overdose term. Every added,
   moved or retired term is named in the rationale with its reason.
 - once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
-  it spares: every organ-at-risk goal's overdose term gets an objective dose below what the
-  plan achieves and a higher weight. Each later attempt that did not improve on that plan
-  halves the step and pushes only the highest-priority organ-at-risk goals.
+  it spares: each organ at risk gets a term of its first goal's shape (max-DVH for a Dx limit,
+  else its overdose term, on its minus helper when it reaches the prescription) with an
+  objective dose below what the plan achieves and a higher weight. Every sparing step that
+  broke a goal halves the later ones; the step right after one also holds what broke.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from radpilot.protocol import ClinicalGoal, Protocol
 MAX_FACTOR = 3.0
 OAR_MARGIN = 0.15  # objective dose = limit x (1 - margin) for a missed upper limit
 AT_RISK = 0.05  # a met goal within this fraction of its limit: pushed by the first alternative
-SPARE_GAIN = 0.5  # the first sparing step from a plan that meets: half a push (it breaks less)
+SPARE_GAIN = 1.0  # the first sparing step from a plan that meets: a full push (halved by breaks)
 ALTERNATIVE_SCALES = (
     2.0,
     0.5,
@@ -178,9 +179,11 @@ def _move_to_helper(
     r: GoalResult,
     memory: list[MemoryEntry] | None,
     notes: list[str],
+    sparing: bool = False,
 ) -> None:
-    """An organ that misses an upper limit while reaching the prescription: move its overdose
-    term to its minus helper (when the protocol defines one), retiring the organ's own."""
+    """An organ that misses an upper limit (or, ``sparing``, is being lowered below it) while
+    reaching the prescription: move its overdose term to its minus helper (when the protocol
+    defines one), retiring the organ's own."""
     g = r.goal
     helper = _minus_helper(protocol, g.structure)
     peak = _last_stat(memory, g.structure, "max_gy")
@@ -197,7 +200,8 @@ def _move_to_helper(
     new = ObjectiveTerm(helper, "squared_overdose", dose, weight)
     terms[new.key()] = new
     notes.append(
-        f"{g.label} missed while {g.structure} reaches {peak:.1f} Gy (it overlaps the target): "
+        f"{g.label} {'spared' if sparing else 'missed'} while {g.structure} reaches {peak:.1f} "
+        f"Gy (it overlaps the target): "
         f"added {new.label()}"
         + (
             f", retired {old.label()} (in the overlap it pulls against the target's coverage)"
@@ -525,9 +529,6 @@ def _spare(
     goals = best.check.sparing_results()
     if not goals:
         return list(best.objectives), "every goal is met and no organ-at-risk goal is set", []
-    if attempts:  # the last step broke a goal or gained too little: the top priority only
-        top = min(r.goal.priority for r in goals)
-        goals = [r for r in goals if r.goal.priority == top]
     # the upper limits on the targets (hot spots) are what sparing tends to break: their
     # overdose terms get the same weight factor, so the balance with the targets holds
     sparing = {id(r) for r in best.check.sparing_results()}
@@ -548,14 +549,18 @@ def _spare(
     )
 
     def step(g: float) -> tuple[list[ObjectiveTerm], list[str]]:
-        terms, notes = _lower(protocol, best.objectives, goals, g, guard)
+        terms, notes = _lower(protocol, best.objectives, goals, g, guard, best)
         if broken:
             terms, pushed = _hold(protocol, terms, broken, g, memory)
             notes += pushed
         return terms, notes
 
     tried = [m.objectives for m in memory]
-    gain = SPARE_GAIN * 0.5**attempts
+    # every sparing step in view that broke a goal halves the step, from a new best plan too:
+    # a step that broke once breaks again from the next plan that meets
+    met_at = next((i for i, m in enumerate(memory) if m.check.all_passed), len(memory))
+    breaks = sum(1 for m in memory[met_at:] if m.check.failed)
+    gain = SPARE_GAIN * 0.5**breaks
     for _ in range(8):
         terms, steps = step(gain)
         if terms not in tried:
@@ -568,11 +573,12 @@ def _spare(
         alt, _ = step(gain * scale)
         if alt not in tried and alt != terms and alt not in alternatives:
             alternatives.append(alt)
-    head = f"every goal is met at iteration {best.iteration}; sparing the organs at risk" + (
-        f" (attempt {attempts + 1}, a smaller step, priority {goals[0].goal.priority} only)"
-        if attempts
-        else ""
-    )
+    head = f"every goal is met at iteration {best.iteration}; sparing the organs at risk"
+    about = [f"attempt {attempts + 1}"] if attempts else []
+    if gain < SPARE_GAIN:  # halved by the steps that broke a goal, or by parameters tried
+        about.append(f"a smaller step (x{gain / SPARE_GAIN:g})")
+    if about:
+        head += f" ({', '.join(about)})"
     return terms, "; ".join([head, *steps]), alternatives
 
 
@@ -640,6 +646,7 @@ def _lower(
     goals: list[GoalResult],
     gain: float,
     guard: list[GoalResult],
+    best: MemoryEntry,
 ) -> tuple[list[ObjectiveTerm], list[str]]:
     """Objective doses below what the plan achieves on each goal's structure, weights up; the
     overdose terms of the ``guard`` goals' structures get the same weight factor."""
@@ -661,22 +668,45 @@ def _lower(
         kind, value = parse_metric(r.goal.metric)
         dose = value if kind == "V" and value is not None else r.achieved
         level[r.goal.structure] = min(level.get(r.goal.structure, dose), dose)
-    notes = []
+    notes: list[str] = []
     for r in sorted(goals, key=lambda r: r.goal.priority):
         structure = r.goal.structure
         if structure not in level:
             continue
-        site = _site(protocol, structure, terms)
-        key = f"{site}:squared_overdose"
+        kind, x = parse_metric(r.goal.metric)
+        shaped = terms.get(f"{structure}:max_dvh")
+        if (
+            kind == "D"
+            and x is not None
+            and 0 < x < 100
+            and (shaped is None or shaped.parameter == x)  # (one of another Dx is left alone)
+        ):
+            # a dose-volume limit is spared by its own shape: a max-DVH term presses only on
+            # the voxels between its dose and the organ's Dx, the ones cheapest to lower (an
+            # overdose term also pulls on the part inside or next to the target, which cannot
+            # follow and costs the target's coverage)
+            site, kind, parameter, at = structure, "max_dvh", x, r.achieved
+        else:
+            # an organ that overlaps the target is spared where it does not (its minus helper)
+            _move_to_helper(protocol, terms, r, [best], notes, sparing=True)
+            site, kind, parameter = _site(protocol, structure, terms), "squared_overdose", None
+            at = level[structure]
+        level.pop(structure)  # one sparing term per organ: its first goal in priority order
+        key = f"{site}:{kind}"
         old = terms.get(key)
-        dose = level.pop(structure) * (1 - OAR_MARGIN * gain)
+        dose = at * (1 - OAR_MARGIN * gain)
         if old is not None:
             # below the term's dose by at least the margin, by at most twice it: a term far
             # above what the organ gets moves there over several rounds, not in one jump
             dose = min(dose, old.dose_gy * (1 - OAR_MARGIN * gain))
             dose = max(dose, old.dose_gy * (1 - 2 * OAR_MARGIN * gain))
-        weight = min(MAX_WEIGHT, old.weight * factor) if old else _median_weight(objectives)
-        terms[key] = ObjectiveTerm(site, "squared_overdose", round(max(dose, 0.0), 3), weight)
+        if old is not None:
+            weight = min(MAX_WEIGHT, old.weight * factor)
+        elif kind == "max_dvh":  # as heavy as the organ's overdose term
+            weight = _site_weight(terms, site, objectives)
+        else:
+            weight = _median_weight(objectives)
+        terms[key] = ObjectiveTerm(site, kind, round(max(dose, 0.0), 3), weight, parameter)
         notes.append(
             f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit}: {key} objective dose "
             f"{dose:.1f} Gy, weight {f'x{factor:.2f}' if old else 'new'}"

@@ -194,6 +194,11 @@ class LoopSettings:
         if self.min_gain < 0 or self.improve_idle_rounds < 1:
             raise ValueError("min_gain must be >= 0 and improve_idle_rounds >= 1")
 
+    @property
+    def best_min_gain(self) -> float:
+        """What a plan that meets must gain on the best one met before it to replace it."""
+        return self.min_gain if self.improve else 0.0
+
 
 @dataclass
 class LoopResult:
@@ -210,12 +215,13 @@ class LoopResult:
         return next(r for r in self.records if r.iteration == self.best_iteration)
 
 
-def best_iteration(records: list[IterationRecord]) -> int:
+def best_iteration(records: list[IterationRecord], min_gain: float = 0.0) -> int:
     """The best iteration by the protocol's priorities, then by how far goals are missed;
-    the earliest of equals. 0 when there is none."""
+    the earliest of equals; among plans that meet the protocol, a later one only where it
+    lowers an organ-at-risk goal metric by ``min_gain`` (see ``_best``). 0 when there is none."""
     if not records:
         return 0
-    return max(records, key=lambda r: (*r.check.rank(), -r.iteration)).iteration
+    return _best(records, min_gain).iteration
 
 
 def first_met(records: list[IterationRecord]) -> int:
@@ -233,8 +239,25 @@ def _rounds(records: list[IterationRecord]) -> list[list[IterationRecord]]:
     return out
 
 
-def _best(records: list[IterationRecord]) -> IterationRecord:
-    return max(records, key=lambda r: (*r.check.rank(), -r.iteration))
+def _best(records: list[IterationRecord], min_gain: float = 0.0) -> IterationRecord:
+    """The best record by the ranking. With ``min_gain``, a plan that meets the protocol
+    replaces the best one met before it only where it also lowers some organ-at-risk goal
+    metric by ``min_gain`` (in iteration order): a smaller gain is within what the dose
+    calculation and leaf sequencing move by themselves, not a better plan."""
+    top = max(records, key=lambda r: (*r.check.rank(), -r.iteration))
+    if min_gain <= 0 or not top.meets:
+        return top
+    best: IterationRecord | None = None
+    for r in sorted(records, key=lambda r: r.iteration):
+        if not r.meets:
+            continue
+        if best is None or (
+            r.check.rank() > best.check.rank()
+            and max(sparing_gains(best.check, r.check).values(), default=0.0) >= min_gain
+        ):
+            best = r
+    assert best is not None
+    return best
 
 
 def finished(records: list[IterationRecord]) -> bool:
@@ -353,7 +376,7 @@ def run_loop(
     resumes with the candidates not yet stored."""
     records = list(sink.stored())
     if finished(records):
-        return _result(records)
+        return _result(records, settings)
     rounds = _rounds(records)
     planned: list[list[ObjectiveTerm]] = [list(objectives)]
     done: list[IterationRecord] = []
@@ -417,7 +440,7 @@ def run_loop(
         if finished(records):
             break
         rnd, planned, done, warm = rnd + 1, carrier.candidates, [], anchor.fluence
-    return _result(records)
+    return _result(records, settings)
 
 
 def _candidate(
@@ -545,8 +568,8 @@ def _propose(
     carrier.llm_calls += [{**c, "iteration": carrier.iteration} for c in prop.llm_calls]
 
 
-def _result(records: list[IterationRecord]) -> LoopResult:
-    return LoopResult(records, best_iteration(records), first_met(records))
+def _result(records: list[IterationRecord], settings: LoopSettings) -> LoopResult:
+    return LoopResult(records, best_iteration(records, settings.best_min_gain), first_met(records))
 
 
 def _retrying(settings: LoopSettings, sink: IterationSink, step: str, call: Callable[[], T]) -> T:

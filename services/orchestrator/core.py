@@ -511,7 +511,8 @@ class Orchestrator:
                 f"job {job_id} is {job.state}; only a finished (succeeded) job can be approved"
             )
         records = self.jobs.iterations(job_id)
-        iteration = iteration or best_iteration(records)
+        protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
+        iteration = iteration or _best_of(records, protocol)
         rec = next((r for r in records if r.iteration == iteration), None)
         if rec is None or rec.dose is None:
             raise ValueError(f"job {job_id} has no iteration {iteration}; it has 1..{len(records)}")
@@ -524,7 +525,6 @@ class Orchestrator:
             )
         if len(description) > 2000:
             raise ValueError("description is limited to 2000 characters")
-        protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
         case = self.cases.load(job.case_id, matrix=False)
         plan = PlanDose(case, self.cases.get_artefact(rec.dose.path, rec.dose.sha256))
         plan.reuse_stats(rec.stats)
@@ -567,7 +567,7 @@ class Orchestrator:
             )
         protocol = load_protocol_text(job.protocol_yaml, "protocol_yaml")
         case = self.cases.load(job.case_id, matrix=False)
-        best = best_iteration(records)
+        best = _best_of(records, protocol)
         report = PlanReport.from_records(
             case,
             protocol,
@@ -720,3 +720,8 @@ def _check_feedback(text: str) -> None:
             f"physician feedback is {len(text)} characters; keep it under {MAX_FEEDBACK_CHARS} "
             f"(the LLM agents read the first {PHYSICIAN_LIMIT:,})"
         )
+
+
+def _best_of(records: list[IterationRecord], protocol: Protocol) -> int:
+    """The job's best iteration, chosen as its loop chose it (the protocol's improvement gain)."""
+    return best_iteration(records, LoopSettings(**protocol.improvement_settings()).best_min_gain)

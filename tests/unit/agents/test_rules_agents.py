@@ -142,13 +142,17 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
         protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met)], count=3
     )
     got = {t.key(): t for t in new}
-    core = got["Core:squared_overdose"]
-    # below what the core gets now (8 Gy) and below its old objective dose, with more weight:
-    # half a push (SPARE_GAIN), since a step from a plan that meets has something to lose
-    assert core.dose_gy < 8.0 * 0.95 and core.weight == pytest.approx(1.5 * 100.0)
-    # the target's hot-spot term keeps the balance: same factor, active at the hot spot now
+    # a dose-volume limit is spared by a term of its own shape (max-DVH on the core's D10),
+    # aimed a full margin below what the core gets now (8 Gy), as heavy as the core's overdose
+    # term; that term itself is left as it was
+    core = got["Core:max_dvh"]
+    assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * (1 - 0.15))
+    assert core.weight == pytest.approx(100.0)
+    assert got["Core:squared_overdose"] == old["Core:squared_overdose"]
+    # the target's hot-spot term keeps the balance: the step's factor (x2), active at the hot
+    # spot now
     ptv_hot = got["PTV:squared_overdose"]
-    assert ptv_hot.weight == pytest.approx(1.5 * 500.0) and ptv_hot.dose_gy == pytest.approx(52.0)
+    assert ptv_hot.weight == pytest.approx(2.0 * 500.0) and ptv_hot.dose_gy == pytest.approx(52.0)
     assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
     assert "every goal is met at iteration 1; sparing the organs at risk" in why
     assert "Core D10 <= 10 Gy at 8.00 Gy" in why
@@ -157,9 +161,11 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     _, broke = _check(analytic_case, 58.0, 6.0)
     memory = [MemoryEntry(1, protocol.objectives, met), MemoryEntry(2, new, broke)]
     again, why2, _ = propose_rules(protocol, new, broke, memory)
-    smaller = {t.key(): t for t in again}["Core:squared_overdose"]
-    assert 100.0 < smaller.weight < core.weight and core.dose_gy < smaller.dose_gy < 8.0
-    assert "attempt 2, a smaller step" in why2
+    # a step that broke a goal halves the next: half the margin below 8 Gy, factor x1.5
+    smaller = {t.key(): t for t in again}
+    assert core.dose_gy < smaller["Core:max_dvh"].dose_gy < 8.0
+    assert smaller["PTV:squared_overdose"].weight == pytest.approx(1.5 * 500.0)
+    assert "attempt 2, a smaller step (x0.5)" in why2
     # what the step broke is held by a term of the goal's own shape while sparing goes on
     held = {t.key(): t for t in again}["PTV:max_dvh"]
     assert held.parameter == 10 and 50.0 < held.dose_gy < 55.0 and held.weight > 500.0
@@ -267,6 +273,53 @@ def test_an_organ_reaching_the_prescription_moves_its_term_to_its_minus_helper(
             p, p.objectives, check, [MemoryEntry(1, p.objectives, check, stats=stats)]
         )
         assert {t.structure for t in same} == {t.structure for t in p.objectives}
+
+
+def test_sparing_an_organ_that_reaches_the_prescription_uses_its_minus_helper(
+    analytic_case: Case,
+) -> None:
+    from radpilot.protocol import ClinicalGoal
+
+    plain, _ = _check(analytic_case, 52.0, 8.0)
+    # a limit that is not a dose-volume one (those get a max-DVH term, which leaves the
+    # overlap alone by itself): the core's mean
+    kept = [g for g in plain.goals if g.structure != "Core"]
+    goals = (*kept, ClinicalGoal("Core", "mean", "<=", 20.0, 2))
+    protocol = replace(_with_helpers(plain), goals=goals)
+    dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
+    dose[analytic_case.rows_of("PTV")] = 50.0
+    dose[analytic_case.rows_of("Core")] = 8.0
+    met = check_protocol(PlanDose(analytic_case, dose), protocol)
+    assert met.all_passed
+    hot = ({"name": "Core", "max_gy": 49.0},)
+    new, why, _ = propose_rules(
+        protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met, stats=hot)]
+    )
+    got = {t.key(): t for t in new}
+    assert "Core:squared_overdose" not in got
+    assert got["Core_opt:squared_overdose"].dose_gy < 8.0
+    assert "Core mean <= 20 Gy spared while Core reaches 49.0 Gy (it overlaps the target)" in why
+    # away from the target it is lowered where it is
+    cool = ({"name": "Core", "max_gy": 20.0},)
+    same, _, _ = propose_rules(
+        protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met, stats=cool)]
+    )
+    assert {t.key() for t in same} == {t.key() for t in protocol.objectives}
+
+
+def test_a_sparing_step_that_broke_a_goal_halves_the_steps_after_it(analytic_case: Case) -> None:
+    protocol, met = _check(analytic_case, 52.0, 8.0)
+    _, broke = _check(analytic_case, 58.0, 6.0)
+    _, better = _check(analytic_case, 52.0, 7.0)  # met again, the core lower
+    objs = protocol.objectives
+    fresh, _, _ = propose_rules(protocol, objs, met, [MemoryEntry(1, objs, met)])
+    memory = [MemoryEntry(1, objs, met), MemoryEntry(2, fresh, broke), MemoryEntry(3, objs, better)]
+    after, why, _ = propose_rules(protocol, objs, better, memory)
+    assert "every goal is met at iteration 3" in why and "attempt" not in why
+    assert "sparing the organs at risk (a smaller step (x0.5))" in why
+    weight = lambda ts: {t.key(): t for t in ts}["PTV:squared_overdose"].weight  # noqa: E731
+    assert weight(fresh) == pytest.approx(2.0 * 500.0)  # a full push from a first met plan
+    assert weight(after) == pytest.approx(1.5 * 500.0)  # half of it after a step that broke
 
 
 def test_spillage_adds_a_term_on_the_ring_around_the_target_once(analytic_case: Case) -> None:
