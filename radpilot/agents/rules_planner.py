@@ -675,16 +675,21 @@ def _lower(
             continue
         kind, x = parse_metric(r.goal.metric)
         shaped = terms.get(f"{structure}:max_dvh")
+        peak = _last_stat([best], structure, "max_gy")
         if (
             kind == "D"
             and x is not None
             and 0 < x < 100
+            and peak is not None
+            and peak >= REACHES_RX * protocol.prescription_gy
             and (shaped is None or shaped.parameter == x)  # (one of another Dx is left alone)
         ):
-            # a dose-volume limit is spared by its own shape: a max-DVH term presses only on
-            # the voxels between its dose and the organ's Dx, the ones cheapest to lower (an
-            # overdose term also pulls on the part inside or next to the target, which cannot
-            # follow and costs the target's coverage)
+            # a dose-volume limit on an organ that overlaps the target is spared by its own
+            # shape: a max-DVH term presses only on the voxels between its dose and the organ's
+            # Dx, the ones cheapest to lower, where an overdose term also pulls on the part in
+            # the target, which cannot follow and costs the coverage. (Away from the target the
+            # overdose term is lowered: an organ's Dx is then set by its voxels nearest the
+            # target, which a max-DVH term leaves alone.)
             site, kind, parameter, at = structure, "max_dvh", x, r.achieved
         else:
             # an organ that overlaps the target is spared where it does not (its minus helper)

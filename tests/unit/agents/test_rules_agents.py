@@ -138,13 +138,22 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     protocol, met = _check(analytic_case, 52.0, 8.0)  # every goal met, core D10 8 Gy
     assert met.all_passed
     old = {t.key(): t for t in protocol.objectives}
-    new, why, alternatives = propose_rules(
-        protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met)], count=3
+    # away from the target (its hottest voxel well below the prescription) an organ's overdose
+    # term is lowered: a full margin below what the core gets now (8 Gy), weight x2
+    cool = ({"name": "Core", "max_gy": 20.0},)
+    away, _, _ = propose_rules(
+        protocol, protocol.objectives, met, [MemoryEntry(1, protocol.objectives, met, stats=cool)]
     )
+    lowered = {t.key(): t for t in away}["Core:squared_overdose"]
+    assert lowered.dose_gy == pytest.approx(8.0 * (1 - 0.15)) and lowered.weight == 200.0
+    assert "Core:max_dvh" not in {t.key() for t in away}
+    # an organ that reaches the prescription (it overlaps the target) is spared by a term of
+    # its dose-volume limit's shape (max-DVH on the core's D10), as heavy as the core's
+    # overdose term; that term itself is left as it was
+    hot = ({"name": "Core", "max_gy": 49.0},)
+    first = MemoryEntry(1, protocol.objectives, met, stats=hot)
+    new, why, alternatives = propose_rules(protocol, protocol.objectives, met, [first], count=3)
     got = {t.key(): t for t in new}
-    # a dose-volume limit is spared by a term of its own shape (max-DVH on the core's D10),
-    # aimed a full margin below what the core gets now (8 Gy), as heavy as the core's overdose
-    # term; that term itself is left as it was
     core = got["Core:max_dvh"]
     assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * (1 - 0.15))
     assert core.weight == pytest.approx(100.0)
@@ -159,7 +168,7 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     assert len(alternatives) == 2 and new not in alternatives
     # the step broke a goal (iteration 2): from iteration 1 again, with a smaller step
     _, broke = _check(analytic_case, 58.0, 6.0)
-    memory = [MemoryEntry(1, protocol.objectives, met), MemoryEntry(2, new, broke)]
+    memory = [first, MemoryEntry(2, new, broke)]
     again, why2, _ = propose_rules(protocol, new, broke, memory)
     # a step that broke a goal halves the next: half the margin below 8 Gy, factor x1.5
     smaller = {t.key(): t for t in again}
