@@ -173,7 +173,11 @@ def test_a_physician_watches_comments_approves_and_downloads(world: World, brows
     assert d.current_url.endswith("/login")  # not logged in: to the login page
     d.find_element(By.ID, "token").send_keys("not-the-token")
     d.find_element(By.ID, "login").click()
-    assert "not this installation" in d.find_element(By.ID, "error").text
+    # the click posts the form: wait for the answer page, not the login page still showing
+    _until(
+        lambda: "not this installation" in d.find_element(By.ID, "error").text,
+        what="the wrong token's refusal",
+    )
     d.find_element(By.ID, "token").send_keys(TOKEN)
     d.find_element(By.ID, "login").click()
     _until(lambda: d.current_url.endswith("/jobs"), what="the jobs list")
