@@ -148,15 +148,20 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     assert lowered.dose_gy == pytest.approx(8.0 * (1 - 0.15)) and lowered.weight == 200.0
     assert "Core:max_dvh" not in {t.key() for t in away}
     # an organ that reaches the prescription (it overlaps the target) is spared by a term of
-    # its dose-volume limit's shape (max-DVH on the core's D10), as heavy as the core's
-    # overdose term; that term itself is left as it was
+    # its dose-volume limit's shape (max-DVH on the core's D10), twice the overdose term's
+    # margin below, as heavy as the heavier of the core's overdose term and the target's
+    # coverage term; the overdose term itself is left as it was
     hot = ({"name": "Core", "max_gy": 49.0},)
     first = MemoryEntry(1, protocol.objectives, met, stats=hot)
     new, why, alternatives = propose_rules(protocol, protocol.objectives, met, [first], count=3)
     got = {t.key(): t for t in new}
     core = got["Core:max_dvh"]
-    assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * (1 - 0.15))
-    assert core.weight == pytest.approx(100.0)
+    assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * (1 - 0.30))
+    assert core.weight == pytest.approx(100.0)  # the core's overdose term and PTV's coverage
+    heavy = [t.with_values(t.dose_gy, 300.0) if t.kind == "squared_deviation" else t
+             for t in protocol.objectives]  # fmt: skip
+    pressed, _, _ = propose_rules(protocol, heavy, met, [MemoryEntry(1, heavy, met, stats=hot)])
+    assert {t.key(): t for t in pressed}["Core:max_dvh"].weight == pytest.approx(300.0)
     assert got["Core:squared_overdose"] == old["Core:squared_overdose"]
     # the target's hot-spot term keeps the balance: the step's factor (x2), active at the hot
     # spot now
