@@ -348,7 +348,7 @@ def propose_rules(
             gain *= 0.5
             # a goal the worse step broke is traded off against the ones being pushed: push it
             # too, so that the next step moves along the trade-off rather than across it
-            broken = [r for r in last.check.failed if r.goal.label not in _missed(best.check)]
+            broken = _broken_by(last, best)
             check = ProtocolCheck(best.check.results + broken)
             notes.append(
                 f"iteration {last.iteration} was worse than iteration {best.iteration}; "
@@ -541,11 +541,7 @@ def _spare(
     # (the loop's own Global max has no region to put a term on: the guard holds the targets'
     # hot spots, OutsideTargets the rest)
     broken = (
-        [
-            r
-            for r in last.check.failed
-            if r.goal.label not in _missed(best.check) and r.goal.structure != GLOBAL
-        ]
+        [r for r in _broken_by(last, best) if r.goal.structure != GLOBAL]
         if last is not best
         else []
     )
@@ -741,6 +737,11 @@ def _new_terms_on_trial(memory: list[MemoryEntry], best: MemoryEntry) -> bool:
 
 def _missed(check: ProtocolCheck) -> frozenset[str]:
     return frozenset(r.goal.label for r in check.failed)
+
+
+def _broken_by(last: MemoryEntry, best: MemoryEntry) -> list[GoalResult]:
+    """The goals ``last`` misses that ``best`` did not: what the step to ``last`` broke."""
+    return [r for r in last.check.failed if r.goal.label not in _missed(best.check)]
 
 
 def _median_weight(objectives: list[ObjectiveTerm]) -> float:

@@ -249,15 +249,18 @@ def _best(records: list[IterationRecord], min_gain: float = 0.0) -> IterationRec
         return top
     best: IterationRecord | None = None
     for r in sorted(records, key=lambda r: r.iteration):
-        if not r.meets:
-            continue
-        if best is None or (
-            r.check.rank() > best.check.rank()
-            and max(sparing_gains(best.check, r.check).values(), default=0.0) >= min_gain
-        ):
+        if r.meets and (best is None or _gain(best, r) >= min_gain):
             best = r
     assert best is not None
     return best
+
+
+def _gain(best: IterationRecord, r: IterationRecord) -> float:
+    """What ``r`` gains on ``best``: the most it lowers an organ-at-risk goal metric where it
+    meets every goal and ranks above ``best``; -inf where it does not."""
+    if not (r.meets and r.check.rank() > best.check.rank()):
+        return float("-inf")
+    return max(sparing_gains(best.check, r.check).values(), default=0.0)
 
 
 def finished(records: list[IterationRecord]) -> bool:
@@ -338,12 +341,11 @@ def improvement(records: list[IterationRecord], settings: LoopSettings) -> tuple
     idle = 0
     for rnd in rounds[first + 1 :]:
         top = _best(rnd)
-        gains = sparing_gains(best.check, top.check)
-        most = max(gains.values(), default=0.0)
-        if top.meets and top.check.rank() > best.check.rank() and most >= settings.min_gain:
+        most = _gain(best, top)
+        if most >= settings.min_gain:
             best, idle = top, 0
             continue
-        if top.meets and top.check.rank() > best.check.rank():
+        if most > float("-inf"):
             return False, (
                 f"improvement ended: round {top.round} met every goal but lowered no "
                 f"organ-at-risk metric by {settings.min_gain:g} or more (at most {most:.2f})"
