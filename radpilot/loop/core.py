@@ -177,7 +177,7 @@ class LoopSettings:
     # after_goals_met: improve) until a round gains less than min_gain (Gy, or % for Vx goals).
     improve: bool = False
     min_gain: float = 0.5
-    improve_idle_rounds: int = 2  # rounds in a row that break a goal or trade worse: stop
+    improve_idle_rounds: int = 3  # rounds in a row that break a goal or trade worse: stop
     # while sparing, no plan hotter than the first that met (+2 %): the protocol's hot-spot
     # limits do that job where it has them (Protocol.improvement_settings)
     bound_hot_spot: bool = True

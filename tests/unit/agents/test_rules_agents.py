@@ -148,15 +148,15 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     assert lowered.dose_gy == pytest.approx(8.0 * (1 - 0.15)) and lowered.weight == 200.0
     assert "Core:max_dvh" not in {t.key() for t in away}
     # an organ that reaches the prescription (it overlaps the target) is spared by a term of
-    # its dose-volume limit's shape (max-DVH on the core's D10), twice the overdose term's
-    # margin below, as heavy as the heavier of the core's overdose term and the target's
+    # its dose-volume limit's shape (max-DVH on the core's D10), aimed at half the core's D10,
+    # as heavy as the heavier of the core's overdose term and the target's
     # coverage term; the overdose term itself is left as it was
     hot = ({"name": "Core", "max_gy": 49.0},)
     first = MemoryEntry(1, protocol.objectives, met, stats=hot)
     new, why, alternatives = propose_rules(protocol, protocol.objectives, met, [first], count=3)
     got = {t.key(): t for t in new}
     core = got["Core:max_dvh"]
-    assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * (1 - 0.30))
+    assert core.parameter == 10 and core.dose_gy == pytest.approx(8.0 * 0.5)
     assert core.weight == pytest.approx(100.0)  # the core's overdose term and PTV's coverage
     heavy = [t.with_values(t.dose_gy, 300.0) if t.kind == "squared_deviation" else t
              for t in protocol.objectives]  # fmt: skip
@@ -190,6 +190,20 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     memory[-1] = MemoryEntry(2, new, broke, scale=1.1)
     scaled, _, _ = propose_rules(protocol, new, broke, memory)
     assert {t.key(): t for t in scaled}["PTV:max_dvh"].dose_gy == pytest.approx(held.dose_gy)
+    # a broken coverage Dx is held by a min-DVH term a little above its limit, as heavy as the
+    # target's coverage term (its deviation term here) times the step
+    dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
+    ptv = analytic_case.rows_of("PTV")
+    dose[ptv] = 50.0
+    dose[ptv[: len(ptv) // 10]] = 45.0  # a tenth of the PTV cold: D95 45 Gy
+    dose[analytic_case.rows_of("Core")] = 6.0
+    cold = check_protocol(PlanDose(analytic_case, dose), protocol)
+    assert [r.goal.label for r in cold.failed] == ["PTV D95 >= 50 Gy"]
+    covered, why3, _ = propose_rules(protocol, new, cold, [first, MemoryEntry(2, new, cold)])
+    hold = {t.key(): t for t in covered}["PTV:min_dvh"]
+    assert hold.parameter == 95 and 50.0 < hold.dose_gy <= 51.0
+    assert hold.weight > old["PTV:squared_deviation"].weight
+    assert "the last step broke PTV D95 >= 50 Gy (45.00 Gy)" in why3
 
 
 def test_loop_goes_on_after_the_goals_are_met_unless_the_protocol_says_stop(
