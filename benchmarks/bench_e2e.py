@@ -5,8 +5,8 @@ start to its exit, with the breakdown the services record.
 Rows: ``wall`` (the process, as a user waits for it), ``services up`` (launching the four
 services), ``case`` (CreateCase), then the job (``loop``: StartPlanning to the finished event)
 split into ``fmo`` (the solver), ``case_load`` (the optimizer replica loading the case),
-``transport`` (Optimize calls less solve and load), ``evaluate``, ``propose`` and ``store`` (the
-rest: job records and events), then ``export`` (report, images, DICOM, the zip) and the
+``transport`` (Optimize calls less solve and load), ``evaluate``, ``propose``, ``sequence``
+(leaf-sequencing the best plan, every try) and ``store`` (the rest: job records and events), then ``export`` (report, images, DICOM, the zip) and the
 remainder (interpreter start, stopping the services). Rewrites its section of
 docs/benchmarks.md.
 """

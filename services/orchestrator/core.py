@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -465,6 +466,7 @@ class Orchestrator:
         if fluence is None:
             return
         report = self.report(job_id, result.records)
+        started = time.perf_counter()
         try:
             plan, dose = report.sequence_keeping_goals(
                 lambda settings, terms: optimizer.sequence(
@@ -478,6 +480,8 @@ class Orchestrator:
             log.warning("job %s: the best plan was not sequenced: %s", job_id, exc)
             self.jobs.set_delivery(job_id, best.iteration, None, None, str(exc))
             return
+        # every try, on the replica and back: the part of the job's time sequencing took
+        plan["summary"]["seconds"] = round(time.perf_counter() - started, 3)
         self.jobs.set_delivery(job_id, best.iteration, plan, dose)
         s = plan["summary"]
         self.jobs.add_event(
