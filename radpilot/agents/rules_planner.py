@@ -32,9 +32,9 @@ objective weights and doses:
 - once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
   it spares: each organ at risk gets a term for its first goal (max-DVH for a Dx limit on an
   organ that reaches the prescription, else its overdose term, on the organ's minus helper when
-  it reaches the prescription) with an
-  objective dose below what the plan achieves and a higher weight. Every sparing step that
-  broke a goal halves the later ones; the step right after one also holds what broke.
+  it reaches the prescription) with an objective dose below what the plan achieves and a
+  higher weight. Every sparing step that broke a goal halves the later ones; the step right
+  after one also holds what broke.
 """
 
 from __future__ import annotations
