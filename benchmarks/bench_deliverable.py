@@ -3,7 +3,9 @@ rewrites its section of docs/benchmarks.md).
 
 Per case and protocol: one FMO with the protocol's own objectives, then leaf sequencing with the
 default settings (uniform-5mm MLC, 10 levels, at most 12 segments per beam, 2 MU minimum,
-segment weights refitted to the fluence-optimal dose: the loop's first try), without and with
+segment weights refitted to the fluence-optimal dose: the loop's first try), each plan sequenced
+twice side by side (segment weights fitted alone, and leaves moved too: aperture refinement),
+without and with
 the ``fluence_smoothness`` term (most shipped protocols carry it at weight 3); goal values of the fluence optimum and of the
 deliverable dose side by side, segments per beam, MU per fraction, MU/Gy, the largest dose
 difference and the time sequencing took. No agent: the loop's own use of this is in
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -68,35 +71,43 @@ def main() -> int:
             t0 = time.perf_counter()
             plan = opt.solve(terms, settings=protocol.fmo_settings())
             t_fmo = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            d = deliver(
-                case,
-                plan.fluence,
-                protocol.delivery or SequencingSettings(),
-                fractions=protocol.num_fractions,
-                target=protocol.target,
-                prescription_gy=protocol.prescription_gy,
-                coverage_pct=protocol.coverage_pct,
-            )
-            t_seq = time.perf_counter() - t0
+            runs = {}
+            for moved in (False, True):  # weights only, then leaves moved too (the default)
+                settings = replace(protocol.delivery or SequencingSettings(), apertures=moved)
+                t0 = time.perf_counter()
+                d = deliver(
+                    case,
+                    plan.fluence,
+                    settings,
+                    fractions=protocol.num_fractions,
+                    target=protocol.target,
+                    prescription_gy=protocol.prescription_gy,
+                    coverage_pct=protocol.coverage_pct,
+                )
+                runs[moved] = (d, time.perf_counter() - t0)
+            (fixed, _), (d, t_seq) = runs[False], runs[True]
             s = d.summary(protocol.prescription_gy)
             before = _goals(case, protocol, plan.dose_rows)
+            weights_only = _goals(case, protocol, fixed.dose_rows)
             after = _goals(case, protocol, d.dose_rows)
             label = f"{case_name} {grid}, {protocol.name}, smoothness {w:g}"
             for goal, (opt_value, opt_ok) in before.items():
+                fix_value, fix_ok = weights_only[goal]
                 del_value, del_ok = after[goal]
                 goal_rows.append(
                     f"| {label} | {goal} | {opt_value:.2f} {'' if opt_ok else '(miss)'} | "
+                    f"{fix_value:.2f} {'' if fix_ok else '(miss)'} | "
                     f"{del_value:.2f} {'' if del_ok else '(miss)'} | {del_value - opt_value:+.2f} |"
                 )
             seg, lv = s["segments_per_beam"], s["levels_per_beam"]
             summary_rows.append(
                 f"| {label} | {sum(ok for _, ok in before.values())}/{len(before)} | "
+                f"{sum(ok for _, ok in weights_only.values())}/{len(before)} | "
                 f"{sum(ok for _, ok in after.values())}/{len(after)} | {np.mean(seg):.1f} "
                 f"({min(seg)}-{max(seg)}) | {np.mean(lv):.1f} ({min(lv)}-{max(lv)}) | "
                 f"{s['total_mu']:.0f} | {s['mu_per_gy']:.0f} | "
-                f"{s['max_dose_difference_gy']:.2f} | {s['dropped_segments']} | {t_fmo:.1f} | "
-                f"{t_seq:.1f} |"
+                f"{fixed.max_dose_difference_gy:.2f} | {s['max_dose_difference_gy']:.2f} | "
+                f"{s['dropped_segments']} | {t_fmo:.1f} | {runs[False][1]:.1f} | {t_seq:.1f} |"
             )
             print(summary_rows[-1], flush=True)
     section = f"""{BEGIN}
@@ -108,16 +119,20 @@ objectives (no agent), then step-and-shoot leaf sequencing with the defaults (ML
 levels: equal steps or Lloyd-Max levels), segments of at least 2 MU per fraction, segment
 weights refitted on the dose influence matrix to the fluence-optimal dose, renormalised to the
 prescription: the loop's first try, without its retries), without and with the
-`fluence_smoothness` term (weight 3, on `AllBeams`; the shipped protocols but the C-shape ones carry it). MU per fraction with 1 cGy/MU at the maximum
-of each beam's open field (`docs/delivery.md`); MU/Gy per fraction dose. One run on this 2-core
-machine; times are wall seconds.
+`fluence_smoothness` term (weight 3, on `AllBeams`; the shipped protocols but the C-shape ones
+carry it). Each plan is sequenced twice from the same optimum, side by side: with the segment
+weights fitted alone (`apertures: false`, the default before 2026-12-04) and with the leaves
+moved too (aperture refinement, `docs/delivery.md` step 7, the default); the segment, MU and
+level columns are the latter's. MU per fraction with 1 cGy/MU at the maximum of each beam's
+open field (`docs/delivery.md`); MU/Gy per fraction dose. One run on this 2-core machine; times
+are wall seconds.
 
-| case, protocol, smoothness weight | goals met: fluence optimum | deliverable | segments per beam: mean (range) | levels per beam: mean (range) | MU per fraction | MU/Gy | largest dose difference (Gy) | segments dropped (< 2 MU) | FMO s | sequencing s |
-|---|---|---|---|---|---|---|---|---|---|---|
+| case, protocol, smoothness weight | goals met: fluence optimum | deliverable, weights only | deliverable, leaves moved | segments per beam: mean (range) | levels per beam: mean (range) | MU per fraction | MU/Gy | largest dose difference (Gy): weights only | leaves moved | segments dropped (< 2 MU) | FMO s | sequencing s: weights only | leaves moved |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(summary_rows)}
 
-| case, protocol, smoothness weight | goal | fluence optimum | deliverable | difference |
-|---|---|---|---|---|
+| case, protocol, smoothness weight | goal | fluence optimum | deliverable, weights only | deliverable, leaves moved | leaves moved - optimum |
+|---|---|---|---|---|---|
 {chr(10).join(goal_rows)}
 {END}"""
     write_section(args.doc, BEGIN, END, section)

@@ -10,7 +10,9 @@ off where the mask is set, until nothing remains. Our own choices on top of that
 would make a leaf pass its neighbour's opposing leaf (when the MLC forbids interdigitation) are
 split into further segments of the same weight, identical apertures are merged, segments below the
 minimum MU are dropped, and (by default) the segment weights are re-optimised as a bounded linear
-least-squares problem on the case's own dose influence matrix against the fluence-optimal dose.
+least-squares problem on the case's own dose influence matrix against the fluence-optimal dose,
+and (by default) the leaf tips are then moved together with the weights on the same measure
+(``radpilot.delivery.apertures``).
 A beam held to fewer segments than its map needs (``max_segments_per_beam``) is quantised more
 coarsely: fewer equal steps, or Lloyd-Max levels stacked as isointensity apertures.
 
@@ -32,9 +34,11 @@ import scipy.sparse as sp
 from scipy.optimize import lsq_linear, minimize
 
 from radpilot.case import Case
+from radpilot.delivery.apertures import park_closed, refine_apertures
 from radpilot.delivery.mlc import DEFAULT_MLC, BeamGrid, MlcModel, load_mlc
 from radpilot.dosimetry import dose_at_volume
 from radpilot.errors import DeliveryError
+from radpilot.fmo.backend import CpuOps
 from radpilot.fmo.objectives import ObjectiveTerm
 
 T = TypeVar("T")
@@ -43,7 +47,6 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]  # fluence -> (valu
 OBJECTIVE_REFIT_ITERATIONS = 150
 MAX_FIT_ROWS = 60_000  # rows of A the segment-weight fit reads (targets always all of theirs)
 TARGET_FIT_WEIGHT = 10.0  # a target's rows against an organ's, per unit of volume
-GAP_CLEARANCE_MM = 0.01  # a closed pair's gap overlaps its open neighbour's opening by this
 DEFAULT_MAX_SEGMENTS = 12  # per beam: what a step-and-shoot plan is usually held to
 
 
@@ -63,6 +66,8 @@ class SequencingSettings:
     # sequence every iteration's plan (not only the best one), so that the protocol check, the
     # ranking and "meets the protocol" judge what would be delivered all along
     every_iteration: bool = False
+    # after the weight fits, move the leaves too (``refine_apertures``; needs ``refit``)
+    apertures: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.levels, bool) or not isinstance(self.levels, int):
@@ -88,6 +93,7 @@ class SequencingSettings:
             "refit": self.refit,
             "max_segments_per_beam": self.max_segments_per_beam,
             "every_iteration": self.every_iteration,
+            "apertures": self.apertures,
         }
 
     @classmethod
@@ -100,13 +106,17 @@ class SequencingSettings:
             "refit",
             "max_segments_per_beam",
             "every_iteration",
+            "apertures",
         )
         unknown = sorted(set(d) - set(known))
         if unknown:
             raise DeliveryError(f"unknown delivery field(s) {unknown}; known: {', '.join(known)}")
         refit, every = d.get("refit", True), d.get("every_iteration", False)
-        if not isinstance(refit, bool) or not isinstance(every, bool):
-            raise DeliveryError("delivery.refit and delivery.every_iteration are true or false")
+        apertures = d.get("apertures", True)
+        if not all(isinstance(v, bool) for v in (refit, every, apertures)):
+            raise DeliveryError(
+                "delivery.refit, delivery.every_iteration and delivery.apertures are true or false"
+            )
         mu = d.get("min_segment_mu", 2.0)
         if isinstance(mu, bool) or not isinstance(mu, int | float):
             raise DeliveryError(f"delivery.min_segment_mu must be a number, got {mu!r}")
@@ -118,6 +128,7 @@ class SequencingSettings:
             refit,
             0 if cap is None else cap,
             every,
+            apertures,
         )
 
 
@@ -287,16 +298,11 @@ def _segment(
     for r, (a, b) in rows.items():
         left[grid.pair_lo[r] : grid.pair_hi[r]] = grid.col_edge(a)
         right[grid.pair_lo[r] : grid.pair_hi[r]] = grid.col_edge(b)
-    open_pairs = np.flatnonzero(~np.isnan(left))
-    half = mlc.min_leaf_gap_mm / 2
-    for p in np.flatnonzero(np.isnan(left)):
-        below = open_pairs[open_pairs < p]
-        above = open_pairs[open_pairs > p]
-        spans = [(left[q], right[q]) for q in [*below[-1:], *above[:1]]]
-        # the gap sits as far left as the neighbours allow (left < their right, right > their
-        # left): mostly under the X jaw when a neighbour opens from the field's left edge
-        lo = max(sp[0] for sp in spans)
-        left[p], right[p] = lo - 2 * half + GAP_CLEARANCE_MM, lo + GAP_CLEARANCE_MM
+    is_open = ~np.isnan(left)
+    # the gap sits as far left as the neighbours allow (left < their right, right > their
+    # left): mostly under the X jaw when a neighbour opens from the field's left edge
+    park_closed(left, right, is_open, mlc.min_leaf_gap_mm)
+    open_pairs = np.flatnonzero(is_open)
     first, last = min(rows), max(rows)
     jaw_y = (
         float(mlc.boundaries_mm[grid.pair_lo[first]]),
@@ -530,8 +536,9 @@ def deliver(
 ) -> Deliverable:
     """Sequence a (normalised) plan fluence, compute the delivered fluence's dose with the case's
     matrix and normalise it as the plan was (``target``'s D``coverage_pct`` = prescription).
-    With ``objective`` (the plan's FMO objective and its gradient in beamlet space) the refitted
-    segment weights are then optimised on that objective itself."""
+    With ``settings.apertures`` the leaf tips then move with the weights on the fit's measure
+    (``refine_apertures``); with ``objective`` (the plan's FMO objective and its gradient in
+    beamlet space) the segment weights are last optimised on that objective itself."""
     if case.geometry_only:
         raise DeliveryError("sequencing needs the case's dose influence matrix")
     if fluence.shape != (case.num_beamlets,):
@@ -571,6 +578,16 @@ def deliver(
     extra: dict[str, Any] = {}
     if settings.refit:
         extra["refit"] = _refit(case, mlc, beams, optimum, settings.min_segment_mu, fractions)
+        if settings.apertures:
+            # on the fit's own measure (rows of A, a few seconds even at a 3 mm grid), not on
+            # ``objective``: that reads the whole matrix at every one of its evaluations
+            extra["apertures"] = refine_apertures(
+                beams,
+                mlc,
+                case.num_beamlets,
+                _dose_fit_objective(case, optimum),
+                _weight_floor(beams, settings.min_segment_mu, fractions),
+            )
         if objective is not None:
             extra["objective_refit"] = _objective_refit(
                 case, mlc, beams, objective, settings.min_segment_mu, fractions
@@ -605,6 +622,22 @@ def deliver(
     )
 
 
+def _dose_fit_objective(case: Case, optimum: np.ndarray) -> Objective:
+    """The segment-weight fit's measure as a function of fluence: the weighted mean squared
+    difference (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient."""
+    rows, rw = _fit_rows(case)
+    ops = CpuOps(case.dose_influence[rows])  # the FMO's block-parallel products
+    target = optimum[rows]
+    wn = rw / rw.sum()
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+        r = np.asarray(ops.matvec(x), dtype=np.float64) - target
+        g = ops.rmatvec(2.0 * wn * r)
+        return float(np.sum(wn * r * r)), np.asarray(g, dtype=np.float64)
+
+    return f
+
+
 def _delivered_fluence(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> np.ndarray:
     return np.concatenate([bs.fluence(mlc) for bs in beams]) if beams else np.zeros(0)
 
@@ -619,11 +652,11 @@ def _refit(
 ) -> dict[str, Any]:
     """Segment weights that best reproduce the fluence-optimal dose (weighted least squares on
     the case's rows, each segment at least the minimum MU); updates the segments in place."""
-    S, info = _segment_matrix(case, mlc, beams)
+    S = _segment_matrix(case, mlc, beams)
     if S.shape[1] == 0:
         return {"segments": 0}
-    before = np.array([w for w, _ in info])
-    lower = np.array([min(min_mu * fractions / per, w) for w, per in info])
+    before = np.array([s.weight for bs in beams for s in bs.segments])
+    lower = _weight_floor(beams, min_mu, fractions)
     rows, rw = _fit_rows(case)
     M = np.asarray((case.dose_influence[rows] @ S).todense(), dtype=np.float64)
     sq = np.sqrt(rw)
@@ -652,17 +685,22 @@ def _refit(
     }
 
 
+def _weight_floor(beams: list[BeamSequence], min_mu: float, fractions: int) -> np.ndarray:
+    """Each segment's (beam order) least weight in the fits: the minimum MU per fraction, or its
+    own weight where that is less (a segment the sequencer made smaller than that is kept)."""
+    return np.array(
+        [min(min_mu * fractions / bs.mu_per_unit, s.weight) for bs in beams for s in bs.segments]
+    )
+
+
 def _set_weights(beams: list[BeamSequence], weights: np.ndarray) -> None:
     """Give the segments, in beam order, the fitted ``weights``."""
     for sg, w in zip([sg for bs in beams for sg in bs.segments], weights, strict=True):
         sg.weight = float(w)
 
 
-def _segment_matrix(
-    case: Case, mlc: MlcModel, beams: list[BeamSequence]
-) -> tuple[sp.csc_matrix, list[tuple[float, float]]]:
-    """Beamlets x segments open fractions (every beam's apertures in one matrix), and each
-    segment's (weight, MU per unit weight) for the bounds."""
+def _segment_matrix(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> sp.csc_matrix:
+    """Beamlets x segments open fractions (every beam's apertures in one matrix)."""
     blocks, start = [], 0
     for bs, b in zip(beams, case.beams, strict=True):
         ap = bs.apertures(mlc)
@@ -670,9 +708,7 @@ def _segment_matrix(
         m[start : start + b.num_beamlets, :] = ap
         blocks.append(m.tocsc())
         start += b.num_beamlets
-    return sp.hstack(blocks, format="csc"), [
-        (s.weight, bs.mu_per_unit) for bs in beams for s in bs.segments
-    ]
+    return sp.hstack(blocks, format="csc")
 
 
 def _objective_refit(
@@ -685,11 +721,11 @@ def _objective_refit(
 ) -> dict[str, Any]:
     """Segment weights that minimise the plan's own FMO objective (L-BFGS-B, each segment at
     least the minimum MU): the direct answer to what the fluence optimum was for."""
-    S, info = _segment_matrix(case, mlc, beams)
+    S = _segment_matrix(case, mlc, beams)
     if S.shape[1] == 0:
         return {"segments": 0}
-    w0 = np.array([w for w, _ in info])
-    lower = np.array([min(min_mu * fractions / per, w) for w, per in info])
+    w0 = np.array([s.weight for bs in beams for s in bs.segments])
+    lower = _weight_floor(beams, min_mu, fractions)
     calls = 0
 
     def f(w: np.ndarray) -> tuple[float, np.ndarray]:

@@ -300,8 +300,14 @@ def test_protocol_delivery_settings() -> None:
     every = load_protocol_text(text + EVERY)
     assert every.delivery.every_iteration
     assert load_protocol_text(json.dumps(every.to_dict())).delivery == every.delivery
-    with pytest.raises(ProtocolError, match="every_iteration are true or false"):
+    with pytest.raises(ProtocolError, match=r"every_iteration and delivery\.apertures are true"):
         load_protocol_text(text + "\ndelivery: {every_iteration: 3}\n")
+    assert p.delivery.apertures
+    fixed = load_protocol_text(text + "\ndelivery: {apertures: false}\n")
+    assert not fixed.delivery.apertures
+    assert load_protocol_text(json.dumps(fixed.to_dict())).delivery == fixed.delivery
+    with pytest.raises(ProtocolError, match=r"delivery\.apertures are true or false"):
+        load_protocol_text(text + "\ndelivery: {apertures: maybe}\n")
     with pytest.raises(ProtocolError, match="max_segments_per_beam must be an integer"):
         load_protocol_text(text + "\ndelivery: {max_segments_per_beam: 2.5}\n")
     # the smoothness term penalises the fluence: its dose must be 0

@@ -1,0 +1,146 @@
+"""Aperture refinement: leaf tips and segment weights optimised together after sequencing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from radpilot.case import Case
+from radpilot.delivery import SequencingSettings, deliver, load_mlc
+from radpilot.delivery.apertures import (
+    _boxes,
+    _entries,
+    _fluence_and_grad,
+    leaf_rule_breaks,
+)
+from radpilot.delivery.sequencing import fluence_of_segments
+from radpilot.evaluation.metrics import PlanDose
+from radpilot.fmo import FluenceOptimizer
+from radpilot.protocol import load_protocol
+from tests.paths import REPO_ROOT
+
+HARDER = REPO_ROOT / "protocols" / "tg119_cshape_harder.yaml"
+
+
+@pytest.fixture(scope="module")
+def optimum(analytic_case: Case) -> tuple[np.ndarray, np.ndarray]:
+    p = load_protocol(HARDER)
+    r = FluenceOptimizer(analytic_case).solve(list(p.objectives), settings=p.fmo_settings())
+    return r.fluence, r.dose_rows
+
+
+def _deliver(case: Case, fluence: np.ndarray, **settings):
+    return deliver(
+        case,
+        fluence,
+        SequencingSettings(**settings),
+        fractions=25,
+        target="PTV",
+        prescription_gy=50.0,
+    )
+
+
+def test_fluence_model_and_its_gradient(analytic_case: Case, optimum) -> None:
+    fluence, _ = optimum
+    d = _deliver(analytic_case, fluence, apertures=False)
+    mlc = load_mlc()
+    parts, left, right, weights = _entries(d.beams, mlc)
+    n = analytic_case.num_beamlets
+    # at the sequencer's apertures the model gives what the leaves deliver
+    x, _ = _fluence_and_grad(parts, n, weights, left, right, None)
+    truth = fluence_of_segments(analytic_case, mlc, [b.segments for b in d.beams])
+    assert np.allclose(x, truth, rtol=1e-6, atol=1e-3 * truth.max())
+    # tips off the beamlet edges (where the fluence is smooth in them): central differences
+    rng = np.random.default_rng(3)
+    free = np.concatenate([p.free for p in parts])
+    L = left + np.where(free, 0.7, 0.0)
+    R = right - np.where(free, 0.9, 0.0)
+    c = rng.normal(size=n)  # objective c . x: its gradient in beamlet space is c
+    _, g = _fluence_and_grad(parts, n, weights, L, R, c)
+    theta = np.concatenate([weights, L, R])
+    ns, ne = weights.size, L.size
+    picks = [0, ns - 1, *(ns + np.flatnonzero(free)[:5]), *(ns + ne + np.flatnonzero(free)[-5:])]
+    for i in picks:
+        h = 1e-3 if i < ns else 0.05
+        up, down = theta.copy(), theta.copy()
+        up[i] += h
+        down[i] -= h
+
+        def value(t: np.ndarray) -> float:
+            return float(
+                c @ _fluence_and_grad(parts, n, t[:ns], t[ns : ns + ne], t[ns + ne :], None)[0]
+            )
+
+        assert g[i] == pytest.approx((value(up) - value(down)) / (2 * h), rel=1e-6, abs=1e-9)
+
+
+def test_boxes_keep_every_point_deliverable(analytic_case: Case, optimum) -> None:
+    fluence, _ = optimum
+    d = _deliver(analytic_case, fluence, apertures=False)
+    mlc = load_mlc()
+    parts, left, right, _ = _entries(d.beams, mlc)
+    l_lo, l_hi, r_lo, r_hi = _boxes(parts, left, right, mlc)
+    assert np.all(l_lo <= left) and np.all(left <= l_hi)
+    assert np.all(r_lo <= right) and np.all(right <= r_hi)
+    # the box corners that close a pair, and that push neighbours towards each other, still
+    # keep the minimum gap and never cross an opposing neighbour's tip
+    free = np.concatenate([p.free for p in parts])
+    assert np.all((r_lo - l_hi)[free] >= mlc.min_leaf_gap_mm - 1e-9)
+    # closed pairs do not move
+    assert np.all((l_lo == l_hi)[~free]) and np.all((r_lo == r_hi)[~free])
+    at = 0
+    for part in parts:
+        idx = np.flatnonzero(part.free) + at
+        local = np.flatnonzero(part.free)
+        same = part.seg[local[1:]] == part.seg[local[:-1]]
+        for a, b in zip(idx[:-1][same], idx[1:][same], strict=True):
+            assert l_hi[a] <= r_lo[b] and l_hi[b] <= r_lo[a]
+        at += part.row.size
+
+
+def test_refined_apertures_follow_the_machine_and_the_optimum(analytic_case: Case, optimum) -> None:
+    fluence, dose = optimum
+    plain = _deliver(analytic_case, fluence, apertures=False)
+    refined = _deliver(analytic_case, fluence)
+    mlc = load_mlc()
+    info = refined.summary(50.0)["apertures"]
+    assert info["objective_after"] < info["objective_before"] and info["moved_tips"] > 0
+    assert "apertures" not in plain.summary(50.0)
+    for b in refined.beams:
+        for s in b.segments:
+            assert leaf_rule_breaks(s.left_mm, s.right_mm, mlc) == []
+            # on the RT Plan's 0.01 mm grid, so the exported plan keeps the rules too
+            for tips in (s.left_mm, s.right_mm):
+                assert np.allclose(tips * 100, np.round(tips * 100), atol=1e-6)
+            lo, hi = s.jaw_x_mm
+            is_open = s.right_mm - s.left_mm > mlc.min_leaf_gap_mm + 1e-6
+            assert lo <= s.left_mm[is_open].min() + 1e-9 and hi >= s.right_mm[is_open].max() - 1e-9
+    # the delivered fluence is what the moved leaves give, and it is nearer the optimum's dose
+    again = fluence_of_segments(analytic_case, mlc, [b.segments for b in refined.beams])
+    assert np.allclose(again, refined.fluence, rtol=1e-4, atol=1e-6)
+
+    def rms(d) -> float:
+        return float(np.sqrt(np.mean((d.dose_rows - dose) ** 2)))
+
+    assert rms(refined) < rms(plain)
+    # normalised like the plan
+    assert PlanDose(analytic_case, refined.dose_rows).metric("PTV", "D95") == pytest.approx(
+        50.0, abs=0.01
+    )
+
+
+def test_leaf_rule_breaks_names_what_a_machine_refuses() -> None:
+    mlc = load_mlc()
+    n = mlc.num_pairs
+    left, right = np.full(n, -10.0), np.full(n, 10.0)
+    assert leaf_rule_breaks(left, right, mlc) == []
+    bad_gap = right.copy()
+    bad_gap[5] = left[5] + 0.1
+    assert any("pair 5: gap" in b for b in leaf_rule_breaks(left, bad_gap, mlc))
+    crossed_l, crossed_r = left.copy(), right.copy()
+    crossed_l[7], crossed_r[7] = 20.0, 30.0  # opens right of its neighbours' right tips
+    breaks = leaf_rule_breaks(crossed_l, crossed_r, mlc)
+    assert any("pairs 6/7" in b for b in breaks) and any("pairs 7/8" in b for b in breaks)
+    far = right.copy()
+    far[0] = mlc.leaf_travel_mm[1] + 5
+    assert any("outside the leaf travel" in b for b in leaf_rule_breaks(left, far, mlc))
