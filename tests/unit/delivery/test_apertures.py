@@ -144,3 +144,15 @@ def test_leaf_rule_breaks_names_what_a_machine_refuses() -> None:
     far = right.copy()
     far[0] = mlc.leaf_travel_mm[1] + 5
     assert any("outside the leaf travel" in b for b in leaf_rule_breaks(left, far, mlc))
+
+
+def test_objective_refit_iterations_shrink_with_the_matrix(analytic_case: Case) -> None:
+    from types import SimpleNamespace
+
+    from radpilot.delivery.sequencing import _objective_iterations
+
+    def cap(nnz: int) -> int:
+        return _objective_iterations(SimpleNamespace(dose_influence=SimpleNamespace(nnz=nnz)))
+
+    assert _objective_iterations(analytic_case) == 150  # a small matrix gets every iteration
+    assert cap(6 * 10**7) == 75 and cap(173_048_790) == 30 and cap(10**10) == 30
