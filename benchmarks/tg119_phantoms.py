@@ -133,7 +133,7 @@ protocol default `after_goals_met: improve`). "First met" is the first plan that
 "best" the plan reported, judged (and compared with the institutions) on its deliverable dose:
 leaf-sequenced with the defaults of `docs/delivery.md` (MLC `uniform-5mm`, 10 levels, at most
 12 segments per beam (18, then 24 on the retries that keep goals), 2 MU minimum, segment weights
-refitted), its fluence optimum alongside. The shipped protocols but the tight one carry
+refitted and leaves moved (aperture refinement)), its fluence optimum alongside. The shipped protocols but the tight one carry
 `fluence_smoothness` (weight 3). TG-119 institutions' mean (SD)
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out

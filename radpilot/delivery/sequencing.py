@@ -799,7 +799,9 @@ def keep_goals(
     ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
     first plan that loses nothing is kept, else the best by ``rank`` (bigger is better: the
     protocol's ranking, priority and size of each miss) or, without it, the one that loses the
-    fewest goals; the earliest of equals. Every try is recorded in the plan's summary
+    fewest goals; the earliest of equals. With ``settings.apertures``, a first try that loses
+    a goal is followed by the same sequencing with the weights fitted alone (leaves left where
+    the sequencer put them) before any retry. Every try is recorded in the plan's summary
     (``tries``)."""
     tries: list[dict[str, Any]] = []
     best: tuple[dict[str, Any], T, Any] | None = None
@@ -807,21 +809,30 @@ def keep_goals(
     lost_so_far: list[str] = []
     extra: list[ObjectiveTerm] = []
     for attempt in range(MAX_TRIES):
-        plan, dose = sequence(current, extra)
-        lost = lost_goals(dose)
-        tries.append(
-            {
-                "levels": current.levels,
-                "max_segments_per_beam": current.max_segments_per_beam,
-                "segments": plan["summary"]["segments"],
-                "total_mu": plan["summary"]["total_mu"],
-                "goal_terms": [t.label() for t in extra],
-                "lost_goals": lost,
-            }
-        )
-        key = rank(dose) if rank is not None else -len(lost)
-        if best is None or key > best[2]:
-            best = (plan, dose, key)
+        # the first try's fit alone is a second candidate, seconds to make, before more levels:
+        # moving the leaves lowers the fit's measure, yet may put a goal a hair past its limit
+        variants = [current]
+        if attempt == 0 and current.apertures and current.refit:
+            variants.append(replace(current, apertures=False))
+        for variant in variants:
+            plan, dose = sequence(variant, extra)
+            lost = lost_goals(dose)
+            tries.append(
+                {
+                    "levels": variant.levels,
+                    "max_segments_per_beam": variant.max_segments_per_beam,
+                    "apertures": variant.apertures,
+                    "segments": plan["summary"]["segments"],
+                    "total_mu": plan["summary"]["total_mu"],
+                    "goal_terms": [t.label() for t in extra],
+                    "lost_goals": lost,
+                }
+            )
+            key = rank(dose) if rank is not None else -len(lost)
+            if best is None or key > best[2]:
+                best = (plan, dose, key)
+            if not lost:
+                break
         if not lost or current.levels >= 255:
             break
         cap = current.max_segments_per_beam

@@ -70,7 +70,9 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
     # at most 12 segments per beam, raised to 18 and 24 on the retries that keep goals
     assert all(abs(g["deliverable"] - g["fluence_optimal"]) < 1.5 for g in d["goals"]), d
     assert max(d["segments_per_beam"]) <= 24, d["segments_per_beam"]
-    assert d["tries"][0]["levels"] == 10 and (d["all_goals_met"] or len(d["tries"]) == 3)
+    # every level tried before giving up (the first try's fit alone beside it)
+    levels = [t["levels"] for t in d["tries"]]
+    assert levels[0] == 10 and (d["all_goals_met"] or sorted(set(levels)) == [10, 20, 40])
     assert (out / "dicom" / "RTPLAN.dcm").is_file()
     protocol_goals = [g for g in summary["goals"] if g["structure"] != "Global"]
     assert {g["metric"] for g in protocol_goals} == {"D95", "D10"}

@@ -472,18 +472,27 @@ def test_every_iteration_loop_ranks_plans_as_delivered(analytic_case: Case, tmp_
 
 
 def test_when_every_try_loses_goals_the_best_ranked_try_is_kept() -> None:
-    # three tries that each lose the same two goals: by count they tie (the first would be
+    # four tries that each lose the same two goals: by count they tie (the first would be
     # kept); by the protocol's ranking the one that misses them by least wins
-    misses = {10: 3.6, 20: 2.0, 40: 0.9}  # levels -> how far the lost goals are missed
+    misses = {(10, True): 3.6, (10, False): 3.1, (20, True): 2.0, (40, True): 0.9}
 
-    def sequence(settings: SequencingSettings, extra: list) -> tuple[dict, int]:
-        return {"summary": {"segments": settings.levels, "total_mu": 1.0}}, settings.levels
+    def sequence(settings: SequencingSettings, extra: list) -> tuple[dict, tuple[int, bool]]:
+        summary = {"segments": settings.levels, "total_mu": 1.0}
+        return {"summary": summary}, (settings.levels, settings.apertures)
 
-    def lost(levels: int) -> list[str]:
+    def lost(dose: tuple[int, bool]) -> list[str]:
         return ["PTV D10 <= 55 Gy", "Core D10 <= 10 Gy"]
 
     settings = SequencingSettings(levels=10)
-    plan, kept = keep_goals(sequence, lost, settings, rank=lambda levels: (-misses[levels],))
-    assert kept == 40 and [t["levels"] for t in plan["summary"]["tries"]] == [10, 20, 40]
+    plan, kept = keep_goals(sequence, lost, settings, rank=lambda d: (-misses[d],))
+    assert kept == (40, True)
+    # the first try's fit alone comes second, before more levels
+    tries = [(t["levels"], t["apertures"]) for t in plan["summary"]["tries"]]
+    assert tries == [(10, True), (10, False), (20, True), (40, True)]
     _, by_count = keep_goals(sequence, lost, settings)
-    assert by_count == 10  # without a ranking: the fewest lost goals, the earliest of equals
+    assert by_count == (10, True)  # without a ranking: the fewest lost goals, the earliest
+    # a fit alone that keeps every goal ends the search there
+    _, alone = keep_goals(sequence, lambda d: [] if not d[1] else ["Core D10 <= 10 Gy"], settings)
+    assert alone == (10, False)
+    _, fixed = keep_goals(sequence, lost, SequencingSettings(levels=10, apertures=False))
+    assert fixed == (10, False)
