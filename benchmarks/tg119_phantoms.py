@@ -52,6 +52,14 @@ INSTITUTIONS = {  # TG-119 Table VI (Ezzell et al. 2009): mean (SD), Gy
 }
 
 
+def _tries(d: dict) -> str:
+    """The levels of every sequencing try; "fit alone" where the leaves were not moved."""
+    return ", ".join(
+        f"{t['levels']}{'' if t.get('apertures', True) else ' (fit alone)'}"
+        for t in d.get("tries", [])
+    )
+
+
 def within(value: float, institutions: str) -> str:
     """Whether a value lies within the institutions' mean +- 2 SD ("" when none is published)."""
     if not institutions:
@@ -110,7 +118,7 @@ def main() -> int:
             f"deliverable: {d['segments']} segments "
             f"({'/'.join(map(str, d['segments_per_beam']))} per beam), {d['total_mu']:.0f} MU "
             f"per fraction, {d['mu_per_gy']:.0f} MU/Gy, levels tried "
-            f"{[t['levels'] for t in d.get('tries', [])]}; "
+            f"{_tries(d)}; "
             if d
             else f"not sequenced: {report.delivery_error}; "
         )

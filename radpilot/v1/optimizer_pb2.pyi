@@ -64,7 +64,7 @@ class OptimizeResponse(_message.Message):
     def __init__(self, stats: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., dose: _Optional[_Union[_types_pb2.ArtefactRef, _Mapping]] = ..., replica: _Optional[str] = ..., case_load_seconds: _Optional[float] = ...) -> None: ...
 
 class SequenceRequest(_message.Message):
-    __slots__ = ("case_id", "fluence", "normalize_to", "prescription_gy", "coverage_pct", "fractions", "mlc", "levels", "min_segment_mu", "refit", "objectives", "helpers", "max_segments_per_beam")
+    __slots__ = ("case_id", "fluence", "normalize_to", "prescription_gy", "coverage_pct", "fractions", "mlc", "levels", "min_segment_mu", "refit", "objectives", "helpers", "max_segments_per_beam", "keep_leaves")
     CASE_ID_FIELD_NUMBER: _ClassVar[int]
     FLUENCE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_TO_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class SequenceRequest(_message.Message):
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     HELPERS_FIELD_NUMBER: _ClassVar[int]
     MAX_SEGMENTS_PER_BEAM_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LEAVES_FIELD_NUMBER: _ClassVar[int]
     case_id: str
     fluence: _types_pb2.NDArray
     normalize_to: str
@@ -91,7 +92,8 @@ class SequenceRequest(_message.Message):
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     helpers: _containers.RepeatedCompositeFieldContainer[_types_pb2.HelperStructure]
     max_segments_per_beam: int
-    def __init__(self, case_id: _Optional[str] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., normalize_to: _Optional[str] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ..., fractions: _Optional[int] = ..., mlc: _Optional[str] = ..., levels: _Optional[int] = ..., min_segment_mu: _Optional[float] = ..., refit: _Optional[bool] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., helpers: _Optional[_Iterable[_Union[_types_pb2.HelperStructure, _Mapping]]] = ..., max_segments_per_beam: _Optional[int] = ...) -> None: ...
+    keep_leaves: bool
+    def __init__(self, case_id: _Optional[str] = ..., fluence: _Optional[_Union[_types_pb2.NDArray, _Mapping]] = ..., normalize_to: _Optional[str] = ..., prescription_gy: _Optional[float] = ..., coverage_pct: _Optional[float] = ..., fractions: _Optional[int] = ..., mlc: _Optional[str] = ..., levels: _Optional[int] = ..., min_segment_mu: _Optional[float] = ..., refit: _Optional[bool] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., helpers: _Optional[_Iterable[_Union[_types_pb2.HelperStructure, _Mapping]]] = ..., max_segments_per_beam: _Optional[int] = ..., keep_leaves: _Optional[bool] = ...) -> None: ...
 
 class SequenceResponse(_message.Message):
     __slots__ = ("plan_json", "dose", "fluence", "replica")

@@ -76,6 +76,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             min_segment_mu=request.min_segment_mu,
             refit=request.refit,
             max_segments_per_beam=request.max_segments_per_beam,
+            apertures=not request.keep_leaves,
         )
         load_mlc(settings.mlc)  # an unknown model: INVALID_ARGUMENT naming the shipped ones
         plan, fluence, path, sha = self.core.sequence(

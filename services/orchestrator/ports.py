@@ -213,6 +213,7 @@ class GrpcOptimizer:
             min_segment_mu=settings.min_segment_mu,
             max_segments_per_beam=settings.max_segments_per_beam,
             refit=settings.refit,
+            keep_leaves=not settings.apertures,
             objectives=terms_to_proto(objectives),
             helpers=helpers_to_proto(
                 referenced(list(self.job.helpers), {t.structure for t in objectives})

@@ -342,6 +342,22 @@ def test_sequence_over_grpc(service) -> None:
     ptv = dose[case.rows_of("PTV")]
     assert abs(np.percentile(ptv, 5) - 50.0) < 0.5  # D95 = 50 Gy, as the plan
     assert from_ndarray(seq.fluence).shape == from_ndarray(plan.fluence).shape
+    # the leaves are moved after the weight fit unless the request keeps them
+    assert s["settings"]["apertures"] and s["apertures"]["moved_tips"] > 0
+    kept = stub.Sequence(
+        optimizer_pb2.SequenceRequest(
+            case_id=case_id,
+            fluence=plan.fluence,
+            normalize_to="PTV",
+            prescription_gy=50.0,
+            fractions=25,
+            refit=True,
+            keep_leaves=True,
+        ),
+        timeout=120,
+    )
+    fit_alone = json.loads(kept.plan_json)["summary"]
+    assert not fit_alone["settings"]["apertures"] and "apertures" not in fit_alone
     bad = [
         (dict(mlc="nope"), "unknown MLC model 'nope'"),
         (dict(mlc="mlc60-5-10mm"), "no leaf boundary"),
