@@ -799,21 +799,25 @@ def keep_goals(
     ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
     first plan that loses nothing is kept, else the best by ``rank`` (bigger is better: the
     protocol's ranking, priority and size of each miss) or, without it, the one that loses the
-    fewest goals; the earliest of equals. With ``settings.apertures``, a first try that loses
-    a goal is followed by the same sequencing with the weights fitted alone (leaves left where
-    the sequencer put them) before any retry. Every try is recorded in the plan's summary
-    (``tries``)."""
+    fewest goals; the earliest of equals. With ``settings.apertures`` the first try is made
+    twice, with the leaves moved and with the weights fitted alone (leaves where the sequencer
+    put them): one that loses no goal beats one that does, and between equals ``rank`` (which,
+    between plans that lose nothing, prefers the one that spares more) chooses; the retries
+    follow only if both lose a goal.
+    Every try is recorded in the plan's summary (``tries``)."""
     tries: list[dict[str, Any]] = []
     best: tuple[dict[str, Any], T, Any] | None = None
     current = settings
     lost_so_far: list[str] = []
     extra: list[ObjectiveTerm] = []
     for attempt in range(MAX_TRIES):
-        # the first try's fit alone is a second candidate, seconds to make, before more levels:
-        # moving the leaves lowers the fit's measure, yet may put a goal a hair past its limit
+        # the first try is made both ways, the leaves moved and the weights fitted alone (seconds
+        # more): moving the leaves lowers the fit's measure overall, yet may trade an organ's
+        # dose or a goal's last tenth of a gray for the target's, so the ranking chooses
         variants = [current]
         if attempt == 0 and current.apertures and current.refit:
             variants.append(replace(current, apertures=False))
+        kept_all = False
         for variant in variants:
             plan, dose = sequence(variant, extra)
             lost = lost_goals(dose)
@@ -828,12 +832,12 @@ def keep_goals(
                     "lost_goals": lost,
                 }
             )
-            key = rank(dose) if rank is not None else -len(lost)
+            # a try that keeps every goal the optimum met beats any that loses one
+            key = (not lost, rank(dose) if rank is not None else -len(lost))
             if best is None or key > best[2]:
                 best = (plan, dose, key)
-            if not lost:
-                break
-        if not lost or current.levels >= 255:
+            kept_all = kept_all or not lost
+        if kept_all or current.levels >= 255:
             break
         cap = current.max_segments_per_beam
         current = replace(

@@ -494,5 +494,21 @@ def test_when_every_try_loses_goals_the_best_ranked_try_is_kept() -> None:
     # a fit alone that keeps every goal ends the search there
     _, alone = keep_goals(sequence, lambda d: [] if not d[1] else ["Core D10 <= 10 Gy"], settings)
     assert alone == (10, False)
+    # both ways keep every goal: the ranking (which then prefers the plan that spares more)
+    # chooses, and no retry follows; on a tie the moved leaves stay
+    sparing = {(10, True): 1.0, (10, False): 2.0}
+    plan, spared = keep_goals(sequence, lambda d: [], settings, rank=lambda d: (sparing[d],))
+    assert spared == (10, False) and len(plan["summary"]["tries"]) == 2
+    _, tie = keep_goals(sequence, lambda d: [], settings, rank=lambda d: (0.0,))
+    assert tie == (10, True)
+    # keeping every goal comes before the ranking: the moved leaves keep them, the fit alone
+    # ranks higher (it misses another goal by less) but loses one
+    _, keeps = keep_goals(
+        sequence,
+        lambda d: [] if d[1] else ["PTV D10 <= 55 Gy"],
+        settings,
+        rank=lambda d: (sparing[d],),
+    )
+    assert keeps == (10, True)
     _, fixed = keep_goals(sequence, lost, SequencingSettings(levels=10, apertures=False))
     assert fixed == (10, False)
