@@ -34,7 +34,7 @@ import scipy.sparse as sp
 from scipy.optimize import lsq_linear, minimize
 
 from radpilot.case import Case
-from radpilot.delivery.apertures import park_closed, refine_apertures
+from radpilot.delivery.apertures import Objective, park_closed, refine_apertures
 from radpilot.delivery.mlc import DEFAULT_MLC, BeamGrid, MlcModel, load_mlc
 from radpilot.dosimetry import dose_at_volume
 from radpilot.errors import DeliveryError
@@ -43,7 +43,6 @@ from radpilot.fmo.objectives import ObjectiveTerm
 
 T = TypeVar("T")
 W = TypeVar("W", int, float)  # an aperture's weight: integer levels, or fluence units
-Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]  # fluence -> (value, gradient)
 OBJECTIVE_REFIT_ITERATIONS = 150  # at most; fewer on big matrices (``_objective_iterations``)
 OBJECTIVE_REFIT_NONZEROS = 3e7  # a matrix this size or smaller gets them all
 MIN_OBJECTIVE_REFIT_ITERATIONS = 30
@@ -580,7 +579,8 @@ def deliver(
     extra: dict[str, Any] = {}
     if settings.refit:
         t = time.perf_counter()
-        extra["refit"] = _refit(case, mlc, beams, optimum, settings.min_segment_mu, fractions)
+        fit = _DoseFit.of(case, optimum)  # rows of A read once, for both fits
+        extra["refit"] = _refit(case, mlc, beams, fit, settings.min_segment_mu, fractions)
         extra["refit"]["seconds"] = round(time.perf_counter() - t, 3)
         if settings.apertures:
             t = time.perf_counter()
@@ -590,7 +590,7 @@ def deliver(
                 beams,
                 mlc,
                 case.num_beamlets,
-                _dose_fit_objective(case, optimum),
+                fit.objective(),
                 _weight_floor(beams, settings.min_segment_mu, fractions),
             )
             extra["apertures"]["seconds"] = round(time.perf_counter() - t, 3)
@@ -630,20 +630,32 @@ def deliver(
     )
 
 
-def _dose_fit_objective(case: Case, optimum: np.ndarray) -> Objective:
-    """The segment-weight fit's measure as a function of fluence: the weighted mean squared
-    difference (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient."""
-    rows, rw = _fit_rows(case)
-    ops = CpuOps(case.dose_influence[rows])  # the FMO's block-parallel products
-    target = optimum[rows]
-    wn = rw / rw.sum()
+@dataclass
+class _DoseFit:
+    """The segment-weight fit's problem: the fit's rows of A (``_fit_rows``), the fluence-optimal
+    dose there and each row's weight."""
 
-    def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-        r = np.asarray(ops.matvec(x), dtype=np.float64) - target
-        g = ops.rmatvec(2.0 * wn * r)
-        return float(np.sum(wn * r * r)), np.asarray(g, dtype=np.float64)
+    A: sp.csr_matrix
+    target: np.ndarray
+    weights: np.ndarray
 
-    return f
+    @classmethod
+    def of(cls, case: Case, optimum: np.ndarray) -> _DoseFit:
+        rows, rw = _fit_rows(case)
+        return cls(case.dose_influence[rows], optimum[rows], rw)
+
+    def objective(self) -> Objective:
+        """The fit's measure as a function of fluence: the weighted mean squared difference
+        (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient."""
+        ops = CpuOps(self.A)  # the FMO's block-parallel products
+        wn = self.weights / self.weights.sum()
+
+        def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+            r = np.asarray(ops.matvec(x), dtype=np.float64) - self.target
+            g = ops.rmatvec(2.0 * wn * r)
+            return float(np.sum(wn * r * r)), np.asarray(g, dtype=np.float64)
+
+        return f
 
 
 def _delivered_fluence(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> np.ndarray:
@@ -654,7 +666,7 @@ def _refit(
     case: Case,
     mlc: MlcModel,
     beams: list[BeamSequence],
-    optimum: np.ndarray,
+    fit: _DoseFit,
     min_mu: float,
     fractions: int,
 ) -> dict[str, Any]:
@@ -665,8 +677,8 @@ def _refit(
         return {"segments": 0}
     before = np.array([s.weight for bs in beams for s in bs.segments])
     lower = _weight_floor(beams, min_mu, fractions)
-    rows, rw = _fit_rows(case)
-    M = np.asarray((case.dose_influence[rows] @ S).todense(), dtype=np.float64)
+    rw, target = fit.weights, fit.target
+    M = np.asarray((fit.A @ S).todense(), dtype=np.float64)
     sq = np.sqrt(rw)
     # a light pull towards the sequenced weights keeps the fit well posed when apertures are
     # nearly collinear (ridge: lambda = 1e-4 of the mean squared column norm)
@@ -675,7 +687,7 @@ def _refit(
     gram = Mw.T @ Mw
     lam = 1e-4 * float(np.mean(np.diag(gram)))
     gram += lam * np.eye(gram.shape[0])
-    rhs = Mw.T @ (optimum[rows] * sq) + lam * before
+    rhs = Mw.T @ (target * sq) + lam * before
     factor = np.linalg.cholesky(gram)  # gram = L L^T: minimise |L^T w - L^-1 rhs|^2
     res = lsq_linear(
         factor.T,
@@ -683,8 +695,8 @@ def _refit(
         bounds=(lower, np.inf),
         method="bvls",
     )
-    err_before = float(np.sqrt(np.sum(rw * (M @ before - optimum[rows]) ** 2) / rw.sum()))
-    err_after = float(np.sqrt(np.sum(rw * (M @ res.x - optimum[rows]) ** 2) / rw.sum()))
+    err_before = float(np.sqrt(np.sum(rw * (M @ before - target) ** 2) / rw.sum()))
+    err_after = float(np.sqrt(np.sum(rw * (M @ res.x - target) ** 2) / rw.sum()))
     _set_weights(beams, res.x)
     return {
         "segments": S.shape[1],

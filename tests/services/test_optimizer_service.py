@@ -319,19 +319,20 @@ def test_sequence_over_grpc(service) -> None:
     plan = stub.Optimize(
         optimizer_pb2.OptimizeRequest(case_id=case_id, objectives=TERMS), timeout=60
     )
-    seq = stub.Sequence(
-        optimizer_pb2.SequenceRequest(
+
+    def sequence(**fields) -> optimizer_pb2.SequenceResponse:
+        request = optimizer_pb2.SequenceRequest(
             case_id=case_id,
             fluence=plan.fluence,
             normalize_to="PTV",
             prescription_gy=50.0,
             fractions=25,
-            levels=10,
-            min_segment_mu=2.0,
             refit=True,
-        ),
-        timeout=120,
-    )
+            **fields,
+        )
+        return stub.Sequence(request, timeout=120)
+
+    seq = sequence(levels=10, min_segment_mu=2.0)
     delivered = json.loads(seq.plan_json)
     s = delivered["summary"]
     assert s["fractions"] == 25 and s["mlc"]["name"] == "uniform-5mm"
@@ -344,18 +345,7 @@ def test_sequence_over_grpc(service) -> None:
     assert from_ndarray(seq.fluence).shape == from_ndarray(plan.fluence).shape
     # the leaves are moved after the weight fit unless the request keeps them
     assert s["settings"]["apertures"] and s["apertures"]["moved_tips"] > 0
-    kept = stub.Sequence(
-        optimizer_pb2.SequenceRequest(
-            case_id=case_id,
-            fluence=plan.fluence,
-            normalize_to="PTV",
-            prescription_gy=50.0,
-            fractions=25,
-            refit=True,
-            keep_leaves=True,
-        ),
-        timeout=120,
-    )
+    kept = sequence(keep_leaves=True)
     fit_alone = json.loads(kept.plan_json)["summary"]
     assert not fit_alone["settings"]["apertures"] and "apertures" not in fit_alone
     bad = [
