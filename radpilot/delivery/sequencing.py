@@ -11,8 +11,8 @@ would make a leaf pass its neighbour's opposing leaf (when the MLC forbids inter
 split into further segments of the same weight, identical apertures are merged, segments below the
 minimum MU are dropped, and (by default) the segment weights are re-optimised as a bounded linear
 least-squares problem on the case's own dose influence matrix against the fluence-optimal dose,
-and (by default) the leaf tips are then moved together with the weights on the same measure
-(``radpilot.delivery.apertures``).
+and (by default) the leaf tips are then moved together with the weights on the same measure,
+which then also holds the optimum's hot spots (``radpilot.delivery.apertures``).
 A beam held to fewer segments than its map needs (``max_segments_per_beam``) is quantised more
 coarsely: fewer equal steps, or Lloyd-Max levels stacked as isointensity apertures.
 
@@ -33,7 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import lsq_linear, minimize
 
-from radpilot.case import Case
+from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS, Case, StructureKind
 from radpilot.delivery.apertures import Objective, park_closed, refine_apertures
 from radpilot.delivery.mlc import DEFAULT_MLC, BeamGrid, MlcModel, load_mlc
 from radpilot.dosimetry import dose_at_volume
@@ -49,6 +49,8 @@ MIN_OBJECTIVE_REFIT_ITERATIONS = 30
 MAX_FIT_ROWS = 60_000  # rows of A the segment-weight fit reads (targets always all of theirs)
 TARGET_FIT_WEIGHT = 10.0  # a target's rows against an organ's, per unit of volume
 DEFAULT_MAX_SEGMENTS = 12  # per beam: what a step-and-shoot plan is usually held to
+HOLD_WEIGHT = 0.1  # the hot-spot hold's penalty per Gy^2 above a cap, per row (``_HotSpotHold``)
+HOLD_MARGIN = 0.1  # rows within this fraction of their cap are held
 
 
 @dataclass(frozen=True)
@@ -538,8 +540,9 @@ def deliver(
     """Sequence a (normalised) plan fluence, compute the delivered fluence's dose with the case's
     matrix and normalise it as the plan was (``target``'s D``coverage_pct`` = prescription).
     With ``settings.apertures`` the leaf tips then move with the weights on the fit's measure
-    (``refine_apertures``); with ``objective`` (the plan's FMO objective and its gradient in
-    beamlet space) the segment weights are last optimised on that objective itself."""
+    and the hot-spot hold (``refine_apertures``, ``_HotSpotHold``); with ``objective`` (the
+    plan's FMO objective and its gradient in beamlet space) the segment weights are last
+    optimised on that objective itself."""
     if case.geometry_only:
         raise DeliveryError("sequencing needs the case's dose influence matrix")
     if fluence.shape != (case.num_beamlets,):
@@ -585,14 +588,27 @@ def deliver(
         if settings.apertures:
             t = time.perf_counter()
             # on the fit's own measure (rows of A, a few seconds even at a 3 mm grid), not on
-            # ``objective``: that reads the whole matrix at every one of its evaluations
+            # ``objective``: that reads the whole matrix at every one of its evaluations; plus
+            # the hot-spot hold, on the rows near the optimum's hot spots and the targets'
+            hold = (
+                _HotSpotHold.of(
+                    case,
+                    optimum,
+                    np.asarray(A @ _delivered_fluence(case, mlc, beams).astype(np.float32)),
+                    coverage_pct,
+                )
+                if HOLD_WEIGHT > 0
+                else None
+            )
             extra["apertures"] = refine_apertures(
                 beams,
                 mlc,
                 case.num_beamlets,
-                fit.objective(),
+                fit.objective(hold),
                 _weight_floor(beams, settings.min_segment_mu, fractions),
             )
+            if hold is not None:
+                extra["apertures"]["hold"] = hold.described
             extra["apertures"]["seconds"] = round(time.perf_counter() - t, 3)
         if objective is not None:
             t = time.perf_counter()
@@ -644,16 +660,101 @@ class _DoseFit:
         rows, rw = _fit_rows(case)
         return cls(case.dose_influence[rows], optimum[rows], rw)
 
-    def objective(self) -> Objective:
+    def objective(self, hold: _HotSpotHold | None = None) -> Objective:
         """The fit's measure as a function of fluence: the weighted mean squared difference
-        (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient."""
+        (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient; with ``hold``,
+        plus its penalty on doses above the optimum's hot spots."""
         ops = CpuOps(self.A)  # the FMO's block-parallel products
         wn = self.weights / self.weights.sum()
+        held = hold.objective() if hold is not None else None
 
         def f(x: np.ndarray) -> tuple[float, np.ndarray]:
             r = np.asarray(ops.matvec(x), dtype=np.float64) - self.target
-            g = ops.rmatvec(2.0 * wn * r)
-            return float(np.sum(wn * r * r)), np.asarray(g, dtype=np.float64)
+            g = np.asarray(ops.rmatvec(2.0 * wn * r), dtype=np.float64)
+            value = float(np.sum(wn * r * r))
+            if held is not None:
+                hv, hg = held(x)
+                value, g = value + hv, g + hg
+            return value, g
+
+        return f
+
+
+@dataclass
+class _HotSpotHold:
+    """Rows where the sequenced plan may run hotter than its fluence optimum's hot spots, each
+    with its cap: outside every target, the optimum's hottest point there, or in an organ at risk
+    the organ's own maximum (its part outside the targets); in the targets, the optimum's target
+    maximum. The fit's measure keeps dose near the optimum on average and lets a few voxels
+    overshoot; a hot spot is exactly such a voxel, so these rows pay for every gray above their
+    cap (HOLD_WEIGHT per Gy^2, per row: a max-dose penalty, not a mean). The plan is scaled
+    afterwards so that the prescription target's D``coverage`` is the prescription, so lowering
+    the whole dose would only come back as hot spots: every target's rows pay the same for every
+    gray below the optimum's D``coverage`` of that target (its floor), or below their own dose
+    in the optimum where that is less (the cold tail)."""
+
+    A: sp.csr_matrix
+    caps: np.ndarray  # per row of A: Gy (inf: none)
+    floors: np.ndarray  # per row of A: Gy (0: none)
+    described: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        case: Case,
+        optimum: np.ndarray,
+        sequenced: np.ndarray,
+        coverage_pct: float,
+    ) -> _HotSpotHold:
+        """The rows within HOLD_MARGIN of their cap in the optimum or in the ``sequenced`` dose
+        (both on every row of A), and every target's rows with their floors."""
+        n = case.row_voxels.size
+        in_target = np.zeros(n, dtype=bool)
+        for t in case.targets:
+            in_target[case.rows_of(t.name)] = True
+        ext = case.external
+        body = np.zeros_like(in_target)
+        if ext is not None:
+            body[case.rows_of(ext.name)] = True
+        else:
+            body[:] = True
+        caps = np.full(n, np.inf)
+        described: dict[str, Any] = {"weight": HOLD_WEIGHT, "caps_gy": {}, "rows": {}}
+        regions = [(OUTSIDE_TARGETS, body & ~in_target), ("targets", in_target)]
+        for s in case.structures:  # an organ's maximum is a hot spot too (outside the targets)
+            if s.kind is StructureKind.OAR and s.name != NORMAL_TISSUE:
+                organ = np.zeros_like(in_target)
+                organ[case.rows_of(s.name)] = True
+                regions.append((s.name, organ & ~in_target))
+        for name, region in regions:
+            at = np.flatnonzero(region)
+            if at.size == 0:
+                continue
+            cap = float(optimum[at].max())
+            near = cap * (1.0 - HOLD_MARGIN)
+            pick = at[(optimum[at] >= near) | (sequenced[at] >= near)]
+            caps[pick] = np.minimum(caps[pick], cap)
+            described["caps_gy"][name] = round(cap, 3)
+            described["rows"][name] = int(pick.size)
+        floors = np.zeros(n)
+        described["floors_gy"] = {}
+        for t in case.targets:  # every target: a plan with several dose levels keeps each one's
+            t_rows, t_volume = case.objective_rows(t.name)
+            floor = dose_at_volume(optimum[t_rows], coverage_pct, t_volume)
+            # a row the optimum leaves colder than that (the cold tail: D98, D99) keeps its own
+            floors[t_rows] = np.maximum(floors[t_rows], np.minimum(optimum[t_rows], floor))
+            described["floors_gy"][t.name] = round(floor, 3)
+        rows = np.flatnonzero(np.isfinite(caps) | (floors > 0))
+        return cls(case.dose_influence[rows], caps[rows], floors[rows], described)
+
+    def objective(self) -> Objective:
+        ops = CpuOps(self.A)
+
+        def f(x: np.ndarray) -> tuple[float, np.ndarray]:
+            d = np.asarray(ops.matvec(x), dtype=np.float64)
+            miss = np.maximum(d - self.caps, 0.0) - np.maximum(self.floors - d, 0.0)
+            g = ops.rmatvec(2.0 * HOLD_WEIGHT * miss)
+            return float(HOLD_WEIGHT * np.sum(miss * miss)), np.asarray(g, dtype=np.float64)
 
         return f
 
