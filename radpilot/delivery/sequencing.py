@@ -506,6 +506,14 @@ def _mu_per_unit(case: Case, mlc: MlcModel) -> list[float]:
     return out
 
 
+def _row_mask(case: Case, names: list[str]) -> np.ndarray:
+    """Which rows of A (positions in ``row_voxels``) have volume in any of the structures."""
+    mask = np.zeros(case.row_voxels.size, dtype=bool)
+    for name in names:
+        mask[case.rows_of(name)] = True
+    return mask
+
+
 def _fit_rows(case: Case) -> tuple[np.ndarray, np.ndarray]:
     """Rows (positions in ``row_voxels``) and weights for the segment-weight fit: every target
     row; other rows thinned to at most MAX_FIT_ROWS; each structure weighted per unit volume."""
@@ -516,9 +524,7 @@ def _fit_rows(case: Case) -> tuple[np.ndarray, np.ndarray]:
         rows = case.rows_of(s.name)
         per = (TARGET_FIT_WEIGHT if s.name in target_names else 1.0) / max(s.volume_voxels, 1.0)
         weight[rows] += per * (1.0 if s.weights is None else s.weights)
-    target = np.zeros(n, dtype=bool)
-    for t in case.targets:
-        target[case.rows_of(t.name)] = True
+    target = _row_mask(case, [t.name for t in case.targets])
     rest = np.flatnonzero(~target & (weight > 0))
     stride = max(1, int(np.ceil(rest.size / MAX_FIT_ROWS)))
     chosen = np.sort(np.concatenate([np.flatnonzero(target), rest[::stride]]))
@@ -604,7 +610,7 @@ def deliver(
                 beams,
                 mlc,
                 case.num_beamlets,
-                fit.objective(hold),
+                fit.objective(case, hold),
                 _weight_floor(beams, settings.min_segment_mu, fractions),
             )
             if hold is not None:
@@ -651,6 +657,7 @@ class _DoseFit:
     """The segment-weight fit's problem: the fit's rows of A (``_fit_rows``), the fluence-optimal
     dose there and each row's weight."""
 
+    rows: np.ndarray  # positions in ``row_voxels``
     A: sp.csr_matrix
     target: np.ndarray
     weights: np.ndarray
@@ -658,24 +665,38 @@ class _DoseFit:
     @classmethod
     def of(cls, case: Case, optimum: np.ndarray) -> _DoseFit:
         rows, rw = _fit_rows(case)
-        return cls(case.dose_influence[rows], optimum[rows], rw)
+        return cls(rows, case.dose_influence[rows], optimum[rows], rw)
 
-    def objective(self, hold: _HotSpotHold | None = None) -> Objective:
+    def objective(self, case: Case, hold: _HotSpotHold | None = None) -> Objective:
         """The fit's measure as a function of fluence: the weighted mean squared difference
         (Gy^2) from the fluence-optimal dose on the fit's rows, with its gradient; with ``hold``,
-        plus its penalty on doses above the optimum's hot spots."""
+        plus its penalty on the rows it holds (those among the fit's rows, every target row,
+        share the fit's products; only the rest are read from ``case``'s matrix)."""
         ops = CpuOps(self.A)  # the FMO's block-parallel products
         wn = self.weights / self.weights.sum()
-        held = hold.objective() if hold is not None else None
+        if hold is not None:
+            at = np.searchsorted(self.rows, hold.rows).clip(max=self.rows.size - 1)
+            shared = self.rows[at] == hold.rows
+            at = at[shared]
+            others = hold.rows[~shared]
+            extra = CpuOps(case.dose_influence[others]) if others.size else None
 
         def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-            r = np.asarray(ops.matvec(x), dtype=np.float64) - self.target
-            g = np.asarray(ops.rmatvec(2.0 * wn * r), dtype=np.float64)
-            value = float(np.sum(wn * r * r))
-            if held is not None:
-                hv, hg = held(x)
-                value, g = value + hv, g + hg
-            return value, g
+            d = np.asarray(ops.matvec(x), dtype=np.float64)
+            r = d - self.target
+            value, coef = float(np.sum(wn * r * r)), 2.0 * wn * r
+            if hold is None:
+                return value, np.asarray(ops.rmatvec(coef), dtype=np.float64)
+            held = np.empty(hold.rows.size)
+            held[shared] = d[at]
+            if extra is not None:
+                held[~shared] = np.asarray(extra.matvec(x), dtype=np.float64)
+            hv, hg = hold.penalty(held)
+            coef[at] += hg[shared]
+            g = np.asarray(ops.rmatvec(coef), dtype=np.float64)
+            if extra is not None:
+                g += np.asarray(extra.rmatvec(hg[~shared]), dtype=np.float64)
+            return value + hv, g
 
         return f
 
@@ -693,9 +714,9 @@ class _HotSpotHold:
     gray below the optimum's D``coverage`` of that target (its floor), or below their own dose
     in the optimum where that is less (the cold tail)."""
 
-    A: sp.csr_matrix
-    caps: np.ndarray  # per row of A: Gy (inf: none)
-    floors: np.ndarray  # per row of A: Gy (0: none)
+    rows: np.ndarray  # positions in ``row_voxels``, ascending
+    caps: np.ndarray  # per row: Gy (inf: none)
+    floors: np.ndarray  # per row: Gy (0: none)
     described: dict[str, Any]
 
     @classmethod
@@ -709,23 +730,15 @@ class _HotSpotHold:
         """The rows within HOLD_MARGIN of their cap in the optimum or in the ``sequenced`` dose
         (both on every row of A), and every target's rows with their floors."""
         n = case.row_voxels.size
-        in_target = np.zeros(n, dtype=bool)
-        for t in case.targets:
-            in_target[case.rows_of(t.name)] = True
+        in_target = _row_mask(case, [t.name for t in case.targets])
         ext = case.external
-        body = np.zeros_like(in_target)
-        if ext is not None:
-            body[case.rows_of(ext.name)] = True
-        else:
-            body[:] = True
+        body = _row_mask(case, [ext.name]) if ext is not None else np.ones(n, dtype=bool)
         caps = np.full(n, np.inf)
         described: dict[str, Any] = {"weight": HOLD_WEIGHT, "caps_gy": {}, "rows": {}}
         regions = [(OUTSIDE_TARGETS, body & ~in_target), ("targets", in_target)]
         for s in case.structures:  # an organ's maximum is a hot spot too (outside the targets)
             if s.kind is StructureKind.OAR and s.name != NORMAL_TISSUE:
-                organ = np.zeros_like(in_target)
-                organ[case.rows_of(s.name)] = True
-                regions.append((s.name, organ & ~in_target))
+                regions.append((s.name, _row_mask(case, [s.name]) & ~in_target))
         for name, region in regions:
             at = np.flatnonzero(region)
             if at.size == 0:
@@ -745,18 +758,12 @@ class _HotSpotHold:
             floors[t_rows] = np.maximum(floors[t_rows], np.minimum(optimum[t_rows], floor))
             described["floors_gy"][t.name] = round(floor, 3)
         rows = np.flatnonzero(np.isfinite(caps) | (floors > 0))
-        return cls(case.dose_influence[rows], caps[rows], floors[rows], described)
+        return cls(rows, caps[rows], floors[rows], described)
 
-    def objective(self) -> Objective:
-        ops = CpuOps(self.A)
-
-        def f(x: np.ndarray) -> tuple[float, np.ndarray]:
-            d = np.asarray(ops.matvec(x), dtype=np.float64)
-            miss = np.maximum(d - self.caps, 0.0) - np.maximum(self.floors - d, 0.0)
-            g = ops.rmatvec(2.0 * HOLD_WEIGHT * miss)
-            return float(HOLD_WEIGHT * np.sum(miss * miss)), np.asarray(g, dtype=np.float64)
-
-        return f
+    def penalty(self, dose: np.ndarray) -> tuple[float, np.ndarray]:
+        """The penalty of the held rows' ``dose`` (Gy) and its gradient in that dose."""
+        miss = np.maximum(dose - self.caps, 0.0) - np.maximum(self.floors - dose, 0.0)
+        return float(HOLD_WEIGHT * np.sum(miss * miss)), 2.0 * HOLD_WEIGHT * miss
 
 
 def _delivered_fluence(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> np.ndarray:

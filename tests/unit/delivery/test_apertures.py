@@ -186,7 +186,12 @@ def test_hot_spot_hold_pays_for_dose_above_the_optimum_s_hot_spots(
     assert hold.described["floors_gy"]["PTV"] == pytest.approx(d95, abs=0.05)
     assert hold.floors.max() == pytest.approx(d95, abs=0.05)
     assert hold.floors.min() < d95 - 1.0
-    f = hold.objective()
+    A = case.dose_influence[hold.rows]
+
+    def f(x: np.ndarray) -> tuple[float, np.ndarray]:  # the penalty as a function of fluence
+        value, g = hold.penalty(np.asarray(A @ x, dtype=np.float64))
+        return value, A.T @ g
+
     x0 = fluence.astype(np.float64)
     assert f(x0)[0] == pytest.approx(0.0, abs=1e-6)  # the optimum breaks nothing it holds
     # hotter everywhere: pays above the caps; cooler everywhere: pays below the floors
@@ -199,6 +204,12 @@ def test_hot_spot_hold_pays_for_dose_above_the_optimum_s_hot_spots(
         step = rng.standard_normal(x.size) * 1e-3 * x0.mean()  # float32 doses: not smaller
         fd = (f(x + step)[0] - f(x - step)[0]) / 2.0
         assert g @ step == pytest.approx(fd, rel=1e-2)
+    # in the fit's measure the held rows among the fit's rows share its products: the same sum
+    fit = sq._DoseFit.of(case, dose)
+    plain, held = fit.objective(case), fit.objective(case, hold)
+    (pv, pg), (hv, hg), (v, g) = plain(x), held(x), f(x)
+    assert hv == pytest.approx(pv + v, rel=1e-6)
+    assert np.allclose(hg, pg + g, rtol=1e-4, atol=1e-6 * np.abs(hg).max())
 
 
 def test_moving_the_leaves_holds_the_hot_spot_outside_the_targets(
