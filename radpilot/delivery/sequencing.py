@@ -51,6 +51,7 @@ TARGET_FIT_WEIGHT = 10.0  # a target's rows against an organ's, per unit of volu
 DEFAULT_MAX_SEGMENTS = 12  # per beam: what a step-and-shoot plan is usually held to
 HOLD_WEIGHT = 0.1  # the hot-spot hold's penalty per Gy^2 above a cap, per row (``_HotSpotHold``)
 HOLD_MARGIN = 0.1  # rows within this fraction of their cap are held
+ORGAN_WEIGHT = 0.01  # per Gy^2 above an organ row's own optimum dose, per row (``_HotSpotHold``)
 
 
 @dataclass(frozen=True)
@@ -603,7 +604,7 @@ def deliver(
                     np.asarray(A @ _delivered_fluence(case, mlc, beams).astype(np.float32)),
                     coverage_pct,
                 )
-                if HOLD_WEIGHT > 0
+                if HOLD_WEIGHT > 0 or ORGAN_WEIGHT > 0
                 else None
             )
             extra["apertures"] = refine_apertures(
@@ -712,11 +713,16 @@ class _HotSpotHold:
     afterwards so that the prescription target's D``coverage`` is the prescription, so lowering
     the whole dose would only come back as hot spots: every target's rows pay the same for every
     gray below the optimum's D``coverage`` of that target (its floor), or below their own dose
-    in the optimum where that is less (the cold tail)."""
+    in the optimum where that is less (the cold tail). And since the fit pays as much for an
+    organ's row below its optimum dose as above it, while the organ's goals only mind the dose
+    above, every organ row outside the targets also pays ORGAN_WEIGHT per Gy^2 above its own
+    dose in the optimum (``ceilings``): what sequencing takes from the organs, it cannot trade
+    for dose elsewhere in them."""
 
     rows: np.ndarray  # positions in ``row_voxels``, ascending
     caps: np.ndarray  # per row: Gy (inf: none)
     floors: np.ndarray  # per row: Gy (0: none)
+    ceilings: np.ndarray  # per row: Gy (inf: none), paid at ORGAN_WEIGHT
     described: dict[str, Any]
 
     @classmethod
@@ -734,11 +740,19 @@ class _HotSpotHold:
         ext = case.external
         body = _row_mask(case, [ext.name]) if ext is not None else np.ones(n, dtype=bool)
         caps = np.full(n, np.inf)
-        described: dict[str, Any] = {"weight": HOLD_WEIGHT, "caps_gy": {}, "rows": {}}
+        described: dict[str, Any] = {
+            "weight": HOLD_WEIGHT,
+            "caps_gy": {},
+            "rows": {},
+            "organ_weight": ORGAN_WEIGHT,
+            "organ_rows": 0,
+        }
         regions = [(OUTSIDE_TARGETS, body & ~in_target), ("targets", in_target)]
+        organs = np.zeros(n, dtype=bool)
         for s in case.structures:  # an organ's maximum is a hot spot too (outside the targets)
             if s.kind is StructureKind.OAR and s.name != NORMAL_TISSUE:
                 regions.append((s.name, _row_mask(case, [s.name]) & ~in_target))
+                organs |= regions[-1][1]
         for name, region in regions:
             at = np.flatnonzero(region)
             if at.size == 0:
@@ -757,13 +771,19 @@ class _HotSpotHold:
             # a row the optimum leaves colder than that (the cold tail: D98, D99) keeps its own
             floors[t_rows] = np.maximum(floors[t_rows], np.minimum(optimum[t_rows], floor))
             described["floors_gy"][t.name] = round(floor, 3)
-        rows = np.flatnonzero(np.isfinite(caps) | (floors > 0))
-        return cls(rows, caps[rows], floors[rows], described)
+        ceilings = np.full(n, np.inf)
+        if ORGAN_WEIGHT > 0:
+            ceilings[organs] = optimum[organs]
+            described["organ_rows"] = int(organs.sum())
+        rows = np.flatnonzero(np.isfinite(caps) | (floors > 0) | np.isfinite(ceilings))
+        return cls(rows, caps[rows], floors[rows], ceilings[rows], described)
 
     def penalty(self, dose: np.ndarray) -> tuple[float, np.ndarray]:
         """The penalty of the held rows' ``dose`` (Gy) and its gradient in that dose."""
         miss = np.maximum(dose - self.caps, 0.0) - np.maximum(self.floors - dose, 0.0)
-        return float(HOLD_WEIGHT * np.sum(miss * miss)), 2.0 * HOLD_WEIGHT * miss
+        over = np.maximum(dose - self.ceilings, 0.0)
+        value = HOLD_WEIGHT * np.sum(miss * miss) + ORGAN_WEIGHT * np.sum(over * over)
+        return float(value), 2.0 * (HOLD_WEIGHT * miss + ORGAN_WEIGHT * over)
 
 
 def _delivered_fluence(case: Case, mlc: MlcModel, beams: list[BeamSequence]) -> np.ndarray:

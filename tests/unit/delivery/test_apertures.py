@@ -127,6 +127,7 @@ def test_refined_apertures_follow_the_machine_and_the_optimum(
 
     # on the fit's measure alone (the hot-spot hold trades some of it for the hot spots)
     monkeypatch.setattr(sq, "HOLD_WEIGHT", 0.0)
+    monkeypatch.setattr(sq, "ORGAN_WEIGHT", 0.0)
     assert rms(_deliver(analytic_case, fluence)) < rms(plain)
     # normalised like the plan
     assert PlanDose(analytic_case, refined.dose_rows).metric("PTV", "D95") == pytest.approx(
@@ -186,6 +187,11 @@ def test_hot_spot_hold_pays_for_dose_above_the_optimum_s_hot_spots(
     assert hold.described["floors_gy"]["PTV"] == pytest.approx(d95, abs=0.05)
     assert hold.floors.max() == pytest.approx(d95, abs=0.05)
     assert hold.floors.min() < d95 - 1.0
+    # the organ ceilings: each organ row outside the targets at its own optimum dose
+    held_core = np.isin(hold.rows, core[outside[core]])
+    assert held_core.any() and np.all(np.isfinite(hold.ceilings) == held_core)
+    assert np.allclose(hold.ceilings[held_core], dose[hold.rows[held_core]])
+    assert hold.described["organ_rows"] == int(held_core.sum())
     A = case.dose_influence[hold.rows]
 
     def f(x: np.ndarray) -> tuple[float, np.ndarray]:  # the penalty as a function of fluence
@@ -224,9 +230,26 @@ def test_moving_the_leaves_holds_the_hot_spot_outside_the_targets(
 
     held = _deliver(analytic_case, fluence)
     monkeypatch.setattr(sq, "HOLD_WEIGHT", 0.0)
+    monkeypatch.setattr(sq, "ORGAN_WEIGHT", 0.0)
     free = _deliver(analytic_case, fluence)
     assert "hold" in held.summary(50.0)["apertures"]
     assert "hold" not in free.summary(50.0)["apertures"]
     optimum_hot = PlanDose(analytic_case, dose).hottest_outside_targets()[0]
     assert hottest(held) < hottest(free)
     assert hottest(held) - optimum_hot < 0.5 * (hottest(free) - optimum_hot)
+
+
+def test_moving_the_leaves_keeps_the_organ_near_its_optimum_dose(
+    analytic_case: Case, optimum, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fluence, dose = optimum
+    core = analytic_case.rows_of("Core")
+
+    def overdose(d) -> float:  # Gy^2 above the optimum on the organ's rows
+        return float(np.sum(np.maximum(d.dose_rows[core] - dose[core], 0.0) ** 2))
+
+    held = _deliver(analytic_case, fluence)
+    assert held.summary(50.0)["apertures"]["hold"]["organ_rows"] > 0
+    monkeypatch.setattr(sq, "ORGAN_WEIGHT", 0.0)
+    unheld = _deliver(analytic_case, fluence)
+    assert overdose(held) < overdose(unheld)
