@@ -8,6 +8,7 @@ same ``(z, y, x)`` order, in millimetres. Doses are in Gy per unit fluence (``A`
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +204,9 @@ class Case:
     # loaded without its dose influence matrix (an empty one stands in): enough for dose
     # statistics, images, DICOM export; not for optimisation or computing a dose
     geometry_only: bool = False
+    # the matrix in the compressed layout without quantising it again (the case store it was
+    # loaded from: ``CaseStore.compressed``); None: the optimizer quantises ``dose_influence``
+    compressed_source: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.validate()

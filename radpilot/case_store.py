@@ -256,6 +256,7 @@ class CaseStore:
             metadata=m.get("metadata", {}),
             case_id=case_id,
             geometry_only=not matrix,
+            compressed_source=(lambda: self.compressed(case_id)) if matrix else None,
         )
 
     def compressed(self, case_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ import numpy as np
 
 from radpilot.case import Case, CaseError, Structure
 from radpilot.dosimetry import dose_at_volume
-from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops
+from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops, uses_compressed
 from radpilot.fmo.objectives import (
     FluencePenalty,
     ObjectiveKind,
@@ -150,12 +150,19 @@ class FluenceOptimizer:
         packed: Packed | None = None,
     ) -> None:
         """``packed``: the case's matrix already in the compressed layout (from the case store),
-        used when that layout is chosen."""
+        used when that layout is chosen; without it a case loaded from the store maps the
+        store's copy (``Case.compressed_source``), and any other case is quantised here."""
         self.case = case
         self._backend_name = backend
         self._threads = threads
         self._matrix = matrix
         case.require_matrix()
+        if (
+            packed is None
+            and case.compressed_source is not None
+            and uses_compressed(backend, case.num_beamlets, matrix)
+        ):
+            packed = case.compressed_source()  # mapped from the case store: no quantising
         self.ops: MatrixOps = make_ops(
             case.dose_influence, backend, threads=threads, matrix=matrix, packed=packed
         )

@@ -77,6 +77,29 @@ def test_the_compressed_layout_is_stored_once_and_mapped(analytic_case: Case, tm
     assert csr.matrix == "csr"
 
 
+def test_a_case_from_the_store_brings_its_compressed_layout(
+    analytic_case: Case, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import radpilot.fmo.compressed as compressed
+    from radpilot.fmo import FluenceOptimizer
+
+    store = CaseStore(tmp_path)
+    store.save(analytic_case, "c1")
+    store.compressed("c1")  # stored once
+
+    def no_quantising(*args: object) -> None:
+        raise AssertionError("quantised again")
+
+    monkeypatch.setattr(compressed, "quantise", no_quantising)
+    loaded = store.load("c1", mmap=True)
+    opt = FluenceOptimizer(loaded)  # auto: the compressed layout, mapped from the store
+    assert opt.matrix == "compressed" and not opt.ops.codes.flags.writeable
+    x = np.random.default_rng(1).random(analytic_case.num_beamlets).astype(np.float32)
+    want = analytic_case.dose_influence @ x
+    np.testing.assert_allclose(opt.dose(x), want, rtol=1e-4, atol=1e-4 * float(want.max()))
+    assert store.load("c1", matrix=False).compressed_source is None  # geometry only: nothing
+
+
 def test_a_read_only_store_builds_the_compressed_layout_in_memory(
     analytic_case: Case, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

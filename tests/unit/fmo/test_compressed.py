@@ -92,7 +92,7 @@ def test_the_layout_is_chosen_by_argument_environment_or_size(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     A = _random()
-    assert isinstance(make_ops(A), CpuOps)  # auto: float32 CSR (the measured winner here)
+    assert isinstance(make_ops(A), CompressedCpuOps)  # auto: compressed (the measured winner)
     assert isinstance(make_ops(A, matrix="csr"), CpuOps)
     assert isinstance(make_ops(A, matrix="compressed"), CompressedCpuOps)
     monkeypatch.setenv("RADPILOT_FMO_MATRIX", "csr")
@@ -138,6 +138,8 @@ def test_the_optimizer_service_takes_the_layout(store, analytic_case: Case) -> N
     # the replica took the layout from the store (kept there for the next one), not its own
     assert (store.path(analytic_case.case_id) / "compressed" / "parts.json").is_file()
     assert not opt.ops.codes.flags.writeable  # mapped from the stored file
-    assert OptimizerCore(store).prepare(analytic_case.case_id)[0].matrix == "csr"
+    assert OptimizerCore(store).prepare(analytic_case.case_id)[0].matrix == "compressed"  # auto
+    csr = OptimizerCore(store, matrix="csr").prepare(analytic_case.case_id)[0]
+    assert csr.matrix == "csr"
     with pytest.raises(SystemExit):
         OptimizerConfig.from_env_and_args(["--matrix", "zip"])
