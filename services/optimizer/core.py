@@ -16,7 +16,7 @@ from radpilot.case_store import CaseStore
 from radpilot.cases.helpers import Helper, check_helpers
 from radpilot.delivery.sequencing import SequencingSettings, deliver, protocol_fractions
 from radpilot.fmo import FluenceOptimizer, FMOResult, FMOSettings, ObjectiveTerm
-from radpilot.fmo.backend import make_ops, uses_compressed
+from radpilot.fmo.backend import make_ops
 from radpilot.fmo.objectives import ALL_BEAMS
 from radpilot.protocol import MAX_PRESCRIPTION_GY
 from services.common.metrics import FMO_ITERATIONS, FMO_SECONDS, OPTIMIZE_IN_FLIGHT
@@ -83,14 +83,9 @@ class OptimizerCore:
             if opt is None:
                 # mapped, not read: milliseconds, and replicas on one node share the page cache
                 case = self.store.load(case_id, mmap=True)  # CaseNotFoundError -> NOT_FOUND
-                packed = (  # the compressed layout from the store: mapped, not quantised again
-                    self.store.compressed(case_id)
-                    if uses_compressed(self.backend, case.num_beamlets, self.matrix)
-                    else None
-                )
-                opt = FluenceOptimizer(
-                    case, backend=self.backend, matrix=self.matrix, packed=packed
-                )
+                # the compressed layout comes from the store too (Case.compressed_source): mapped,
+                # not quantised again
+                opt = FluenceOptimizer(case, backend=self.backend, matrix=self.matrix)
                 with self._guard:
                     self._optimizers[case_id] = opt
                     while len(self._optimizers) > self.max_cases:
