@@ -13,7 +13,8 @@ bound by memory bandwidth, not arithmetic. Float32 CSR moves 8 bytes per non-zer
 The kernels are compiled with numba (parallel, no GIL) and accumulate in float32. ``A @ x`` runs
 rows in parallel and multiplies each row's sum by its scale once; ``A.T @ g`` gives each thread a
 block of rows and a private beamlet vector (a few thousand entries, in cache), skipping rows where
-``g`` is zero, and adds the private vectors at the end. One layout serves both products.
+``g`` is zero, and adds the private vectors at the end. One layout serves both products, and a
+working set is the same arrays read through a list of its rows (no copy).
 """
 
 from __future__ import annotations
@@ -49,20 +50,25 @@ def _kernels() -> tuple[Any, Any, Any]:
         # numba wraps negative signed indices, and that check on every load cost the products
         # about a third of their time. fastmath lets LLVM reorder the float32 sums (A @ x: by
         # up to ~1e-6 of a row's sum; the rounding of the codes is 7.6e-6 of its largest entry).
+        # ``rows`` selects the matrix's rows (all of them, or a working set's): a working set
+        # reads its rows in place instead of copying them (a copy into fresh memory cost up to
+        # a second per round on this VM; reading through ``rows`` costs ~10 % per product)
         @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-        def matvec(indptr, indices, codes, scale, x, out):
-            for r in prange(indptr.size - 1):
+        def matvec(indptr, rows, indices, codes, scale, x, out):
+            for i in prange(rows.size):
+                r = rows[i]
                 acc = np.float32(0.0)
                 for k in range(indptr[r], indptr[r + 1]):
                     acc += np.float32(codes[k]) * x[indices[k]]
-                out[r] = acc * scale[r]
+                out[i] = acc * scale[r]
 
         @njit(parallel=True, cache=True, nogil=True, fastmath=True)
-        def rmatvec(indptr, indices, codes, scale, g, edges, partial):
+        def rmatvec(indptr, rows, indices, codes, scale, g, edges, partial):
             for b in prange(edges.size - 1):
                 acc = partial[b]
-                for r in range(edges[b], edges[b + 1]):
-                    gr = g[r] * scale[r]
+                for i in range(edges[b], edges[b + 1]):
+                    r = rows[i]
+                    gr = g[i] * scale[r]
                     if gr != 0.0:
                         for k in range(indptr[r], indptr[r + 1]):
                             acc[indices[k]] += gr * np.float32(codes[k])
@@ -126,7 +132,8 @@ def gather_rows(
 
 
 class CompressedCpuOps:
-    """The CPU backend on the compressed layout (same interface as ``CpuOps``)."""
+    """The CPU backend on the compressed layout (same interface as ``CpuOps``). ``rows``: the
+    rows of the stored arrays this instance is (all of them, or a working set's, in order)."""
 
     name = "numpy"
     matrix = "compressed"
@@ -138,6 +145,7 @@ class CompressedCpuOps:
         threads: int | None = None,
         arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
         num_columns: int = 0,
+        rows: np.ndarray | None = None,
     ) -> None:
         ok, why = numba_available()
         if not ok:
@@ -146,23 +154,39 @@ class CompressedCpuOps:
             assert A is not None
             arrays, num_columns = quantise(A), int(A.shape[1])
         self.indptr, self.indices, self.codes, self.scale = arrays
-        self.shape = (int(self.indptr.size - 1), int(num_columns))
-        self.nnz = int(self.codes.size)
+        # the kernels index with unsigned integers (no wrap-around check per load): same bytes
+        self.indptr = np.ascontiguousarray(self.indptr, dtype=np.int64)
+        self._uptr = self.indptr.view(np.uint64)
+        stored = int(self.indptr.size - 1)
+        if stored >= 2**32:
+            raise ValueError(
+                f"the compressed matrix takes fewer than 2**32 rows; this one has {stored}"
+            )
+        if rows is None:
+            self.rows = np.arange(stored, dtype=np.uint32)
+        else:
+            self.rows = np.ascontiguousarray(rows, dtype=np.uint32)
+        self.shape = (int(self.rows.size), int(num_columns))
+        lengths = self.indptr[self.rows + 1] - self.indptr[self.rows]
+        cumulative = np.zeros(self.rows.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cumulative[1:])
+        self.nnz = int(cumulative[-1])
         self.threads = max(1, threads or len(os.sched_getaffinity(0)))
         nblocks = max(1, min(self.threads * BLOCKS_PER_THREAD, self.shape[0]))
         # blocks of about equal non-zeros, not rows: dense rows near the target cost more
-        cuts = np.searchsorted(self.indptr, np.linspace(0, self.nnz, nblocks + 1))
+        cuts = np.searchsorted(cumulative, np.linspace(0, self.nnz, nblocks + 1))
         cuts[0], cuts[-1] = 0, self.shape[0]
         self._edges = np.unique(np.clip(cuts, 0, self.shape[0])).astype(np.int64)
-        # the kernels index with unsigned integers (no wrap-around check per load): same bytes
-        self.indptr = np.ascontiguousarray(self.indptr, dtype=np.int64)
-        self._uptr, self._uedges = self.indptr.view(np.uint64), self._edges.view(np.uint64)
-        self._matvec, self._rmatvec, self._gather = _kernels()
+        self._uedges = self._edges.view(np.uint64)
+        self._matvec, self._rmatvec, _ = _kernels()
 
     @property
     def bytes_per_nonzero(self) -> float:
-        total = self.indices.nbytes + self.codes.nbytes + self.indptr.nbytes + self.scale.nbytes
-        return total / max(self.nnz, 1)
+        """Bytes read per non-zero: index and code, and per row its pointers, scale and entry
+        in ``rows``."""
+        per_row = self.indptr.itemsize + self.scale.itemsize + self.rows.itemsize
+        per_nonzero = self.indices.itemsize + self.codes.itemsize
+        return per_nonzero + per_row * self.shape[0] / max(self.nnz, 1)
 
     def _threads(self) -> None:
         import numba
@@ -174,25 +198,31 @@ class CompressedCpuOps:
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty(self.shape[0], dtype=np.float32)
         self._threads()
-        self._matvec(self._uptr, self.indices, self.codes, self.scale, x, out)
+        self._matvec(self._uptr, self.rows, self.indices, self.codes, self.scale, x, out)
         return out
 
     def rmatvec(self, g: Any) -> np.ndarray:
         g = np.ascontiguousarray(g, dtype=np.float32)
         partial = np.zeros((self._edges.size - 1, self.shape[1]), dtype=np.float32)
         self._threads()
-        self._rmatvec(self._uptr, self.indices, self.codes, self.scale, g, self._uedges, partial)
+        self._rmatvec(
+            self._uptr, self.rows, self.indices, self.codes, self.scale, g, self._uedges, partial
+        )
         return partial.sum(axis=0)
 
     def subset(self, rows: np.ndarray) -> CompressedCpuOps:
-        """The same matrix restricted to ``rows`` (a working set), without re-quantising."""
-        self._threads()
-        new_indptr, (indices, codes) = gather_rows(self.indptr, rows, self.indices, self.codes)
+        """Rows ``rows`` of this matrix (a working set): a view on the same arrays, neither
+        copied nor quantised again."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (int(rows.min()) < 0 or int(rows.max()) >= self.shape[0]):
+            raise IndexError(f"working-set rows must lie in [0, {self.shape[0]})")
+        picked = self.rows[rows]  # rows of the stored arrays
         return CompressedCpuOps(
             None,
             self.threads,
-            arrays=(new_indptr, indices, codes, self.scale[rows].copy()),
+            arrays=(self.indptr, self.indices, self.codes, self.scale),
             num_columns=self.shape[1],
+            rows=picked,
         )
 
     def asarray(self, a: Any, dtype: Any = np.float32) -> np.ndarray:

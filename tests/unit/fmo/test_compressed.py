@@ -53,14 +53,22 @@ def test_each_entry_is_within_half_a_code_of_its_row_maximum() -> None:
     assert np.all(err <= row_max * (0.5 / 65535 + 1e-6))  # + float32 rounding of q * scale
 
 
-def test_subset_is_the_same_rows_without_requantising() -> None:
+def test_subset_is_the_same_rows_read_in_place() -> None:
     A = _random()
     ops = CompressedCpuOps(A)
-    rows = np.array([0, 5, 7, 100, 2999])
+    rows = np.array([0, 5, 7, 100, 2998, 2999])
     sub = ops.subset(rows)
+    assert sub.codes is ops.codes and sub.indices is ops.indices  # a view: nothing copied
+    assert sub.shape == (rows.size, A.shape[1]) and sub.nnz == A[rows].nnz
     x = np.random.default_rng(0).random(A.shape[1]).astype(np.float32)
     np.testing.assert_array_equal(sub.matvec(x), ops.matvec(x)[rows])
-    assert sub.shape == (rows.size, A.shape[1])
+    g = np.zeros(A.shape[0], dtype=np.float32)
+    g[rows] = np.arange(1, rows.size + 1)
+    np.testing.assert_allclose(sub.rmatvec(g[rows]), ops.rmatvec(g), rtol=1e-6)
+    # a working set of a working set: rows 1 and 4 of ``rows``
+    np.testing.assert_array_equal(sub.subset(np.array([1, 4])).matvec(x), ops.matvec(x)[[5, 2998]])
+    with pytest.raises(IndexError, match="working-set rows"):
+        ops.subset(np.array([A.shape[0]]))
 
 
 def test_csr_working_set_rows_are_gathered_exactly() -> None:
