@@ -207,6 +207,10 @@ class Case:
     # the matrix in the compressed layout without quantising it again (the case store it was
     # loaded from: ``CaseStore.compressed``); None: the optimizer quantises ``dose_influence``
     compressed_source: Callable[[], Any] | None = field(default=None, repr=False, compare=False)
+    # quantities computed once from the matrix and kept with the case (``derived``)
+    _derived: dict[str, tuple[Any, Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -255,6 +259,14 @@ class Case:
                 s.samples.weights,
             )
         return dose_rows[self.rows_of(name)], s.weights
+
+    def derived(self, key: str, compute: Callable[[Case], Any]) -> Any:
+        """``compute(self)``, computed once for this case's matrix and kept (sequencing's
+        open-field doses and fit rows: the same for every plan of the case)."""
+        held = self._derived.get(key)
+        if held is None or held[0] is not self.dose_influence:
+            held = self._derived[key] = (self.dose_influence, compute(self))
+        return held[1]
 
     @property
     def num_beamlets(self) -> int:

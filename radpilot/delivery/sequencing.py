@@ -38,7 +38,8 @@ from radpilot.delivery.apertures import Objective, park_closed, refine_apertures
 from radpilot.delivery.mlc import DEFAULT_MLC, BeamGrid, MlcModel, load_mlc
 from radpilot.dosimetry import dose_at_volume
 from radpilot.errors import DeliveryError
-from radpilot.fmo.backend import CpuOps
+from radpilot.fmo.backend import CpuOps, take_rows
+from radpilot.fmo.compressed import times_sparse
 from radpilot.fmo.objectives import ObjectiveTerm
 
 T = TypeVar("T")
@@ -497,14 +498,19 @@ def fluence_of_segments(case: Case, mlc: MlcModel, beams: list[list[Segment]]) -
 def _mu_per_unit(case: Case, mlc: MlcModel) -> list[float]:
     """Each beam's MU (whole course) per unit fluence: its open field's largest dose x the
     calibration (MU per Gy at dmax)."""
-    A = case.dose_influence
+    return [float(m) * mlc.mu_per_gy_at_dmax for m in case.derived("open_fields", _open_fields)]
+
+
+def _open_fields(case: Case) -> np.ndarray:
+    """Each beam's open field's largest dose per unit fluence (once per case)."""
+    ops = CpuOps(case.dose_influence)
     out, start = [], 0
     for b in case.beams:
-        ones = np.zeros(A.shape[1], dtype=np.float32)
+        ones = np.zeros(case.num_beamlets, dtype=np.float32)
         ones[start : start + b.num_beamlets] = 1.0
         start += b.num_beamlets
-        out.append(float((A @ ones).max()) * mlc.mu_per_gy_at_dmax)
-    return out
+        out.append(float(ops.matvec(ones).max()))
+    return np.array(out)
 
 
 def _row_mask(case: Case, names: list[str]) -> np.ndarray:
@@ -513,6 +519,12 @@ def _row_mask(case: Case, names: list[str]) -> np.ndarray:
     for name in names:
         mask[case.rows_of(name)] = True
     return mask
+
+
+def _fit_matrix(case: Case) -> tuple[np.ndarray, np.ndarray, sp.csr_matrix]:
+    """The fit's rows, their weights and those rows of the case's matrix."""
+    rows, weights = _fit_rows(case)
+    return rows, weights, take_rows(case.dose_influence, rows)
 
 
 def _fit_rows(case: Case) -> tuple[np.ndarray, np.ndarray]:
@@ -665,8 +677,9 @@ class _DoseFit:
 
     @classmethod
     def of(cls, case: Case, optimum: np.ndarray) -> _DoseFit:
-        rows, rw = _fit_rows(case)
-        return cls(rows, case.dose_influence[rows], optimum[rows], rw)
+        # the rows and their part of A are the same for every plan of the case: read once
+        rows, rw, A = case.derived("fit_rows", _fit_matrix)
+        return cls(rows, A, optimum[rows], rw)
 
     def objective(self, case: Case, hold: _HotSpotHold | None = None) -> Objective:
         """The fit's measure as a function of fluence: the weighted mean squared difference
@@ -680,7 +693,7 @@ class _DoseFit:
             shared = self.rows[at] == hold.rows
             at = at[shared]
             others = hold.rows[~shared]
-            extra = CpuOps(case.dose_influence[others]) if others.size else None
+            extra = CpuOps(take_rows(case.dose_influence, others)) if others.size else None
 
         def f(x: np.ndarray) -> tuple[float, np.ndarray]:
             d = np.asarray(ops.matvec(x), dtype=np.float64)
@@ -806,7 +819,7 @@ def _refit(
     before = np.array([s.weight for bs in beams for s in bs.segments])
     lower = _weight_floor(beams, min_mu, fractions)
     rw, target = fit.weights, fit.target
-    M = np.asarray((fit.A @ S).todense(), dtype=np.float64)
+    M = times_sparse(fit.A, S)  # rows x segments, dense
     sq = np.sqrt(rw)
     # a light pull towards the sequenced weights keeps the fit well posed when apertures are
     # nearly collinear (ridge: lambda = 1e-4 of the mean squared column norm)

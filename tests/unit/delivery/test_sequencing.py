@@ -279,6 +279,27 @@ def test_open_fractions_follow_leaves_and_jaws(analytic_case: Case) -> None:
     assert np.allclose(f[:, 1][occupied[:, 1]], 0.5) and np.allclose(f[:, 2], 0.0)
 
 
+def test_sequencing_reads_a_case_matrix_once_per_case(analytic_case: Case, optimum) -> None:
+    """The open fields' doses and the fit's rows of A are the same for every plan of a case:
+    computed by the first deliver and reused (recomputed for a case with another matrix)."""
+    fluence, _ = optimum
+    case = replace(analytic_case)  # a fresh case object: nothing derived yet
+    kept = {}
+
+    def again(c: Case) -> None:
+        pytest.fail("computed again")
+
+    for _ in range(2):
+        deliver(case, fluence, SequencingSettings(), fractions=25, target="PTV", prescription_gy=50)
+        for key in ("open_fields", "fit_rows"):
+            held = case.derived(key, again)
+            assert kept.setdefault(key, held) is held
+    rows, _, A = case.derived("fit_rows", again)
+    assert (analytic_case.dose_influence[rows] != A).nnz == 0
+    other = replace(case, dose_influence=case.dose_influence * 2)
+    assert other.derived("open_fields", lambda c: "again") == "again"
+
+
 def test_protocol_delivery_settings() -> None:
     text = HARDER.read_text()
     p = load_protocol_text(text)

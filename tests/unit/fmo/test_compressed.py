@@ -11,8 +11,8 @@ from radpilot.case import Case
 from radpilot.dosimetry import dose_at_volume
 from radpilot.errors import BackendUnavailableError
 from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
-from radpilot.fmo.backend import CpuOps, make_ops, matrix_layout
-from radpilot.fmo.compressed import CompressedCpuOps, quantise
+from radpilot.fmo.backend import CpuOps, make_ops, matrix_layout, take_rows
+from radpilot.fmo.compressed import CompressedCpuOps, quantise, times_sparse
 
 TERMS = [
     ObjectiveTerm("PTV", "squared_deviation", 50.0, 100.0),
@@ -151,3 +151,18 @@ def test_the_optimizer_service_takes_the_layout(store, analytic_case: Case) -> N
     assert csr.matrix == "csr"
     with pytest.raises(SystemExit):
         OptimizerConfig.from_env_and_args(["--matrix", "zip"])
+
+
+def test_product_with_a_sparse_segment_matrix_is_scipys_dense() -> None:
+    A = _random()
+    S = sp.random(A.shape[1], 17, density=0.1, format="csc", random_state=4)  # beamlets x segments
+    M = times_sparse(A, S)
+    assert M.shape == (A.shape[0], 17) and M.dtype == np.float64
+    np.testing.assert_allclose(M, (A.astype(np.float64) @ S).toarray(), rtol=1e-12, atol=1e-15)
+
+
+def test_rows_of_a_csr_matrix_are_taken_exactly() -> None:
+    A = _random()
+    rows = np.array([2999, 0, 5, 5, 17])  # any order, repeats, an empty row
+    M = take_rows(A, rows)
+    assert M.dtype == A.dtype and (A[rows] != M).nnz == 0
