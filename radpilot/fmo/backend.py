@@ -217,9 +217,9 @@ MATRIX_LAYOUTS = ("auto", "compressed", "csr")
 DEFAULT_MATRIX = "auto"
 # What ``auto`` means on the CPU: the compressed layout where numba is installed and the beamlets
 # fit, else float32 CSR. On the 3 mm TG-119 matrix on the 2-core development machine
-# (docs/benchmarks.md) its kernels take A @ x in 25 ms and A.T @ g in 36 ms against 43 and 38
-# for CSR, and reach the FMO target 1.66x sooner; RADPILOT_FMO_MATRIX=csr (or --matrix csr)
-# chooses CSR.
+# (docs/benchmarks.md, `make bench-fmo`) its kernels take A @ x in 23 ms and A.T @ g in 28 ms
+# against 40 and 36 for CSR, and reach the FMO target 2-3x sooner (working sets read in place);
+# RADPILOT_FMO_MATRIX=csr (or --matrix csr) chooses CSR.
 AUTO_LAYOUT = "compressed"
 
 
