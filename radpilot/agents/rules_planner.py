@@ -13,12 +13,15 @@ objective weights and doses:
   already tried.
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step; and
-  every flip of the missed goals (fixing one breaks another) halves the step.
+  every flip of a goal between met and missed (fixing one breaks another) halves that goal's
+  step (a goal missed all along keeps its full step).
 - a goal that stays missed without getting closer (``STALL_PLANS`` plans in a row, the miss
   shrinking by less than ``STALL_GAIN`` of itself) switches strategy: the structure gets a term
   shaped like the goal — a max-DVH term for a Dx or Vx limit ("at most x % above the limit"), a
   mean-dose term for a mean, a smooth maximum for a maximum — and from then on that term is
   pushed instead of the voxel overdose term. The new term and its reason are in the rationale.
+  A Dx limit on an organ that reaches the prescription gets its max-DVH term when a plan from the
+  second on misses it, on the organ itself, aimed at half its Dx (and lowered with it).
 - helper structures the protocol defines (``helpers:``) are used when the plan calls for them:
   an organ whose upper-limit goal fails while it reaches the prescription (it overlaps or abuts
   the target) has its overdose term moved to its "organ minus target" helper (the old term is
@@ -79,7 +82,15 @@ SPILL = 0.8  # NormalTissue's maximum above this fraction of Rx: the dose spills
 RING_DOSE = 0.75  # a ring's overdose term starts at this fraction of Rx
 STALL_PLANS = 3  # a goal missed in this many plans in a row ...
 STALL_GAIN = 0.25  # ... whose miss shrank by less than this fraction of itself has stalled
+OVERLAP_SHAPE_FROM = 2  # a Dx limit on an organ overlapping the target: its shape from this plan
 HOT_SPOT_SOFTNESS_GY = 0.25  # the smooth maximum on the hot spots outside the targets
+
+
+def _overlaps_target(protocol: Protocol, memory: list[MemoryEntry] | None, structure: str) -> bool:
+    """Whether ``structure`` reached ``REACHES_RX`` of the prescription in the latest plan (it
+    overlaps or abuts the target)."""
+    peak = _last_stat(memory, structure, "max_gy")
+    return peak is not None and peak >= REACHES_RX * protocol.prescription_gy
 
 
 def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
@@ -340,14 +351,8 @@ def propose_rules(
 ) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
     """The next terms, why, and up to ``count - 1`` alternative steps (bolder, more cautious)."""
     notes: list[str] = []
-    # Each time the set of missed goals flips (fixing one goal breaks another), the step halves:
-    # the loop then closes in on the trade-off instead of jumping across it.
-    flips = sum(
-        1
-        for a, b in itertools.pairwise(memory)
-        if a.check.failed and b.check.failed and _missed(a.check) != _missed(b.check)
-    )
-    gain = 0.5**flips
+    # (each goal's own step also halves every time it flipped: _push, _flips)
+    gain = 1.0
     best = max(memory, key=lambda m: m.check.rank(), default=None)
     if best is not None and best is not memory[-1]:
         last = memory[-1]
@@ -417,7 +422,8 @@ def _push(
     terms = {t.key(): t for t in objectives}
     for r in sorted(check.failed, key=lambda r: r.goal.priority):
         g = r.goal
-        factor = _step(r, gain)
+        own = gain * 0.5 ** _flips(g, memory or [])  # halved by the goal's own flips
+        factor = _step(r, own)
         is_target = g.structure == protocol.target
         if g.comparator == "<=" and not is_target:
             _uncover_overlap(protocol, terms, r, memory, notes)
@@ -428,7 +434,9 @@ def _push(
             and _push_coverage(protocol, terms, r, factor, memory, notes)
         ):
             continue
-        if g.comparator == "<=" and _shaped_push(protocol, terms, r, gain, factor, memory, notes):
+        if g.comparator == "<=" and _shaped_push(protocol, terms, r, own, factor, memory, notes):
+            if g.structure == OUTSIDE_TARGETS:
+                _far_hot_spot(terms, r, factor, memory, notes)
             continue
         site = _site(protocol, g.structure, terms)
         if g.comparator == "<=":
@@ -437,7 +445,7 @@ def _push(
             unit = g.limit if g.unit == "Gy" else protocol.prescription_gy
             hot_spot = _hot_spot_limit(protocol, g)
             floor = protocol.prescription_gy * 1.01 if hot_spot else 0.0
-            shrink = 1 - OAR_MARGIN * gain
+            shrink = 1 - OAR_MARGIN * own
             new_dose = min((old.dose_gy if old else unit) * shrink, unit * shrink)
             if hot_spot:
                 new_dose = max(
@@ -503,12 +511,15 @@ def _shaped_push(
     if probe is None:
         return False
     site = _site(protocol, g.structure, terms)  # the organ's minus helper, once it is used
-    probe = dataclasses.replace(probe, structure=site)
+    probe = dataclasses.replace(probe, structure=_shaped_site(protocol, g, probe, terms))
     old = terms.get(probe.key())
     if _shaped_for(g, old):
         assert old is not None
         weight = min(MAX_WEIGHT, old.weight * factor)
-        terms[old.key()] = old.with_values(min(old.dose_gy, probe.dose_gy), weight)
+        dose = min(old.dose_gy, probe.dose_gy)
+        if old.kind == "max_dvh" and _overlaps_target(protocol, memory, g.structure):
+            dose = round(min(dose, r.achieved * (1 - DVH_MARGIN)), 3)  # the band follows it down
+        terms[old.key()] = old.with_values(dose, weight)
         notes.append(
             f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {old.key()} weight x{factor:.2f}"
         )
@@ -518,22 +529,81 @@ def _shaped_push(
     # region hardly moves it, so its smooth maximum comes at once, aimed lower by the factor the
     # last plan was normalised by (the terms act on the dose before that multiplication)
     at_once = g.structure == OUTSIDE_TARGETS
-    if (stalled is None and not at_once) or old is not None:
+    # a dose-volume limit on an organ that overlaps the target, missed from the second plan on
+    # (the first plan's misses move the organ's terms to its minus helper): its Dx is decided
+    # next to the target, where an overdose term on the minus helper moves it slowly (TG-119
+    # prostate, bladder D30 <= 15 Gy: 21.2 -> 20.6 -> 19.7 Gy while the PTV's hot spot broke),
+    # and a max-DVH term presses on exactly the voxels that set it
+    dx_on_overlap = (
+        probe.kind == "max_dvh"
+        and parse_metric(g.metric)[0] == "D"
+        and _overlaps_target(protocol, memory, g.structure)
+    )
+    overlap = dx_on_overlap and len(memory or []) >= OVERLAP_SHAPE_FROM
+    if (stalled is None and not at_once and not overlap) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
     weight = min(MAX_WEIGHT, _site_weight(terms, site) * factor)
-    new = probe.with_values(probe.dose_gy, weight)
+    dose = probe.dose_gy
+    if dx_on_overlap:
+        # aimed at half the organ's Dx (as sparing does), not just inside the limit: the term
+        # presses only on the voxels between its dose and the Dx, and a band as narrow as the
+        # miss hardly moves the organ (TG-119 prostate, bladder D30 <= 20 Gy: a term at 19.25
+        # Gy left D30 at 22.43 Gy through three rounds)
+        dose = round(min(dose, r.achieved * (1 - DVH_MARGIN)), 3)
+    new = probe.with_values(dose, weight)
     if at_once:
         new = _below_normalisation(new, memory)
     terms[new.key()] = new
-    notes.append(
-        f"{g.label} missed in the last {STALL_PLANS} plans without closing in "
-        f"({stalled[0]:.2f} -> {stalled[1]:.2f} {g.unit}): switching strategy, new term "
-        f"{new.label()}"
-        if stalled is not None
-        else f"{g.label} missed by {abs(r.margin):.2f} {g.unit} (a hot spot outside the "
-        f"targets): new term {new.label()}"
-    )
+    if stalled is not None:
+        why = (
+            f"missed in the last {STALL_PLANS} plans without closing in ({stalled[0]:.2f} -> "
+            f"{stalled[1]:.2f} {g.unit}): switching strategy"
+        )
+    elif at_once:
+        why = f"missed by {abs(r.margin):.2f} {g.unit} (a hot spot outside the targets)"
+    else:
+        why = (
+            f"missed by {abs(r.margin):.2f} {g.unit} where {g.structure} overlaps the target "
+            "(its Dx is set next to the target)"
+        )
+    sep = ", " if stalled is not None else ": "  # "switching strategy, new term ..."
+    notes.append(f"{g.label} {why}{sep}new term {new.label()}")
     return True
+
+
+def _far_hot_spot(
+    terms: dict[str, ObjectiveTerm],
+    r: GoalResult,
+    factor: float,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+) -> None:
+    """A missed ``OutsideTargets max`` whose hottest point is NormalTissue's (10 mm or more
+    from every target) may lie beyond the region its smooth maximum acts on (30 mm around the
+    prescription target: ``OUTSIDE_TARGETS_REACH_MM``): NormalTissue gets a smooth maximum as
+    well, aimed and weighted like it, and pushed with it. (TG-119 prostate, tight protocol with
+    ``safety: on``: the hottest point, at the body's lateral edge, stayed at 97-107 Gy through 8
+    plans for a limit of 80.9 Gy; with this term, 81.8-82.7 Gy from the next plan on.)"""
+    far = _last_stat(memory, NORMAL_TISSUE, "max_gy")
+    near = terms.get(f"{OUTSIDE_TARGETS}:smooth_max")
+    if far is None or near is None or far < r.achieved - 0.01:
+        return
+    key = f"{NORMAL_TISSUE}:smooth_max"
+    old = terms.get(key)
+    if old is None:
+        new = ObjectiveTerm(
+            NORMAL_TISSUE, "smooth_max", near.dose_gy, near.weight, HOT_SPOT_SOFTNESS_GY
+        )
+        why = (
+            f"{r.goal.label}: the hottest point outside the targets is {NORMAL_TISSUE}'s "
+            f"({far:.1f} Gy, 10 mm or more from the targets, maybe beyond the "
+            f"{OUTSIDE_TARGETS} term's reach): new term {new.label()}"
+        )
+    else:
+        new = old.with_values(min(old.dose_gy, near.dose_gy), min(MAX_WEIGHT, old.weight * factor))
+        why = f"{r.goal.label}: {key} weight x{factor:.2f}"
+    terms[key] = new
+    notes.append(why)
 
 
 def _spare(
@@ -593,6 +663,18 @@ def _spare(
     return terms, "; ".join([head, *steps]), alternatives
 
 
+def _shaped_site(
+    protocol: Protocol, goal: ClinicalGoal, term: ObjectiveTerm, terms: dict[str, ObjectiveTerm]
+) -> str:
+    """Where a goal-shaped term goes: a max-DVH term on the organ itself (its volume is the
+    goal's: on the organ's minus helper "at most x %" would count another volume, and the part
+    in the target, above any sparing dose, is among the x % it leaves alone), other shapes where
+    the organ's upper-limit terms sit (its minus helper once one is used)."""
+    if term.kind == "max_dvh":
+        return goal.structure
+    return _site(protocol, goal.structure, terms)
+
+
 def _site_weight(
     terms: dict[str, ObjectiveTerm], site: str, pool: list[ObjectiveTerm] | None = None
 ) -> float:
@@ -635,7 +717,7 @@ def _hold(
             rest.append(r)
             continue
         site = _site(protocol, r.goal.structure, terms)
-        probe = dataclasses.replace(probe, structure=site)
+        probe = dataclasses.replace(probe, structure=_shaped_site(protocol, r.goal, probe, terms))
         if r.goal.structure == OUTSIDE_TARGETS:
             # (a target's own hot-spot term is left where it is: lower, it would fight the
             # coverage)
@@ -756,6 +838,22 @@ def _new_terms_on_trial(memory: list[MemoryEntry], best: MemoryEntry) -> bool:
         return False
     worst = min((r.goal.priority for r in best.check.failed), default=0)
     return all(r.goal.priority >= worst for r in last.check.failed)
+
+
+def _flips(goal: ClinicalGoal, memory: list[MemoryEntry]) -> int:
+    """How often ``goal`` went from missed to met or back between two plans that both missed
+    something (fixing one goal broke another): each flip halves the goal's step, so that the
+    loop closes in on the trade-off instead of jumping across it, while a goal that stays missed
+    keeps its full step."""
+
+    def passed(m: MemoryEntry) -> bool | None:
+        return next((r.passed for r in m.check.results if r.goal == goal), None)
+
+    return sum(
+        1
+        for a, b in itertools.pairwise(memory)
+        if a.check.failed and b.check.failed and passed(a) != passed(b)
+    )
 
 
 def _missed(check: ProtocolCheck) -> frozenset[str]:

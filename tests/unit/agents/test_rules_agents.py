@@ -112,6 +112,26 @@ def test_a_hot_spot_outside_the_targets_gets_a_term_on_the_implicit_region(
     )
     lower = next(t for t in inflated if t.key() == term.key())
     assert lower.dose_gy == pytest.approx(term.dose_gy / 1.05, abs=1e-3)
+    assert "NormalTissue:smooth_max" not in {t.key() for t in new}  # (no statistics: not far)
+    # the hottest point outside the targets is NormalTissue's (10 mm or more from them, maybe
+    # beyond the OutsideTargets term's 30 mm): NormalTissue gets a smooth maximum too
+    far = ({"name": "NormalTissue", "max_gy": 60.0},)
+    memory = [MemoryEntry(1, protocol.objectives, check, stats=far)]
+    both, why2, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    nt = next(t for t in both if t.key() == "NormalTissue:smooth_max")
+    assert (nt.dose_gy, nt.weight, nt.parameter) == (term.dose_gy, term.weight, term.parameter)
+    assert "the hottest point outside the targets is NormalTissue's (60.0 Gy" in why2
+    memory.append(MemoryEntry(2, both, check, stats=far))
+    again, _, _ = propose_rules(protocol, both, check, memory)
+    assert next(t for t in again if t.key() == nt.key()).weight > nt.weight  # pushed with it
+    near = ({"name": "NormalTissue", "max_gy": 40.0},)  # the hottest point is nearer
+    close, _, _ = propose_rules(
+        protocol,
+        protocol.objectives,
+        check,
+        [MemoryEntry(1, protocol.objectives, check, stats=near)],
+    )
+    assert "NormalTissue:smooth_max" not in {t.key() for t in close}
 
 
 def test_backtracks_to_the_best_iteration_with_a_smaller_step(analytic_case: Case) -> None:
@@ -272,13 +292,20 @@ def _with_helpers(protocol):
     )
 
 
+def _overlapping_core(case: Case):
+    """The harder C-shape with helpers, its core D10 missed (14 Gy) while the core reaches 49
+    Gy (it abuts the target): protocol, check, stats, a memory of that one plan."""
+    plain, check = _check(case, 52.0, 14.0)
+    protocol = _with_helpers(plain)
+    hot = ({"name": "Core", "max_gy": 49.0}, {"name": "NormalTissue", "max_gy": 20.0})
+    return protocol, check, hot, [MemoryEntry(1, protocol.objectives, check, stats=hot)]
+
+
 def test_an_organ_reaching_the_prescription_moves_its_term_to_its_minus_helper(
     analytic_case: Case,
 ) -> None:
-    plain, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10
-    protocol = _with_helpers(plain)
-    hot = ({"name": "Core", "max_gy": 49.0}, {"name": "NormalTissue", "max_gy": 20.0})
-    memory = [MemoryEntry(1, protocol.objectives, check, stats=hot)]
+    protocol, check, hot, memory = _overlapping_core(analytic_case)
+    plain = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
     new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
     got = {t.key(): t for t in new}
     old = {t.key(): t for t in protocol.objectives}
@@ -459,3 +486,54 @@ def test_the_rules_loop_brings_a_hot_spot_outside_the_targets_under_its_safety_g
     assert met.iteration > 1 and outside(met.check).passed
     hot = report.summary()["hot_spots"]["outside_targets"]
     assert hot["dose_gy"] == pytest.approx(outside(report.check).achieved, abs=1e-3)
+
+
+def test_only_a_goal_that_flipped_takes_smaller_steps(analytic_case: Case) -> None:
+    """A goal that went from missed to met and back (fixing another broke it) has its step
+    halved per flip; a goal missed all along keeps its full step."""
+
+    def memory(plans):
+        out = []
+        for i, (hot, core) in enumerate(plans):
+            protocol, check = _check(analytic_case, hot, core)
+            out.append(MemoryEntry(i + 1, protocol.objectives, check))
+        return protocol, out
+
+    # PTV D10 missed, met, missed (two flips); core D10 missed in every plan, closing in
+    protocol, flipped = memory([(58.0, 14.0), (52.0, 13.5), (56.0, 10.5)])
+    _, steady = memory([(58.0, 14.0), (58.0, 13.5), (56.0, 10.5)])  # PTV D10 missed throughout
+    last = flipped[-1].check
+    a, _, _ = propose_rules(protocol, protocol.objectives, last, flipped)
+    b, _, _ = propose_rules(protocol, protocol.objectives, last, steady)
+    ga, gb = {t.key(): t for t in a}, {t.key(): t for t in b}
+    start = {t.key(): t for t in protocol.objectives}
+    core, hot = "Core:squared_overdose", "PTV:squared_overdose"
+    assert ga[core] == gb[core] and ga[core].weight > start[core].weight  # the same full step
+    assert start[hot].weight < ga[hot].weight < gb[hot].weight  # the flipping goal: smaller
+
+
+def test_a_dose_volume_limit_on_an_organ_overlapping_the_target_gets_its_shape_on_the_organ(
+    analytic_case: Case,
+) -> None:
+    protocol, check, hot, memory = _overlapping_core(analytic_case)
+    first, _, _ = propose_rules(protocol, protocol.objectives, check, memory)
+    assert "Core:max_dvh" not in {t.key() for t in first}  # first plan: moved to the helper
+    assert "Core_opt:squared_overdose" in {t.key() for t in first}
+    memory.append(MemoryEntry(2, first, check, stats=hot))
+    second, why2, _ = propose_rules(protocol, first, check, memory)
+    got = {t.key(): t for t in second}
+    # on the organ itself ("at most 10 % of Core above d": on Core_opt the 10 % would be
+    # another volume), aimed at half the organ's D10
+    dvh = got["Core:max_dvh"]
+    assert dvh.parameter == 10.0 and dvh.dose_gy == pytest.approx(7.0)
+    assert "Core_opt:max_dvh" not in got
+    assert (
+        got["Core_opt:squared_overdose"] == {t.key(): t for t in first}["Core_opt:squared_overdose"]
+    )  # pushed no more: the new term is
+    assert "Core D10 <= 10 Gy missed by 4.00 Gy where Core overlaps the target" in why2
+    # the next push raises its weight and takes its dose down with the organ's D10
+    _, closer = _check(analytic_case, 52.0, 12.0)
+    memory.append(MemoryEntry(3, second, closer, stats=hot))
+    third, _, _ = propose_rules(protocol, second, closer, memory)
+    pushed = {t.key(): t for t in third}["Core:max_dvh"]
+    assert pushed.weight > dvh.weight and pushed.dose_gy == pytest.approx(6.0)
