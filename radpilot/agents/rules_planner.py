@@ -21,7 +21,8 @@ objective weights and doses:
   mean-dose term for a mean, a smooth maximum for a maximum — and from then on that term is
   pushed instead of the voxel overdose term. The new term and its reason are in the rationale.
   A Dx limit on an organ that reaches the prescription gets its max-DVH term when a plan from the
-  second on misses it, on the organ itself, aimed at half its Dx (and lowered with it).
+  second on misses it (from the first, when the protocol has no minus helper for the organ), on
+  the organ itself, aimed at half its Dx (and lowered with it).
 - helper structures the protocol defines (``helpers:``) are used when the plan calls for them:
   an organ whose upper-limit goal fails while it reaches the prescription (it overlaps or abuts
   the target) has its overdose term moved to its "organ minus target" helper (the old term is
@@ -530,7 +531,7 @@ def _shaped_push(
     # last plan was normalised by (the terms act on the dose before that multiplication)
     at_once = g.structure == OUTSIDE_TARGETS
     # a dose-volume limit on an organ that overlaps the target, missed from the second plan on
-    # (the first plan's misses move the organ's terms to its minus helper): its Dx is decided
+    # (the first plan's miss moves the organ's terms to its minus helper): its Dx is decided
     # next to the target, where an overdose term on the minus helper moves it slowly (TG-119
     # prostate, bladder D30 <= 15 Gy: 21.2 -> 20.6 -> 19.7 Gy while the PTV's hot spot broke),
     # and a max-DVH term presses on exactly the voxels that set it
@@ -539,7 +540,18 @@ def _shaped_push(
         and parse_metric(g.metric)[0] == "D"
         and _overlaps_target(protocol, memory, g.structure)
     )
-    overlap = dx_on_overlap and len(memory or []) >= OVERLAP_SHAPE_FROM
+    # (without a minus helper to move the organ's terms to, from the first plan on: its overdose
+    # term would pull on the part inside the target, and the normalisation then raises every
+    # hot spot)
+    first = OVERLAP_SHAPE_FROM if _minus_helper(protocol, g.structure) else 1
+    # a limit near the prescription is decided inside the overlap, where the target's coverage
+    # holds the dose unless the protocol's "target minus organ" helper can take the coverage
+    # (``_uncover_overlap``): without it, the term would fight the coverage from the start (the
+    # shipped TG-119 prostate, rectum D10 <= 75 Gy: its best plan's bladder D30 45.6 Gy where
+    # it gets 21.5 Gy without the term)
+    near = g.limit >= NEAR_RX * protocol.prescription_gy
+    uncovered = bool(_helpers(protocol, "minus", protocol.target, {g.structure}))
+    overlap = dx_on_overlap and len(memory or []) >= first and (uncovered or not near)
     if (stalled is None and not at_once and not overlap) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
     weight = min(MAX_WEIGHT, _site_weight(terms, site) * factor)

@@ -20,14 +20,18 @@ from tests.paths import REPO_ROOT
 PROTOCOLS = REPO_ROOT / "protocols"
 
 
-def _check(case: Case, ptv_hot: float, core: float):
-    protocol = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+def _dose(case: Case, ptv_hot: float, core: float) -> np.ndarray:
     dose = np.full(case.row_voxels.size, 5.0, dtype=np.float32)
     ptv = case.rows_of("PTV")
     dose[ptv] = 50.0
     dose[ptv[: len(ptv) // 5]] = ptv_hot  # 20 % of the PTV at ptv_hot -> D10 = ptv_hot
     dose[case.rows_of("Core")] = core
-    return protocol, check_protocol(PlanDose(case, dose), protocol)
+    return dose
+
+
+def _check(case: Case, ptv_hot: float, core: float):
+    protocol = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    return protocol, check_protocol(PlanDose(case, _dose(case, ptv_hot, core)), protocol)
 
 
 def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Case) -> None:
@@ -537,3 +541,36 @@ def test_a_dose_volume_limit_on_an_organ_overlapping_the_target_gets_its_shape_o
     third, _, _ = propose_rules(protocol, second, closer, memory)
     pushed = {t.key(): t for t in third}["Core:max_dvh"]
     assert pushed.weight > dvh.weight and pushed.dose_gy == pytest.approx(6.0)
+    # without a minus helper to move to, the shape comes with the first plan: the organ's
+    # overdose term would pull on its part inside the target
+    plain = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    at_once, why, _ = propose_rules(
+        plain, plain.objectives, check, [MemoryEntry(1, plain.objectives, check, stats=hot)]
+    )
+    got = {t.key(): t for t in at_once}
+    assert got["Core:max_dvh"].dose_gy == pytest.approx(7.0)
+    assert (
+        got["Core:squared_overdose"]
+        == {t.key(): t for t in plain.objectives}["Core:squared_overdose"]
+    )
+    assert "where Core overlaps the target" in why
+
+
+def test_a_limit_near_the_prescription_gets_the_shape_only_where_coverage_can_leave_the_overlap(
+    analytic_case: Case,
+) -> None:
+    from radpilot.cases.helpers import Helper
+    from radpilot.protocol import ClinicalGoal
+
+    base, check = _check(analytic_case, 52.0, 48.0)  # core D10 48 Gy ...
+    goals = [g for g in base.goals if g.structure != "Core"]
+    near = replace(base, goals=[*goals, ClinicalGoal("Core", "D10", "<=", 46.0, 2)])  # ... > 46
+    check = check_protocol(PlanDose(analytic_case, _dose(analytic_case, 52.0, 48.0)), near)
+    hot = ({"name": "Core", "max_gy": 49.0},)
+    memory = [MemoryEntry(1, near.objectives, check, stats=hot)]
+    plain, _, _ = propose_rules(near, near.objectives, check, memory)
+    assert "Core:max_dvh" not in {t.key() for t in plain}  # it would fight the coverage
+    helper = Helper("PTV_core", "minus", "PTV", subtract="Core", margin_mm=0.0)
+    uncovered = replace(near, helpers=(helper,))
+    shaped, _, _ = propose_rules(uncovered, uncovered.objectives, check, memory)
+    assert {t.key(): t for t in shaped}["Core:max_dvh"].dose_gy == pytest.approx(24.0)
