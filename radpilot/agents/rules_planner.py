@@ -790,13 +790,11 @@ def _lower(
             continue
         kind, x = parse_metric(r.goal.metric)
         shaped = terms.get(f"{structure}:max_dvh")
-        peak = _last_stat([best], structure, "max_gy")
         if (
             kind == "D"
             and x is not None
             and 0 < x < 100
-            and peak is not None
-            and peak >= REACHES_RX * protocol.prescription_gy
+            and _overlaps_target(protocol, [best], structure)
             and (shaped is None or shaped.parameter == x)  # (one of another Dx is left alone)
         ):
             # a dose-volume limit on an organ that overlaps the target is spared by its own
