@@ -341,8 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             choices=MATRIX_LAYOUTS,
             help="matrix layout: csr (float32; SciPy or cuSPARSE), compressed (16-bit; numba "
-            "on the CPU, CUDA kernels with --backend cupy) or auto (float32 CSR on the CPU, "
-            "compressed on the GPU; see docs/benchmarks.md); default $RADPILOT_FMO_MATRIX or auto",
+            "on the CPU, CUDA kernels with --backend cupy) or auto (compressed where it fits, "
+            "float32 CSR where numba is missing or a case has 65,536 beamlets or more; see "
+            "docs/benchmarks.md); default $RADPILOT_FMO_MATRIX or auto",
         )
         p.add_argument(
             "--agent",
