@@ -194,6 +194,12 @@ def _minus_helper(protocol: Protocol, structure: str) -> str | None:
     return found[0].name if found else None
 
 
+def _target_minus_helper(protocol: Protocol, structure: str) -> str | None:
+    """The protocol's "target minus structure" helper, if it defines one."""
+    found = _helpers(protocol, "minus", protocol.target, {structure})
+    return found[0].name if found else None
+
+
 def _site(protocol: Protocol, structure: str, terms: dict[str, ObjectiveTerm]) -> str:
     """Where the terms serving a structure's upper limits sit: its minus helper once a term is
     on it, else the structure itself."""
@@ -253,12 +259,12 @@ def _uncover_overlap(
     protocol's "target minus organ" helper (when it defines one), so the overlap may run a
     little cold; the normalisation still holds the whole target's coverage."""
     g, rx = r.goal, protocol.prescription_gy
-    found = _helpers(protocol, "minus", protocol.target, {g.structure})
-    helper = found[0].name if found else None
-    peak = _last_stat(memory, g.structure, "max_gy")
-    if helper is None or g.unit != "Gy" or g.limit < NEAR_RX * rx or peak is None:
+    helper = _target_minus_helper(protocol, g.structure)
+    if helper is None or g.unit != "Gy" or g.limit < NEAR_RX * rx:
         return
-    if peak < REACHES_RX * rx or any(t.structure == helper for t in terms.values()):
+    if not _overlaps_target(protocol, memory, g.structure):
+        return
+    if any(t.structure == helper for t in terms.values()):
         return
     for kind in ("squared_deviation", "squared_underdose"):
         old = terms.get(f"{protocol.target}:{kind}")
@@ -550,7 +556,7 @@ def _shaped_push(
     # shipped TG-119 prostate, rectum D10 <= 75 Gy: its best plan's bladder D30 45.6 Gy where
     # it gets 21.5 Gy without the term)
     near = g.limit >= NEAR_RX * protocol.prescription_gy
-    uncovered = bool(_helpers(protocol, "minus", protocol.target, {g.structure}))
+    uncovered = _target_minus_helper(protocol, g.structure) is not None
     overlap = dx_on_overlap and len(memory or []) >= first and (uncovered or not near)
     if (stalled is None and not at_once and not overlap) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
