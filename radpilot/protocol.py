@@ -585,8 +585,8 @@ def _check_contradictions(goals: list[ClinicalGoal]) -> None:
 
 
 class _PlainYamlLoader(yaml.SafeLoader):
-    """Safe YAML without anchors or aliases (no 'billion laughs') and with bounded nesting
-    (no recursion the interpreter cannot take)."""
+    """Safe YAML without anchors or aliases (no 'billion laughs'), with bounded nesting (no
+    recursion the interpreter cannot take) and unique keys."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -615,6 +615,22 @@ class _PlainYamlLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A mapping whose keys are unique: YAML would keep the last of two equal keys, so a
+        protocol that says ``safety:`` twice would silently mean the second."""
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                raise ProtocolError(
+                    f"{key_node.value!r} appears twice in one mapping (lines "
+                    f"{first[key_node.value]} and {line}): keep one"
+                )
+            first[key_node.value] = line
+        return super().construct_mapping(node, deep)
 
 
 def _delivery(raw: Any, source: str) -> SequencingSettings | None:

@@ -234,6 +234,14 @@ def test_yaml_aliases_anchors_and_deep_nesting_are_refused_before_they_cost_anyt
         load_protocol_text(BASE + "intent: '" + "x" * (1 << 20) + "'\n")
 
 
+def test_a_key_written_twice_is_refused_with_both_lines() -> None:
+    # YAML keeps the last of two equal keys: "safety: off" then "safety: on" would mean on
+    with pytest.raises(ProtocolError, match=r"'safety' appears twice .*lines 9 and 10"):
+        load_protocol_text(BASE + "safety: off\nsafety: on\n")
+    with pytest.raises(ProtocolError, match=r"'dose_gy' appears twice"):
+        load_protocol_text(BASE.replace("dose_gy: 50}", "dose_gy: 50, dose_gy: 60}", 1))
+
+
 def test_the_benchmark_s_own_protocols_load_with_their_helpers() -> None:
     p = load_protocol(REPO_ROOT / "benchmarks" / "protocols" / "tg119_prostate_tight.yaml")
     assert {h.name for h in p.helpers} == {"Rectum_opt", "Bladder_opt", "PTV_core", "PTV_ring"}
