@@ -146,13 +146,15 @@ refitted and leaves moved (aperture refinement)), its fluence optimum alongside.
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out
 leaf transmission and small-field output: compare with care. The row "global maximum" says
-where the reported plan is hottest. `tg119_prostate.yaml` asks for the hot-spot goals
-(`safety: on`, docs/agents.md: `OutsideTargets max` at 107 % and `PTV max` at 115 % of the
-prescription) and judges every iteration on its leaf-sequenced dose (`delivery: {{every_iteration:
-true}}`); in the other protocols nothing limits the dose within 10 mm of a target
-(NormalTissue starts there), and while sparing the loop's own
-goal `Global max` keeps every plan's hottest point within 2 % of the first plan that met (rows
-"Global max"), so the improvement never makes the plan hotter.
+where the reported plan is hottest. Every protocol has the implicit hot-spot goals unless it
+switches them off (docs/agents.md: `OutsideTargets max` at 107 % and `PTV max` at 115 % of the
+prescription): `paper_headneck.yaml` widens the outside limit to 110 % and
+`tg119_headneck.yaml` to a 140 % backstop with no target maximum goal (each file says why);
+`tg119_prostate.yaml` also judges
+every iteration on its leaf-sequenced dose (`delivery: {{every_iteration: true}}`). Where a
+protocol does not limit both hot spots, the loop's own goal `Global max` keeps every plan's
+hottest point, while sparing, within 2 % of the first plan that met (rows "Global max"), so the
+improvement never makes the plan hotter.
 
 | case | protocol | goal | class solution: deliverable | within institutions' mean ± 2 SD | rules: first met (Gy or %) | rules best: fluence optimum | rules best: deliverable | | TG-119 institutions | rules deliverable - institutions' mean |
 |---|---|---|---|---|---|---|---|---|---|---|

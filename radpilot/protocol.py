@@ -97,11 +97,11 @@ class ClinicalGoal:
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    """The implicit hot-spot goals a protocol asks for with ``safety:`` (``on`` or a mapping of
-    overrides): the hottest point outside every target at most ``outside_targets_max_pct`` % of
-    the prescription, the prescription target's maximum at most ``target_max_pct`` %. None
-    switches one off. Not on by default yet: leaf sequencing adds hot spots of 1-7 % of the
-    prescription outside the targets, and the TG-119 head & neck's deliverable plan misses 107 %
+    """The implicit hot-spot goals every protocol has unless it says ``safety: off`` (a mapping
+    overrides them): the hottest point outside every target at most ``outside_targets_max_pct`` %
+    of the prescription, the prescription target's maximum at most ``target_max_pct`` %. None
+    switches one off. Leaf sequencing adds a few per cent to a maximum, so a shipped protocol
+    whose deliverable plan cannot keep 107 % widens or switches them off, saying why
     (docs/agents.md)."""
 
     outside_targets_max_pct: float | None = 107.0
@@ -268,7 +268,7 @@ class Protocol:
             "improve_min_gain": self.improve_min_gain,
             **({"helpers": [h.to_dict() for h in self.helpers]} if self.helpers else {}),
             "delivery": self.delivery.to_dict() if self.delivery is not None else "off",
-            **({"safety": self.safety.to_dict()} if self.safety is not None else {}),
+            "safety": self.safety.to_dict() if self.safety is not None else "off",
         }
 
 
@@ -471,7 +471,7 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         data.get("improve_min_gain", DEFAULT_MIN_GAIN), "improve_min_gain", 0.0, 50.0, True
     )
     helpers = _helpers(data.get("helpers"), goals, str(rx["target"]))
-    safety = _safety(data.get("safety"), source, dose)
+    safety = _safety(data.get("safety", "on"), source, dose)
     if safety is not None:
         goals += safety.goals(str(rx["target"]), dose, goals)
     fractions = rx.get("fractions")
@@ -502,7 +502,7 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
 
 
 def _safety(raw: Any, source: str, prescription_gy: float) -> SafetyLimits | None:
-    """``safety:`` -- absent or ``off``: no implicit goals; ``on``: the defaults
+    """``safety:`` -- ``off``: no implicit goals; absent or ``on``: the defaults
     (``SafetyLimits``); a mapping: the defaults with its overrides (% of the prescription, null
     switches one off; priority; hardness)."""
     if raw is None or raw is False or (isinstance(raw, str) and raw.strip().lower() == "off"):

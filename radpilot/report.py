@@ -598,8 +598,8 @@ class PlanReport:
                 f"outside the targets to {safety['outside_targets_max_pct']} % and the target "
                 f"maximum to {safety['target_max_pct']} % of the prescription (None: no limit)."
                 if isinstance(safety, dict)
-                else "The protocol sets no implicit hot-spot goals (<code>safety: on</code> "
-                "would add them)."
+                else "The protocol switches the implicit hot-spot goals off "
+                "(<code>safety: off</code>)."
             )
             + " Coordinates are voxel centres in the case's patient frame (DICOM LPS, mm).</p>"
         )

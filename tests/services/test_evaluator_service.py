@@ -24,7 +24,7 @@ from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve as serve_evaluator
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.server import serve as serve_optimizer
-from tests.paths import REPO_ROOT
+from tests.paths import REPO_ROOT, with_safety
 
 PROTOCOLS = REPO_ROOT / "protocols"
 EASIER = (PROTOCOLS / "tg119_cshape_easier.yaml").read_text()
@@ -72,7 +72,7 @@ def test_rules_evaluation_with_images(cluster: dict) -> None:
         evaluator_pb2.DECISION_MEETS_PROTOCOL,
         evaluator_pb2.DECISION_NEEDS_IMPROVEMENT,
     )
-    assert len(resp.goals) == 3
+    assert len(resp.goals) == 5  # the protocol's 3 and the implicit hot-spot goals
     assert (resp.decision == evaluator_pb2.DECISION_MEETS_PROTOCOL) == all(
         g.passed for g in resp.goals
     )
@@ -89,7 +89,7 @@ def test_safety_goals_are_checked_over_the_wire_and_a_term_on_their_region_optim
     cluster: dict,
 ) -> None:
     # the evaluator checks the implicit hot-spot goals and says where the global maximum is
-    safe = EASIER + "safety: {outside_targets_max_pct: 101}\n"
+    safe = with_safety(EASIER, "{outside_targets_max_pct: 101}")
     resp = cluster["stub"].Evaluate(
         evaluator_pb2.EvaluateRequest(
             case_id=cluster["case"].case_id, dose=cluster["dose"], protocol_yaml=safe

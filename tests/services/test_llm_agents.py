@@ -43,7 +43,7 @@ from tests.doubles.llm_server import (
     role_of,
     scripted_settings,
 )
-from tests.paths import REPO_ROOT
+from tests.paths import REPO_ROOT, with_safety
 from tests.services.test_orchestrator import _wait
 
 ROOT = REPO_ROOT
@@ -54,10 +54,14 @@ HARDER = HARDER_PATH.read_text()
 # PTV D10 (56.5 Gy) and core D10 (10.4 Gy), and no weight doubling reaches both limits. With PTV
 # D10 <= 56 Gy and core D10 <= 11 Gy it misses PTV D10 only and one doubling of the PTV's weights
 # meets both: the situation these jobs are about (the scripted planner doubles the weights of a
-# missed structure).
-LLM_JOB_PROTOCOL = HARDER.replace(
-    'D10, comparator: "<=", limit: 10.0', 'D10, comparator: "<=", limit: 11.0'
-).replace('D10, comparator: "<=", limit: 55.0', 'D10, comparator: "<=", limit: 56.0')
+# missed structure). Without the implicit hot-spot goals, which change that situation (they are
+# tested in tests/unit/agents and tests/services/test_orchestrator.py).
+LLM_JOB_PROTOCOL = with_safety(
+    HARDER.replace(
+        'D10, comparator: "<=", limit: 10.0', 'D10, comparator: "<=", limit: 11.0'
+    ).replace('D10, comparator: "<=", limit: 55.0', 'D10, comparator: "<=", limit: 56.0'),
+    "off",
+)
 assert LLM_JOB_PROTOCOL.count("11.0") > HARDER.count("11.0") and "limit: 56.0" in LLM_JOB_PROTOCOL
 
 

@@ -28,7 +28,7 @@ from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.server import serve as serve_orchestrator
 from services.planner.config import PlannerConfig
 from services.planner.server import serve as serve_planner
-from tests.paths import REPO_ROOT
+from tests.paths import REPO_ROOT, with_safety
 
 PROTOCOLS = REPO_ROOT / "protocols"
 HARDER = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text()
@@ -178,10 +178,15 @@ def test_every_iteration_is_judged_as_delivered_through_the_services(
     assert summary["dose_basis"] == "deliverable" and summary["deliverable"]["total_mu"] > 0
 
 
-WITH_RING = (
-    HARDER
+NORMAL_TISSUE_TERM = (
+    "  - {structure: NormalTissue, kind: squared_overdose,  dose_gy: 25.0, weight: 5.0}\n"
+)
+assert HARDER.count(NORMAL_TISSUE_TERM) == 1
+WITH_RING = HARDER.replace(
+    NORMAL_TISSUE_TERM,
+    NORMAL_TISSUE_TERM
     + "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 20.0, weight: 20.0}\n"
-    + "helpers:\n  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 8, outer_mm: 24}\n"
+    + "helpers:\n  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 8, outer_mm: 24}\n",
 )
 
 
@@ -213,7 +218,7 @@ def test_a_hot_spot_goal_is_worked_on_through_the_services(cluster: Cluster, cas
     # a strict limit on the hottest point outside the PTV: the first plan misses it, the rules
     # planner puts a term on the OutsideTargets region, which the optimizer builds from the
     # definition the orchestrator sends
-    strict = HARDER + "\nsafety: {outside_targets_max_pct: 101, target_max_pct: null}\n"
+    strict = with_safety(HARDER, "{outside_targets_max_pct: 101, target_max_pct: null}")
     start = pb.StartPlanningRequest(
         case_id=case_id, protocol_yaml=strict, max_iterations=2, memory_length=2
     )

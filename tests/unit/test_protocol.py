@@ -35,8 +35,14 @@ def test_shipped_protocols_load(name: str) -> None:
         ("PTV", "D95"),
         ("PTV", "D10"),
         ("Core", "D10"),
+        ("OutsideTargets", "max"),
+        ("PTV", "max"),
     }
-    assert p.safety is None and p.implicit_goals == []  # hot-spot goals: on request
+    # the implicit hot-spot goals, the outside limit widened (the class solution's own spill)
+    assert [g.label for g in p.implicit_goals] == [
+        "OutsideTargets max <= 62.5 Gy",
+        "PTV max <= 57.5 Gy",
+    ]
     assert p.intent
     core = next(g for g in p.goals if g.structure == "Core")
     assert core.limit == (25.0 if "easier" in name else 10.0)
@@ -144,7 +150,7 @@ def test_protocol_against_case_structures(analytic_case: Case) -> None:
 
 
 def test_check_pass_fail_and_margins(analytic_case: Case) -> None:
-    p = load_protocol_text(BASE)
+    p = load_protocol_text(BASE + "safety: off\n")
     dose = np.zeros(analytic_case.row_voxels.size, dtype=np.float32)
     dose[analytic_case.rows_of("PTV")] = 50.0
     core = analytic_case.rows_of("Core")
@@ -203,12 +209,14 @@ def test_values_outside_their_physical_range_are_refused_with_the_range(
 def test_after_goals_met_defaults_to_improve_and_can_stop() -> None:
     p = load_protocol_text(BASE)
     assert p.after_goals_met == "improve" and p.improve_min_gain == 0.5
-    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5, "bound_hot_spot": True}
+    # the implicit hot-spot goals limit the target's and the outside hot spot: no loop-made bound
+    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5, "bound_hot_spot": False}
     q = load_protocol_text(
-        BASE.replace("name: t", "name: t\nafter_goals_met: stop\nimprove_min_gain: 1.5", 1)
+        BASE.replace(
+            "name: t", "name: t\nafter_goals_met: stop\nimprove_min_gain: 1.5\nsafety: off", 1
+        )
     )
     assert q.improvement_settings() == {"improve": False, "min_gain": 1.5, "bound_hot_spot": True}
-    # a protocol that limits the target's and the outside hot spot needs no loop-made bound
     safe = load_protocol_text(BASE.replace("name: t", "name: t\nsafety: on", 1))
     assert safe.improvement_settings()["bound_hot_spot"] is False
     no_outside = load_protocol_text(
@@ -249,7 +257,8 @@ def test_the_benchmark_s_own_protocols_load_with_their_helpers() -> None:
 
 
 def test_implicit_safety_goals_limit_hot_spots_and_can_be_overridden(analytic_case: Case) -> None:
-    p = load_protocol_text(BASE + "safety: on\n")
+    p = load_protocol_text(BASE)  # on by default
+    assert p == load_protocol_text(BASE + "safety: on\n")
     assert [g.label for g in p.implicit_goals] == [
         "OutsideTargets max <= 53.5 Gy",
         "PTV max <= 57.5 Gy",
@@ -289,10 +298,10 @@ def test_implicit_safety_goals_limit_hot_spots_and_can_be_overridden(analytic_ca
         ("OutsideTargets max <= 55 Gy", 3, False)
     ]
     assert parse_protocol(q.to_dict()).goals == q.goals
-    for text in (BASE, BASE + "safety: off\n"):  # none unless asked for
-        off = load_protocol_text(text)
-        assert off.implicit_goals == [] and off.helper("OutsideTargets") is None
-        assert len(off.goals) == 2 and parse_protocol(off.to_dict()).goals == off.goals
+    off = load_protocol_text(BASE + "safety: off\n")  # none when switched off
+    assert off.implicit_goals == [] and off.helper("OutsideTargets") is None
+    assert len(off.goals) == 2 and parse_protocol(off.to_dict()).goals == off.goals
+    assert off.to_dict()["safety"] == "off"  # and it stays off when written out and read back
     # a protocol's own limit on the target maximum replaces the implicit one
     own = load_protocol_text(
         BASE.replace(
@@ -331,6 +340,7 @@ def test_outside_targets_takes_a_maximum_only_and_brings_its_region() -> None:
             '  - {structure: OutsideTargets, metric: max, comparator: "<=", limit: 54}\n'
             "objectives:",
         )
+        + "safety: off\n"
     )  # a protocol may set the goal itself; a term on it then has its region
     assert own.helper("OutsideTargets") is not None and own.implicit_goals == []
     bad = BASE.replace(

@@ -15,7 +15,7 @@ from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import load_protocol, load_protocol_text
-from tests.paths import REPO_ROOT
+from tests.paths import REPO_ROOT, with_safety
 
 PROTOCOLS = REPO_ROOT / "protocols"
 
@@ -85,7 +85,7 @@ def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> N
 def test_a_hot_spot_outside_the_targets_gets_a_term_on_the_implicit_region(
     analytic_case: Case,
 ) -> None:
-    text = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text() + "safety: on\n"
+    text = with_safety((PROTOCOLS / "tg119_cshape_harder.yaml").read_text(), "on")
     protocol = load_protocol_text(text)
     dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
     dose[analytic_case.rows_of("PTV")] = 50.0
@@ -475,7 +475,7 @@ def test_a_step_that_changed_the_terms_gets_one_more_step_before_a_backtrack(
 def test_the_rules_loop_brings_a_hot_spot_outside_the_targets_under_its_safety_goal(
     analytic_case: Case,
 ) -> None:
-    text = (PROTOCOLS / "tg119_cshape_easier.yaml").read_text() + "safety: on\n"
+    text = with_safety((PROTOCOLS / "tg119_cshape_easier.yaml").read_text(), "on")
     protocol = load_protocol_text(text)
     report = plan_loop(analytic_case, protocol, max_iterations=4)
     label = "OutsideTargets max <= 53.5 Gy"

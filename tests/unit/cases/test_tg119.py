@@ -70,27 +70,33 @@ def test_demo_writes_report_and_summary(tg119_case: Case, store: CaseStore, tmp_
     d = summary["deliverable"]
     assert d["all_goals_met_fluence_optimal"], d["goals"]
     assert summary["all_goals_met"] == d["all_goals_met"]
-    # at most 12 segments per beam, raised to 18 and 24 on the retries that keep goals
-    assert all(abs(g["deliverable"] - g["fluence_optimal"]) < 1.5 for g in d["goals"]), d
+    # at most 12 segments per beam, raised to 18 and 24 on the retries that keep goals (a
+    # maximum is one voxel's dose: the hot-spot goals may move further)
+    dose_volume = [g for g in d["goals"] if " max " not in g["goal"]]
+    assert all(abs(g["deliverable"] - g["fluence_optimal"]) < 1.5 for g in dose_volume), d
     assert max(d["segments_per_beam"]) <= 24, d["segments_per_beam"]
     # every level tried before giving up (the first try's fit alone beside it)
     levels = [t["levels"] for t in d["tries"]]
     assert levels[0] == 10 and (d["all_goals_met"] or sorted(set(levels)) == [10, 20, 40])
     assert (out / "dicom" / "RTPLAN.dcm").is_file()
     protocol_goals = [g for g in summary["goals"] if g["structure"] != "Global"]
-    assert {g["metric"] for g in protocol_goals} == {"D95", "D10"}
-    assert not any(g["implicit"] for g in summary["goals"])  # no safety: in this protocol
+    assert {g["metric"] for g in protocol_goals} == {"D95", "D10", "max"}
+    # the implicit hot-spot goals (the protocol widens the outside limit to 125 %)
+    assert [(g["structure"], g["limit"]) for g in summary["goals"] if g["implicit"]] == [
+        ("OutsideTargets", 62.5),
+        ("PTV", 57.5),
+    ]
     # where the plan is hottest, in the summary and the report
     hot = summary["hot_spots"]
     assert hot["global"]["dose_gy"] >= hot["outside_targets"]["dose_gy"] > 0
     assert len(hot["global"]["xyz_mm"]) == 3 and " at x " in hot["global"]["text"]
-    # the loop went on sparing after the goals were met, never hotter than the first met plan
+    # the loop went on sparing after the goals were met, within the hot-spot goals
     improvement = summary["improvement"]
     assert 1 <= improvement["met_at_iteration"] <= summary["best_iteration"]
     assert [g["goal"] for g in improvement["gains"]] == ["Core D10 <= 10 Gy"]
     assert all(g["gained"] >= 0 for g in improvement["gains"])
-    if summary["best_iteration"] > improvement["met_at_iteration"]:
-        assert [g["structure"] for g in summary["goals"]].count("Global") == 1
+    # they limit both hot spots, so the loop adds no bound of its own ("Global max")
+    assert "Global" not in [g["structure"] for g in summary["goals"]]
     for g in summary["goals"]:
         assert set(g) >= {
             "structure",
