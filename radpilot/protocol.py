@@ -502,12 +502,13 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
 
 
 def _safety(raw: Any, source: str, prescription_gy: float) -> SafetyLimits | None:
-    """``safety:`` -- ``off``: no implicit goals; absent or ``on``: the defaults
+    """``safety:`` -- ``off``: no implicit goals; absent, empty or ``on``: the defaults
     (``SafetyLimits``); a mapping: the defaults with its overrides (% of the prescription, null
-    switches one off; priority; hardness)."""
-    if raw is None or raw is False or (isinstance(raw, str) and raw.strip().lower() == "off"):
+    switches one off; priority; hardness). Only an explicit ``off`` (or false) switches them off:
+    an empty ``safety:`` is read as the safer of the two."""
+    if raw is False or (isinstance(raw, str) and raw.strip().lower() == "off"):
         return None
-    if raw is True or (isinstance(raw, str) and raw.strip().lower() == "on"):
+    if raw is None or raw is True or (isinstance(raw, str) and raw.strip().lower() == "on"):
         raw = {}
     if not isinstance(raw, dict):
         raise ProtocolError(

@@ -259,6 +259,7 @@ def test_the_benchmark_s_own_protocols_load_with_their_helpers() -> None:
 def test_implicit_safety_goals_limit_hot_spots_and_can_be_overridden(analytic_case: Case) -> None:
     p = load_protocol_text(BASE)  # on by default
     assert p == load_protocol_text(BASE + "safety: on\n")
+    assert p.goals == load_protocol_text(BASE + "safety:\n").goals  # empty: on, not off
     assert [g.label for g in p.implicit_goals] == [
         "OutsideTargets max <= 53.5 Gy",
         "PTV max <= 57.5 Gy",
