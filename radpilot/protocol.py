@@ -471,7 +471,7 @@ def parse_protocol(data: Any, source: str = "<protocol>") -> Protocol:
         data.get("improve_min_gain", DEFAULT_MIN_GAIN), "improve_min_gain", 0.0, 50.0, True
     )
     helpers = _helpers(data.get("helpers"), goals, str(rx["target"]))
-    safety = _safety(data.get("safety", "on"), source, dose)
+    safety = _safety(data.get("safety"), source, dose)
     if safety is not None:
         goals += safety.goals(str(rx["target"]), dose, goals)
     fractions = rx.get("fractions")
