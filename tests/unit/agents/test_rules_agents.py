@@ -574,3 +574,59 @@ def test_a_limit_near_the_prescription_gets_the_shape_only_where_coverage_can_le
     uncovered = replace(near, helpers=(helper,))
     shaped, _, _ = propose_rules(uncovered, uncovered.objectives, check, memory)
     assert {t.key(): t for t in shaped}["Core:max_dvh"].dose_gy == pytest.approx(24.0)
+
+
+def _weights(terms: list[ObjectiveTerm]) -> dict[str, float]:
+    return {t.key(): t.weight for t in terms}
+
+
+def test_a_goal_still_missed_after_a_push_gets_a_step_sized_from_that_push(
+    analytic_case: Case,
+) -> None:
+    """Core D10 <= 10: doubling its term's weight took D10 from 14 to 13 Gy. Taken as linear in
+    the log of the weight, the 3 Gy left need 2 ** 3 = x8, capped at x4; where the push closed
+    the miss faster than that model needs, the usual step stands."""
+    core = "Core:squared_overdose"
+    protocol, first = _check(analytic_case, 52.0, 14.0)
+    doubled = [
+        t.with_values(t.dose_gy, 2 * t.weight) if t.key() == core else t
+        for t in protocol.objectives
+    ]
+    w = _weights(doubled)[core]
+
+    def step_after(core_now: float) -> float:
+        _, now = _check(analytic_case, 52.0, core_now)
+        memory = [MemoryEntry(1, protocol.objectives, first), MemoryEntry(2, doubled, now)]
+        new, why, _ = propose_rules(protocol, doubled, now, memory)
+        factor = _weights(new)[core] / w
+        sized = "(sized from the last push: x2.00 closed" in why
+        assert sized == (factor > 1.0 + 0.5 + 4.0 * (core_now - 10.0) / 10.0 + 1e-9), why
+        return factor
+
+    assert step_after(13.0) == pytest.approx(4.0)  # 2 ** (3 / 1) = 8, at the cap
+    # 14 -> 13.7: 2 ** (3.7 / 0.3) is capped too; 14 -> 13.2: 2 ** (3.2 / 0.8) = 16, capped
+    assert step_after(13.7) == step_after(13.2) == pytest.approx(4.0)
+    # 14 -> 12.5: 2 ** (2.5 / 1.5) = 3.17, above the usual step (1 + 0.5 + 4 x 0.25 = 2.5)
+    assert step_after(12.5) == pytest.approx(2 ** (2.5 / 1.5))
+    # 14 -> 12: 2 ** (2 / 2) = 2 is below the usual step (1 + 0.5 + 4 x 0.2 = 2.3)
+    assert step_after(12.0) == pytest.approx(2.3)
+    # 14 -> 11: 2 ** (1 / 3) = 1.26, below the usual step (1 + 0.5 + 4 x 0.1 = 1.9)
+    assert step_after(11.0) == pytest.approx(1.9)
+
+
+def test_a_goal_a_worse_step_broke_is_pushed_back_as_hard_as_the_goals_that_step_pushed(
+    analytic_case: Case,
+) -> None:
+    """Backtracking from iteration 1 after iteration 2 broke PTV D10 while pushing core D10: the
+    step from iteration 1 pushes both, PTV D10 by the same factor as core (its own step, halved
+    by its flip, would let the plan slide back across the same trade-off)."""
+    protocol, good = _check(analytic_case, 52.0, 14.0)
+    _, worse = _check(analytic_case, 56.0, 14.0)  # PTV D10 broken, its maximum still met
+    pushed = [t.with_values(t.dose_gy, t.weight * 1.5) for t in protocol.objectives]
+    memory = [MemoryEntry(1, protocol.objectives, good), MemoryEntry(2, pushed, worse)]
+    new, why, _ = propose_rules(protocol, pushed, worse, memory)
+    assert "stepping again from iteration 1" in why and "also pushing PTV D10 <= 55 Gy" in why
+    before, after = _weights(protocol.objectives), _weights(new)
+    core = after["Core:squared_overdose"] / before["Core:squared_overdose"]
+    hot = after["PTV:squared_overdose"] / before["PTV:squared_overdose"]
+    assert core > 1.5 and hot == pytest.approx(core)
