@@ -51,8 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-
-import numpy as np
+import math
 
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS
@@ -373,11 +372,15 @@ def _extrapolated(
     ``w1 / w0``, closing the miss by ``delta``, the goal's metric is taken as linear in the log
     of the weight: the miss left needs ``(w1 / w0) ** (miss / delta)``. Never less than the
     usual ``factor``, at most ``MAX_EXTRAPOLATED``; only on a full step (``gain`` 1: not after
-    a backtrack or a flip of the goal, where the smaller step is the point). Also says why, for
-    the rationale ("" when the usual factor stands)."""
+    a backtrack or a flip of the goal, where the smaller step is the point), and only when the
+    plan before the last was the best so far (so the last plan was stepped from it, not from an
+    earlier one by a backtrack). Also says why, for the rationale ("" when the usual factor
+    stands)."""
     if gain < 1.0 or not memory or len(memory) < 2:
         return factor, ""
     prev, last = memory[-2], memory[-1]
+    if prev.check.rank() < max(m.check.rank() for m in memory[:-1]):
+        return factor, ""
     before = next((x for x in prev.check.results if x.goal == r.goal), None)
     now = next((x for x in last.check.results if x.goal == r.goal), None)
     w0 = next((t.weight for t in prev.objectives if t.key() == key), None)
@@ -387,7 +390,7 @@ def _extrapolated(
     delta = now.margin - before.margin  # > 0: the miss shrank
     if w1 <= 1.05 * w0 or delta <= 0.02 * abs(before.margin):
         return factor, ""
-    needed = float(np.exp(np.log(w1 / w0) * abs(now.margin) / delta))
+    needed = math.exp(math.log(w1 / w0) * abs(now.margin) / delta)
     if needed <= factor:
         return factor, ""
     why = (

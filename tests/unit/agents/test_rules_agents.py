@@ -613,6 +613,22 @@ def test_a_goal_still_missed_after_a_push_gets_a_step_sized_from_that_push(
     # 14 -> 11: 2 ** (1 / 3) = 1.26, below the usual step (1 + 0.5 + 4 x 0.1 = 1.9)
     assert step_after(11.0) == pytest.approx(1.9)
 
+    # the plan before the last ranked below an earlier one (it broke PTV D10): the last plan
+    # was stepped from that earlier one, so the pair says nothing about the push: usual step
+    _, broke = _check(analytic_case, 58.0, 14.0)
+    halved = [
+        t.with_values(t.dose_gy, 0.5 * t.weight) if t.key() == core else t
+        for t in protocol.objectives
+    ]
+    _, now = _check(analytic_case, 52.0, 13.0)
+    memory = [
+        MemoryEntry(1, protocol.objectives, first),
+        MemoryEntry(2, halved, broke),
+        MemoryEntry(3, doubled, now),
+    ]
+    new, why, _ = propose_rules(protocol, doubled, now, memory)
+    assert _weights(new)[core] / w == pytest.approx(2.7) and "sized from" not in why
+
 
 def test_a_goal_a_worse_step_broke_is_pushed_back_as_hard_as_the_goals_that_step_pushed(
     analytic_case: Case,
