@@ -429,6 +429,22 @@ def test_a_limit_near_the_prescription_on_an_overlapping_organ_gives_coverage_to
         0.2 * old["PTV:squared_deviation"].weight
     )
     assert "added PTV_core squared_deviation 50 Gy w=100, PTV:squared_deviation weight x0.2" in why
+    # a min-DVH term on the target's coverage moves with it, whole: even a fifth of it would
+    # hold the overlap at the prescription
+    held = [*protocol.objectives, ObjectiveTerm("PTV", "min_dvh", 50.0, 800.0, 95.0)]
+    memory = [MemoryEntry(1, held, check, stats=overlapping)]
+    moved, why, _ = propose_rules(protocol, held, check, memory)
+    keys = {t.key(): t for t in moved}
+    assert "PTV:min_dvh" not in keys
+    assert (keys["PTV_core:min_dvh"].weight, keys["PTV_core:min_dvh"].parameter) == (800.0, 95.0)
+    assert "PTV:min_dvh moved to PTV_core" in why
+    # and a hot spot of an inflated plan then adds its min-DVH term on the helper
+    hot = check_protocol(PlanDose(analytic_case, _dose(analytic_case, 58.0, 8.0)), protocol)
+    assert "PTV D10 <= 55 Gy" in [r.goal.label for r in hot.failed]
+    inflated = [MemoryEntry(2, new, hot, scale=1.08)]
+    again, why, _ = propose_rules(protocol, new, hot, inflated)
+    assert "PTV_core:min_dvh" in {t.key() for t in again}
+    assert "PTV:min_dvh" not in {t.key() for t in again}
     # the organ far from the prescription, or without the helper: the coverage stays put
     for p, stats in ((protocol, ({"name": "Core", "max_gy": 30.0},)), (base, overlapping)):
         same, _, _ = propose_rules(
@@ -445,9 +461,22 @@ def test_a_hot_spot_of_an_inflated_plan_pushes_coverage_not_the_overdose_term(
     inflated = [MemoryEntry(1, protocol.objectives, check, scale=1.08)]
     new, why, _ = propose_rules(protocol, protocol.objectives, check, inflated)
     got = {t.key(): t for t in new}
-    assert got["PTV:squared_deviation"].weight > old["PTV:squared_deviation"].weight
+    # first a min-DVH term on the coverage itself: the coldest 5 % (next to the core) may stay
+    # cold without the whole plan being scaled up for them
+    dvh = got["PTV:min_dvh"]
+    assert (dvh.dose_gy, dvh.parameter) == (50.0, 95.0)
+    assert dvh.weight == pytest.approx(8 * old["PTV:squared_deviation"].weight)
     assert got["PTV:squared_overdose"] == old["PTV:squared_overdose"]
+    assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
     assert "while the normalisation multiplies the plan by 1.080" in why
+    assert "new term PTV min_dvh 50 Gy (volume_pct 95)" in why
+    # still inflated with that term: every coverage term is pushed, the min-DVH one included
+    again = [*inflated, MemoryEntry(2, new, check, scale=1.08)]
+    newer, why, _ = propose_rules(protocol, new, check, again)
+    pushed = {t.key(): t for t in newer}
+    assert pushed["PTV:squared_deviation"].weight > old["PTV:squared_deviation"].weight
+    assert pushed["PTV:min_dvh"].weight > dvh.weight
+    assert "coverage terms PTV:squared_deviation, PTV:min_dvh weight" in why
     flat = [MemoryEntry(1, protocol.objectives, check, scale=1.0)]
     new, _, _ = propose_rules(protocol, protocol.objectives, check, flat)
     got = {t.key(): t for t in new}
