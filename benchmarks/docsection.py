@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 
 def write_section(doc: str | Path, begin: str, end: str, section: str) -> None:
@@ -15,3 +17,16 @@ def write_section(doc: str | Path, begin: str, end: str, section: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def publish(
+    rows: list[Any], out: str | Path, text: str, doc: str | None, begin: str, end: str
+) -> None:
+    """A benchmark's results: ``rows`` as JSON at ``out``, ``text`` (its section) printed and,
+    with ``doc``, written between ``begin`` and ``end`` there."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    print(text)
+    if doc:
+        write_section(doc, begin, end, text)

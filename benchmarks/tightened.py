@@ -18,7 +18,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from benchmarks.docsection import write_section
+from benchmarks.docsection import publish
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.evaluation.protocol_check import GoalResult
@@ -151,13 +151,7 @@ def main() -> None:
             row = run(path, limits, agent, store)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    text = section(rows)
-    print(text)
-    if args.doc:
-        write_section(args.doc, BEGIN, END, text)
+    publish(rows, args.out, section(rows), args.doc, BEGIN, END)
 
 
 if __name__ == "__main__":

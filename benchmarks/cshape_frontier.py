@@ -1,0 +1,141 @@
+"""How close one FMO gets to the harder TG-119 C-shape goals at the 3 mm dose grid
+(``make bench-frontier``; rewrites its section of docs/benchmarks.md).
+
+Issue 12 asks the rules agent to meet PTV D95 = 50 Gy, PTV D10 <= 55 Gy and core D10 <= 10 Gy
+on the 3 mm C-shape within 8 FMO calls. Whether any plan of this case does is a question of its
+own: this probe solves the fluence problem once for each of a few hand-set objective sets (no
+agent, no leaf sequencing: the fluence optimum, D95-normalised as the loop does) and reports the
+harder protocol's goals, the implicit hot-spot goals included. The sets go from the protocol's
+own objectives to the goal-shaped dose-volume terms a planner would end with, so the table
+shows where the trade-off between the core and the target's hot spots lies at this grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import textwrap
+import time
+from pathlib import Path
+
+from benchmarks.docsection import publish
+from radpilot.case_store import CaseStore
+from radpilot.cases import load_builtin
+from radpilot.fmo.objectives import ObjectiveTerm
+from radpilot.loop.inprocess import plan_loop
+from radpilot.protocol import Protocol, load_protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = ROOT / "protocols" / "tg119_cshape_harder.yaml"
+GRID_MM, BIXEL_MM = 3.0, 5.0
+BEGIN, END = "<!-- bench-frontier:begin -->", "<!-- bench-frontier:end -->"
+
+
+def objective_sets(protocol: Protocol) -> list[tuple[str, list[ObjectiveTerm]]]:
+    """(what the set is, its terms): the protocol's own, then heavier and goal-shaped ones."""
+    own = list(protocol.objectives)
+    by_key = {t.key(): t for t in own}
+    deviation, overdose, body = (
+        by_key["PTV:squared_deviation"],
+        by_key["PTV:squared_overdose"],
+        by_key["NormalTissue:squared_overdose"],
+    )
+
+    def shaped(d10: float, core_dx: float) -> list[ObjectiveTerm]:
+        # the goals' own shapes on the target (at least 95 % at 50 Gy, at most 10 % above
+        # d10) and on the core (at most 10 % above core_dx), heavy against the squared terms
+        return [
+            deviation,
+            ObjectiveTerm("PTV", "min_dvh", 50.0, 3000.0, 95.0),
+            ObjectiveTerm("PTV", "max_dvh", d10, 3000.0, 10.0),
+            overdose,
+            ObjectiveTerm("Core", "squared_overdose", 6.0, 400.0),
+            ObjectiveTerm("Core", "max_dvh", core_dx, 400.0, 10.0),
+            body,
+        ]
+
+    hot_spots = [
+        ObjectiveTerm("OutsideTargets", "smooth_max", 52.0, 500.0, 0.25),
+        ObjectiveTerm("PTV", "smooth_max", 55.0, 500.0, 0.25),
+    ]
+    return [
+        ("the protocol's objectives", own),
+        (
+            "core overdose 6 Gy at 4x weight",
+            [deviation, overdose, ObjectiveTerm("Core", "squared_overdose", 6.0, 400.0), body],
+        ),
+        ("DVH terms on PTV D95/D10 and core D10", shaped(54.5, 9.5)),
+        ("the same, with smooth maxima on the hot spots", shaped(54.5, 9.5) + hot_spots),
+        ("the same, DVH terms aimed 0.5-1 Gy lower", shaped(54.0, 9.0) + hot_spots),
+    ]
+
+
+def run(store: CaseStore) -> list[dict]:
+    protocol = dataclasses.replace(load_protocol(PROTOCOL), delivery=None)
+    case = load_builtin(
+        protocol.case or "tg119-cshape", store, dose_grid_mm=GRID_MM, bixel_mm=BIXEL_MM
+    )
+    rows = []
+    for label, terms in objective_sets(protocol):
+        t0 = time.perf_counter()
+        report = plan_loop(
+            case, dataclasses.replace(protocol, objectives=terms), max_iterations=1, agent="fixed"
+        )
+        it = report.iterations[0]
+        rows.append(
+            {
+                "objectives": label,
+                "terms": [t.label() for t in terms],
+                "goals": {r.goal.label: [round(r.achieved, 2), r.passed] for r in it.check.results},
+                "met": f"{sum(r.passed for r in it.check.results)}/{len(it.check.results)}",
+                "scale": round(it.fmo.scale_factor, 3),
+                "converged": it.fmo.converged,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def section(rows: list[dict]) -> str:
+    about = (
+        "One FMO per objective set on the TG-119 C-shape at the 3 mm dose grid (5 mm bixels), "
+        "D95-normalised, judged on the fluence optimum against `protocols/tg119_cshape_harder."
+        "yaml` with its implicit hot-spot goals (`benchmarks/cshape_frontier.py`). No agent and "
+        "no leaf sequencing: this asks where the trade-off lies, not what the loop finds. A "
+        "value marked ! misses its goal. One run, this machine."
+    )
+    goals = list(rows[0]["goals"]) if rows else []
+    lines = [
+        BEGIN,
+        "## Harder C-shape at 3 mm: the trade-off (`make bench-frontier`)",
+        "",
+        *textwrap.wrap(about, 100),
+        "",
+        "| objectives | " + " | ".join(goals) + " | met | normalised x | converged | s |",
+        "|---|" + "---|" * (len(goals) + 4),
+    ]
+    for r in rows:
+        values = " | ".join(
+            f"{v:.2f}{'' if ok else ' !'}" for v, ok in (r["goals"][g] for g in goals)
+        )
+        lines.append(
+            f"| {r['objectives']} | {values} | {r['met']} | {r['scale']:.3f} | "
+            f"{'yes' if r['converged'] else 'no'} | {r['seconds']} |"
+        )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--doc", default=None)
+    ap.add_argument("--out", default="out/bench/cshape-frontier.json")
+    args = ap.parse_args()
+    rows = run(CaseStore())
+    publish(rows, args.out, section(rows), args.doc, BEGIN, END)
+
+
+if __name__ == "__main__":
+    main()
