@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.cshape_frontier import BEGIN, END, PROTOCOL, objective_sets, section
+from benchmarks.cshape_frontier import BEGIN, END, PROTOCOL, markers, objective_sets, section
 from radpilot.protocol import load_protocol
 
 
@@ -35,3 +35,9 @@ def test_the_table_marks_each_missed_goal() -> None:
     assert text.startswith(BEGIN) and text.endswith(END)
     assert "| PTV D10 <= 55 Gy | Core D10 <= 10 Gy | met | normalised x | converged | s |" in text
     assert "| the protocol's objectives | 54.34 | 11.34 ! | 1/2 | 1.059 | yes | 7.3 |" in text
+    # another bixel size: its own section, named in the heading
+    other = section([row], bixel_mm=3.0)
+    begin, end = markers(3.0)
+    assert (begin, end) != (BEGIN, END)
+    assert other.startswith(begin) and other.endswith(end)
+    assert "(3 mm bixels)" in other and "`--bixel-mm 3`" in other
