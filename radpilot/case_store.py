@@ -83,6 +83,29 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# a work file or folder in the store's tmp/ untouched for this long is a leftover of a writer
+# that died; a younger one may be another process's write in progress (services, a second
+# `plan --local`), which opening the store must not delete
+STALE_WORK_S = 3600.0
+
+
+def _remove_stale(tmp: Path) -> None:
+    """Delete the leftovers in ``tmp`` (never a valid case), keeping writes in progress."""
+    if not tmp.is_dir():
+        return
+    cutoff = time.time() - STALE_WORK_S
+    for entry in tmp.iterdir():
+        try:
+            if entry.stat().st_mtime >= cutoff:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
+        except OSError:  # gone meanwhile (its writer renamed it into place), or not ours
+            continue
+
+
 class CaseStore:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root) if root is not None else default_store_root()
@@ -90,8 +113,7 @@ class CaseStore:
         with storage_faults(self._where):
             (self.root / "cases").mkdir(parents=True, exist_ok=True)
         tmp = self.root / "tmp"
-        if tmp.exists():  # leftovers of writers that died; never a valid case
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale(tmp)
         try:
             tmp.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a read-only store still serves reads; writes say why not

@@ -130,9 +130,22 @@ def test_corruption_is_detected(analytic_case: Case, tmp_path) -> None:
 
 
 def test_leftover_temp_dirs_are_cleaned(tmp_path) -> None:
-    (tmp_path / "tmp" / "half.case").mkdir(parents=True)
+    import os
+    import time
+
+    from radpilot.case_store import STALE_WORK_S
+
+    old = tmp_path / "tmp" / "half.case"
+    (old / "inner").mkdir(parents=True)
+    (tmp_path / "tmp" / "half.npz").write_bytes(b"x")
+    long_ago = time.time() - STALE_WORK_S - 60
+    for p in (old, tmp_path / "tmp" / "half.npz"):
+        os.utime(p, (long_ago, long_ago))
+    # another process's write in progress (a second `plan --local` on the same store): kept,
+    # or opening the store would pull its files away mid-write
+    (tmp_path / "tmp" / "writing.case").mkdir()
     store = CaseStore(tmp_path)
-    assert not list((tmp_path / "tmp").iterdir())
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == ["writing.case"]
     assert store.list_ids() == []
 
 
