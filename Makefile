@@ -24,7 +24,7 @@ help:
 	@echo "make bench-e2e      plan --local on the 3 mm C-shape (harder), timed end to end with its breakdown"
 	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
 	@echo "make bench-tightened    rules and bo agents on shipped protocols with tighter organ limits"
-	@echo "make bench-frontier     one FMO per hand-set objective set on the harder C-shape at 3 mm"
+	@echo "make bench-frontier     harder C-shape at 3 mm: one FMO per objective set, then the rules agent"
 	@echo "make bench-deliverable  fluence-optimal vs leaf-sequenced plans on every shipped case"
 	@echo "make llm-local-check LLM_GGUF=model.gguf  the llm agent against a local llama.cpp server"
 	@echo "make references     regenerate the shipped reference plans (protocols/references)"

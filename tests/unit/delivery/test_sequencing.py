@@ -84,7 +84,7 @@ def test_interdigitation_splits_disjoint_rows() -> None:
 
 
 def test_shipped_mlc_models_and_errors() -> None:
-    assert {"uniform-5mm", "mlc60-5-10mm"} <= set(shipped_mlcs())
+    assert {"uniform-5mm", "mlc60-5-10mm", "micro-3mm"} <= set(shipped_mlcs())
     u = load_mlc("uniform-5mm")
     assert u.num_pairs == 81 and u.boundaries_mm[0] == -202.5 and u.boundaries_mm[-1] == 202.5
     m60 = load_mlc("mlc60-5-10mm")
@@ -139,6 +139,23 @@ def test_beam_grid_maps_rows_onto_leaf_pairs_or_says_why(analytic_case: Case) ->
     wide = replace(load_mlc(), leaf_travel_mm=(-20.0, 20.0))
     with pytest.raises(DeliveryError, match="beyond the leaf travel"):
         BeamGrid.of(beam, wide)
+
+
+def test_the_micro_mlc_tiles_3mm_beamlet_rows_and_refuses_5mm_ones(analytic_case: Case) -> None:
+    micro = load_mlc("micro-3mm")
+    assert micro.num_pairs == 41 and micro.boundaries_mm[0] == -61.5
+    assert np.allclose(np.diff(micro.boundaries_mm), 3.0)
+    # 3 mm beamlets centred on multiples of 3 mm (pyRadPlan's rays), rows z = -9 .. +9 mm
+    xz = np.array([(x, z) for z in range(-9, 10, 3) for x in range(-12, 13, 3)], dtype=float)
+    fine = Beam(0.0, 0.0, len(xz), 3.0, xz)
+    grid = BeamGrid.of(fine, micro)
+    assert grid.shape == (7, 9)
+    assert np.all(grid.pair_hi - grid.pair_lo == 1)  # one 3 mm pair per 3 mm row
+    assert grid.pair_lo[0] == 17  # the row centred at -9 mm lies on the pair from -10.5 mm
+    with pytest.raises(DeliveryError, match=r"no leaf boundary"):
+        BeamGrid.of(analytic_case.beams[0], micro)  # 5 mm rows straddle the 3 mm leaves
+    with pytest.raises(DeliveryError, match=r"no leaf boundary"):
+        BeamGrid.of(fine, load_mlc("uniform-5mm"))
 
 
 @pytest.fixture(scope="module")
