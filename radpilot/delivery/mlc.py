@@ -152,6 +152,16 @@ def mlc_from_dict(d: dict[str, Any], source: str = "<mlc>") -> MlcModel:
     )
 
 
+def _first_gap(b: np.ndarray, z0: float, w: float, rows: int) -> tuple[int, float] | None:
+    """The first beamlet row (spanning ``z0 + r w`` to ``z0 + (r + 1) w``) with an edge on no
+    leaf boundary of ``b``, and that edge; None when whole leaf pairs tile every row."""
+    for r in range(rows):
+        for e in (z0 + r * w, z0 + (r + 1) * w):
+            if not np.any(np.abs(b - e) <= TOL_MM):
+                return r, float(e)
+    return None
+
+
 def load_mlc(name_or_path: str = DEFAULT_MLC) -> MlcModel:
     """A shipped MLC model by name (``uniform-5mm``) or a YAML file of the same form."""
     path = MACHINES / f"{name_or_path}.yaml"
@@ -207,21 +217,35 @@ class BeamGrid:
         if np.unique(rows * shape[1] + cols).size != rows.size:
             raise DeliveryError(f"{where}: two beamlets share one grid position")
         b = mlc.boundaries_mm
-        lo = np.empty(shape[0], dtype=np.int64)
-        hi = np.empty(shape[0], dtype=np.int64)
-        for r in range(shape[0]):
-            edges = (z0 + r * w, z0 + (r + 1) * w)
-            at = [np.flatnonzero(np.abs(b - e) <= TOL_MM) for e in edges]
-            if at[0].size == 0 or at[1].size == 0:
-                e = edges[0] if at[0].size == 0 else edges[1]
-                near = b[np.argsort(np.abs(b - e))[:2]]
-                raise DeliveryError(
-                    f"{where}: the {w:g} mm beamlet row centred at z = {edges[0] + w / 2:g} mm "
-                    f"spans {edges[0]:g} to {edges[1]:g} mm, but the MLC {mlc.name!r} has no leaf "
-                    f"boundary at {e:g} mm (nearest: {sorted(near.tolist())}); use an MLC whose "
-                    "leaf boundaries fall on the beamlet rows' edges, or another beamlet size"
-                )
-            lo[r], hi[r] = int(at[0][0]), int(at[1][0])
+        gap = _first_gap(b, z0, w, shape[0])
+        if gap is not None:
+            r, e = gap
+            near = b[np.argsort(np.abs(b - e))[:2]]
+            fits = [
+                name
+                for name in shipped_mlcs()
+                if name != mlc.name
+                and _first_gap(load_mlc(name).boundaries_mm, z0, w, shape[0]) is None
+            ]
+            raise DeliveryError(
+                f"{where}: the {w:g} mm beamlet row centred at z = {z0 + (r + 0.5) * w:g} mm "
+                f"spans {z0 + r * w:g} to {z0 + (r + 1) * w:g} mm, but the MLC {mlc.name!r} has "
+                f"no leaf boundary at {e:g} mm (nearest: {sorted(near.tolist())}); use an MLC "
+                "whose leaf boundaries fall on the beamlet rows' edges"
+                + (f" (shipped: {', '.join(fits)})" if fits else "")
+                + ", or another beamlet size"
+            )
+        # each row's first and past-the-last leaf pair: the boundaries on its two edges
+        lo, hi = (
+            np.array(
+                [
+                    np.flatnonzero(np.abs(b - (z0 + (r + k) * w)) <= TOL_MM)[0]
+                    for r in range(shape[0])
+                ],
+                dtype=np.int64,
+            )
+            for k in (0, 1)
+        )
         x_lo, x_hi = x0, x0 + shape[1] * w
         t_lo, t_hi = mlc.leaf_travel_mm
         if x_lo < t_lo - TOL_MM or x_hi > t_hi + TOL_MM:

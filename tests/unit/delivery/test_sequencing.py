@@ -152,10 +152,14 @@ def test_the_micro_mlc_tiles_3mm_beamlet_rows_and_refuses_5mm_ones(analytic_case
     assert grid.shape == (7, 9)
     assert np.all(grid.pair_hi - grid.pair_lo == 1)  # one 3 mm pair per 3 mm row
     assert grid.pair_lo[0] == 17  # the row centred at -9 mm lies on the pair from -10.5 mm
-    with pytest.raises(DeliveryError, match=r"no leaf boundary"):
+    # a model that does not fit names the shipped ones that do
+    with pytest.raises(DeliveryError, match=r"no leaf boundary.*\(shipped: uniform-5mm\)"):
         BeamGrid.of(analytic_case.beams[0], micro)  # 5 mm rows straddle the 3 mm leaves
-    with pytest.raises(DeliveryError, match=r"no leaf boundary"):
+    with pytest.raises(DeliveryError) as refused:
         BeamGrid.of(fine, load_mlc("uniform-5mm"))
+    assert "row centred at z = -9 mm spans -10.5 to -7.5 mm" in str(refused.value)
+    assert "no leaf boundary at -10.5 mm" in str(refused.value)
+    assert "(shipped: micro-3mm)" in str(refused.value)
 
 
 @pytest.fixture(scope="module")
