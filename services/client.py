@@ -103,25 +103,27 @@ def loop_breakdown(
     ``case_load`` (optimizer replicas loading the case on their first call), ``transport`` (an
     Optimize call less its solve and load: the request, the warm start read and the dose and
     fluence written to the case store, the reply), ``evaluate`` and ``propose`` (each
-    call, whole), ``sequence`` (leaf-sequencing the best plan at the end, every try, as the
-    orchestrator timed it), ``store`` (the rest of the loop: job records and events in SQLite,
-    the watch stream) and ``loop`` (StartPlanning to the finished event). With candidates
-    optimised side by side the per-call parts are summed over concurrent calls and may add up
-    to more than ``loop``."""
-    total = {"fmo": 0.0, "case_load": 0.0, "optimize": 0.0, "evaluate": 0.0, "propose": 0.0}
+    call, whole), ``sequence`` (leaf-sequencing: each iteration's plan where the protocol says
+    ``every_iteration``, on the replica within its Optimize call, and the best plan at the end,
+    every try, as the orchestrator timed it), ``store`` (the rest of the loop: job records and
+    events in SQLite, the watch stream) and ``loop`` (StartPlanning to the finished event).
+    With candidates optimised side by side the per-call parts are summed over concurrent calls
+    and may add up to more than ``loop``."""
+    keys = ("optimize", "sequence", "evaluate", "propose")
+    total = dict.fromkeys(("fmo", "case_load", *keys), 0.0)
     for it in per_iteration:
         total["fmo"] += float(it.get("fmo", {}).get("seconds", 0.0))
         total["case_load"] += float(it.get("fmo", {}).get("case_load_seconds", 0.0))
-        for key in ("optimize", "evaluate", "propose"):
+        for key in keys:  # an iteration's "optimize" excludes the sequencing of its plan
             total[key] += float(it.get("seconds", {}).get(key, 0.0))
-    calls = total["optimize"] + total["evaluate"] + total["propose"]
+    calls = sum(total[k] for k in keys)
     return {
         "fmo": total["fmo"],
         "case_load": total["case_load"],
         "transport": max(total["optimize"] - total["fmo"] - total["case_load"], 0.0),
         "evaluate": total["evaluate"],
         "propose": total["propose"],
-        "sequence": sequence_s,
+        "sequence": total["sequence"] + sequence_s,
         "store": max(loop_s - calls - sequence_s, 0.0),
         "loop": loop_s,
     }
