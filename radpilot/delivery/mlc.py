@@ -152,14 +152,13 @@ def mlc_from_dict(d: dict[str, Any], source: str = "<mlc>") -> MlcModel:
     )
 
 
-def _first_gap(b: np.ndarray, z0: float, w: float, rows: int) -> tuple[int, float] | None:
-    """The first beamlet row (spanning ``z0 + r w`` to ``z0 + (r + 1) w``) with an edge on no
-    leaf boundary of ``b``, and that edge; None when whole leaf pairs tile every row."""
-    for r in range(rows):
-        for e in (z0 + r * w, z0 + (r + 1) * w):
-            if not np.any(np.abs(b - e) <= TOL_MM):
-                return r, float(e)
-    return None
+def _edge_boundaries(b: np.ndarray, z0: float, w: float, rows: int) -> np.ndarray:
+    """For each of the ``rows + 1`` edges of beamlet rows ``z0 + i w``, the index of the leaf
+    boundary of ``b`` on it, -1 where none is: whole leaf pairs tile the rows where none is -1,
+    row ``r`` then by pairs ``[i_r, i_(r + 1))``."""
+    edges = z0 + w * np.arange(rows + 1)
+    on = np.abs(b[None, :] - edges[:, None]) <= TOL_MM
+    return np.where(on.any(axis=1), on.argmax(axis=1), -1).astype(np.int64)
 
 
 def load_mlc(name_or_path: str = DEFAULT_MLC) -> MlcModel:
@@ -217,15 +216,16 @@ class BeamGrid:
         if np.unique(rows * shape[1] + cols).size != rows.size:
             raise DeliveryError(f"{where}: two beamlets share one grid position")
         b = mlc.boundaries_mm
-        gap = _first_gap(b, z0, w, shape[0])
-        if gap is not None:
-            r, e = gap
+        at = _edge_boundaries(b, z0, w, shape[0])
+        if np.any(at < 0):
+            i = int(np.flatnonzero(at < 0)[0])  # the lower edge of row i, the upper of row i - 1
+            r, e = max(i - 1, 0), z0 + i * w
             near = b[np.argsort(np.abs(b - e))[:2]]
             fits = [
                 name
                 for name in shipped_mlcs()
                 if name != mlc.name
-                and _first_gap(load_mlc(name).boundaries_mm, z0, w, shape[0]) is None
+                and np.all(_edge_boundaries(load_mlc(name).boundaries_mm, z0, w, shape[0]) >= 0)
             ]
             raise DeliveryError(
                 f"{where}: the {w:g} mm beamlet row centred at z = {z0 + (r + 0.5) * w:g} mm "
@@ -235,17 +235,7 @@ class BeamGrid:
                 + (f" (shipped: {', '.join(fits)})" if fits else "")
                 + ", or another beamlet size"
             )
-        # each row's first and past-the-last leaf pair: the boundaries on its two edges
-        lo, hi = (
-            np.array(
-                [
-                    np.flatnonzero(np.abs(b - (z0 + (r + k) * w)) <= TOL_MM)[0]
-                    for r in range(shape[0])
-                ],
-                dtype=np.int64,
-            )
-            for k in (0, 1)
-        )
+        lo, hi = at[:-1], at[1:]
         x_lo, x_hi = x0, x0 + shape[1] * w
         t_lo, t_hi = mlc.leaf_travel_mm
         if x_lo < t_lo - TOL_MM or x_hi > t_hi + TOL_MM:
