@@ -23,13 +23,13 @@ import json
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 from benchmarks.docsection import publish
 from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.delivery.sequencing import SequencingSettings
+from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import Protocol, load_protocol
@@ -130,11 +130,11 @@ def run(store: CaseStore, bixel_mm: float = BIXEL_MM, agents: bool = True) -> li
     return rows
 
 
-def _goals(check: Any) -> dict[str, list]:
+def _goals(check: ProtocolCheck) -> dict[str, list]:
     return {r.goal.label: [round(r.achieved, 2), r.passed] for r in check.results}
 
 
-def _met(check: Any) -> str:
+def _met(check: ProtocolCheck) -> str:
     return f"{sum(r.passed for r in check.results)}/{len(check.results)}"
 
 
@@ -158,7 +158,7 @@ def agent_runs(case: Case, bixel_mm: float) -> list[dict]:
         t0 = time.perf_counter()
         report = plan_loop(
             case,
-            agent_protocol(weight, mlc, every_call and mlc is not None),
+            agent_protocol(weight, mlc, every_call),
             max_iterations=AGENT_CALLS,
             agent="rules",
         )
