@@ -182,6 +182,22 @@ class ObjectiveKind:
         """``t -> (f'(t), f''(t))`` of the value at ``dose + t q`` (the exact line search)."""
         raise NotImplementedError
 
+    def curvature(
+        self,
+        dose: Any,
+        dose_gy: float,
+        weight: float,
+        xp: Any,
+        n: float,
+        vw: Any = None,
+        band: float = 0.0,
+    ) -> Any:
+        """The value's second derivative in each voxel's own dose (the Hessian's diagonal in
+        dose space, for the warm-start preconditioner), counting a voxel within ``band`` Gy of
+        turning active as active; None where the Hessian is not diagonal (structure penalties:
+        their curvature is left to the L-BFGS pairs)."""
+        return None
+
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
         """Voxels whose residual ``r = d - D`` is within ``band`` of making the penalty active
         (a superset of those that matter; the working set iterates on them). By default every
@@ -251,6 +267,24 @@ class VoxelPenalty(ObjectiveKind):
             )
 
         return at
+
+    def curvature(
+        self,
+        dose: Any,
+        dose_gy: float,
+        weight: float,
+        xp: Any,
+        n: float,
+        vw: Any = None,
+        band: float = 0.0,
+    ) -> Any:
+        # 2 w / n v_i h'(r_i): h h' = h makes the second derivative of h^2 equal 2 h'
+        fixed, r = self.fixed_for(dose, xp, n, vw), dose - dose_gy
+        _, s = self.shape(r + band, fixed, xp)
+        if band > 0:
+            s = xp.maximum(s, self.shape(r - band, fixed, xp)[1])
+        c = (2.0 * weight / max(n, 1e-12)) * s
+        return c if vw is None else c * vw
 
     def near_active(self, r: Any, band: float, xp: Any) -> Any:
         if self.whole_structure:
@@ -510,6 +544,10 @@ class FluencePenalty(ObjectiveKind):
         dx = D @ x
         p = max(D.shape[0], 1)
         return weight / p * float(dx @ dx), (2.0 * weight / p) * (D.T @ dx)
+
+    def hessian_x(self, D: Any, weight: float) -> Any:
+        """The (constant) Hessian in beamlet space, sparse."""
+        return (2.0 * weight / max(D.shape[0], 1)) * (D.T @ D)
 
     def along_x(self, x: Any, step: Any, D: Any, weight: float) -> tuple[float, float]:
         """(a, b) with f'(t) = a + b t along ``x + t step``."""

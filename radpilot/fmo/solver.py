@@ -37,6 +37,7 @@ import numpy as np
 
 from radpilot.case import Case, CaseError, Structure
 from radpilot.dosimetry import dose_at_volume
+from radpilot.fmo import precondition
 from radpilot.fmo.backend import MatrixOps, Packed, make_ops, subset_ops, uses_compressed
 from radpilot.fmo.objectives import (
     FluencePenalty,
@@ -65,6 +66,10 @@ class FMOSettings:
     max_rounds: int = 8
     audit_every: int = 25  # iterations between full-dose checks of a working set
     record_iterates: bool = False  # keep (seconds, fluence) per iteration, for benchmarks
+    # a warm start builds the objective's Hessian on its beamlets as L-BFGS's initial matrix
+    # (radpilot.fmo.precondition); None: $RADPILOT_FMO_WARM_PRECONDITIONER, else the default
+    warm_preconditioner: bool | None = None
+    damping: float = 0.02  # the preconditioner's diagonal shift, x its mean diagonal
 
     def __post_init__(self) -> None:
         if min(self.max_iter, self.memory, self.patience, self.max_rounds, self.audit_every) < 1:
@@ -73,6 +78,8 @@ class FMOSettings:
             raise ValueError("rel_tol must be within (0, 1)")
         if not 0 <= self.band <= 1:
             raise ValueError("band must be within [0, 1]")
+        if not self.damping > 0:
+            raise ValueError("damping must be > 0")
 
 
 @dataclass
@@ -94,6 +101,8 @@ class FMOResult:
     working_set_rows: list[int] = field(default_factory=list)  # rows iterated on, per round
     iterates: list[tuple[float, np.ndarray]] = field(default_factory=list)  # if recorded
     term_values: dict[str, float] = field(default_factory=dict)
+    # the warm-start preconditioner: "" (none built), "kept", or "dropped at iteration N (why)"
+    preconditioner: str = ""
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -173,6 +182,10 @@ class FluenceOptimizer:
         # fluence-space terms of the solve in progress: (kind, weight), on the operator below
         self._fluence_terms: list[tuple[FluencePenalty, float]] = []
         self._differences: Any = None  # neighbouring-beamlet differences (built on first use)
+        # the solve in progress: its warm-start preconditioner, and what became of it
+        self._pre: precondition.Preconditioner | None = None
+        self._pre_note = ""
+        self._it_base = 0  # iterations of the solve before the current working-set round
 
     @property
     def backend(self) -> str:
@@ -472,6 +485,10 @@ class FluenceOptimizer:
             dose_full = ops.matvec(ops.asarray(x))
             self.sparse_products += 1
             x, dose_full = self._rescale(x, dose_full, prepared)
+        self._pre, self._pre_note = None, ""
+        if x0 is not None and precondition.wanted(s.warm_preconditioner, self.backend):
+            self._pre = self._preconditioner(x, dose_full, prepared, s.damping)
+            self._pre_note = "kept" if self._pre is not None else ""
 
         use_ws = s.working_set if s.working_set is not None else self.backend == "numpy"
         history: list[float] = []
@@ -511,6 +528,7 @@ class FluenceOptimizer:
                 verified.append((time.perf_counter() - t_start, f_full))
                 return int(left_out[self._near_active(dose_full, prepared, 0.0)].sum())
 
+            self._it_base = it_total
             state, its, converged, reason = self._iterate(
                 space,
                 state,
@@ -577,7 +595,61 @@ class FluenceOptimizer:
                 [t for t in terms if t.weight > 0],
                 (x32 * np.float32(scale)).astype(np.float64),
             ),
+            preconditioner=self._pre_note,
         )
+
+    def _preconditioner(
+        self,
+        x: np.ndarray,
+        dose: Any,
+        terms: list[_Term],
+        damping: float,
+        rows: np.ndarray | None = None,
+    ) -> precondition.Preconditioner | None:
+        """The objective's Hessian on the beamlets ``x`` gives fluence; ``dose`` and the terms
+        are on the case rows ``rows`` (None: all; a working set holds every active row)."""
+        if any(t.kind.whole_structure for t in terms):
+            # a structure penalty's or a dose-volume term's curvature is not a fixed diagonal:
+            # measured on the rules loop's plans, the metric then costs iterations
+            return None
+        dose = self.ops.to_host(dose)
+        curvature = np.zeros(self.case.row_voxels.size, dtype=np.float64)
+        for t in terms:
+            at = self.ops.to_host(t.rows)
+            vw = self.ops.to_host(t.vw) if t.vw is not None else None
+            band = precondition.CURVATURE_BAND * abs(t.term.dose_gy)
+            c = t.kind.curvature(dose[at], t.term.dose_gy, t.term.weight, np, t.n, vw, band)
+            if c is not None:
+                curvature[at if rows is None else rows[at]] += c
+        fluence = [kind.hessian_x(self._differences, w) for kind, w in self._fluence_terms]
+        return precondition.build(self.case.dose_influence, x, curvature, fluence, damping)
+
+    def _preconditioned_step(
+        self, x: np.ndarray, g: np.ndarray, mem: deque[Any], iteration: int
+    ) -> tuple[np.ndarray | None, float]:
+        """The projected L-BFGS step on the preconditioner's metric (None: there is none, or it
+        gave no descent direction and is dropped)."""
+        pre = self._pre
+        if pre is None:
+            return None, 0.0
+        held = pre.held(x, g)
+        for _ in range(2):
+            d = _two_loop(np.where(held, 0.0, g), mem, float(x.max()), pre.inverse(~held))
+            step = np.maximum(x + np.where(held, -x, d), 0.0) - x  # held beamlets go to zero
+            slope = float(g @ step)
+            if slope < 0:
+                pre.misses = 0
+                return step, slope
+            # projecting bent the step uphill: hold the beamlets it clipped, and solve again
+            held |= x + d < 0
+        pre.misses += 1  # this iteration takes a plain L-BFGS step
+        if pre.misses >= 3:
+            self._drop_preconditioner(iteration, "no descent direction")
+        return None, 0.0
+
+    def _drop_preconditioner(self, iteration: int, why: str) -> None:
+        self._pre = None
+        self._pre_note = f"dropped at iteration {iteration} ({why})"
 
     def _rescale(self, x: np.ndarray, dose: Any, terms: list[_Term]) -> tuple[np.ndarray, Any]:
         """Best multiple of a warm start: dose is linear in fluence, so the ray costs no product.
@@ -622,12 +694,14 @@ class FluenceOptimizer:
         stall, it = 0, 0
         while it < max_iter:
             it += 1
-            free = (x > 0) | (g < 0)
-            gf = np.where(free, g, 0.0)
-            if not np.any(gf):
-                return _State(x, dose, f, g), it - 1, True, "projected gradient is zero"
-            step = np.maximum(x + _two_loop(gf, mem, float(x.max())) * free, 0.0) - x
-            slope0 = float(g @ step)
+            step, slope0 = self._preconditioned_step(x, g, mem, self._it_base + it)
+            if step is None:
+                free = (x > 0) | (g < 0)
+                gf = np.where(free, g, 0.0)
+                if not np.any(gf):
+                    return _State(x, dose, f, g), it - 1, True, "projected gradient is zero"
+                step = np.maximum(x + _two_loop(gf, mem, float(x.max())) * free, 0.0) - x
+                slope0 = float(g @ step)
             if slope0 >= 0:  # not a descent direction: restart from projected steepest descent
                 mem.clear()
                 step = np.maximum(x + _two_loop(gf, mem, float(x.max())), 0.0) - x
@@ -637,6 +711,9 @@ class FluenceOptimizer:
             q = ops.matvec(ops.asarray(step))
             self.sparse_products += 1
             t = self._line_search(dose, q, terms, slope0, self._fx_line(x, step))
+            if t <= 0 and self._pre is not None:
+                self._drop_preconditioner(self._it_base + it, "line search made no progress")
+                continue
             if t <= 0:
                 return _State(x, dose, f, g), it, True, "line search made no progress"
             x_new = np.maximum(x + t * step, 0.0)
@@ -657,6 +734,19 @@ class FluenceOptimizer:
             if iterates is not None:
                 iterates.append((times[-1], x.astype(np.float32)))
             stall = stall + 1 if rel < s.rel_tol else 0
+            if stall >= s.patience and self._pre is not None:
+                # stalled on the preconditioner's metric: once, rebuild it where the solve now
+                # is (the active voxels have moved); then confirm with plain L-BFGS
+                stall = 0
+                if self._pre.rebuilt:
+                    self._drop_preconditioner(self._it_base + it, "stalled")
+                else:
+                    self._pre = self._preconditioner(x, dose, terms, s.damping, space.rows)
+                    if self._pre is None:
+                        self._drop_preconditioner(self._it_base + it, "stalled")
+                    else:
+                        self._pre.rebuilt = True
+                        self._pre_note = f"rebuilt at iteration {self._it_base + it}"
             if stall >= s.patience:
                 reason = f"relative decrease < {s.rel_tol:g} for {s.patience} iterations"
                 return _State(x, dose, f, g), it, True, reason
@@ -667,16 +757,22 @@ class FluenceOptimizer:
 
 
 def _two_loop(
-    g: np.ndarray, mem: deque[tuple[np.ndarray, np.ndarray, float]], x_max: float
+    g: np.ndarray,
+    mem: deque[tuple[np.ndarray, np.ndarray, float]],
+    x_max: float,
+    h0: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """L-BFGS direction ``-H g`` from the stored curvature pairs."""
+    """L-BFGS direction ``-H g`` from the stored curvature pairs; ``h0`` is the initial inverse
+    Hessian (None: a multiple of the identity)."""
     q = g.copy()
     alphas = []
     for sv, yv, sy in reversed(mem):
         a = float(sv @ q) / sy
         alphas.append(a)
         q -= a * yv
-    if mem:
+    if h0 is not None:
+        q = h0(q)
+    elif mem:
         sv, yv, sy = mem[-1]
         q *= sy / float(yv @ yv)
     else:
