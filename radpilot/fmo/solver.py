@@ -628,7 +628,7 @@ class FluenceOptimizer:
         self, x: np.ndarray, g: np.ndarray, mem: deque[Any], iteration: int
     ) -> tuple[np.ndarray | None, float]:
         """The projected L-BFGS step on the preconditioner's metric (None: there is none, or it
-        gave no descent direction and is dropped)."""
+        gave no descent direction, and this iteration takes a plain step)."""
         pre = self._pre
         if pre is None:
             return None, 0.0
