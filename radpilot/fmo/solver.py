@@ -101,7 +101,8 @@ class FMOResult:
     working_set_rows: list[int] = field(default_factory=list)  # rows iterated on, per round
     iterates: list[tuple[float, np.ndarray]] = field(default_factory=list)  # if recorded
     term_values: dict[str, float] = field(default_factory=dict)
-    # the warm-start preconditioner: "" (none built), "kept", or "dropped at iteration N (why)"
+    # the warm-start preconditioner: "" (none built), "kept", "rebuilt at iteration N", or
+    # "dropped at iteration N (why)"
     preconditioner: str = ""
 
     def stats(self) -> dict[str, Any]:
