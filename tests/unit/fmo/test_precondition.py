@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
+from threadpoolctl import threadpool_info
 
 from radpilot.case import Case
-from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
+from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm, precondition
 from radpilot.fmo.objectives import fluence_differences, objective_kind
 from radpilot.fmo.precondition import ENV, Preconditioner, wanted
 
@@ -112,11 +114,84 @@ def test_damping_must_be_positive() -> None:
 
 def test_the_environment_turns_it_on_or_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ENV, raising=False)
-    assert wanted(None, "numpy") is False  # off by default
+    assert wanted(None, "numpy") is True  # on by default on the CPU
+    assert wanted(None, "cupy") is False  # not on the GPU: the build runs on the host
     assert wanted(True, "cupy") is True  # the setting wins
+    monkeypatch.setenv(ENV, "off")
+    assert wanted(None, "numpy") is False
     monkeypatch.setenv(ENV, "on")
     assert wanted(None, "numpy") is True
     assert wanted(False, "numpy") is False
     monkeypatch.setenv(ENV, "maybe")
     with pytest.raises(ValueError, match=ENV):
         wanted(None, "numpy")
+
+
+def test_the_build_is_the_curvature_weighted_gram_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(7)
+    dense = rng.uniform(size=(300, 12)) * (rng.uniform(size=(300, 12)) < 0.3)
+    matrix = sp.csr_matrix(dense.astype(np.float32))
+    x = np.where(rng.uniform(size=12) < 0.7, 1.0, 0.0)
+    curvature = np.where(rng.uniform(size=300) < 0.5, rng.uniform(0.1, 3.0, size=300), 0.0)
+    smooth = sp.identity(12, format="csr") * 0.5
+    # rows in chunks smaller than the matrix, so the rank-k updates accumulate
+    monkeypatch.setattr(precondition, "ROW_CHUNK", 64)
+    pre = precondition.build(matrix, x, curvature, [smooth], damping=0.02)
+    assert pre is not None
+    on = np.flatnonzero(x > 0)
+    a = dense[:, on]
+    expected = a.T @ (curvature[:, None] * a) + 0.5 * np.eye(on.size)
+    np.testing.assert_allclose(pre.hessian, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(pre.carrying, on)
+
+
+def test_it_fits_while_the_line_search_keeps_most_of_its_steps() -> None:
+    pre = Preconditioner(np.array([0, 1]), np.eye(2), damping=0.02, n=2)
+    pre.steps.extend([1.0, 1.0])
+    assert not pre.fits()  # three steps are needed to judge
+    pre.steps.append(0.05)
+    assert pre.fits()  # median 1.0
+    pre.steps.extend([0.1, 0.02])
+    assert not pre.fits()  # median 0.05: the metric no longer describes the objective
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        ObjectiveTerm("PTV", "min_dvh", 50.0, 100.0, 95.0),
+        ObjectiveTerm("NormalTissue", "smooth_max", 40.0, 100.0, 1.0),
+        ObjectiveTerm("Core", "mean_dose", 5.0, 10.0),
+    ],
+)
+def test_no_metric_for_terms_without_a_fixed_voxel_curvature(
+    analytic_case: Case, term: ObjectiveTerm
+) -> None:
+    opt = FluenceOptimizer(analytic_case)
+    first = opt.solve(TERMS)
+    on = FMOSettings(warm_preconditioner=True)
+    warm = opt.solve([*TERMS, term], x0=first.fluence, settings=on)
+    assert warm.preconditioner == ""
+    assert warm.converged
+
+
+def test_blas_runs_on_one_thread_while_it_iterates() -> None:
+    pre = Preconditioner(np.array([0]), np.eye(1), damping=0.02, n=1)
+
+    def blas_threads() -> set[int]:
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    before = blas_threads()
+    with precondition.iterating(pre):
+        assert blas_threads() == {1}
+    assert blas_threads() == before
+    with precondition.iterating(None):
+        assert blas_threads() == before
+    # two solves side by side (an optimizer replica runs one per case): the first to leave
+    # keeps the limit for the other, the last restores the original
+    first, second = precondition.iterating(pre), precondition.iterating(pre)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert blas_threads() == {1}
+    second.__exit__(None, None, None)
+    assert blas_threads() == before
