@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,42 +79,15 @@ def wanted(setting: bool | None, backend: str) -> bool:
     return DEFAULT_ON and backend == "numpy"
 
 
-class _OneBlasThread:
-    """BLAS on one thread while any solve in the process iterates on a preconditioner. The limit
-    is process-wide, so solves running side by side (one per case in an optimizer replica) share
-    it: the first to enter sets it and the last to leave restores the original."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limiter: Any = None
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._users == 0:
-                self._limiter = threadpool_limits(limits=1, user_api="blas")
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
-
-
-_one_blas_thread = _OneBlasThread()
-
-
 def iterating(pre: Preconditioner | None) -> contextlib.AbstractContextManager[Any]:
     """The context of the iterations on ``pre``: BLAS on one thread. Its per-iteration solves
     are small, and BLAS threads that wait for more work between them take the cores from the
-    sparse products' threads (measured on the 3 mm C-shape: each product 35-50 % slower)."""
+    sparse products' threads (measured on the 3 mm C-shape: each product 35-50 % slower). The
+    limit is the process's: solves running side by side in one optimizer replica (one per case)
+    each set it and put back what they found, so one may end with another's limit in place."""
     if pre is None:
         return contextlib.nullcontext()
-    return _one_blas_thread()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 class Preconditioner:

@@ -186,12 +186,3 @@ def test_blas_runs_on_one_thread_while_it_iterates() -> None:
     assert blas_threads() == before
     with precondition.iterating(None):
         assert blas_threads() == before
-    # two solves side by side (an optimizer replica runs one per case): the first to leave
-    # keeps the limit for the other, the last restores the original
-    first, second = precondition.iterating(pre), precondition.iterating(pre)
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert blas_threads() == {1}
-    second.__exit__(None, None, None)
-    assert blas_threads() == before
