@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUDGET = 8
 AGENTS = ("rules", "bo")
 BEGIN, END = "<!-- bench-tightened:begin -->", "<!-- bench-tightened:end -->"
+HOT_SPOT_BAR_PCT = 115.0  # issue 10: no reported best plan hotter than this (% of prescription)
 # (protocol file under the repository, {(structure, metric): tighter limit})
 VARIANTS: list[tuple[str, dict[tuple[str, str], float]]] = [
     ("protocols/tg119_prostate.yaml", {("Rectum", "D30"): 30.0, ("Bladder", "D30"): 20.0}),
@@ -98,6 +99,8 @@ def run(path: str, limits: dict[tuple[str, str], float], agent: str, store: Case
             for (s, m) in limits
         },
         "limits": {f"{s} {m}": v for (s, m), v in limits.items()},
+        # the reported plan's global maximum (its deliverable dose where it was sequenced)
+        "hottest_pct": report.hot_spots()["global"]["pct_of_prescription"],
         "seconds": round(seconds, 1),
     }
 
@@ -110,7 +113,9 @@ def section(rows: list[dict]) -> str:
         "tightened goals' values on the first plan (the protocol's own objectives) and on the "
         'plan reported; "priority 1 kept": every priority-1 goal the first plan met is met by '
         "the best plan. Values as the loop judged them (the TG-119 prostate protocol judges every "
-        "iteration leaf-sequenced; the others their fluence optimum). One run, this machine."
+        'iteration leaf-sequenced; the others their fluence optimum). "Hottest": the reported '
+        "plan's global maximum in % of the prescription (issue 10 asks that none exceed "
+        f"{HOT_SPOT_BAR_PCT:g} %). One run, this machine."
     )
     lines = [
         BEGIN,
@@ -119,8 +124,8 @@ def section(rows: list[dict]) -> str:
         *textwrap.wrap(about, 100),
         "",
         "| protocol | tightened goals | agent | met at (of calls) | goals met | priority 1 kept "
-        "| class solution -> best (Gy) | s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| class solution -> best (Gy) | hottest | s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         moved = "; ".join(
@@ -130,11 +135,20 @@ def section(rows: list[dict]) -> str:
         met = f"{r['met_at']} ({r['fmo_calls']})" if r["met_at"] else f"- ({r['fmo_calls']})"
         lines.append(
             f"| {r['protocol']} | {r['tightened']} | {r['agent']} | {met} | {r['goals_met']} | "
-            f"{'yes' if r['priority1_kept'] else 'NO'} | {moved} | {r['seconds']} |"
+            f"{'yes' if r['priority1_kept'] else 'NO'} | {moved} | {r['hottest_pct']:.0f} % | "
+            f"{r['seconds']} |"
         )
     met = sum(1 for r in rows if r["agent"] == "rules" and r["met_at"])
     variants = sum(1 for r in rows if r["agent"] == "rules")
-    lines += ["", f"Rules agent: {met} of {variants} variants met within {BUDGET} iterations.", END]
+    hot = sum(1 for r in rows if r["hottest_pct"] > HOT_SPOT_BAR_PCT)
+    lost = sum(1 for r in rows if not r["priority1_kept"])
+    lines += [
+        "",
+        f"Rules agent: {met} of {variants} variants met within {BUDGET} iterations. Best plans "
+        f"(both agents) that gave up a priority-1 goal the first plan met: {lost} of {len(rows)}; "
+        f"with a hot spot above {HOT_SPOT_BAR_PCT:g} % of the prescription: {hot} of {len(rows)}.",
+        END,
+    ]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.tightened import VARIANTS, tightened
+from benchmarks.tightened import VARIANTS, section, tightened
 from radpilot.protocol import load_protocol
 from tests.paths import REPO_ROOT
 
@@ -28,3 +28,27 @@ def test_a_looser_or_unknown_limit_is_refused() -> None:
         tightened(base, {("PTV", "D95"): 70.0})  # a lower limit
     with pytest.raises(ValueError, match="has no goals"):
         tightened(base, {("Rectum", "D50"): 30.0})
+
+
+def test_the_section_counts_met_variants_lost_priority_1_goals_and_hot_spots() -> None:
+    def row(agent: str, met_at: int | None, kept: bool, hottest: float) -> dict:
+        return {
+            "protocol": "tg119_prostate",
+            "tightened": "Rectum D30 <= 30",
+            "agent": agent,
+            "fmo_calls": 8,
+            "met_at": met_at,
+            "goals_met": "7/8",
+            "priority1_kept": kept,
+            "metrics": {"Rectum D30": [67.5, 31.0]},
+            "limits": {"Rectum D30": 30.0},
+            "hottest_pct": hottest,
+            "seconds": 12.0,
+        }
+
+    text = section([row("rules", 5, True, 111.2), row("bo", None, False, 117.4)])
+    assert "| Rectum D30 67.50 -> 31.00 (missed) | 111 % |" in text
+    assert "| 111 % |" in text and "| 117 % |" in text
+    assert "Rules agent: 1 of 1 variants met" in text
+    assert "priority-1 goal the first plan met: 1 of 2" in text
+    assert "above 115 % of the prescription: 1 of 2" in text
