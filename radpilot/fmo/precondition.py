@@ -100,7 +100,6 @@ class Preconditioner:
         self.mu = damping * max(mean_diag, 1e-30)
         self.diag = np.full(n, max(mean_diag, 1e-30) + self.mu)  # beamlets outside the matrix
         self.diag[carrying] = np.diag(hessian) + self.mu
-        self.factorisations = 0
         self.misses = 0  # consecutive iterations whose step on this metric did not descend
         self.steps: deque[float] = deque(maxlen=3)  # the last line-search steps along its steps
         self._on: np.ndarray | None = None  # which of ``carrying`` the factor covers
@@ -129,7 +128,6 @@ class Preconditioner:
             block[np.diag_indices_from(block)] += self.mu
             self._factor = sla.cho_factor(block, overwrite_a=True) if idx.size else None
             self._on = on
-            self.factorisations += 1
         covered = self.carrying[self._on]
         factor = self._factor
 

@@ -738,15 +738,15 @@ class FluenceOptimizer:
             stall = stall + 1 if rel < s.rel_tol else 0
             if self._pre is not None:
                 self._pre.steps.append(t)
-                if stall >= s.patience and self._pre.fits():
-                    # full steps that no longer gain: the optimum, on a metric that still
-                    # describes the objective here
-                    reason = (
-                        f"relative decrease < {s.rel_tol:g} for {s.patience} iterations "
-                        "(preconditioned)"
-                    )
-                    return _State(x, dose, f, g), it, True, reason
                 if stall >= s.patience:
+                    if self._pre.fits():
+                        # full steps that no longer gain: the optimum, on a metric that still
+                        # describes the objective here
+                        reason = (
+                            f"relative decrease < {s.rel_tol:g} for {s.patience} iterations "
+                            "(preconditioned)"
+                        )
+                        return _State(x, dose, f, g), it, True, reason
                     # short steps: the active voxels have moved away from the metric's; plain
                     # L-BFGS (its curvature pairs kept) takes the solve to its own stopping rule
                     stall = 0
