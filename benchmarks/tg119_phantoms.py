@@ -135,7 +135,8 @@ Built-in water phantoms from the TG-119 geometry (CT 2.5 mm, dose grid 5 mm, 5 m
 photon pencil beams, TG-119 field arrangements). "Class solution" is one FMO with the
 protocol's own objectives (`--agent fixed`), leaf-sequenced: the phantoms' bladder and parotids
 overlap the PTV as TG-119's do, and were placed so that this plan's organ doses fall within the
-institutions' mean ± 2 SD (the column after it). Then the rule-based loop (at most
+institutions' mean ± 2 SD (the column after it; rectum and bladder D30, cord maximum and parotid
+D50 are checked by `make test`: tests/unit/cases/test_phantoms.py). Then the rule-based loop (at most
 {MAX_ITERATIONS} iterations; after the protocol is met it goes on sparing the organs at risk,
 protocol default `after_goals_met: improve`). "First met" is the first plan that met every goal,
 "best" the plan reported, judged (and compared with the institutions) on its deliverable dose:
