@@ -6,7 +6,10 @@ from the protocol goals — and asks the sampler (TPE, seeded) for the next para
 space is each protocol term's weight times 10^u, u in [-1, 1], and, for the overdose terms of
 the organs whose goals the first plan misses (once a plan meets: of every organ with a goal), the
 objective dose times f, f in [0.5, 1]: a lower objective dose is how a planner asks for more
-sparing. Target terms keep the protocol's doses.
+sparing. Target terms keep the protocol's doses. When the first plan misses the hot-spot goal
+outside the targets (``OutsideTargets max``) and no protocol term acts there, the search gains
+the rules planner's term for that goal (a sharp smooth maximum), its weight searched the same way
+around the heaviest target term's: none of the protocol's terms can aim at those voxels.
 The protocol's own parameters (u = 0, f = 1) are the first point: the loop's first iteration.
 Asked for a batch (candidates optimised in parallel), it asks the sampler several times with the
 constant-liar strategy, so the points of one batch spread out instead of repeating.
@@ -19,7 +22,9 @@ import warnings
 
 import optuna
 
+from radpilot.agents.rules_planner import goal_term
 from radpilot.agents.types import MemoryEntry
+from radpilot.case import OUTSIDE_TARGETS
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm, kind_of
 from radpilot.protocol import Protocol
@@ -66,11 +71,33 @@ def _dose_terms(protocol: Protocol, memory: list[MemoryEntry]) -> set[str]:
     }
 
 
+def _hot_spot_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, ObjectiveTerm]:
+    """The terms BO adds to the protocol's: for a hot-spot goal outside the targets that the
+    first plan misses, the term the rules planner shapes for it, weighted like the heaviest
+    target term (tight TG-119 prostate: every BO plan missed ``OutsideTargets max`` by 6-50 Gy
+    with the protocol's terms alone)."""
+    if not memory:
+        return {}
+    own = {t.key() for t in protocol.objectives}
+    weight = max(
+        (t.weight for t in protocol.objectives if t.structure == protocol.target), default=1.0
+    )
+    out = {}
+    for r in memory[0].check.failed:
+        if r.goal.structure != OUTSIDE_TARGETS:
+            continue
+        term = goal_term(protocol, r.goal, 1.0, weight)
+        if term is not None and term.key() not in own:
+            out[term.key()] = term
+    return out
+
+
 def propose_bo(
     protocol: Protocol, memory: list[MemoryEntry], seed: int = 0, count: int = 1
 ) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
     """The next weights, why, and ``count - 1`` further points of the same batch."""
-    base = {t.key(): t for t in protocol.objectives}
+    extra = _hot_spot_terms(protocol, memory)
+    base = {t.key(): t for t in protocol.objectives} | extra
     doses = _dose_terms(protocol, memory)
     dist: dict[str, optuna.distributions.BaseDistribution] = {
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
@@ -89,6 +116,12 @@ def propose_bo(
     used = 0
     for m in memory:
         terms = {t.key(): t for t in m.objectives}
+        # a plan without the added terms (the first) stands at their weakest point
+        terms |= {
+            k: t.with_values(t.dose_gy, t.weight * 10**-SPAN_DECADES)
+            for k, t in extra.items()
+            if k not in terms
+        }
         if set(terms) != set(base) or any(t.weight <= 0 for t in terms.values()):
             continue  # not a point of this search space
         params = {

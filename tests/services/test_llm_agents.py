@@ -302,6 +302,45 @@ def test_bo_searches_the_dose_of_every_upper_bound_kind_and_keeps_parameters(
     assert new.parameter == 20.0 and 4.5 - 1e-3 <= new.dose_gy <= 9.0 + 1e-3 != new.dose_gy
 
 
+def _outside_at(check: ProtocolCheck, achieved: float) -> ProtocolCheck:
+    """The check with the implicit ``OutsideTargets max`` goal's value set to ``achieved``."""
+    return ProtocolCheck(
+        [
+            replace(
+                r,
+                achieved=achieved,
+                passed=achieved <= r.goal.limit,
+                margin=r.goal.limit - achieved,
+            )
+            if r.goal.structure == "OutsideTargets"
+            else r
+            for r in check.results
+        ]
+    )
+
+
+def test_bo_adds_a_hot_spot_term_when_the_first_plan_runs_hot_outside_the_targets(
+    harder, first_plan
+) -> None:
+    memory = _memory(first_plan, harder)
+    limit = next(g.limit for g in harder.goals if g.structure == "OutsideTargets")
+    cool = [replace(memory[0], check=_outside_at(memory[0].check, limit - 1.0))]
+    terms, _, _ = propose_bo(harder, cool, seed=1)
+    assert [t.key() for t in terms] == [t.key() for t in harder.objectives]
+    hot = [replace(memory[0], check=_outside_at(memory[0].check, limit + 10.0))]
+    terms, _, _ = propose_bo(harder, hot, seed=1)
+    added = [t for t in terms if t.key() not in {t0.key() for t0 in harder.objectives}]
+    assert [t.key() for t in added] == ["OutsideTargets:smooth_max"]
+    heaviest = max(t.weight for t in harder.objectives if t.structure == "PTV")
+    (term,) = added
+    assert heaviest / 10.0001 <= term.weight <= heaviest * 10.0001
+    assert harder.prescription_gy < term.dose_gy < limit  # aimed inside the limit
+    # the first plan (without the term) is still a point of the search: a second step learns
+    again = [*hot, replace(hot[0], iteration=2, objectives=terms)]
+    _, why, _ = propose_bo(harder, again, seed=1)
+    assert "step 3" in why
+
+
 def test_bo_batch_spreads_out_and_starts_with_the_single_step(harder, first_plan) -> None:
     memory = _memory(first_plan, harder)
     single, _, _ = propose_bo(harder, memory, seed=1)
