@@ -266,13 +266,13 @@ def test_a_physician_watches_comments_approves_and_downloads(world: World, brows
     # the answer itself, or a slow answer reads as the old note)
     refusal = "a reference plan must meet every hard goal"
     d.find_element(By.ID, "approve").click()
-    assert refusal in _until(lambda: refusal in message() and message(), what="the refusal")
+    assert refusal in _until(lambda: refusal in (m := message()) and m, what="the refusal")
     # a job that meets its protocol: approve its best plan, then download the export
     met_id = _finished_job(world, "tg119_cshape_easier.yaml", "rules", 3)
     d.get(f"{world.url}/jobs/{met_id}")
     d.find_element(By.ID, "approve-description").send_keys("Reviewed in the browser test")
     d.find_element(By.ID, "approve").click()
-    note = _until(lambda: "Approved" in message() and message(), what="the approval note")
+    note = _until(lambda: "Approved" in (m := message()) and m, what="the approval note")
     assert note.startswith("Approved: reference ") and "tg119-cshape-easier" in note, note
     d.find_element(By.ID, "download").click()
     downloads = world.root / "downloads"
