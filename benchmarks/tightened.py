@@ -3,7 +3,8 @@
 
 Issue 12 asks the rules agent to meet protocols it was not tuned on within 8 iterations without
 giving up a priority-1 goal, and the BO agent to improve the failing metric. Each variant below
-takes a shipped protocol and lowers some organ-at-risk limits (``after_goals_met: stop``: the
+takes a shipped protocol and lowers some organ-at-risk limits, or adds one on a metric it has
+no goal for (``after_goals_met: stop``: the
 question is whether and when the protocol is met); both agents get 8 FMO calls. Every number is
 of the plan the loop judged (its fluence optimum, or its leaf-sequenced dose where the protocol
 judges every iteration as delivered: the TG-119 prostate).
@@ -45,11 +46,16 @@ VARIANTS: list[tuple[str, dict[tuple[str, str], float]]] = [
     ),
     ("protocols/tg119_headneck.yaml", {("ParotidL", "D50"): 10.0, ("ParotidR", "D50"): 10.0}),
     ("protocols/tg119_headneck.yaml", {("Cord", "max"): 25.0}),
+    # the two protocols issue 12 names (the C-shape's core mean is a goal the protocol lacks)
+    ("protocols/tg119_prostate.yaml", {("Rectum", "D30"): 45.0, ("Bladder", "D30"): 15.0}),
+    ("protocols/tg119_cshape_easier.yaml", {("Core", "mean"): 6.0, ("PTV", "D10"): 54.0}),
 ]
 
 
 def tightened(protocol: Protocol, limits: dict[tuple[str, str], float]) -> Protocol:
-    """``protocol`` with the given upper limits lowered, stopping once it is met."""
+    """``protocol`` with the given upper limits lowered, stopping once it is met. A limit on a
+    metric the protocol has no goal for is added as a hard goal of the priority the
+    structure's other upper limits have."""
     goals = []
     found = set()
     for g in protocol.goals:
@@ -60,8 +66,11 @@ def tightened(protocol: Protocol, limits: dict[tuple[str, str], float]) -> Proto
             g = dataclasses.replace(g, limit=limits[key])
             found.add(key)
         goals.append(g)
-    if missing := set(limits) - found:
-        raise ValueError(f"{protocol.name} has no goals {sorted(missing)}")
+    for s, m in sorted(set(limits) - found):
+        like = [g for g in protocol.goals if g.structure == s and g.comparator == "<="]
+        if not like:
+            raise ValueError(f"{protocol.name} has no upper limit on {s} to add {m} beside")
+        goals.append(dataclasses.replace(like[0], metric=m, limit=limits[(s, m)]))
     return dataclasses.replace(protocol, goals=goals, after_goals_met="stop")
 
 
@@ -107,7 +116,8 @@ def run(path: str, limits: dict[tuple[str, str], float], agent: str, store: Case
 
 def section(rows: list[dict]) -> str:
     about = (
-        "Shipped protocols with organ-at-risk limits lowered below anything in the repository "
+        "Shipped protocols with organ-at-risk limits lowered below anything in the repository, "
+        "or added (the C-shape's core mean; the last two rows are the protocols issue 12 names) "
         "(`benchmarks/tightened.py`), each planned in process by the rules and the BO agent with "
         f'{BUDGET} FMO calls, `after_goals_met: stop`. "class solution -> best" are the '
         "tightened goals' values on the first plan (the protocol's own objectives) and on the "

@@ -39,6 +39,10 @@ objective weights and doses:
   (``NormalTissue``, 10 mm and more from every target, above
   ``SPILL`` of the prescription) a ring around the target gets an overdose term. Every added,
   moved or retired term is named in the rationale with its reason.
+- a plan the normalisation scaled up (its optimised coverage fell short) gets a min-DVH term on
+  the coverage when a target hot spot or an organ's limit is missed (``_push_coverage``,
+  ``_cover_for_organs``): the coldest voxels, next to the organs, may stay cold instead of the
+  whole plan being multiplied for them.
 - once the best plan in memory meets every goal (the protocol's ``after_goals_met: improve``),
   it spares: each organ at risk gets a term for its first goal (max-DVH for a Dx limit on an
   organ that reaches the prescription, else its overdose term, on the organ's minus helper when
@@ -323,8 +327,12 @@ def _push_coverage(
     target's dose more uniform. First a min-DVH term on the coverage itself (at least the
     protocol's coverage volume at the prescription, ``COVERAGE_DVH_WEIGHT`` times the heaviest
     coverage term): the coldest voxels, next to an organ being spared, may then stay cold
-    without the whole plan being scaled up for them. Then all of them are pushed. False when
-    the plan is not inflated; ``fresh`` gets the key of a term added."""
+    without the whole plan being scaled up for them. Then that term alone is pushed: the
+    deviation term pulls the whole target towards the prescription, the voxels next to the
+    organ too (TG-119 C-shape, core mean <= 6 Gy and PTV D10 <= 54 Gy at the 5 mm grid, one
+    solve each from the same terms: min-DVH x3 gave PTV D10 53.97 Gy, core mean 5.86; min-DVH
+    and deviation x3, 53.64 and 6.19). False when the plan is not inflated; ``fresh`` gets the
+    key of a term added."""
     scale = memory[-1].scale if memory else 1.0
     target_helpers = {h.name for h in _helpers(protocol, "minus", protocol.target)}
     cover = [
@@ -359,13 +367,15 @@ def _push_coverage(
         return True
     if fresh & {key, f"{protocol.target}:min_dvh"}:  # added this step (maybe moved since)
         return True
-    cover.append(terms[key])
-    for t in cover:
+    # on a "target minus organ" helper the min-DVH term cannot reach the overlap, where the
+    # normalisation's cold voxels are: the target's own coverage term is pushed with it
+    pushed = [terms[key]] if site == protocol.target else [*cover, terms[key]]
+    for t in pushed:
         terms[t.key()] = t.with_values(t.dose_gy, min(MAX_WEIGHT, t.weight * factor))
     notes.append(
         f"{r.goal.label} missed by {abs(r.margin):.2f} {r.goal.unit} while the normalisation "
-        f"multiplies the plan by {scale:.3f} (the optimised coverage falls short): coverage "
-        f"terms {', '.join(t.key() for t in cover)} weight x{factor:.2f}"
+        f"multiplies the plan by {scale:.3f} (the optimised coverage falls short): "
+        f"{', '.join(t.key() for t in pushed)} weight x{factor:.2f}"
     )
     return True
 
@@ -604,8 +614,50 @@ def _push(
             notes.append(
                 f"{g.label} missed by {abs(r.margin):.2f} {g.unit}: {key} weight x{factor:.2f}"
             )
+    _cover_for_organs(protocol, terms, check, memory, notes, fresh)
     _add_ring(protocol, terms, memory, notes)
     return list(terms.values()), notes
+
+
+def _cover_for_organs(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    check: ProtocolCheck,
+    memory: list[MemoryEntry] | None,
+    notes: list[str],
+    fresh: set[str],
+) -> None:
+    """An organ's upper limit missed while the normalisation inflates the plan: every organ's
+    dose is multiplied with the target's, so the coverage gets its min-DVH term now
+    (``_push_coverage``) rather than once a target hot spot breaks. (TG-119 prostate, rectum
+    D30 <= 45 Gy and bladder D30 <= 15 Gy, first plan normalised by 1.029: bladder D30 16.16
+    Gy after 8 plans, the term added at the sixth after PTV D5 broke; with it from the second
+    plan, met at the seventh, 14.52 Gy.)"""
+    sites = {protocol.target} | {h.name for h in _helpers(protocol, "minus", protocol.target)}
+    if any(t.kind == "min_dvh" and t.structure in sites for t in terms.values()):
+        return  # there already (pushed only for the target's own hot spots)
+    # the term lets the target's coldest (100 - coverage) % run cold: not where a goal holds
+    # them (TG-119 head & neck, PTV D99 >= 46.5 Gy beside its D90 coverage: the term added for
+    # a parotid took PTV D99 from 45.0 to 44.5 Gy, and a variant met before was missed)
+    for g in protocol.goals:
+        kind, x = parse_metric(g.metric)
+        deeper = kind == "min" or (kind == "D" and x is not None and x > protocol.coverage_pct)
+        if g.structure == protocol.target and g.comparator == ">=" and deeper:
+            return
+    targets = {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
+    organ = next(
+        (
+            r
+            for r in check.failed
+            if r.goal.comparator == "<="
+            and r.goal.structure not in targets
+            and not _hot_spot_limit(protocol, r.goal)
+            and r.goal.structure != GLOBAL
+        ),
+        None,
+    )
+    if organ is not None:
+        _push_coverage(protocol, terms, organ, 1.0, memory, notes, fresh)
 
 
 def _coverage_key(terms: dict[str, ObjectiveTerm], structure: str) -> str:

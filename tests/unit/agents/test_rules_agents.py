@@ -470,18 +470,50 @@ def test_a_hot_spot_of_an_inflated_plan_pushes_coverage_not_the_overdose_term(
     assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
     assert "while the normalisation multiplies the plan by 1.080" in why
     assert "new term PTV min_dvh 50 Gy (volume_pct 95)" in why
-    # still inflated with that term: every coverage term is pushed, the min-DVH one included
+    # still inflated with that term: the min-DVH term alone is pushed (the deviation term
+    # would pull the voxels next to the core up to the prescription as well)
     again = [*inflated, MemoryEntry(2, new, check, scale=1.08)]
     newer, why, _ = propose_rules(protocol, new, check, again)
     pushed = {t.key(): t for t in newer}
-    assert pushed["PTV:squared_deviation"].weight > old["PTV:squared_deviation"].weight
+    assert pushed["PTV:squared_deviation"] == old["PTV:squared_deviation"]
     assert pushed["PTV:min_dvh"].weight > dvh.weight
-    assert "coverage terms PTV:squared_deviation, PTV:min_dvh weight" in why
+    assert "(the optimised coverage falls short): PTV:min_dvh weight x" in why
     flat = [MemoryEntry(1, protocol.objectives, check, scale=1.0)]
     new, _, _ = propose_rules(protocol, protocol.objectives, check, flat)
     got = {t.key(): t for t in new}
     assert got["PTV:squared_overdose"].weight > old["PTV:squared_overdose"].weight
     assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
+
+
+def test_an_organ_missed_while_the_plan_is_inflated_gets_the_coverage_min_dvh_term(
+    analytic_case: Case,
+) -> None:
+    protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10, PTV goals met
+    inflated = [MemoryEntry(1, protocol.objectives, check, scale=1.05)]
+    new, why, _ = propose_rules(protocol, protocol.objectives, check, inflated)
+    got = {t.key(): t for t in new}
+    # every organ's dose is multiplied with the target's: the coverage's coldest voxels get
+    # their own term now, not only once a target hot spot breaks
+    dvh = got["PTV:min_dvh"]
+    assert (dvh.dose_gy, dvh.parameter) == (50.0, 95.0)
+    assert "Core D10 <= 10 Gy missed by 4.00 Gy while the normalisation multiplies" in why
+    assert got["Core:squared_overdose"].weight > 100.0  # the organ's own push as well
+    # not when the plan was hardly scaled, nor a second one once it is there
+    flat, _, _ = propose_rules(
+        protocol, protocol.objectives, check, [MemoryEntry(1, protocol.objectives, check)]
+    )
+    assert "PTV:min_dvh" not in {t.key() for t in flat}
+    again, _, _ = propose_rules(
+        protocol, new, check, [*inflated, MemoryEntry(2, new, check, scale=1.05)]
+    )
+    assert [t.key() for t in again].count("PTV:min_dvh") == 1
+    assert {t.key(): t for t in again}["PTV:min_dvh"] == dvh  # (pushed for hot spots only)
+    # nor where a goal holds the target's coldest voxels (a D99 beside the D95 coverage): the
+    # term would let them run cold
+    d95 = next(g for g in protocol.goals if g.metric == "D95")
+    held = replace(protocol, goals=[*protocol.goals, replace(d95, metric="D99", limit=45.0)])
+    kept, _, _ = propose_rules(held, held.objectives, check, inflated)
+    assert "PTV:min_dvh" not in {t.key() for t in kept}
 
 
 def test_a_step_that_changed_the_terms_gets_one_more_step_before_a_backtrack(

@@ -9,15 +9,30 @@ from radpilot.protocol import load_protocol
 from tests.paths import REPO_ROOT
 
 
-def test_every_variant_lowers_existing_upper_limits_and_stops_once_met() -> None:
+def test_every_variant_lowers_or_adds_upper_limits_and_stops_once_met() -> None:
     for path, limits in VARIANTS:
         base = load_protocol(REPO_ROOT / path)
         tight = tightened(base, limits)
         assert tight.after_goals_met == "stop"
-        for old, new in zip(base.goals, tight.goals, strict=True):
+        for old, new in zip(base.goals, tight.goals[: len(base.goals)], strict=True):
             key = (old.structure, old.metric)
             assert new.limit == limits.get(key, old.limit)
             assert new.limit <= old.limit
+        for new in tight.goals[len(base.goals) :]:  # limits on metrics the protocol lacked
+            assert new.comparator == "<=" and new.limit == limits[(new.structure, new.metric)]
+
+
+def test_a_limit_on_a_new_metric_is_added_beside_the_structures_own() -> None:
+    base = load_protocol(REPO_ROOT / "protocols/tg119_cshape_easier.yaml")
+    tight = tightened(base, {("Core", "mean"): 6.0})
+    (added,) = [g for g in tight.goals if g.metric == "mean"]
+    core_d10 = next(g for g in base.goals if (g.structure, g.metric) == ("Core", "D10"))
+    assert (added.structure, added.limit, added.priority, added.hard) == (
+        "Core",
+        6.0,
+        core_d10.priority,
+        core_d10.hard,
+    )
 
 
 def test_a_looser_or_unknown_limit_is_refused() -> None:
@@ -26,8 +41,8 @@ def test_a_looser_or_unknown_limit_is_refused() -> None:
         tightened(base, {("Rectum", "D30"): 80.0})
     with pytest.raises(ValueError, match="not a tighter upper limit"):
         tightened(base, {("PTV", "D95"): 70.0})  # a lower limit
-    with pytest.raises(ValueError, match="has no goals"):
-        tightened(base, {("Rectum", "D50"): 30.0})
+    with pytest.raises(ValueError, match="no upper limit on Urethra"):
+        tightened(base, {("Urethra", "D50"): 30.0})
 
 
 def test_the_section_counts_met_variants_lost_priority_1_goals_and_hot_spots() -> None:
