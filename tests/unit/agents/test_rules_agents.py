@@ -508,6 +508,11 @@ def test_an_organ_missed_while_the_plan_is_inflated_gets_the_coverage_min_dvh_te
     )
     assert [t.key() for t in again].count("PTV:min_dvh") == 1
     assert {t.key(): t for t in again}["PTV:min_dvh"] == dvh  # (pushed for hot spots only)
+    # nor for a near miss, left to the organ's own push
+    _, close = _check(analytic_case, 52.0, 10.5)  # core D10 10.5 > 10
+    near_memory = [MemoryEntry(1, protocol.objectives, close, scale=1.05)]
+    near, _, _ = propose_rules(protocol, protocol.objectives, close, near_memory)
+    assert "PTV:min_dvh" not in {t.key() for t in near}
     # nor where a goal holds the target's coldest voxels (a D99 beside the D95 coverage): the
     # term would let them run cold
     d95 = next(g for g in protocol.goals if g.metric == "D95")
