@@ -215,10 +215,20 @@ def _helpers(
     ]
 
 
+def _targets(protocol: Protocol) -> set[str]:
+    """The prescription target and every structure with a lower-limit goal."""
+    return {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
+
+
+def _coverage_sites(protocol: Protocol) -> set[str]:
+    """Where the prescription target's coverage terms may sit: the target and its "target minus
+    organ" helpers."""
+    return {protocol.target} | {h.name for h in _helpers(protocol, "minus", protocol.target)}
+
+
 def _minus_helper(protocol: Protocol, structure: str) -> str | None:
     """The protocol's "structure minus a target" helper, if it defines one."""
-    targets = {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
-    found = _helpers(protocol, "minus", structure, targets)
+    found = _helpers(protocol, "minus", structure, _targets(protocol))
     return found[0].name if found else None
 
 
@@ -339,19 +349,18 @@ def _push_coverage(
     and deviation x3, 53.64 and 6.19). False when the plan is not inflated; ``fresh`` gets the
     key of a term added."""
     scale = memory[-1].scale if memory else 1.0
-    target_helpers = {h.name for h in _helpers(protocol, "minus", protocol.target)}
+    sites = _coverage_sites(protocol)
     cover = [
         t
         for t in terms.values()
-        if (t.structure == protocol.target or t.structure in target_helpers)
-        and t.kind in ("squared_deviation", "squared_underdose")
+        if t.structure in sites and t.kind in ("squared_deviation", "squared_underdose")
     ]
     if scale <= INFLATED or not cover:
         return False
     # on the "target minus organ" helper that holds the coverage, when one does (the overlap
     # may run cold: ``_uncover_overlap``)
     site = min(
-        (t.structure for t in cover if t.structure in target_helpers), default=protocol.target
+        (t.structure for t in cover if t.structure != protocol.target), default=protocol.target
     )
     key = f"{site}:min_dvh"
     if key not in terms:
@@ -638,7 +647,7 @@ def _cover_for_organs(
     D30 <= 45 Gy and bladder D30 <= 15 Gy, first plan normalised by 1.029: bladder D30 16.16
     Gy after 8 plans, the term added at the sixth after PTV D5 broke; with it from the second
     plan, met at the seventh, 14.52 Gy.)"""
-    sites = {protocol.target} | {h.name for h in _helpers(protocol, "minus", protocol.target)}
+    sites = _coverage_sites(protocol)
     if any(t.kind == "min_dvh" and t.structure in sites for t in terms.values()):
         return  # there already (pushed only for the target's own hot spots)
     # the term lets the target's coldest (100 - coverage) % run cold: not where a goal holds
@@ -649,7 +658,7 @@ def _cover_for_organs(
         deeper = kind == "min" or (kind == "D" and x is not None and x > protocol.coverage_pct)
         if g.structure == protocol.target and g.comparator == ">=" and deeper:
             return
-    targets = {protocol.target} | {g.structure for g in protocol.goals if g.comparator == ">="}
+    targets = _targets(protocol)
     organ = next(
         (
             r
