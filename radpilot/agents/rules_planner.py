@@ -14,7 +14,8 @@ objective weights and doses:
 - an organ's limit missed in the last two plans, where the last push raised its term's weight
   and closed part of the miss, gets a step sized from that response (the metric taken as
   linear in the log of the weight, at most ``MAX_EXTRAPOLATED``), when that is larger than the
-  usual one; the rationale says so.
+  usual one; the rationale says so. So does a target hot spot's push on the coverage's min-DVH
+  term in an inflated plan (below).
 - if the last step made the plan worse than the best in memory, it backtracks: it steps again
   from the best iteration's objectives, for that iteration's misses, with a smaller step, and
   pushes the goals the worse step broke as hard as the goals it pushed (so the plan moves along
@@ -128,7 +129,7 @@ def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, floa
         return None
     results = []
     for m in memory[-STALL_PLANS:]:
-        r = next((r for r in m.check.results if r.goal == goal), None)
+        r = m.check.result(goal)
         if r is None or r.passed:
             return None
         results.append(r)
@@ -335,6 +336,7 @@ def _push_coverage(
     memory: list[MemoryEntry] | None,
     notes: list[str],
     fresh: set[str],
+    gain: float = 1.0,
 ) -> bool:
     """A target hot spot while the normalisation inflates the plan (the optimised coverage
     falls short, so every dose was multiplied by more than ``INFLATED``): an overdose term
@@ -384,12 +386,13 @@ def _push_coverage(
     # on a "target minus organ" helper the min-DVH term cannot reach the overlap, where the
     # normalisation's cold voxels are: the target's own coverage term is pushed with it
     pushed = [terms[key]] if site == protocol.target else [*cover, terms[key]]
+    factor, sized = _extrapolated(factor, r, key, gain, memory)
     for t in pushed:
         terms[t.key()] = t.with_values(t.dose_gy, min(MAX_WEIGHT, t.weight * factor))
     notes.append(
         f"{r.goal.label} missed by {abs(r.margin):.2f} {r.goal.unit} while the normalisation "
         f"multiplies the plan by {scale:.3f} (the optimised coverage falls short): "
-        f"{', '.join(t.key() for t in pushed)} weight x{factor:.2f}"
+        f"{', '.join(t.key() for t in pushed)} weight x{factor:.2f}{sized}"
     )
     return True
 
@@ -446,8 +449,7 @@ def _extrapolated(
     prev, last = memory[-2], memory[-1]
     if prev.check.rank() < max(m.check.rank() for m in memory[:-1]):
         return factor, ""
-    before = next((x for x in prev.check.results if x.goal == r.goal), None)
-    now = next((x for x in last.check.results if x.goal == r.goal), None)
+    before, now = prev.check.result(r.goal), last.check.result(r.goal)
     w0 = next((t.weight for t in prev.objectives if t.key() == key), None)
     w1 = next((t.weight for t in last.objectives if t.key() == key), None)
     if before is None or now is None or before.passed or now.passed or not w0 or not w1:
@@ -572,7 +574,7 @@ def _push(
         if (
             g.comparator == "<="
             and is_target
-            and _push_coverage(protocol, terms, r, factor, memory, notes, fresh)
+            and _push_coverage(protocol, terms, r, factor, memory, notes, fresh, gain)
         ):
             continue
         if g.comparator == "<=" and _shaped_push(protocol, terms, r, own, factor, memory, notes):
@@ -1047,7 +1049,8 @@ def _flips(goal: ClinicalGoal, memory: list[MemoryEntry]) -> int:
     keeps its full step."""
 
     def passed(m: MemoryEntry) -> bool | None:
-        return next((r.passed for r in m.check.results if r.goal == goal), None)
+        r = m.check.result(goal)
+        return None if r is None else r.passed
 
     return sum(
         1

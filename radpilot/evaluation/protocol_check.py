@@ -82,6 +82,10 @@ class ProtocolCheck:
     def failed(self) -> list[GoalResult]:
         return [r for r in self.results if not r.passed]
 
+    def result(self, goal: ClinicalGoal) -> GoalResult | None:
+        """The result of ``goal`` (None when this check did not judge it)."""
+        return next((r for r in self.results if r.goal == goal), None)
+
     def score(self) -> tuple[int, ...]:
         """Failure counts (bigger is better): hard failures, then failures per priority level."""
         key: list[int] = [-sum(1 for r in self.failed if r.goal.hard)]

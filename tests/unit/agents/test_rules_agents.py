@@ -485,6 +485,32 @@ def test_a_hot_spot_of_an_inflated_plan_pushes_coverage_not_the_overdose_term(
     assert got["PTV:squared_deviation"] == old["PTV:squared_deviation"]
 
 
+def test_a_coverage_push_still_short_is_sized_from_the_last_one(analytic_case: Case) -> None:
+    """An inflated plan's PTV D10 <= 55 Gy: doubling the coverage min-DVH term took D10 from 57
+    to 56 Gy. Taken as linear in the log of the weight, the 1 Gy left needs x2, more than the
+    usual step (1 + 0.5 + 4 x 1/55 = 1.57); where the push closed the miss faster, the usual
+    step stands."""
+    protocol, first = _check(analytic_case, 57.0, 8.0)  # PTV D10 57 > 55, core met
+    dvh = ObjectiveTerm("PTV", "min_dvh", 50.0, 800.0, 95.0)
+    before = [*protocol.objectives, dvh]
+    doubled = [*protocol.objectives, dvh.with_values(50.0, 1600.0)]
+
+    def factor_after(d10_now: float) -> tuple[float, str]:
+        _, now = _check(analytic_case, d10_now, 8.0)
+        memory = [
+            MemoryEntry(1, before, first, scale=1.06),
+            MemoryEntry(2, doubled, now, scale=1.05),
+        ]
+        new, why, _ = propose_rules(protocol, doubled, now, memory)
+        return _weights(new)["PTV:min_dvh"] / 1600.0, why
+
+    factor, why = factor_after(56.0)
+    assert factor == pytest.approx(2.0)
+    assert "PTV:min_dvh weight x2.00 (sized from the last push: x2.00 closed 1.00" in why
+    factor, why = factor_after(55.5)  # 2 ** (0.5 / 1.5) = 1.26: the usual step (1.54)
+    assert factor == pytest.approx(1.0 + 0.5 + 4.0 * 0.5 / 55.0) and "sized from" not in why
+
+
 def test_an_organ_missed_while_the_plan_is_inflated_gets_the_coverage_min_dvh_term(
     analytic_case: Case,
 ) -> None:
