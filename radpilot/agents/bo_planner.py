@@ -98,7 +98,10 @@ def propose_bo(
     """The next weights, why, and ``count - 1`` further points of the same batch."""
     extra = _hot_spot_terms(protocol, memory)
     base = {t.key(): t for t in protocol.objectives} | extra
-    doses = _dose_terms(protocol, memory)
+    # in a fixed order: the sampler draws the parameters in the order of ``dist``, and a set's
+    # order changes with the process's string hashing (PYTHONHASHSEED), so the same plan run
+    # twice searched different points
+    doses = sorted(_dose_terms(protocol, memory))
     dist: dict[str, optuna.distributions.BaseDistribution] = {
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
     }

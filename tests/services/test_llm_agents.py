@@ -290,6 +290,25 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
     assert len(fixed.iterations) == 1  # the class solution does not change: one plan
 
 
+def test_bo_proposes_the_same_point_whatever_order_its_dose_terms_come_in(
+    harder, first_plan, monkeypatch
+) -> None:
+    """The terms whose doses BO searches come as a set, whose order follows the process's string
+    hashing: the same plan, rerun, searched other points until they were put in a fixed order
+    (bench-tightened's BO rows changed with PYTHONHASHSEED)."""
+    from radpilot.agents import bo_planner
+
+    keys = ["Core:squared_overdose", "NormalTissue:squared_overdose"]
+    memory = [replace(m, check=_core_missed(m.check)) for m in _memory(first_plan, harder)]
+    got = []
+    for order in (keys, keys[::-1]):
+        monkeypatch.setattr(bo_planner, "_dose_terms", lambda protocol, memory, o=order: o)
+        got.append(propose_bo(harder, memory, seed=1, count=2))
+    assert got[0][0] == got[1][0] and got[0][2] == got[1][2]
+    base = {t.key(): t.dose_gy for t in harder.objectives}
+    assert all(t.dose_gy != base[t.key()] for t in got[0][0] if t.key() in keys)  # searched
+
+
 def test_bo_searches_the_dose_of_every_upper_bound_kind_and_keeps_parameters(
     harder, first_plan
 ) -> None:
