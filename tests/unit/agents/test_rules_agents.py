@@ -284,6 +284,33 @@ def test_a_stalled_goal_gets_a_term_shaped_like_it_which_is_pushed_from_then_on(
     assert "Core:max_dvh" not in {t.key() for t in plain}
 
 
+def test_a_stalled_hot_spot_in_the_target_gets_its_shape_aimed_inside_the_limit(
+    analytic_case: Case,
+) -> None:
+    # PTV D10 <= 55 Gy missed three times without closing in, the plan not inflated: the new
+    # max-DVH term on the PTV aims between the limit and 101 % of the prescription (52.75 Gy),
+    # never at half the target's D10 as an organ overlapping the target would be
+    hot = ({"name": "PTV", "max_gy": 60.0}, {"name": "Core", "max_gy": 30.0})
+    protocol, c1 = _check(analytic_case, 58.0, 8.0)
+    _, c2 = _check(analytic_case, 57.9, 8.0)
+    _, c3 = _check(analytic_case, 57.8, 8.0)
+    memory = [
+        MemoryEntry(i + 1, protocol.objectives, c, stats=hot, scale=1.0)
+        for i, c in enumerate((c1, c2, c3))
+    ]
+    new, why, _ = propose_rules(protocol, protocol.objectives, c3, memory)
+    dvh = {t.key(): t for t in new}["PTV:max_dvh"]
+    assert dvh.parameter == 10.0 and dvh.dose_gy == pytest.approx(52.75)
+    assert "switching strategy, new term PTV max_dvh 52.75 Gy (volume_pct 10)" in why
+    # pushed again, it keeps its dose
+    _, c4 = _check(analytic_case, 57.0, 8.0)
+    nxt, _, _ = propose_rules(
+        protocol, new, c4, [*memory, MemoryEntry(4, new, c4, stats=hot, scale=1.0)]
+    )
+    pushed = {t.key(): t for t in nxt}["PTV:max_dvh"]
+    assert pushed.weight > dvh.weight and pushed.dose_gy == pytest.approx(52.75)
+
+
 def _with_helpers(protocol):
     from radpilot.cases.helpers import Helper
 
