@@ -124,7 +124,9 @@ def section(rows: list[dict]) -> str:
         'plan reported; "priority 1 kept": every priority-1 goal the first plan met is met by '
         "the best plan. Values as the loop judged them (the TG-119 prostate protocol judges every "
         'iteration leaf-sequenced; the others their fluence optimum). "Hottest": the reported '
-        "plan's global maximum in % of the prescription (issue 10 asks that none exceed "
+        "plan's global maximum in % of the prescription, on its deliverable dose (every row's "
+        "reported plan is leaf-sequenced at the end, so on the head & neck and C-shape rows it "
+        "may be hotter than the optimum the goal values are from; issue 10 asks that none exceed "
         f"{HOT_SPOT_BAR_PCT:g} %). One run, this machine."
     )
     lines = [
