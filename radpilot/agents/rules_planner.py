@@ -117,8 +117,11 @@ MAX_EXTRAPOLATED = 4.0
 
 
 def _overlaps_target(protocol: Protocol, memory: list[MemoryEntry] | None, structure: str) -> bool:
-    """Whether ``structure`` reached ``REACHES_RX`` of the prescription in the latest plan (it
+    """Whether ``structure``, an organ (never a target: a target reaches the prescription as a
+    matter of course), reached ``REACHES_RX`` of the prescription in the latest plan (it
     overlaps or abuts the target)."""
+    if structure in _targets(protocol):
+        return False
     peak = _last_stat(memory, structure, "max_gy")
     return peak is not None and peak >= REACHES_RX * protocol.prescription_gy
 
@@ -709,11 +712,7 @@ def _shaped_push(
             factor, sized = _extrapolated(factor, r, old.key(), gain, memory)
         weight = min(MAX_WEIGHT, old.weight * factor)
         dose = min(old.dose_gy, probe.dose_gy)
-        if (
-            old.kind == "max_dvh"
-            and g.structure not in _targets(protocol)
-            and _overlaps_target(protocol, memory, g.structure)
-        ):
+        if old.kind == "max_dvh" and _overlaps_target(protocol, memory, g.structure):
             dose = round(min(dose, r.achieved * (1 - DVH_MARGIN)), 3)  # the band follows it down
         terms[old.key()] = old.with_values(dose, weight)
         notes.append(
@@ -733,7 +732,6 @@ def _shaped_push(
     # and a max-DVH term presses on exactly the voxels that set it
     dx_on_overlap = (
         probe.kind == "max_dvh"
-        and g.structure not in _targets(protocol)
         and parse_metric(g.metric)[0] == "D"
         and _overlaps_target(protocol, memory, g.structure)
     )
