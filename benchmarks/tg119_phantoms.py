@@ -141,16 +141,17 @@ D50 are checked by `make test`: tests/unit/cases/test_phantoms.py). Then the rul
 protocol default `after_goals_met: improve`). "First met" is the first plan that met every goal,
 "best" the plan reported, judged (and compared with the institutions) on its deliverable dose:
 leaf-sequenced with the defaults of `docs/delivery.md` (MLC `uniform-5mm`, 10 levels, at most
-12 segments per beam (18, then 24 on the retries that keep goals), 2 MU minimum, segment weights
-refitted and leaves moved (aperture refinement)), its fluence optimum alongside. The shipped protocols but the tight one carry
+12 segments per beam (18, then 24 on the retries that keep goals, each fitted to the optimum before
+any objective refit), 2 MU minimum, segment weights refitted and leaves moved (aperture
+refinement)), its fluence optimum alongside. The shipped protocols but the tight one carry
 `fluence_smoothness` (weight 3). TG-119 institutions' mean (SD)
 from Ezzell et al. 2009, Table VI — deliverable clinical plans, on their own CT; these phantoms
 are built from the report's description, and the pencil-beam dose of our segments leaves out
 leaf transmission and small-field output: compare with care. The row "global maximum" says
 where the reported plan is hottest. Every protocol has the implicit hot-spot goals unless it
 switches them off (docs/agents.md: `OutsideTargets max` at 107 % and `PTV max` at 115 % of the
-prescription): `paper_headneck.yaml` widens the outside limit to 110 % and
-`tg119_headneck.yaml` to a 140 % backstop with no target maximum goal (each file says why);
+prescription): `paper_headneck.yaml` widens the outside limit to 110 % (the file says why);
+`tg119_headneck.yaml` keeps the defaults since 2026-12-06 (it had a 140 % backstop);
 `tg119_prostate.yaml` also judges
 every iteration on its leaf-sequenced dose (`delivery: {{every_iteration: true}}`). Where a
 protocol does not limit both hot spots, the loop's own goal `Global max` keeps every plan's

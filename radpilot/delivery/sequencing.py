@@ -946,11 +946,12 @@ def keep_goals(
     """Sequence, and when the deliverable dose loses a goal the fluence optimum met, sequence
     again with twice the intensity levels (finer steps, more segments) and, where segments are
     limited, half as many more allowed per beam (12, 18, 24: goals before segment count), up to
-    MAX_TRIES; with
-    ``goal_terms`` a retry's segment weights are also optimised on the plan's objective plus a
-    term shaped like each lost goal (``goal_terms(labels, weight factor)``: 1, then 10;
-    ``sequence`` gets them as ``extra``, empty on the first try: a least-squares fit only). The
-    first plan that loses nothing is kept, else the best by ``rank`` (bigger is better: the
+    MAX_TRIES. Each retry is first fitted like the first try (``sequence`` gets no terms: a
+    least-squares fit to the optimum only); if that loses a goal and ``goal_terms`` is given, the
+    same steps are sequenced again with the segment weights also optimised on the plan's
+    objective plus a term shaped like each goal lost so far (``goal_terms(labels, weight
+    factor)``: 1, then 10; ``sequence`` gets them as its terms). The first plan that loses
+    nothing is kept, else the best by ``rank`` (bigger is better: the
     protocol's ranking, priority and size of each miss) or, without it, the one that loses the
     fewest goals; the earliest of equals. With ``settings.apertures`` the first try is made
     twice, with the leaves moved and with the weights fitted alone (leaves where the sequencer
@@ -967,13 +968,22 @@ def keep_goals(
         # the first try is made both ways, the leaves moved and the weights fitted alone (seconds
         # more): moving the leaves lowers the fit's measure overall, yet may trade an organ's
         # dose or a goal's last tenth of a gray for the target's, so the ranking chooses
-        variants = [current]
+        variants: list[tuple[SequencingSettings, list[ObjectiveTerm]]] = [(current, [])]
         if attempt == 0 and current.apertures and current.refit:
-            variants.append(replace(current, apertures=False))
+            variants.append((replace(current, apertures=False), []))
+        elif extra:
+            # a retry first fits its finer steps to the optimum alone, as the first try did; the
+            # objective refit with the lost goals' terms follows only if that loses a goal (it
+            # moves dose where no term looks: a head & neck retry with the terms lost PTV D99
+            # where the same steps fitted alone kept every goal)
+            variants.append((current, extra))
         kept_all = False
-        for variant in variants:
-            plan, dose = sequence(variant, extra)
+        for variant, terms in variants:
+            if kept_all and attempt > 0:
+                break
+            plan, dose = sequence(variant, terms)
             lost = lost_goals(dose)
+            lost_so_far += [g for g in lost if g not in lost_so_far]
             tries.append(
                 {
                     "levels": variant.levels,
@@ -981,7 +991,7 @@ def keep_goals(
                     "apertures": variant.apertures,
                     "segments": plan["summary"]["segments"],
                     "total_mu": plan["summary"]["total_mu"],
-                    "goal_terms": [t.label() for t in extra],
+                    "goal_terms": [t.label() for t in terms],
                     "lost_goals": lost,
                 }
             )
@@ -998,7 +1008,6 @@ def keep_goals(
             levels=min(2 * current.levels, 255),
             max_segments_per_beam=cap and cap + settings.max_segments_per_beam // 2,
         )
-        lost_so_far += [g for g in lost if g not in lost_so_far]
         extra = goal_terms(lost_so_far, 10.0**attempt) if goal_terms and settings.refit else []
     assert best is not None
     plan, dose, _ = best

@@ -35,6 +35,7 @@ from radpilot.errors import DeliveryError, ProtocolError
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.fmo import FluenceOptimizer
+from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.core import SequencingOptimizer
 from radpilot.loop.inprocess import LibraryOptimizer, MemoryArtefacts, plan_loop
 from radpilot.loop.record import ArtefactRef
@@ -554,3 +555,36 @@ def test_when_every_try_loses_goals_the_best_ranked_try_is_kept() -> None:
     assert keeps == (10, True)
     _, fixed = keep_goals(sequence, lost, SequencingSettings(levels=10, apertures=False))
     assert fixed == (10, False)
+
+
+def test_a_retry_is_fitted_alone_before_its_goal_terms() -> None:
+    # the first try loses a hot-spot goal; the retry's finer steps fitted to the optimum alone
+    # keep it, so the objective refit with the lost goal's term (which moves dose where no term
+    # looks) is never run; when they lose it too, the refit follows on the same steps
+    term = ObjectiveTerm("PTV", "smooth_max", 54.0, 1.0, 1.0)
+    calls: list[tuple[int, bool, int]] = []
+
+    def sequence(settings: SequencingSettings, terms: list) -> tuple[dict, tuple[int, int]]:
+        calls.append((settings.levels, settings.apertures, len(terms)))
+        return {"summary": {"segments": settings.levels, "total_mu": 1.0}}, (
+            settings.levels,
+            len(terms),
+        )
+
+    def terms_for(labels: list[str], factor: float) -> list[ObjectiveTerm]:
+        assert labels == ["PTV max <= 57.5 Gy"]
+        return [term]
+
+    settings = SequencingSettings(levels=10)
+    plan, kept = keep_goals(
+        sequence, lambda d: [] if d[0] > 10 else ["PTV max <= 57.5 Gy"], settings, terms_for
+    )
+    assert kept == (20, 0) and calls == [(10, True, 0), (10, False, 0), (20, True, 0)]
+    assert [t["goal_terms"] for t in plan["summary"]["tries"]] == [[], [], []]
+    calls.clear()
+    plan, kept = keep_goals(
+        sequence, lambda d: [] if d[1] else ["PTV max <= 57.5 Gy"], settings, terms_for
+    )
+    assert kept == (20, 1)
+    assert calls == [(10, True, 0), (10, False, 0), (20, True, 0), (20, True, 1)]
+    assert plan["summary"]["tries"][-1]["goal_terms"] == [term.label()]
