@@ -249,10 +249,12 @@ def test_solve_normalises_d95_exactly_and_reaches_scipy_optimum(analytic_case: C
         b <= a * (1 + 1e-6)
         for a, b in zip(res.objective_history, res.objective_history[1:], strict=False)
     )
-    # the same objective in float64 with SciPy's L-BFGS-B, run to its own convergence
+    # the same objective in float64 with SciPy's L-BFGS-B, 1500 iterations: it creeps on without
+    # stopping by its own criterion (367.08 here, 367.03 after 5000 iterations and 65 s), so our
+    # optimum (367.06) must be within 0.05 % of that point, not just near a true optimum
     x0 = np.full(analytic_case.num_beamlets, 0.01)
-    ref = solve_lbfgsb(analytic_case, TERMS, x0, options={"maxiter": 5000, "ftol": 1e-13})
-    assert res.objective <= ref.fun * 1.002
+    ref = solve_lbfgsb(analytic_case, TERMS, x0, options={"maxiter": 1500, "ftol": 1e-13})
+    assert res.objective <= ref.fun * 1.0005
 
 
 def test_working_set_reaches_the_full_optimum(analytic_case: Case) -> None:
