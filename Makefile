@@ -44,11 +44,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m services demo --out out/demo
 
+# the suite on TEST_WORKERS processes (pytest-xdist), a test file per worker at a time (a file's
+# module fixtures, such as a running set of services, are made once); TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(SRC)

@@ -45,14 +45,26 @@ def tg119_case(store: CaseStore) -> Case:
     return load_builtin("tg119-cshape", store)
 
 
-# what the bad-input suite (tests/services/test_bad_inputs.py) tried, printed after the run
+# what the bad-input suite (tests/services/test_bad_inputs.py) tried, printed after the run: its
+# tests record their counts as a report property, which pytest-xdist carries from its workers
+BAD_INPUT_PROPERTY = "bad_input_counts"
 BAD_INPUT_COUNTS: dict[str, int] = {}
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for name, value in report.user_properties:
+        if name == BAD_INPUT_PROPERTY and isinstance(value, dict):
+            BAD_INPUT_COUNTS.update(value)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if BAD_INPUT_COUNTS:
-        terminalreporter.write_line(
-            f"bad-input suite: {BAD_INPUT_COUNTS['tried']} bad inputs tried, "
-            f"{BAD_INPUT_COUNTS['clear']} answered with a clear client error; "
-            f"{BAD_INPUT_COUNTS['auth_tried']} auth probes, {BAD_INPUT_COUNTS['auth_held']} held"
+    c = BAD_INPUT_COUNTS
+    parts = []
+    if "tried" in c:
+        parts.append(
+            f"{c['tried']} bad inputs tried, {c['clear']} answered with a clear client error"
         )
+    if "auth_tried" in c:
+        parts.append(f"{c['auth_tried']} auth probes, {c['auth_held']} held")
+    if parts:
+        terminalreporter.write_line("bad-input suite: " + "; ".join(parts))

@@ -38,7 +38,7 @@ from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.server import serve as serve_orchestrator
 from services.planner.config import PlannerConfig
 from services.planner.server import serve as serve_planner
-from tests.conftest import BAD_INPUT_COUNTS
+from tests.conftest import BAD_INPUT_PROPERTY
 from tests.doubles.dicom_data import write_patient
 from tests.paths import PROTOCOLS
 
@@ -265,7 +265,7 @@ def _leftovers() -> set[str]:
 
 
 def test_every_bad_input_is_refused_at_the_door_with_the_status_that_names_it(
-    svc: Services, tmp_path: Path
+    svc: Services, tmp_path: Path, record_property: Callable[[str, object], None]
 ) -> None:
     before = _leftovers()
     jobs_before = svc.servers["orchestrator"].core.jobs.job_count()
@@ -279,8 +279,8 @@ def test_every_bad_input_is_refused_at_the_door_with_the_status_that_names_it(
             code, details = exc.code(), exc.details() or ""
         answers.append((what, expected, code, details))
     wrong = [a for a in answers if a[2] != a[1] or not a[3].strip()]
-    BAD_INPUT_COUNTS["tried"] = len(answers)
-    BAD_INPUT_COUNTS["clear"] = sum(a[2] == a[1] and a[2] in CLIENT_ERRORS for a in answers)
+    clear = sum(a[2] == a[1] and a[2] in CLIENT_ERRORS for a in answers)
+    record_property(BAD_INPUT_PROPERTY, {"tried": len(answers), "clear": clear})
     assert not wrong, "\n".join(
         f"{w}: expected {e.name}, got {c.name}: {d}" for w, e, c, d in wrong
     )
@@ -297,7 +297,9 @@ def test_every_bad_input_is_refused_at_the_door_with_the_status_that_names_it(
         assert status.status == health_pb2.HealthCheckResponse.SERVING, name
 
 
-def test_every_service_refuses_calls_without_the_right_token(svc: Services) -> None:
+def test_every_service_refuses_calls_without_the_right_token(
+    svc: Services, record_property: Callable[[str, object], None]
+) -> None:
     probes: list[tuple[str, Callable[[grpc.Channel], Any]]] = [
         ("orchestrator", lambda ch: orchestrator_pb2_grpc.OrchestratorServiceStub(ch).GetPlanningJob(pb.GetPlanningJobRequest(job_id=svc.job_id), timeout=10)),
         ("orchestrator", lambda ch: orchestrator_pb2_grpc.OrchestratorServiceStub(ch).CreateCase(iter([pb.CreateCaseRequest(builtin="analytic-cshape")]), timeout=10)),
@@ -323,4 +325,4 @@ def test_every_service_refuses_calls_without_the_right_token(svc: Services) -> N
                 raw.close()
             held += code == C.UNAUTHENTICATED
             assert code == C.UNAUTHENTICATED, f"{service} with token {token!r}: {code.name}"
-    BAD_INPUT_COUNTS["auth_tried"], BAD_INPUT_COUNTS["auth_held"] = tried, held
+    record_property(BAD_INPUT_PROPERTY, {"auth_tried": tried, "auth_held": held})
