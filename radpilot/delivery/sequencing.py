@@ -951,14 +951,13 @@ def keep_goals(
     same steps are sequenced again with the segment weights also optimised on the plan's
     objective plus a term shaped like each goal lost so far (``goal_terms(labels, weight
     factor)``: 1, then 10; ``sequence`` gets them as its terms). The first plan that loses
-    nothing is kept, else the best by ``rank`` (bigger is better: the
-    protocol's ranking, priority and size of each miss) or, without it, the one that loses the
-    fewest goals; the earliest of equals. With ``settings.apertures`` the first try is made
-    twice, with the leaves moved and with the weights fitted alone (leaves where the sequencer
-    put them): one that loses no goal beats one that does, and between equals ``rank`` (which,
-    between plans that lose nothing, prefers the one that spares more) chooses; the retries
-    follow only if both lose a goal.
-    Every try is recorded in the plan's summary (``tries``)."""
+    nothing is kept, else the best by ``rank`` (bigger is better: the protocol's ranking,
+    priority and size of each miss) or, without it, the one that loses the fewest goals; the
+    earliest of equals. With ``settings.apertures`` the first try is made twice, with the leaves
+    moved and with the weights fitted alone (leaves where the sequencer put them): one that loses
+    no goal beats one that does, and between equals ``rank`` (which, between plans that lose
+    nothing, prefers the one that spares more) chooses; the retries follow only if both lose a
+    goal. Every try is recorded in the plan's summary (``tries``)."""
     tries: list[dict[str, Any]] = []
     best: tuple[dict[str, Any], T, Any] | None = None
     current = settings
