@@ -24,10 +24,11 @@ from services.evaluator.config import EvaluatorConfig
 from services.evaluator.server import serve as serve_evaluator
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.server import serve as serve_optimizer
-from tests.paths import REPO_ROOT, with_safety
+from tests.paths import REPO_ROOT, with_safety, without_ring
 
 PROTOCOLS = REPO_ROOT / "protocols"
-EASIER = (PROTOCOLS / "tg119_cshape_easier.yaml").read_text()
+EASIER_FILE = "tg119_cshape_easier.yaml"
+EASIER = (PROTOCOLS / EASIER_FILE).read_text()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
     terms = [types_pb2.ObjectiveTerm(**t.to_dict()) for t in protocol.objectives]
     optimized = optimizer_pb2_grpc.OptimizerServiceStub(ch_o).Optimize(
-        optimizer_pb2.OptimizeRequest(case_id=case.case_id, objectives=terms), timeout=60
+        optimizer_pb2.OptimizeRequest(
+            case_id=case.case_id,
+            objectives=terms,
+            helpers=helpers_to_proto(list(protocol.all_helpers)),  # the protocol's ring
+        ),
+        timeout=60,
     )
     try:
         yield {
@@ -104,24 +110,33 @@ def test_safety_goals_are_checked_over_the_wire_and_a_term_on_their_region_optim
     assert hottest is not None and outside.achieved == pytest.approx(hottest[0], abs=1e-4)
     assert outside.passed == (hottest[0] <= 50.5)
     assert any(f.startswith("global maximum: ") and " at x " in f for f in resp.findings)
-    # the optimizer builds the OutsideTargets region from the definition the request carries
-    protocol = load_protocol_text(safe)
+    # the optimizer builds the OutsideTargets region from the definition the request carries;
+    # a term there lowers the hot spot beside the C (the protocol without its ring term, which
+    # keeps that spot down already)
+    protocol = load_protocol_text(with_safety(without_ring(EASIER_FILE), "on"))
     region = protocol.helper("OutsideTargets")
     assert region is not None
-    terms = [types_pb2.ObjectiveTerm(**t.to_dict()) for t in protocol.objectives] + [
-        types_pb2.ObjectiveTerm(
-            structure="OutsideTargets", kind="squared_overdose", dose_gy=50.5, weight=500.0
+
+    def hottest_outside(extra: list) -> float:
+        terms = [types_pb2.ObjectiveTerm(**t.to_dict()) for t in protocol.objectives] + extra
+        optimized = cluster["optimizer"].Optimize(
+            optimizer_pb2.OptimizeRequest(
+                case_id=cluster["case"].case_id,
+                objectives=terms,
+                helpers=helpers_to_proto([region]),
+                normalize_to="PTV",
+            ),
+            timeout=60,
         )
-    ]
-    optimized = cluster["optimizer"].Optimize(
-        optimizer_pb2.OptimizeRequest(
-            case_id=cluster["case"].case_id, objectives=terms, helpers=helpers_to_proto([region])
-        ),
-        timeout=60,
+        dose = cluster["store"].get_artefact(optimized.dose.path)
+        hot = PlanDose(cluster["case"], dose).hottest_outside_targets()
+        assert hot is not None
+        return hot[0]
+
+    term = types_pb2.ObjectiveTerm(
+        structure="OutsideTargets", kind="squared_overdose", dose_gy=50.5, weight=500.0
     )
-    capped = cluster["store"].get_artefact(optimized.dose.path)
-    hot_after = PlanDose(cluster["case"], capped).hottest_outside_targets()
-    assert hot_after is not None and hot_after[0] < hottest[0]
+    assert hottest_outside([term]) < hottest_outside([])
 
 
 def test_rules_decision_is_the_guardrail(cluster: dict) -> None:

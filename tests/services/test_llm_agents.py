@@ -29,9 +29,9 @@ from radpilot.evaluation.images import dose_images
 from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.evaluation.rules import Decision
-from radpilot.fmo import FluenceOptimizer, FMOSettings, ObjectiveTerm
+from radpilot.fmo import FMOSettings, ObjectiveTerm
 from radpilot.llm.client import LLMClient, LLMSettings
-from radpilot.loop.inprocess import case_anatomy_features, plan_loop
+from radpilot.loop.inprocess import case_anatomy_features, plan_loop, protocol_optimizer
 from radpilot.protocol import load_protocol, load_protocol_text
 from radpilot.v1 import orchestrator_pb2 as pb
 from services.client import LOOP_PARTS
@@ -43,7 +43,7 @@ from tests.doubles.llm_server import (
     role_of,
     scripted_settings,
 )
-from tests.paths import REPO_ROOT, with_safety
+from tests.paths import REPO_ROOT, with_safety, without_ring
 from tests.services.test_orchestrator import _wait
 
 ROOT = REPO_ROOT
@@ -84,12 +84,13 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def harder():
-    return load_protocol(HARDER_PATH)
+    # without the shipped ring: the planner tests below add one of their own
+    return load_protocol_text(without_ring(HARDER_PATH.name))
 
 
 @pytest.fixture(scope="module")
 def first_plan(analytic_case: Case, harder) -> PlanDose:
-    opt = FluenceOptimizer(analytic_case)
+    opt = protocol_optimizer(analytic_case, harder)  # it builds the protocol's ring
     result = opt.solve(harder.objectives, settings=FMOSettings(normalize_to="PTV"))
     return PlanDose(analytic_case, result.dose_rows)
 
@@ -413,9 +414,10 @@ def test_llm_loop_with_two_candidates_per_round(analytic_case: Case, harder) -> 
 
 def test_shipped_references_and_retrieval(analytic_case: Case) -> None:
     library = load_library(shipped_library_dir())
-    for protocol in ("tg119-cshape-easier", "tg119-cshape-harder"):
+    # make references keeps a plan only where it meets every hard goal as delivered
+    for protocol, at_least in (("tg119-cshape-easier", 3), ("tg119-cshape-harder", 2)):
         refs = [r for r in library if r.protocol == protocol]
-        assert len(refs) >= 3, protocol
+        assert len(refs) >= at_least, protocol
         assert all(all(g["passed"] or not g["hard"] for g in r.goals) for r in refs)
     feats = case_anatomy_features(analytic_case)
     assert feats["vol:PTV"] > 0 and 0 < feats["near:Core"] <= 1

@@ -11,7 +11,7 @@ import pytest
 
 from radpilot.case import Case
 from radpilot.v1 import optimizer_pb2, optimizer_pb2_grpc, planner_pb2, planner_pb2_grpc
-from services.common.convert import terms_to_proto
+from services.common.convert import helpers_to_proto, terms_to_proto
 from services.common.metrics import start_metrics_server
 from services.optimizer.config import OptimizerConfig
 from services.optimizer.server import serve as serve_optimizer
@@ -59,6 +59,7 @@ def test_rpc_and_fmo_metrics(metrics_url: str, analytic_case: Case, store) -> No
                 optimizer_pb2.OptimizeRequest(
                     case_id=analytic_case.case_id,
                     objectives=terms_to_proto(PROTOCOL.objectives),
+                    helpers=helpers_to_proto(list(PROTOCOL.all_helpers)),  # its ring
                     normalize_to="PTV",
                 ),
                 timeout=120,

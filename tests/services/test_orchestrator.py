@@ -178,16 +178,10 @@ def test_every_iteration_is_judged_as_delivered_through_the_services(
     assert summary["dose_basis"] == "deliverable" and summary["deliverable"]["total_mu"] > 0
 
 
-NORMAL_TISSUE_TERM = (
-    "  - {structure: NormalTissue, kind: squared_overdose,  dose_gy: 25.0, weight: 5.0}\n"
-)
-assert HARDER.count(NORMAL_TISSUE_TERM) == 1
-WITH_RING = HARDER.replace(
-    NORMAL_TISSUE_TERM,
-    NORMAL_TISSUE_TERM
-    + "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 20.0, weight: 20.0}\n"
-    + "helpers:\n  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 8, outer_mm: 24}\n",
-)
+# the shipped protocol's ring (0-10 mm), moved out so that the job builds a helper of its own
+RING = "inner_mm: 0, outer_mm: 10}"
+assert HARDER.count(RING) == 1
+WITH_RING = HARDER.replace(RING, "inner_mm: 8, outer_mm: 24}")
 
 
 def test_a_protocol_with_a_helper_structure_plans_through_the_services(

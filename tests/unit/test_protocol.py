@@ -38,11 +38,14 @@ def test_shipped_protocols_load(name: str) -> None:
         ("OutsideTargets", "max"),
         ("PTV", "max"),
     }
-    # the implicit hot-spot goals, the outside limit widened (the class solution's own spill)
+    # the implicit hot-spot goals, the outside limit at the target's 115 %
     assert [g.label for g in p.implicit_goals] == [
-        "OutsideTargets max <= 62.5 Gy",
+        "OutsideTargets max <= 57.5 Gy",
         "PTV max <= 57.5 Gy",
     ]
+    # the ring that keeps the class solution's spill beside the PTV under it
+    assert [h.describe() for h in p.helpers] == ["ring 0-10 mm around PTV"]
+    assert any(t.structure == "PTV_ring" for t in p.objectives)
     assert p.intent
     core = next(g for g in p.goals if g.structure == "Core")
     assert core.limit == (25.0 if "easier" in name else 10.0)

@@ -14,8 +14,8 @@ from radpilot.evaluation.metrics import PlanDose
 from radpilot.evaluation.protocol_check import check_protocol
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
-from radpilot.protocol import load_protocol, load_protocol_text
-from tests.paths import REPO_ROOT, with_safety
+from radpilot.protocol import load_protocol_text
+from tests.paths import REPO_ROOT, with_safety, without_ring
 
 PROTOCOLS = REPO_ROOT / "protocols"
 
@@ -30,7 +30,7 @@ def _dose(case: Case, ptv_hot: float, core: float) -> np.ndarray:
 
 
 def _check(case: Case, ptv_hot: float, core: float):
-    protocol = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    protocol = load_protocol_text(without_ring("tg119_cshape_harder.yaml"))
     return protocol, check_protocol(PlanDose(case, _dose(case, ptv_hot, core)), protocol)
 
 
@@ -85,7 +85,7 @@ def test_target_hot_spot_raises_target_overdose_weight(analytic_case: Case) -> N
 def test_a_hot_spot_outside_the_targets_gets_a_term_on_the_implicit_region(
     analytic_case: Case,
 ) -> None:
-    text = with_safety((PROTOCOLS / "tg119_cshape_harder.yaml").read_text(), "on")
+    text = with_safety(without_ring("tg119_cshape_harder.yaml"), "on")
     protocol = load_protocol_text(text)
     dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
     dose[analytic_case.rows_of("PTV")] = 50.0
@@ -233,7 +233,7 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
 def test_loop_goes_on_after_the_goals_are_met_unless_the_protocol_says_stop(
     analytic_case: Case,
 ) -> None:
-    protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
+    protocol = load_protocol_text(without_ring("tg119_cshape_easier.yaml"))
     report = plan_loop(analytic_case, protocol, max_iterations=4)
     assert 1 <= len(report.iterations) <= 4
     assert report.best_iteration in [it.iteration for it in report.iterations]
@@ -336,7 +336,7 @@ def test_an_organ_reaching_the_prescription_moves_its_term_to_its_minus_helper(
     analytic_case: Case,
 ) -> None:
     protocol, check, hot, memory = _overlapping_core(analytic_case)
-    plain = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    plain = load_protocol_text(without_ring("tg119_cshape_harder.yaml"))
     new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
     got = {t.key(): t for t in new}
     old = {t.key(): t for t in protocol.objectives}
@@ -438,7 +438,7 @@ def test_a_limit_near_the_prescription_on_an_overlapping_organ_gives_coverage_to
     from radpilot.cases.helpers import Helper
 
     # a protocol whose core limit sits near the prescription (45 of 50 Gy), missed at 48 Gy
-    text = (PROTOCOLS / "tg119_cshape_harder.yaml").read_text()
+    text = without_ring("tg119_cshape_harder.yaml")
     base = load_protocol_text(text.replace("limit: 10.0", "limit: 45.0"))
     protocol = replace(base, helpers=(Helper("PTV_core", "minus", "PTV", subtract="Core"),))
     dose = np.full(analytic_case.row_voxels.size, 5.0, dtype=np.float32)
@@ -594,7 +594,7 @@ def test_a_step_that_changed_the_terms_gets_one_more_step_before_a_backtrack(
 def test_the_rules_loop_brings_a_hot_spot_outside_the_targets_under_its_safety_goal(
     analytic_case: Case,
 ) -> None:
-    text = with_safety((PROTOCOLS / "tg119_cshape_easier.yaml").read_text(), "on")
+    text = with_safety(without_ring("tg119_cshape_easier.yaml"), "on")
     protocol = load_protocol_text(text)
     report = plan_loop(analytic_case, protocol, max_iterations=4)
     label = "OutsideTargets max <= 53.5 Gy"
@@ -662,7 +662,7 @@ def test_a_dose_volume_limit_on_an_organ_overlapping_the_target_gets_its_shape_o
     assert pushed.weight > dvh.weight and pushed.dose_gy == pytest.approx(6.0)
     # without a minus helper to move to, the shape comes with the first plan: the organ's
     # overdose term would pull on its part inside the target
-    plain = load_protocol(PROTOCOLS / "tg119_cshape_harder.yaml")
+    plain = load_protocol_text(without_ring("tg119_cshape_harder.yaml"))
     at_once, why, _ = propose_rules(
         plain, plain.objectives, check, [MemoryEntry(1, plain.objectives, check, stats=hot)]
     )

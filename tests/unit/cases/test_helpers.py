@@ -122,10 +122,10 @@ def test_the_in_process_loop_builds_the_protocol_s_helpers(analytic_case: Case) 
     from radpilot.protocol import load_protocol_text
     from tests.paths import REPO_ROOT
 
-    text = (REPO_ROOT / "protocols" / "tg119_cshape_harder.yaml").read_text() + (
-        "  - {structure: PTV_ring, kind: squared_overdose, dose_gy: 20.0, weight: 20.0}\n"
-        "helpers:\n  - {name: PTV_ring, kind: ring, of: PTV, inner_mm: 3, outer_mm: 15}\n"
-    )
+    # the shipped C-shape protocols carry a ring; this one is moved to 3-15 mm
+    text = (REPO_ROOT / "protocols" / "tg119_cshape_harder.yaml").read_text()
+    assert "inner_mm: 0, outer_mm: 10}" in text
+    text = text.replace("inner_mm: 0, outer_mm: 10}", "inner_mm: 3, outer_mm: 15}")
     report = plan_loop(analytic_case, load_protocol_text(text), max_iterations=1, agent="fixed")
     assert any(t.structure == "PTV_ring" for t in report.iterations[0].objectives)
     summary = report.summary()
