@@ -84,8 +84,11 @@ class Hostile:
 
 @pytest.fixture(scope="module")
 def harder():
-    # without the shipped ring: the planner tests below add one of their own
-    return load_protocol_text(without_ring(HARDER_PATH.name))
+    # the harder protocol as these tests were written on (version 2): no ring term, the outside
+    # limit at 125 %, so that the first plan misses only the core and runs hot beside the C
+    # (the planner tests below add a ring of their own; BO's terms match the protocol's)
+    text = without_ring(HARDER_PATH.name)
+    return load_protocol_text(with_safety(text, "{outside_targets_max_pct: 125}"))
 
 
 @pytest.fixture(scope="module")
