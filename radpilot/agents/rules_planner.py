@@ -49,7 +49,10 @@ objective weights and doses:
   organ that reaches the prescription, else its overdose term, on the organ's minus helper when
   it reaches the prescription) with an objective dose below what the plan achieves and a
   higher weight. Every sparing step that broke a goal halves the later ones; the step right
-  after one also holds what broke.
+  after one also holds what broke (a target's own maximum by its overdose term, heavier). Once
+  one broke, sparing narrows to the organs nearest their limits (``_focus``) and holds the
+  target coverage goals near their limits when those organs overlap the target
+  (``_hold_coverage``).
 """
 
 from __future__ import annotations
@@ -76,6 +79,17 @@ DVH_MARGIN = 0.5
 COVERAGE_HOLD = 0.02  # a broken coverage Dx is held by a min-DVH term this fraction above it
 AT_RISK = 0.05  # a met goal within this fraction of its limit: pushed by the first alternative
 SPARE_GAIN = 1.0  # the first sparing step from a plan that meets: a full push (halved by breaks)
+# a sparing step lowers the organs whose first goal uses within this much (of the limit) as much
+# of its limit as the organ nearest its limit. (TG-119 head & neck, from the plan that met with
+# cord max 29.2 / 40, parotids' D50 10.2 and 14.6 / 20 Gy: lowering all three broke PTV D99 or
+# a hot spot at every step size; the cord and the right parotid alone, with the coverage held
+# (COVERAGE_HOLD_WEIGHT), met every goal at 27.4 / 10.3 / 10.9 Gy, one FMO each, 2026-12-07)
+FOCUS_BAND = 0.1
+# sparing an organ that overlaps the target holds a coverage goal near its limit with a min-DVH
+# term this many times as heavy as the heaviest sparing term (same probe: at 1x PTV D99 ended
+# at its limit, 46.50 Gy; at 2x 46.64-46.81 Gy)
+COVERAGE_HOLD_WEIGHT = 2.0
+HOT_SPOT_HOLD = 2.0  # a target hot spot a sparing step broke: the target's overdose term x this
 ALTERNATIVE_SCALES = (
     2.0,
     0.5,
@@ -836,18 +850,20 @@ def _spare(
         else []
     )
 
+    # every sparing step in view that broke a goal halves the step, from a new best plan too:
+    # a step that broke once breaks again from the next plan that meets; it also narrows the
+    # step to the organs nearest their limits (``_focus``)
+    met_at = next((i for i, m in enumerate(memory) if m.check.all_passed), len(memory))
+    breaks = sum(1 for m in memory[met_at:] if m.check.failed)
+
     def step(g: float) -> tuple[list[ObjectiveTerm], list[str]]:
-        terms, notes = _lower(protocol, best.objectives, goals, g, guard, best)
+        terms, notes = _lower(protocol, best.objectives, goals, g, guard, best, narrow=breaks > 0)
         if broken:
             terms, pushed = _hold(protocol, terms, broken, g, memory)
             notes += pushed
         return terms, notes
 
     tried = [m.objectives for m in memory]
-    # every sparing step in view that broke a goal halves the step, from a new best plan too:
-    # a step that broke once breaks again from the next plan that meets
-    met_at = next((i for i, m in enumerate(memory) if m.check.all_passed), len(memory))
-    breaks = sum(1 for m in memory[met_at:] if m.check.failed)
     gain = SPARE_GAIN * 0.5**breaks
     for _ in range(8):
         terms, steps = step(gain)
@@ -915,6 +931,20 @@ def _hold(
     notes: list[str] = []
     rest: list[GoalResult] = []
     for r in broken:
+        over = terms.get(f"{r.goal.structure}:squared_overdose")
+        if r.goal.structure in _targets(protocol) and r.goal.metric == "max" and over is not None:
+            # a target's own hot spot: its overdose term, heavier. (A smooth maximum on the
+            # target, softness 1 Gy over its many voxels near the prescription, presses on all
+            # of them: on the TG-119 head & neck it took the PTV maximum to 53-54 Gy, at 54-56.5
+            # Gy, and pushed the hot spot outside the PTV over its limit; the overdose term at
+            # twice its weight met both, 2026-12-07)
+            new = over.with_values(over.dose_gy, min(MAX_WEIGHT, over.weight * HOT_SPOT_HOLD))
+            terms[new.key()] = new
+            notes.append(
+                f"the last step broke {r.goal.label} ({r.achieved:.2f} {r.goal.unit}): "
+                f"{new.key()} weight x{HOT_SPOT_HOLD:g} holds it while sparing"
+            )
+            continue
         probe = (
             goal_term(protocol, r.goal, gain, 1.0)
             if r.goal.comparator == "<="
@@ -957,9 +987,12 @@ def _lower(
     gain: float,
     guard: list[GoalResult],
     best: MemoryEntry,
+    narrow: bool = False,
 ) -> tuple[list[ObjectiveTerm], list[str]]:
     """Objective doses below what the plan achieves on each goal's structure, weights up; the
-    overdose terms of the ``guard`` goals' structures get the same weight factor."""
+    overdose terms of the ``guard`` goals' structures get the same weight factor. ``narrow``
+    (a sparing step broke a goal before): only the organs nearest their limits are lowered, and
+    a coverage goal near its limit is held when one of them overlaps the target."""
     terms = {t.key(): t for t in objectives}
     factor = 1.0 + gain
     hot: dict[str, float] = {}  # overdose term -> the lowest hot spot its guard goals are at
@@ -979,9 +1012,20 @@ def _lower(
         dose = value if kind == "V" and value is not None else r.achieved
         level[r.goal.structure] = min(level.get(r.goal.structure, dose), dose)
     notes: list[str] = []
-    for r in sorted(goals, key=lambda r: r.goal.priority):
+    ordered = sorted(goals, key=lambda r: r.goal.priority)
+    focus = _focus(ordered) if narrow else {r.goal.structure: _use(r) for r in ordered}
+    pushed: list[ObjectiveTerm] = []
+    for r in ordered:
         structure = r.goal.structure
         if structure not in level:
+            continue
+        if structure not in focus:
+            level.pop(structure)
+            notes.append(
+                f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit} "
+                f"({_use(r):.0%} of its limit): left as it is while the organs nearest "
+                f"their limits ({max(focus.values()):.0%}) are spared"
+            )
             continue
         kind, x = parse_metric(r.goal.metric)
         shaped = terms.get(f"{structure}:max_dvh")
@@ -1025,11 +1069,71 @@ def _lower(
         else:
             weight = _median_weight(objectives)
         terms[key] = ObjectiveTerm(site, kind, round(max(dose, 0.0), 3), weight, parameter)
+        pushed.append(terms[key])
         notes.append(
             f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit}: {key} objective dose "
             f"{dose:.1f} Gy, weight {f'x{factor:.2f}' if old else 'new'}"
         )
+    if narrow and any(_overlaps_target(protocol, [best], s) for s in focus):
+        heaviest = max((t.weight for t in pushed), default=_median_weight(objectives))
+        notes += _hold_coverage(protocol, terms, best, gain, heaviest)
     return list(terms.values()), notes
+
+
+def _use(r: GoalResult) -> float:
+    """How much of an upper limit a goal's value uses (1 = at the limit)."""
+    return r.achieved / max(abs(r.goal.limit), 1e-6)
+
+
+def _focus(goals: list[GoalResult]) -> dict[str, float]:
+    """The organs a sparing step lowers: those whose first goal (``goals`` in priority order)
+    uses within ``FOCUS_BAND`` as much of its limit as the one nearest its limit, with that use.
+    The others keep their terms: lowering every organ at once spends the room the targets' goals
+    leave on organs already far below their limits."""
+    first: dict[str, float] = {}
+    for r in goals:
+        first.setdefault(r.goal.structure, _use(r))
+    top = max(first.values(), default=0.0)
+    return {s: u for s, u in first.items() if u >= top - FOCUS_BAND}
+
+
+def _hold_coverage(
+    protocol: Protocol,
+    terms: dict[str, ObjectiveTerm],
+    best: MemoryEntry,
+    gain: float,
+    pushed_weight: float,
+) -> list[str]:
+    """Sparing an organ that overlaps the target takes dose from the target's edge: each
+    coverage goal (a lower limit on a Dx of a target) within ``AT_RISK`` of its limit gets its
+    min-DVH term in the same step, ``COVERAGE_HOLD_WEIGHT`` times as heavy as the heaviest
+    sparing term (a term it has already is made at least that heavy)."""
+    notes: list[str] = []
+    targets = _targets(protocol)
+    for r in best.check.results:
+        if r.goal.comparator != ">=" or r.goal.structure not in targets:
+            continue
+        if r.goal.structure == protocol.target and parse_metric(r.goal.metric) == (
+            "D",
+            protocol.coverage_pct,
+        ):
+            continue  # the prescription itself: every plan is normalised to meet it exactly
+        if r.margin / max(abs(r.goal.limit), 1.0) >= AT_RISK:
+            continue
+        probe = _coverage_term(r.goal, gain)
+        if probe is None:
+            continue
+        weight = min(MAX_WEIGHT, COVERAGE_HOLD_WEIGHT * pushed_weight)
+        old = terms.get(probe.key())
+        if old is not None and old.weight >= weight:
+            continue
+        dose = max(probe.dose_gy, old.dose_gy) if old is not None else probe.dose_gy
+        terms[probe.key()] = probe.with_values(dose, weight)
+        notes.append(
+            f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit}, near its limit while an organ "
+            f"in or beside the target is spared: {terms[probe.key()].label()} holds it"
+        )
+    return notes
 
 
 def _new_terms_on_trial(memory: list[MemoryEntry], best: MemoryEntry) -> bool:

@@ -202,7 +202,12 @@ def test_once_every_goal_is_met_it_spares_the_organs_and_keeps_the_targets(
     # a step that broke a goal halves the next: half the margin below 8 Gy, factor x1.5
     smaller = {t.key(): t for t in again}
     assert core.dose_gy < smaller["Core:max_dvh"].dose_gy < 8.0
-    assert smaller["PTV:squared_overdose"].weight == pytest.approx(1.5 * 500.0)
+    # the target's overdose term: x1.5 with the step, and x2 more because that step broke the
+    # target's maximum (58 Gy, implicit limit 57.5): a hot spot in the target is held by its own
+    # overdose term, not by a smooth maximum that would press on every voxel of the target
+    assert smaller["PTV:squared_overdose"].weight == pytest.approx(2 * 1.5 * 500.0)
+    assert "PTV:smooth_max" not in smaller
+    assert "broke PTV max <= 57.5 Gy (58.00 Gy): PTV:squared_overdose weight x2" in why2
     assert "attempt 2, a smaller step (x0.5)" in why2
     # what the step broke is held by a term of the goal's own shape while sparing goes on
     held = {t.key(): t for t in again}["PTV:max_dvh"]
@@ -406,6 +411,50 @@ def test_a_sparing_step_that_broke_a_goal_halves_the_steps_after_it(analytic_cas
     weight = lambda ts: {t.key(): t for t in ts}["PTV:squared_overdose"].weight  # noqa: E731
     assert weight(fresh) == pytest.approx(2.0 * 500.0)  # a full push from a first met plan
     assert weight(after) == pytest.approx(1.5 * 500.0)  # half of it after a step that broke
+
+
+def test_after_a_sparing_step_broke_a_goal_only_the_organs_nearest_their_limits_are_lowered(
+    analytic_case: Case,
+) -> None:
+    # two organs to spare: the core at 8 of 10 Gy (80 % of its limit) and the body's mean far
+    # below its limit; and a coverage goal that is not the prescription, 4 % above its limit
+    goals = (
+        '  - {structure: PTV, metric: D99, comparator: ">=", limit: 48.0, priority: 1}\n'
+        '  - {structure: BODY, metric: mean, comparator: "<=", limit: 40.0, priority: 2}\n'
+    )
+    text = without_ring("tg119_cshape_harder.yaml").replace("goals:\n", "goals:\n" + goals, 1)
+    protocol = load_protocol_text(text)
+
+    def check(ptv_hot: float, core: float):
+        dose = _dose(analytic_case, ptv_hot, core)
+        return check_protocol(PlanDose(analytic_case, dose), protocol)
+
+    met, broke = check(52.0, 8.0), check(58.0, 6.0)
+    assert met.all_passed and not broke.all_passed
+    hot = ({"name": "Core", "max_gy": 49.0},)  # the core reaches the prescription
+    first = MemoryEntry(1, protocol.objectives, met, stats=hot)
+    # the first sparing step from a plan that meets lowers every organ, and holds no coverage
+    new, _, _ = propose_rules(protocol, protocol.objectives, met, [first])
+    keys = {t.key() for t in new}
+    assert {"Core:max_dvh", "BODY:squared_overdose"} <= keys and "PTV:min_dvh" not in keys
+    # it broke a goal: the next step lowers only the organ nearest its limit (the core), and
+    # holds the coverage goal near its limit with a min-DVH term twice as heavy as the core's
+    again, why, _ = propose_rules(protocol, new, broke, [first, MemoryEntry(2, new, broke)])
+    got = {t.key(): t for t in again}
+    assert "BODY:squared_overdose" not in got  # left as it was in iteration 1 (no term)
+    assert "BODY mean <= 40 Gy at" in why and "left as it is" in why
+    assert got["Core:max_dvh"].dose_gy < 8.0
+    cover = got["PTV:min_dvh"]
+    assert cover.parameter == 99 and cover.dose_gy == pytest.approx(48.0 * (1 + 0.02 * 0.5))
+    assert cover.weight == pytest.approx(2.0 * got["Core:max_dvh"].weight)
+    assert "PTV D99 >= 48 Gy at 50.00 Gy, near its limit" in why
+    # the prescription's own coverage (D95, normalised to meet exactly) is never held
+    assert not any(t.kind == "min_dvh" and t.parameter == 95 for t in again)
+    # an organ away from the target: the coverage is left to the step's guard terms
+    cool = ({"name": "Core", "max_gy": 20.0},)
+    away = MemoryEntry(1, protocol.objectives, met, stats=cool)
+    step, _, _ = propose_rules(protocol, new, broke, [away, MemoryEntry(2, new, broke)])
+    assert "PTV:min_dvh" not in {t.key() for t in step}
 
 
 def test_spillage_adds_a_term_on_the_ring_around_the_target_once(analytic_case: Case) -> None:
