@@ -1022,9 +1022,9 @@ def _lower(
         if structure not in focus:
             level.pop(structure)
             notes.append(
-                f"{r.goal.label} at {r.achieved:.2f} {r.goal.unit} "
-                f"({_use(r):.0%} of its limit): left as it is while the organs nearest "
-                f"their limits ({max(focus.values()):.0%}) are spared"
+                f"{structure} left as it is ({r.goal.label} at {r.achieved:.2f} "
+                f"{r.goal.unit}): the organs nearest their limits "
+                f"({max(focus.values()):.0%} of one) are spared first"
             )
             continue
         kind, x = parse_metric(r.goal.metric)
@@ -1086,15 +1086,15 @@ def _use(r: GoalResult) -> float:
 
 
 def _focus(goals: list[GoalResult]) -> dict[str, float]:
-    """The organs a sparing step lowers: those whose first goal (``goals`` in priority order)
-    uses within ``FOCUS_BAND`` as much of its limit as the one nearest its limit, with that use.
-    The others keep their terms: lowering every organ at once spends the room the targets' goals
+    """The organs a sparing step lowers: those whose goals come within ``FOCUS_BAND`` of the
+    largest use of a limit (an organ's use: its goal nearest its limit), with that use. The
+    others keep their terms: lowering every organ at once spends the room the targets' goals
     leave on organs already far below their limits."""
-    first: dict[str, float] = {}
+    use: dict[str, float] = {}
     for r in goals:
-        first.setdefault(r.goal.structure, _use(r))
-    top = max(first.values(), default=0.0)
-    return {s: u for s, u in first.items() if u >= top - FOCUS_BAND}
+        use[r.goal.structure] = max(use.get(r.goal.structure, 0.0), _use(r))
+    top = max(use.values(), default=0.0)
+    return {s: u for s, u in use.items() if u >= top - FOCUS_BAND}
 
 
 def _hold_coverage(
