@@ -41,7 +41,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ev = serve_evaluator(EvaluatorConfig(address="127.0.0.1:0", case_store=str(store.root)))
     ch_o = grpc.insecure_channel(f"127.0.0.1:{opt.port}")
     ch_e = grpc.insecure_channel(f"127.0.0.1:{ev.port}")
-    protocol = load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
+    protocol = load_protocol_text(EASIER)
     terms = [types_pb2.ObjectiveTerm(**t.to_dict()) for t in protocol.objectives]
     optimized = optimizer_pb2_grpc.OptimizerServiceStub(ch_o).Optimize(
         optimizer_pb2.OptimizeRequest(
@@ -147,7 +147,7 @@ def test_rules_decision_is_the_guardrail(cluster: dict) -> None:
         assert ev.decision is Decision.NEEDS_IMPROVEMENT
     hot = dose * 1.3  # scaled plan: coverage still met, hot spots everywhere
     ev_hot = evaluate_rules(
-        PlanDose(case, hot), load_protocol(PROTOCOLS / "tg119_cshape_easier.yaml")
+        PlanDose(case, hot), load_protocol_text(EASIER)
     )
     assert ev_hot.decision is Decision.NEEDS_IMPROVEMENT
     assert any(f.startswith("hot spot:") for f in ev_hot.findings)
