@@ -146,9 +146,7 @@ def test_rules_decision_is_the_guardrail(cluster: dict) -> None:
     if not ev.check.all_passed:
         assert ev.decision is Decision.NEEDS_IMPROVEMENT
     hot = dose * 1.3  # scaled plan: coverage still met, hot spots everywhere
-    ev_hot = evaluate_rules(
-        PlanDose(case, hot), load_protocol_text(EASIER)
-    )
+    ev_hot = evaluate_rules(PlanDose(case, hot), load_protocol_text(EASIER))
     assert ev_hot.decision is Decision.NEEDS_IMPROVEMENT
     assert any(f.startswith("hot spot:") for f in ev_hot.findings)
 
