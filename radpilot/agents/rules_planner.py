@@ -79,11 +79,12 @@ DVH_MARGIN = 0.5
 COVERAGE_HOLD = 0.02  # a broken coverage Dx is held by a min-DVH term this fraction above it
 AT_RISK = 0.05  # a met goal within this fraction of its limit: pushed by the first alternative
 SPARE_GAIN = 1.0  # the first sparing step from a plan that meets: a full push (halved by breaks)
-# a sparing step lowers the organs whose first goal uses within this much (of the limit) as much
-# of its limit as the organ nearest its limit. (TG-119 head & neck, from the plan that met with
-# cord max 29.2 / 40, parotids' D50 10.2 and 14.6 / 20 Gy: lowering all three broke PTV D99 or
-# a hot spot at every step size; the cord and the right parotid alone, with the coverage held
-# (COVERAGE_HOLD_WEIGHT), met every goal at 27.4 / 10.3 / 10.9 Gy, one FMO each, 2026-12-07)
+# once a sparing step broke a goal, the next ones lower the organs whose use of a limit (a goal's
+# value / its limit, the organ's largest) is within this of the largest. (TG-119 head & neck,
+# from the plan that met with cord max 29.2 / 40, parotids' D50 10.2 and 14.6 / 20 Gy: lowering
+# all three broke PTV D99 or a hot spot at every step size; the cord and the right parotid
+# alone, with the coverage held (COVERAGE_HOLD_WEIGHT), met every goal at 27.4 / 10.3 / 10.9 Gy,
+# one FMO each, 2026-12-07)
 FOCUS_BAND = 0.1
 # sparing an organ that overlaps the target holds a coverage goal near its limit with a min-DVH
 # term this many times as heavy as the heaviest sparing term (same probe: at 1x PTV D99 ended
@@ -1107,7 +1108,8 @@ def _hold_coverage(
     """Sparing an organ that overlaps the target takes dose from the target's edge: each
     coverage goal (a lower limit on a Dx of a target) within ``AT_RISK`` of its limit gets its
     min-DVH term in the same step, ``COVERAGE_HOLD_WEIGHT`` times as heavy as the heaviest
-    sparing term (a term it has already is made at least that heavy)."""
+    sparing term (a term it has already is made at least that heavy; a target whose min-DVH
+    term is on another volume keeps it)."""
     notes: list[str] = []
     targets = _targets(protocol)
     for r in best.check.results:
@@ -1125,8 +1127,8 @@ def _hold_coverage(
             continue
         weight = min(MAX_WEIGHT, COVERAGE_HOLD_WEIGHT * pushed_weight)
         old = terms.get(probe.key())
-        if old is not None and old.weight >= weight:
-            continue
+        if old is not None and (old.parameter != probe.parameter or old.weight >= weight):
+            continue  # (one term per structure and kind: one on another volume stays)
         dose = max(probe.dose_gy, old.dose_gy) if old is not None else probe.dose_gy
         terms[probe.key()] = probe.with_values(dose, weight)
         notes.append(

@@ -450,6 +450,11 @@ def test_after_a_sparing_step_broke_a_goal_only_the_organs_nearest_their_limits_
     assert "PTV D99 >= 48 Gy at 50.00 Gy, near its limit" in why
     # the prescription's own coverage (D95, normalised to meet exactly) is never held
     assert not any(t.kind == "min_dvh" and t.parameter == 95 for t in again)
+    # a min-DVH term the target has on another volume (one per structure and kind) stays
+    d95 = ObjectiveTerm("PTV", "min_dvh", 50.0, 10.0, 95.0)  # lighter than a hold
+    own = MemoryEntry(1, [*protocol.objectives, d95], met, stats=hot)
+    kept, _, _ = propose_rules(protocol, new, broke, [own, MemoryEntry(2, new, broke)])
+    assert {t.key(): t for t in kept}["PTV:min_dvh"] == d95
     # an organ away from the target: the coverage is left to the step's guard terms
     cool = ({"name": "Core", "max_gy": 20.0},)
     away = MemoryEntry(1, protocol.objectives, met, stats=cool)
