@@ -541,7 +541,7 @@ def propose_rules(
     at_risk = [
         GoalResult(r.goal, r.achieved, False, r.margin)
         for r in check.results
-        if r.passed and r.margin / max(abs(r.goal.limit), 1.0) < AT_RISK
+        if r.passed and _at_risk(r)
     ]
     options: list[tuple[str, ProtocolCheck, float]] = []
     if at_risk:
@@ -1081,6 +1081,11 @@ def _lower(
     return list(terms.values()), notes
 
 
+def _at_risk(r: GoalResult) -> bool:
+    """A goal within ``AT_RISK`` of its limit (relative to the limit), or past it."""
+    return r.margin / max(abs(r.goal.limit), 1.0) < AT_RISK
+
+
 def _use(r: GoalResult) -> float:
     """How much of an upper limit a goal's value uses (1 = at the limit)."""
     return r.achieved / max(abs(r.goal.limit), 1e-6)
@@ -1120,7 +1125,7 @@ def _hold_coverage(
             protocol.coverage_pct,
         ):
             continue  # the prescription itself: every plan is normalised to meet it exactly
-        if r.margin / max(abs(r.goal.limit), 1.0) >= AT_RISK:
+        if not _at_risk(r):
             continue
         probe = _coverage_term(r.goal, gain)
         if probe is None:
