@@ -316,6 +316,48 @@ def test_a_stalled_hot_spot_in_the_target_gets_its_shape_aimed_inside_the_limit(
     assert pushed.weight > dvh.weight and pushed.dose_gy == pytest.approx(52.75)
 
 
+def test_a_stalled_target_maximum_gets_a_sharp_smooth_maximum_even_on_an_inflated_plan(
+    analytic_case: Case,
+) -> None:
+    # PTV max <= 57.5 Gy (the implicit hot-spot goal) missed three times without closing in,
+    # every plan scaled up by the normalisation (whose pushes go to the coverage's min-DVH
+    # term): a smooth maximum with 0.25 Gy softness, aimed 15 % of the way from the limit
+    # down to 101 % of Rx (56.45 Gy). A softness of 1 Gy over the target's many voxels near
+    # the prescription would press its whole top down.
+    protocol = load_protocol_text(without_ring("tg119_cshape_harder.yaml"))
+    ptv = analytic_case.rows_of("PTV")
+    cover = ObjectiveTerm("PTV", "min_dvh", 50.0, 800.0, 95.0)
+    terms = [*protocol.objectives, cover]
+
+    def check(peak: float):
+        dose = _dose(analytic_case, 54.0, 8.0)  # PTV D10 54 <= 55, core met
+        dose[ptv[:3]] = peak
+        return check_protocol(PlanDose(analytic_case, dose), protocol)
+
+    checks = [check(peak) for peak in (59.0, 58.9, 58.8)]
+    assert [r.goal.label for r in checks[-1].failed] == ["PTV max <= 57.5 Gy"]
+    memory = [MemoryEntry(i + 1, terms, c, scale=1.04) for i, c in enumerate(checks)]
+    new, why, _ = propose_rules(protocol, terms, checks[-1], memory)
+    got = {t.key(): t for t in new}
+    sharp = got["PTV:smooth_max"]
+    assert sharp.dose_gy == pytest.approx(56.45) and sharp.parameter == 0.25
+    assert sharp.weight > 500.0  # the PTV overdose term's, times the step
+    assert got["PTV:min_dvh"] == cover  # not pushed again
+    assert "PTV max <= 57.5 Gy missed in the last 3 plans without closing in" in why
+    assert "new term PTV smooth_max 56.45 Gy (softness_gy 0.25)" in why
+    # from then on that term is pushed, still not the coverage's
+    c4 = check(58.0)
+    nxt, why2, _ = propose_rules(protocol, new, c4, [*memory, MemoryEntry(4, new, c4, scale=1.04)])
+    after = {t.key(): t for t in nxt}
+    assert after["PTV:smooth_max"].weight > sharp.weight
+    assert after["PTV:smooth_max"].dose_gy == pytest.approx(56.45)
+    assert after["PTV:min_dvh"] == cover
+    assert "PTV:smooth_max weight x" in why2
+    # a first miss on an inflated plan still goes to the coverage
+    first, _, _ = propose_rules(protocol, terms, checks[0], memory[:1])
+    assert "PTV:smooth_max" not in {t.key() for t in first}
+
+
 def _with_helpers(protocol):
     from radpilot.cases.helpers import Helper
 
