@@ -169,10 +169,11 @@ def goal_term(
     """A term shaped like an upper-limit goal, aimed a margin inside its limit (None: no kind
     fits the metric)."""
     kind, x = parse_metric(goal.metric)
+    target_max = _target_max(protocol, goal)
     shrink = 1 - OAR_MARGIN * gain
     if _hot_spot_limit(protocol, goal):  # never aimed below 101 % of Rx
         floor = protocol.prescription_gy * 1.01
-        aim = TARGET_MAX_AIM if _target_max(protocol, goal) else 0.5
+        aim = TARGET_MAX_AIM if target_max else 0.5
         dose = max(floor, goal.limit - (goal.limit - floor) * aim)
     else:
         dose = goal.limit * shrink
@@ -184,11 +185,11 @@ def goal_term(
         return ObjectiveTerm(s, "max_dvh", x, weight, round(goal.limit * shrink, 3))
     if kind == "mean":
         return ObjectiveTerm(s, "mean_dose", round(dose, 3), weight)
-    if s == OUTSIDE_TARGETS or _target_max(protocol, goal):
+    if s == OUTSIDE_TARGETS or target_max:
         # a few hot voxels among many near the prescription: a sharp smooth maximum (0.25 Gy),
         # or the many would dominate it (pull the target's edge, or its whole top, down)
         return ObjectiveTerm(s, "smooth_max", round(dose, 3), weight, HOT_SPOT_SOFTNESS_GY)
-    if kind == "max" or (kind == "D" and x == 0):
+    if _is_max(kind, x):
         return ObjectiveTerm(s, "smooth_max", round(dose, 3), weight)
     return None
 
@@ -213,8 +214,12 @@ def _hot_spot_limit(protocol: Protocol, goal: ClinicalGoal) -> bool:
 
 def _target_max(protocol: Protocol, goal: ClinicalGoal) -> bool:
     """Whether ``goal`` limits the prescription target's maximum dose."""
-    kind, x = parse_metric(goal.metric)
-    return goal.structure == protocol.target and (kind == "max" or (kind == "D" and x == 0))
+    return goal.structure == protocol.target and _is_max(*parse_metric(goal.metric))
+
+
+def _is_max(kind: str, x: float | None) -> bool:
+    """Whether a parsed metric is a maximum dose ("max", or D0)."""
+    return kind == "max" or (kind == "D" and x == 0)
 
 
 def _shaped_for(goal: ClinicalGoal, term: ObjectiveTerm | None) -> bool:
