@@ -47,6 +47,42 @@ def test_missed_oar_goal_raises_its_weight_and_lowers_its_dose(analytic_case: Ca
     assert "Core D10 <= 10 Gy missed by 4.00 Gy" in why
 
 
+def test_an_organ_near_miss_alone_moves_its_weight_in_proportion_to_the_miss(
+    analytic_case: Case,
+) -> None:
+    # core D10 <= 10 Gy missed in the last three plans, now by 0.05 Gy (0.5 % of the limit)
+    # and nothing else missed: the weight alone, x1.25; by 0.01 Gy, x1.1 (the floor)
+    core = "Core:squared_overdose"
+    protocol, earlier = _check(analytic_case, 52.0, 10.4)
+    start = next(t for t in protocol.objectives if t.key() == core)
+
+    def step(memory, check):
+        new, why, _ = propose_rules(protocol, protocol.objectives, check, memory)
+        return next(t for t in new if t.key() == core), why
+
+    closing = [
+        MemoryEntry(1, protocol.objectives, earlier),
+        MemoryEntry(2, protocol.objectives, earlier),
+    ]
+    for achieved, factor in ((10.05, 1.25), (10.01, 1.1)):
+        _, check = _check(analytic_case, 52.0, achieved)
+        assert [r.goal.label for r in check.failed] == ["Core D10 <= 10 Gy"]
+        got, why = step([*closing, MemoryEntry(3, protocol.objectives, check)], check)
+        assert got.dose_gy == start.dose_gy
+        assert got.weight == pytest.approx(start.weight * factor, rel=0.02)
+        assert "a near miss: the weight alone" in why
+        # the same miss after one push: the usual step (objective dose lower, weight x1.5 or more)
+        got, why = step([closing[0], MemoryEntry(2, protocol.objectives, check)], check)
+        assert got.dose_gy < start.dose_gy and got.weight >= 1.5 * start.weight
+        assert "near miss" not in why
+    # beside another miss (PTV D10 55.5 > 55), whose push presses on the core: the usual step
+    _, check = _check(analytic_case, 55.5, 10.05)
+    assert len(check.failed) == 2
+    got, why = step([*closing, MemoryEntry(3, protocol.objectives, check)], check)
+    assert got.dose_gy < start.dose_gy and got.weight >= 1.5 * start.weight
+    assert "near miss" not in why
+
+
 def test_alternatives_guard_goals_at_risk_then_scale_the_step(analytic_case: Case) -> None:
     protocol, check = _check(analytic_case, 52.0, 14.0)  # core D10 14 > 10; PTV D95 = 50 exactly
     memory = [MemoryEntry(1, protocol.objectives, check)]
