@@ -480,15 +480,19 @@ def _add_ring(
     )
 
 
+def _relative_miss(r: GoalResult) -> float:
+    """How far a goal is from its limit, as a fraction of the limit (of 1 below 1)."""
+    return abs(r.margin) / max(abs(r.goal.limit), 1.0)
+
+
 def _step(r: GoalResult, gain: float) -> float:
-    rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
-    return min(MAX_FACTOR, 1.0 + gain * (0.5 + 4.0 * rel))
+    return min(MAX_FACTOR, 1.0 + gain * (0.5 + 4.0 * _relative_miss(r)))
 
 
 def _near_miss(r: GoalResult, check: ProtocolCheck, memory: list[MemoryEntry] | None) -> bool:
     """A miss below NEAR_MISS of the limit, the plan's only one, of a goal missed in each of the
     last STALL_PLANS plans: the loop has been closing in on it along a trade-off."""
-    if len(check.failed) != 1 or abs(r.margin) >= NEAR_MISS * max(abs(r.goal.limit), 1.0):
+    if len(check.failed) != 1 or _relative_miss(r) >= NEAR_MISS:
         return False
     recent = [m.check.result(r.goal) for m in (memory or [])[-STALL_PLANS:]]
     return len(recent) == STALL_PLANS and all(x is not None and not x.passed for x in recent)
@@ -497,8 +501,7 @@ def _near_miss(r: GoalResult, check: ProtocolCheck, memory: list[MemoryEntry] | 
 def _near_miss_step(r: GoalResult, gain: float) -> float:
     """The weight factor for a near miss: the usual step's at a miss of NEAR_MISS, down in
     proportion to the miss, to a fifth of it (x1.1 at full gain)."""
-    rel = abs(r.margin) / max(abs(r.goal.limit), 1.0)
-    return 1.0 + gain * 0.5 * max(rel / NEAR_MISS, 0.2)
+    return 1.0 + gain * 0.5 * max(_relative_miss(r) / NEAR_MISS, 0.2)
 
 
 def _extrapolated(
@@ -668,16 +671,14 @@ def _push(
             floor = protocol.prescription_gy * 1.01 if hot_spot else 0.0
             shrink = 1 - OAR_MARGIN * own
             new_dose = min((old.dose_gy if old else unit) * shrink, unit * shrink)
-            near = old is not None and not hot_spot and _near_miss(r, check, memory)
-            if near and old is not None:
-                new_dose, factor = old.dose_gy, _near_miss_step(r, own)
             if hot_spot:
                 new_dose = max(
                     floor, min(old.dose_gy if old else unit, unit - (unit - floor) * 0.5)
                 )
             sized = ""
             if old:
-                if near:
+                if not hot_spot and _near_miss(r, check, memory):
+                    new_dose, factor = old.dose_gy, _near_miss_step(r, own)
                     sized = " (a near miss: the weight alone, in proportion to the miss)"
                 elif not hot_spot:
                     factor, sized = _extrapolated(factor, r, key, own, memory)
@@ -752,7 +753,7 @@ def _cover_for_organs(
             and r.goal.structure not in targets
             and not _hot_spot_limit(protocol, r.goal)
             and r.goal.structure != GLOBAL
-            and abs(r.margin) >= SCALED_ORGAN_MISS * max(abs(r.goal.limit), 1.0)
+            and _relative_miss(r) >= SCALED_ORGAN_MISS
         ),
         None,
     )
