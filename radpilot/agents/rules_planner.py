@@ -165,16 +165,19 @@ def _overlaps_target(protocol: Protocol, memory: list[MemoryEntry] | None, struc
     return peak is not None and peak >= REACHES_RX * protocol.prescription_gy
 
 
+def _missed_lately(goal: ClinicalGoal, memory: list[MemoryEntry]) -> list[GoalResult] | None:
+    """``goal``'s results in the last STALL_PLANS plans when each of them missed it, else None."""
+    results = [m.check.result(goal) for m in memory[-STALL_PLANS:]]
+    if len(results) < STALL_PLANS or any(r is None or r.passed for r in results):
+        return None
+    return [r for r in results if r is not None]
+
+
 def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
     """(first, last) achieved values when ``goal`` has stalled over the last plans, else None."""
-    if len(memory) < STALL_PLANS:
+    results = _missed_lately(goal, memory)
+    if results is None:
         return None
-    results = []
-    for m in memory[-STALL_PLANS:]:
-        r = m.check.result(goal)
-        if r is None or r.passed:
-            return None
-        results.append(r)
     first, last = results[0], results[-1]
     if last.margin - first.margin >= STALL_GAIN * abs(first.margin):
         return None
@@ -494,8 +497,7 @@ def _near_miss(r: GoalResult, check: ProtocolCheck, memory: list[MemoryEntry] | 
     last STALL_PLANS plans: the loop has been closing in on it along a trade-off."""
     if len(check.failed) != 1 or _relative_miss(r) >= NEAR_MISS:
         return False
-    recent = [m.check.result(r.goal) for m in (memory or [])[-STALL_PLANS:]]
-    return len(recent) == STALL_PLANS and all(x is not None and not x.passed for x in recent)
+    return _missed_lately(r.goal, memory or []) is not None
 
 
 def _near_miss_step(r: GoalResult, gain: float) -> float:
