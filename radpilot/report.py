@@ -304,6 +304,8 @@ class PlanReport:
                     # delivery.every_iteration: judged on this plan's deliverable dose
                     "dose_basis": it.dose_basis,
                     "delivery": dict(it.delivery),
+                    # why this FMO started from zero fluence ("" = from the previous plan)
+                    "cold_start": it.cold_start,
                 }
                 for it in self.iterations
             ],
@@ -472,6 +474,7 @@ class PlanReport:
                 e(f"{r.goal.structure} {r.goal.metric} {r.achieved:.2f}") for r in it.check.results
             )
             where = f"<br>round {it.round}, candidate {it.candidate + 1}" if parallel_rounds else ""
+            restart = f"<br>started from zero fluence: {e(it.cold_start)}" if it.cold_start else ""
             if "segments" in it.delivery:
                 metrics += "<br>" + e(
                     f"(as delivered: {it.delivery['segments']} segments, "
@@ -481,6 +484,7 @@ class PlanReport:
                 f"<tr><td>{it.iteration}{where}</td><td>{weights}</td><td>{metrics}</td>"
                 f"<td>{it.fmo.iterations} it, {it.fmo.seconds:.2f} s, {e(it.fmo.backend)}, "
                 f"{'converged' if it.fmo.converged else 'not converged'} ({e(it.fmo.stop_reason)})"
+                f"{restart}"
                 f"</td><td>{e(it.summary_line())}</td></tr>"
             )
         llm_rows = "".join(

@@ -68,7 +68,7 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS
 from radpilot.cases.helpers import Helper
 from radpilot.dosimetry import parse_metric
-from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck
+from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck, stalled
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import ClinicalGoal, Protocol
 
@@ -175,13 +175,10 @@ def _missed_lately(goal: ClinicalGoal, memory: list[MemoryEntry]) -> list[GoalRe
 
 def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
     """(first, last) achieved values when ``goal`` has stalled over the last plans, else None."""
-    results = _missed_lately(goal, memory)
-    if results is None:
+    if len(memory) < STALL_PLANS:
         return None
-    first, last = results[0], results[-1]
-    if last.margin - first.margin >= STALL_GAIN * abs(first.margin):
-        return None
-    return first.achieved, last.achieved
+    ends = stalled(goal, [m.check for m in memory[-STALL_PLANS:]], STALL_GAIN)
+    return (ends[0].achieved, ends[1].achieved) if ends else None
 
 
 def goal_term(
@@ -803,7 +800,7 @@ def _shaped_push(
             f"x{factor:.2f}{sized}"
         )
         return True
-    stalled = _stalled(g, memory or [])
+    stall = _stalled(g, memory or [])
     # a hot spot outside the targets is a few voxels in a large region: an overdose term on the
     # region hardly moves it, so its smooth maximum comes at once, aimed lower by the factor the
     # last plan was normalised by (the terms act on the dose before that multiplication)
@@ -830,7 +827,7 @@ def _shaped_push(
     near = g.limit >= NEAR_RX * protocol.prescription_gy
     uncovered = _target_minus_helper(protocol, g.structure) is not None
     overlap = dx_on_overlap and len(memory or []) >= first and (uncovered or not near)
-    if (stalled is None and not at_once and not overlap) or old is not None:
+    if (stall is None and not at_once and not overlap) or old is not None:
         return False  # not stalled, or the structure's one term of that kind serves another goal
     weight = min(MAX_WEIGHT, _site_weight(terms, site) * factor)
     dose = probe.dose_gy
@@ -844,10 +841,10 @@ def _shaped_push(
     if at_once:
         new = _below_normalisation(new, memory)
     terms[new.key()] = new
-    if stalled is not None:
+    if stall is not None:
         why = (
-            f"missed in the last {STALL_PLANS} plans without closing in ({stalled[0]:.2f} -> "
-            f"{stalled[1]:.2f} {g.unit}): switching strategy"
+            f"missed in the last {STALL_PLANS} plans without closing in ({stall[0]:.2f} -> "
+            f"{stall[1]:.2f} {g.unit}): switching strategy"
         )
     elif at_once:
         why = f"missed by {abs(r.margin):.2f} {g.unit} (a hot spot outside the targets)"
@@ -856,7 +853,7 @@ def _shaped_push(
             f"missed by {abs(r.margin):.2f} {g.unit} where {g.structure} overlaps the target "
             "(its Dx is set next to the target)"
         )
-    sep = ", " if stalled is not None else ": "  # "switching strategy, new term ..."
+    sep = ", " if stall is not None else ": "  # "switching strategy, new term ..."
     notes.append(f"{g.label} {why}{sep}new term {new.label()}")
     return True
 

@@ -66,6 +66,21 @@ def relative_miss(r: GoalResult) -> float:
     return 0.0 if r.passed else abs(r.margin) / max(abs(r.goal.limit), 1.0)
 
 
+def stalled(
+    goal: ClinicalGoal, checks: list[ProtocolCheck], gain: float
+) -> tuple[GoalResult, GoalResult] | None:
+    """``goal``'s (first, last) results when every one of ``checks`` (in order) missed it and the
+    miss shrank by less than ``gain`` of itself from the first to the last; else None."""
+    results = [c.result(goal) for c in checks]
+    if not results or any(r is None or r.passed for r in results):
+        return None
+    first, last = results[0], results[-1]
+    assert first is not None and last is not None
+    if last.margin - first.margin >= gain * abs(first.margin):
+        return None
+    return first, last
+
+
 @dataclass(frozen=True)
 class ProtocolCheck:
     results: list[GoalResult]

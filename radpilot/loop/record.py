@@ -95,6 +95,9 @@ class IterationRecord:
     # and MU (or {"error": why} when this plan could not be sequenced).
     optimal_dose: ArtefactRef | None = None
     delivery: dict[str, Any] = field(default_factory=dict)
+    # Why this FMO started from zero fluence instead of the previous round's plan (a goal had
+    # stalled: see radpilot.loop.core.restart_reason); "" = warm start (or round 1).
+    cold_start: str = ""
 
     def __post_init__(self) -> None:
         if self.round <= 0:
@@ -144,6 +147,7 @@ class IterationRecord:
             "alternatives": [[o.to_dict() for o in a] for a in self.alternatives],
             "optimal_dose": self.optimal_dose.to_json() if self.optimal_dose else None,
             "delivery": dict(self.delivery),
+            "cold_start": self.cold_start,
         }
 
     @classmethod
@@ -175,4 +179,5 @@ class IterationRecord:
             ],
             optimal_dose=ArtefactRef.from_json(d.get("optimal_dose")),
             delivery=dict(d.get("delivery") or {}),
+            cold_start=str(d.get("cold_start", "")),
         )

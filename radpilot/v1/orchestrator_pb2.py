@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from radpilot.v1 import types_pb2 as radpilot_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eradpilot/v1/orchestrator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xcb\x01\n\x11\x43reateCaseRequest\x12\x0f\n\x07\x62uiltin\x18\x01 \x01(\t\x12\x42\n\nparameters\x18\x02 \x03(\x0b\x32..radpilot.v1.CreateCaseRequest.ParametersEntry\x12\x17\n\x0f\x64icom_zip_chunk\x18\x03 \x01(\x0c\x12\x15\n\rprotocol_yaml\x18\x04 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x12\x43reateCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x12\n\nstructures\x18\x02 \x03(\t\x12\r\n\x05notes\x18\x03 \x03(\t\"\xc5\x01\n\x14StartPlanningRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x15\n\rprotocol_yaml\x18\x02 \x01(\t\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\x12\x15\n\rmemory_length\x18\x04 \x01(\x05\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x12\n\ncandidates\x18\x08 \x01(\x05\"\'\n\x15StartPlanningResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x14WatchPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\x8f\x02\n\x15WatchPlanningResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.radpilot.v1.EventKind\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\"\n\x03\x66mo\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x05 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12,\n\x08proposal\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x11\n\tcandidate\x18\t \x01(\x05\"\'\n\x15GetPlanningJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xda\x03\n\x0fIterationRecord\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\"\n\x03\x66mo\x18\x03 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x04 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x11\n\trationale\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x08 \x01(\t\x12\x14\n\x0cllm_decision\x18\t \x01(\t\x12\x14\n\x0c\x64isagreement\x18\n \x01(\x08\x12\'\n\tllm_calls\x18\x0b \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x15\n\rreference_ids\x18\x0c \x03(\t\x12\r\n\x05round\x18\r \x01(\x05\x12\x11\n\tcandidate\x18\x0e \x01(\x05\x12,\n\tproposals\x18\x0f \x03(\x0b\x32\x19.radpilot.v1.ParameterSet\x12\x12\n\ndose_basis\x18\x10 \x01(\t\x12\x15\n\rdelivery_json\x18\x11 \x01(\t\"\xb8\x01\n\x16GetPlanningJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\x30\n\niterations\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationRecord\x12\x16\n\x0e\x62\x65st_iteration\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"5\n\x15SubmitFeedbackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"8\n\x16SubmitFeedbackResponse\x12\x1e\n\x16\x61pplies_from_iteration\x18\x01 \x01(\x05\"\'\n\x15\x43\x61ncelPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16\x43\x61ncelPlanningResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.JobState\"#\n\x11\x45xportPlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x12\x45xportPlanResponse\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"L\n\x12\x41pprovePlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"Q\n\x13\x41pprovePlanResponse\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x12\n\nreferences\x18\x03 \x01(\x05\"(\n\x17ListPlanningJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xc2\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\niterations\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65st_iteration\x18\x07 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x01\x12\x0f\n\x07updated\x18\t \x01(\x01\"A\n\x18ListPlanningJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.radpilot.v1.JobSummary\"K\n\x17GetIterationViewRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\r\n\x05slice\x18\x03 \x01(\x05\"1\n\x08\x44vhCurve\x12\x11\n\tstructure\x18\x01 \x01(\t\x12\x12\n\nvolume_pct\x18\x02 \x03(\x02\"\xcd\x01\n\x18GetIterationViewResponse\x12\x11\n\titeration\x18\x01 \x01(\x05\x12\x11\n\tlevels_gy\x18\x02 \x03(\x02\x12\"\n\x03\x64vh\x18\x03 \x03(\x0b\x32\x15.radpilot.v1.DvhCurve\x12\x12\n\nnum_slices\x18\x04 \x01(\x05\x12\x13\n\x0bstart_slice\x18\x05 \x01(\x05\x12\x11\n\tslice_png\x18\x06 \x01(\x0c\x12\x12\n\nslice_z_mm\x18\x07 \x01(\x01\x12\x17\n\x0fprescription_gy\x18\x08 \x01(\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xf9\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_KIND_ITERATION_STARTED\x10\x01\x12\x17\n\x13\x45VENT_KIND_FMO_DONE\x10\x02\x12\x18\n\x14\x45VENT_KIND_EVALUATED\x10\x03\x12\x17\n\x13\x45VENT_KIND_PROPOSAL\x10\x04\x12\x17\n\x13\x45VENT_KIND_FINISHED\x10\x05\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x06\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x07\x12\x18\n\x14\x45VENT_KIND_SEQUENCED\x10\x08\x32\x8c\x07\n\x13OrchestratorService\x12O\n\nCreateCase\x12\x1e.radpilot.v1.CreateCaseRequest\x1a\x1f.radpilot.v1.CreateCaseResponse(\x01\x12V\n\rStartPlanning\x12!.radpilot.v1.StartPlanningRequest\x1a\".radpilot.v1.StartPlanningResponse\x12X\n\rWatchPlanning\x12!.radpilot.v1.WatchPlanningRequest\x1a\".radpilot.v1.WatchPlanningResponse0\x01\x12Y\n\x0eGetPlanningJob\x12\".radpilot.v1.GetPlanningJobRequest\x1a#.radpilot.v1.GetPlanningJobResponse\x12Y\n\x0eSubmitFeedback\x12\".radpilot.v1.SubmitFeedbackRequest\x1a#.radpilot.v1.SubmitFeedbackResponse\x12Y\n\x0e\x43\x61ncelPlanning\x12\".radpilot.v1.CancelPlanningRequest\x1a#.radpilot.v1.CancelPlanningResponse\x12M\n\nExportPlan\x12\x1e.radpilot.v1.ExportPlanRequest\x1a\x1f.radpilot.v1.ExportPlanResponse\x12P\n\x0b\x41pprovePlan\x12\x1f.radpilot.v1.ApprovePlanRequest\x1a .radpilot.v1.ApprovePlanResponse\x12_\n\x10ListPlanningJobs\x12$.radpilot.v1.ListPlanningJobsRequest\x1a%.radpilot.v1.ListPlanningJobsResponse\x12_\n\x10GetIterationView\x12$.radpilot.v1.GetIterationViewRequest\x1a%.radpilot.v1.GetIterationViewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eradpilot/v1/orchestrator.proto\x12\x0bradpilot.v1\x1a\x17radpilot/v1/types.proto\"\xcb\x01\n\x11\x43reateCaseRequest\x12\x0f\n\x07\x62uiltin\x18\x01 \x01(\t\x12\x42\n\nparameters\x18\x02 \x03(\x0b\x32..radpilot.v1.CreateCaseRequest.ParametersEntry\x12\x17\n\x0f\x64icom_zip_chunk\x18\x03 \x01(\x0c\x12\x15\n\rprotocol_yaml\x18\x04 \x01(\t\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"H\n\x12\x43reateCaseResponse\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x12\n\nstructures\x18\x02 \x03(\t\x12\r\n\x05notes\x18\x03 \x03(\t\"\xc5\x01\n\x14StartPlanningRequest\x12\x0f\n\x07\x63\x61se_id\x18\x01 \x01(\t\x12\x15\n\rprotocol_yaml\x18\x02 \x01(\t\x12\x16\n\x0emax_iterations\x18\x03 \x01(\x05\x12\x15\n\rmemory_length\x18\x04 \x01(\x05\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x12\n\ncandidates\x18\x08 \x01(\x05\"\'\n\x15StartPlanningResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"=\n\x14WatchPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x15\n\rfrom_sequence\x18\x02 \x01(\x03\"\x8f\x02\n\x15WatchPlanningResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.radpilot.v1.EventKind\x12\x11\n\titeration\x18\x03 \x01(\x05\x12\"\n\x03\x66mo\x18\x04 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x05 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12,\n\x08proposal\x18\x06 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\r\n\x05round\x18\x08 \x01(\x05\x12\x11\n\tcandidate\x18\t \x01(\x05\"\'\n\x15GetPlanningJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xee\x03\n\x0fIterationRecord\x12\x11\n\titeration\x18\x01 \x01(\x05\x12.\n\nobjectives\x18\x02 \x03(\x0b\x32\x1a.radpilot.v1.ObjectiveTerm\x12\"\n\x03\x66mo\x18\x03 \x01(\x0b\x32\x15.radpilot.v1.FmoStats\x12&\n\x05goals\x18\x04 \x03(\x0b\x32\x17.radpilot.v1.GoalResult\x12\x10\n\x08\x66indings\x18\x05 \x03(\t\x12\x11\n\trationale\x18\x06 \x01(\t\x12\x1a\n\x12physician_feedback\x18\x07 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x08 \x01(\t\x12\x14\n\x0cllm_decision\x18\t \x01(\t\x12\x14\n\x0c\x64isagreement\x18\n \x01(\x08\x12\'\n\tllm_calls\x18\x0b \x03(\x0b\x32\x14.radpilot.v1.LlmCall\x12\x15\n\rreference_ids\x18\x0c \x03(\t\x12\r\n\x05round\x18\r \x01(\x05\x12\x11\n\tcandidate\x18\x0e \x01(\x05\x12,\n\tproposals\x18\x0f \x03(\x0b\x32\x19.radpilot.v1.ParameterSet\x12\x12\n\ndose_basis\x18\x10 \x01(\t\x12\x15\n\rdelivery_json\x18\x11 \x01(\t\x12\x12\n\ncold_start\x18\x12 \x01(\t\"\xb8\x01\n\x16GetPlanningJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\x30\n\niterations\x18\x04 \x03(\x0b\x32\x1c.radpilot.v1.IterationRecord\x12\x16\n\x0e\x62\x65st_iteration\x18\x05 \x01(\x05\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"5\n\x15SubmitFeedbackRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"8\n\x16SubmitFeedbackResponse\x12\x1e\n\x16\x61pplies_from_iteration\x18\x01 \x01(\x05\"\'\n\x15\x43\x61ncelPlanningRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\">\n\x16\x43\x61ncelPlanningResponse\x12$\n\x05state\x18\x01 \x01(\x0e\x32\x15.radpilot.v1.JobState\"#\n\x11\x45xportPlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"6\n\x12\x45xportPlanResponse\x12\x0e\n\x06\x62undle\x18\x01 \x01(\x0c\x12\x10\n\x08\x66ilename\x18\x02 \x01(\t\"L\n\x12\x41pprovePlanRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"Q\n\x13\x41pprovePlanResponse\x12\x14\n\x0creference_id\x18\x01 \x01(\t\x12\x10\n\x08protocol\x18\x02 \x01(\t\x12\x12\n\nreferences\x18\x03 \x01(\x05\"(\n\x17ListPlanningJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xc2\x01\n\nJobSummary\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61se_id\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.radpilot.v1.JobState\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08protocol\x18\x05 \x01(\t\x12\x12\n\niterations\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65st_iteration\x18\x07 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x08 \x01(\x01\x12\x0f\n\x07updated\x18\t \x01(\x01\"A\n\x18ListPlanningJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.radpilot.v1.JobSummary\"K\n\x17GetIterationViewRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\r\n\x05slice\x18\x03 \x01(\x05\"1\n\x08\x44vhCurve\x12\x11\n\tstructure\x18\x01 \x01(\t\x12\x12\n\nvolume_pct\x18\x02 \x03(\x02\"\xcd\x01\n\x18GetIterationViewResponse\x12\x11\n\titeration\x18\x01 \x01(\x05\x12\x11\n\tlevels_gy\x18\x02 \x03(\x02\x12\"\n\x03\x64vh\x18\x03 \x03(\x0b\x32\x15.radpilot.v1.DvhCurve\x12\x12\n\nnum_slices\x18\x04 \x01(\x05\x12\x13\n\x0bstart_slice\x18\x05 \x01(\x05\x12\x11\n\tslice_png\x18\x06 \x01(\x0c\x12\x12\n\nslice_z_mm\x18\x07 \x01(\x01\x12\x17\n\x0fprescription_gy\x18\x08 \x01(\x01*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xf9\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12 \n\x1c\x45VENT_KIND_ITERATION_STARTED\x10\x01\x12\x17\n\x13\x45VENT_KIND_FMO_DONE\x10\x02\x12\x18\n\x14\x45VENT_KIND_EVALUATED\x10\x03\x12\x17\n\x13\x45VENT_KIND_PROPOSAL\x10\x04\x12\x17\n\x13\x45VENT_KIND_FINISHED\x10\x05\x12\x15\n\x11\x45VENT_KIND_FAILED\x10\x06\x12\x18\n\x14\x45VENT_KIND_CANCELLED\x10\x07\x12\x18\n\x14\x45VENT_KIND_SEQUENCED\x10\x08\x32\x8c\x07\n\x13OrchestratorService\x12O\n\nCreateCase\x12\x1e.radpilot.v1.CreateCaseRequest\x1a\x1f.radpilot.v1.CreateCaseResponse(\x01\x12V\n\rStartPlanning\x12!.radpilot.v1.StartPlanningRequest\x1a\".radpilot.v1.StartPlanningResponse\x12X\n\rWatchPlanning\x12!.radpilot.v1.WatchPlanningRequest\x1a\".radpilot.v1.WatchPlanningResponse0\x01\x12Y\n\x0eGetPlanningJob\x12\".radpilot.v1.GetPlanningJobRequest\x1a#.radpilot.v1.GetPlanningJobResponse\x12Y\n\x0eSubmitFeedback\x12\".radpilot.v1.SubmitFeedbackRequest\x1a#.radpilot.v1.SubmitFeedbackResponse\x12Y\n\x0e\x43\x61ncelPlanning\x12\".radpilot.v1.CancelPlanningRequest\x1a#.radpilot.v1.CancelPlanningResponse\x12M\n\nExportPlan\x12\x1e.radpilot.v1.ExportPlanRequest\x1a\x1f.radpilot.v1.ExportPlanResponse\x12P\n\x0b\x41pprovePlan\x12\x1f.radpilot.v1.ApprovePlanRequest\x1a .radpilot.v1.ApprovePlanResponse\x12_\n\x10ListPlanningJobs\x12$.radpilot.v1.ListPlanningJobsRequest\x1a%.radpilot.v1.ListPlanningJobsResponse\x12_\n\x10GetIterationView\x12$.radpilot.v1.GetIterationViewRequest\x1a%.radpilot.v1.GetIterationViewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._loaded_options = None
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2750
-  _globals['_JOBSTATE']._serialized_end=2904
-  _globals['_EVENTKIND']._serialized_start=2907
-  _globals['_EVENTKIND']._serialized_end=3156
+  _globals['_JOBSTATE']._serialized_start=2770
+  _globals['_JOBSTATE']._serialized_end=2924
+  _globals['_EVENTKIND']._serialized_start=2927
+  _globals['_EVENTKIND']._serialized_end=3176
   _globals['_CREATECASEREQUEST']._serialized_start=73
   _globals['_CREATECASEREQUEST']._serialized_end=276
   _globals['_CREATECASEREQUEST_PARAMETERSENTRY']._serialized_start=227
@@ -55,37 +55,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPLANNINGJOBREQUEST']._serialized_start=930
   _globals['_GETPLANNINGJOBREQUEST']._serialized_end=969
   _globals['_ITERATIONRECORD']._serialized_start=972
-  _globals['_ITERATIONRECORD']._serialized_end=1446
-  _globals['_GETPLANNINGJOBRESPONSE']._serialized_start=1449
-  _globals['_GETPLANNINGJOBRESPONSE']._serialized_end=1633
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1635
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1688
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1690
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1746
-  _globals['_CANCELPLANNINGREQUEST']._serialized_start=1748
-  _globals['_CANCELPLANNINGREQUEST']._serialized_end=1787
-  _globals['_CANCELPLANNINGRESPONSE']._serialized_start=1789
-  _globals['_CANCELPLANNINGRESPONSE']._serialized_end=1851
-  _globals['_EXPORTPLANREQUEST']._serialized_start=1853
-  _globals['_EXPORTPLANREQUEST']._serialized_end=1888
-  _globals['_EXPORTPLANRESPONSE']._serialized_start=1890
-  _globals['_EXPORTPLANRESPONSE']._serialized_end=1944
-  _globals['_APPROVEPLANREQUEST']._serialized_start=1946
-  _globals['_APPROVEPLANREQUEST']._serialized_end=2022
-  _globals['_APPROVEPLANRESPONSE']._serialized_start=2024
-  _globals['_APPROVEPLANRESPONSE']._serialized_end=2105
-  _globals['_LISTPLANNINGJOBSREQUEST']._serialized_start=2107
-  _globals['_LISTPLANNINGJOBSREQUEST']._serialized_end=2147
-  _globals['_JOBSUMMARY']._serialized_start=2150
-  _globals['_JOBSUMMARY']._serialized_end=2344
-  _globals['_LISTPLANNINGJOBSRESPONSE']._serialized_start=2346
-  _globals['_LISTPLANNINGJOBSRESPONSE']._serialized_end=2411
-  _globals['_GETITERATIONVIEWREQUEST']._serialized_start=2413
-  _globals['_GETITERATIONVIEWREQUEST']._serialized_end=2488
-  _globals['_DVHCURVE']._serialized_start=2490
-  _globals['_DVHCURVE']._serialized_end=2539
-  _globals['_GETITERATIONVIEWRESPONSE']._serialized_start=2542
-  _globals['_GETITERATIONVIEWRESPONSE']._serialized_end=2747
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3159
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=4067
+  _globals['_ITERATIONRECORD']._serialized_end=1466
+  _globals['_GETPLANNINGJOBRESPONSE']._serialized_start=1469
+  _globals['_GETPLANNINGJOBRESPONSE']._serialized_end=1653
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=1655
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=1708
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=1710
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=1766
+  _globals['_CANCELPLANNINGREQUEST']._serialized_start=1768
+  _globals['_CANCELPLANNINGREQUEST']._serialized_end=1807
+  _globals['_CANCELPLANNINGRESPONSE']._serialized_start=1809
+  _globals['_CANCELPLANNINGRESPONSE']._serialized_end=1871
+  _globals['_EXPORTPLANREQUEST']._serialized_start=1873
+  _globals['_EXPORTPLANREQUEST']._serialized_end=1908
+  _globals['_EXPORTPLANRESPONSE']._serialized_start=1910
+  _globals['_EXPORTPLANRESPONSE']._serialized_end=1964
+  _globals['_APPROVEPLANREQUEST']._serialized_start=1966
+  _globals['_APPROVEPLANREQUEST']._serialized_end=2042
+  _globals['_APPROVEPLANRESPONSE']._serialized_start=2044
+  _globals['_APPROVEPLANRESPONSE']._serialized_end=2125
+  _globals['_LISTPLANNINGJOBSREQUEST']._serialized_start=2127
+  _globals['_LISTPLANNINGJOBSREQUEST']._serialized_end=2167
+  _globals['_JOBSUMMARY']._serialized_start=2170
+  _globals['_JOBSUMMARY']._serialized_end=2364
+  _globals['_LISTPLANNINGJOBSRESPONSE']._serialized_start=2366
+  _globals['_LISTPLANNINGJOBSRESPONSE']._serialized_end=2431
+  _globals['_GETITERATIONVIEWREQUEST']._serialized_start=2433
+  _globals['_GETITERATIONVIEWREQUEST']._serialized_end=2508
+  _globals['_DVHCURVE']._serialized_start=2510
+  _globals['_DVHCURVE']._serialized_end=2559
+  _globals['_GETITERATIONVIEWRESPONSE']._serialized_start=2562
+  _globals['_GETITERATIONVIEWRESPONSE']._serialized_end=2767
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3179
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4087
 # @@protoc_insertion_point(module_scope)

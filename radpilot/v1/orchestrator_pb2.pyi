@@ -136,7 +136,7 @@ class GetPlanningJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class IterationRecord(_message.Message):
-    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback", "decision", "llm_decision", "disagreement", "llm_calls", "reference_ids", "round", "candidate", "proposals", "dose_basis", "delivery_json")
+    __slots__ = ("iteration", "objectives", "fmo", "goals", "findings", "rationale", "physician_feedback", "decision", "llm_decision", "disagreement", "llm_calls", "reference_ids", "round", "candidate", "proposals", "dose_basis", "delivery_json", "cold_start")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVES_FIELD_NUMBER: _ClassVar[int]
     FMO_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class IterationRecord(_message.Message):
     PROPOSALS_FIELD_NUMBER: _ClassVar[int]
     DOSE_BASIS_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_JSON_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     objectives: _containers.RepeatedCompositeFieldContainer[_types_pb2.ObjectiveTerm]
     fmo: _types_pb2.FmoStats
@@ -171,7 +172,8 @@ class IterationRecord(_message.Message):
     proposals: _containers.RepeatedCompositeFieldContainer[_types_pb2.ParameterSet]
     dose_basis: str
     delivery_json: str
-    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., decision: _Optional[str] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., reference_ids: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., candidate: _Optional[int] = ..., proposals: _Optional[_Iterable[_Union[_types_pb2.ParameterSet, _Mapping]]] = ..., dose_basis: _Optional[str] = ..., delivery_json: _Optional[str] = ...) -> None: ...
+    cold_start: str
+    def __init__(self, iteration: _Optional[int] = ..., objectives: _Optional[_Iterable[_Union[_types_pb2.ObjectiveTerm, _Mapping]]] = ..., fmo: _Optional[_Union[_types_pb2.FmoStats, _Mapping]] = ..., goals: _Optional[_Iterable[_Union[_types_pb2.GoalResult, _Mapping]]] = ..., findings: _Optional[_Iterable[str]] = ..., rationale: _Optional[str] = ..., physician_feedback: _Optional[str] = ..., decision: _Optional[str] = ..., llm_decision: _Optional[str] = ..., disagreement: _Optional[bool] = ..., llm_calls: _Optional[_Iterable[_Union[_types_pb2.LlmCall, _Mapping]]] = ..., reference_ids: _Optional[_Iterable[str]] = ..., round: _Optional[int] = ..., candidate: _Optional[int] = ..., proposals: _Optional[_Iterable[_Union[_types_pb2.ParameterSet, _Mapping]]] = ..., dose_basis: _Optional[str] = ..., delivery_json: _Optional[str] = ..., cold_start: _Optional[str] = ...) -> None: ...
 
 class GetPlanningJobResponse(_message.Message):
     __slots__ = ("job_id", "case_id", "state", "iterations", "best_iteration", "error")

@@ -129,6 +129,7 @@ def record_to_proto(r: IterationRecord) -> orchestrator_pb2.IterationRecord:
         proposals=[types_pb2.ParameterSet(terms=terms_to_proto(c)) for c in r.candidates],
         dose_basis=r.dose_basis,
         delivery_json=json.dumps(r.delivery) if r.delivery else "",
+        cold_start=r.cold_start,
     )
 
 

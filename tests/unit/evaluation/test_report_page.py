@@ -106,3 +106,27 @@ def test_every_image_of_the_report_loads_in_headless_chromium(
     expected = len(list(out.glob("*.png")))
     assert int(count.group(1)) == expected >= 8
     assert broken.group(1) == "", f"images that did not load: {broken.group(1)}"
+
+
+def test_an_fmo_restarted_from_zero_fluence_says_why_in_the_report_and_the_api(
+    report: tuple[PlanReport, Path], tmp_path: Path
+) -> None:
+    import json
+    from html import escape
+
+    from services.common.convert import record_to_proto
+
+    r, _ = report
+    it = r.iterations[-1]
+    why = "Core D10 <= 10 Gy missed in the last 3 rounds, the miss not halved (10.90 -> 10.80 Gy)"
+    it.cold_start = why
+    try:
+        r.write(tmp_path)
+        html = (tmp_path / "report.html").read_text()
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        message = record_to_proto(it)
+    finally:
+        it.cold_start = ""
+    assert f"started from zero fluence: {escape(why)}" in html
+    assert [p["cold_start"] for p in summary["per_iteration"]][-1] == why
+    assert message.cold_start == why

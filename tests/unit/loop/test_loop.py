@@ -229,11 +229,88 @@ def test_a_stop_request_is_honoured_between_steps() -> None:
     assert len(sink.records) == 2
 
 
+class CoveredEvaluator(FakeEvaluator):
+    """Adds a met coverage goal, PTV D95 >= 50 Gy: the PTV's upper limits are hot spots."""
+
+    def evaluate(self, dose: ArtefactRef, physician_feedback: str = "") -> Evaluated:
+        ev = super().evaluate(dose, physician_feedback)
+        cover = ClinicalGoal("PTV", "D95", ">=", 50.0, 1, True)
+        check = ProtocolCheck([GoalResult(cover, 50.0, True, 0.0), *ev.check.results])
+        return Evaluated(check, ev.findings, check.all_passed)
+
+
+class CreepingPlanner(DoublingPlanner):
+    """Raises the core weight by 1 % a step: core D10 creeps down by 0.03 Gy (stalls)."""
+
+    def propose(
+        self,
+        current: list[ObjectiveTerm],
+        memory: list[IterationRecord],
+        physician_feedback: str,
+        count: int = 1,
+    ) -> Proposal:
+        t = current[0]
+        return Proposal([ObjectiveTerm(t.structure, t.kind, t.dose_gy, t.weight * 1.01)], "creep")
+
+
+def test_a_stalled_goal_restarts_the_fmo_from_zero_fluence_once_per_three_rounds() -> None:
+    events: list[dict[str, Any]] = []
+    result, opt, *_ = _run(
+        planner=CreepingPlanner(), sink=MemorySink(on_event=events.append), max_iterations=8
+    )
+    # rounds 1-3 miss core D10 by ~6 Gy each: round 4 starts cold; 5-7 have a restart among
+    # their last three rounds; 5, 6, 7 miss again, the miss not halved: round 8 starts cold
+    starts = [c[1].path if c[1] else None for c in opt.calls]
+    assert starts == [
+        None,
+        "fluence-1",
+        "fluence-2",
+        None,
+        "fluence-4",
+        "fluence-5",
+        "fluence-6",
+        None,
+    ]
+    restarted = [r.iteration for r in result.records if r.cold_start]
+    assert restarted == [4, 8]
+    assert result.records[3].cold_start.startswith(
+        "Core D10 <= 10 Gy missed in the last 3 rounds, the miss not halved (16.00 -> 15.94 Gy)"
+    )
+    done = [e for e in events if e["kind"] == "fmo_done"]
+    assert ["started from zero fluence" in e["message"] for e in done] == [
+        n in (4, 8) for n in range(1, 9)
+    ]
+    again = IterationRecord.from_json(result.records[3].to_json())
+    assert again.cold_start == result.records[3].cold_start
+    # a goal closing in (16 -> 14 -> 12 Gy: the miss 6 -> 2 Gy) never restarts, nor does a
+    # target's hot spot that stalls (PTV D10 at 60 Gy where PTV D95 has a lower limit), nor
+    # anything with restart_after=0
+    _, closing, *_ = _run()
+    assert len(closing.calls) == 4 and all(c[1] is not None for c in closing.calls[1:])
+    _, hot, *_ = _run(evaluator=CoveredEvaluator(soft_gy=60.0), max_iterations=6)
+    assert len(hot.calls) == 6 and all(c[1] is not None for c in hot.calls[1:])
+    _, never, *_ = _run(planner=CreepingPlanner(), max_iterations=8, restart_after=0)
+    assert all(c[1] is not None for c in never.calls[1:])
+
+
+def test_a_run_resumed_inside_the_restart_round_starts_it_cold_again() -> None:
+    interrupted = StopsAfter(3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(sink=interrupted, planner=CreepingPlanner(), max_iterations=5)
+    sink = MemorySink()
+    sink.records = list(interrupted.records)
+    result, opt, _, _ = _run(sink=sink, planner=CreepingPlanner(), max_iterations=5)
+    assert opt.calls[0][1] is None and opt.calls[1][1] is not None
+    assert [r.iteration for r in result.records if r.cold_start] == [4]
+
+
 def test_settings_refuse_nonsense() -> None:
     with pytest.raises(ValueError, match="max_iterations"):
         LoopSettings(max_iterations=0)
     with pytest.raises(ValueError, match="memory_length"):
         LoopSettings(memory_length=0)
+    with pytest.raises(ValueError, match="restart_after"):
+        LoopSettings(restart_after=-1)
 
 
 def test_record_json_round_trip_and_the_previous_format() -> None:
