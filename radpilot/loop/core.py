@@ -428,10 +428,11 @@ def run_loop(
 
     A round optimises one parameter set (round 1: the protocol's) or, with ``candidates`` K > 1,
     the planner's K alternatives side by side, each warm-started from the previous round's best
-    plan; every candidate is an iteration of its own (numbered in order) and the next round is
-    proposed from the round's best by the ranking. Records are stored in candidate order once the
-    round is evaluated; the last one carries the proposal. A run stopped part-way through a round
-    resumes with the candidates not yet stored."""
+    plan (or from zero fluence where ``restart_reason`` says so); every candidate is an iteration
+    of its own (numbered in order) and the next round is proposed from the round's best by the
+    ranking. Records are stored in candidate order once the round is evaluated; the last one
+    carries the proposal. A run stopped part-way through a round resumes with the candidates not
+    yet stored."""
     records = list(sink.stored())
     if finished(records):
         return _result(records, settings)
