@@ -520,7 +520,8 @@ def _candidate(
     ``warm``: the fluence it starts from (None: zero; ``cold`` says why, after round 1)."""
     tag = {"iteration": it, "round": rnd, "candidate": k}
     sink.check_stop()
-    sink.event({"kind": "iteration_started", **tag})
+    start = {"message": f"starts from zero fluence, not the best plan: {cold}"} if cold else {}
+    sink.event({"kind": "iteration_started", **tag, **start})
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     opt = _retrying(settings, sink, "optimizer", partial(optimizer.optimize, objectives, warm))
@@ -540,8 +541,7 @@ def _candidate(
             "kind": "fmo_done",
             **tag,
             "fmo": opt.fmo.to_json(),
-            "message": f"served by {opt.fmo.replica or 'this process'}{delivered}"
-            + (f"; started from zero fluence, not the best plan: {cold}" if cold else ""),
+            "message": f"served by {opt.fmo.replica or 'this process'}{delivered}",
         }
     )
     sink.check_stop()
