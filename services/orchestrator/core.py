@@ -75,7 +75,7 @@ from services.orchestrator.ports import (
     StoppedError,
     llm_status,
 )
-from services.orchestrator.store import TERMINAL, JobStore
+from services.orchestrator.store import TERMINAL, JobStore, LeaseLostError
 
 log = logging.getLogger(__name__)
 NUM_REFERENCES = 3
@@ -288,17 +288,17 @@ class Orchestrator:
                 with self._guard:
                     held = [j for j, t in self._threads.items() if t.is_alive()]
                 for job_id in self.jobs.renew(held, self.owner, self.lease_s):
-                    log.warning("job %s: lease lost to another orchestrator; stopping here", job_id)
-                    self._cancel[job_id].set()
+                    flag = self._cancel[job_id]
+                    if not flag.is_set():  # said once: the job stops at its next step or write
+                        log.warning(
+                            "job %s: lease lost to another orchestrator; stopping here", job_id
+                        )
+                    flag.set()
                 for job_id in self.jobs.claimable(self.owner):
                     if self._launch(job_id):
                         log.info("took over job %s (its orchestrator's lease expired)", job_id)
             except Exception:  # a busy or failing database must not end lease keeping
                 log.exception("keeping job leases failed; retrying")
-
-    def holds(self, job_id: str) -> bool:
-        lease = self.jobs.lease(job_id)
-        return lease is not None and lease[0] == self.owner
 
     def cancel(self, job_id: str) -> str:
         job = self.jobs.job(job_id)
@@ -365,6 +365,8 @@ class Orchestrator:
             self._loop(job_id)
         except StoppedError:
             log.info("job %s paused or cancelled", job_id)
+        except LeaseLostError as exc:
+            log.warning("%s", exc)
         except StepFailedError as exc:
             self._fail(job_id, str(exc))
         except Exception as exc:
@@ -374,18 +376,23 @@ class Orchestrator:
             self.jobs.release(job_id, self.owner)
 
     def _fail(self, job_id: str, msg: str) -> None:
-        if not self.holds(job_id):
+        try:
+            self.jobs.set_state(
+                job_id,
+                "failed",
+                error=msg,
+                event={"kind": "failed", "message": msg},
+                owner=self.owner,
+            )
+        except LeaseLostError:
             log.warning("job %s: not failing it (another orchestrator holds it): %s", job_id, msg)
+            return
+        except (StorageFullError, StorageReadOnlyError, UnavailableError) as exc:
+            # the job stays 'running' and is tried again once the database can be written
+            log.error("job %s: cannot record its failure (%s): %s", job_id, msg, exc)
             return
         JOBS.labels("failed").inc()
         log.warning("job %s failed: %s", job_id, msg)
-        try:
-            self.jobs.set_state(
-                job_id, "failed", error=msg, event={"kind": "failed", "message": msg}
-            )
-        except (StorageFullError, StorageReadOnlyError, UnavailableError) as exc:
-            # the job stays 'running' and is tried again once the database can be written
-            log.error("job %s: cannot record its failure: %s", job_id, exc)
 
     def _loop(self, job_id: str) -> None:
         job = self.jobs.job(job_id)
@@ -441,7 +448,9 @@ class Orchestrator:
             port,
             GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
             GrpcPlanner(c.planner, ctx, references, d.propose_s),
-            _CountingSink(self.jobs, job_id, self._stop, self._cancel[job_id], job.agent),
+            _CountingSink(
+                self.jobs, job_id, self._stop, self._cancel[job_id], job.agent, self.owner
+            ),
             LoopSettings(
                 job.max_iterations,
                 job.memory_length,
@@ -478,11 +487,11 @@ class Orchestrator:
             )
         except (StepFailedError, UnavailableError) as exc:
             log.warning("job %s: the best plan was not sequenced: %s", job_id, exc)
-            self.jobs.set_delivery(job_id, best.iteration, None, None, str(exc))
+            self.jobs.set_delivery(job_id, best.iteration, None, None, str(exc), self.owner)
             return
         # every try, on the replica and back: the part of the job's time sequencing took
         plan["summary"]["seconds"] = round(time.perf_counter() - started, 3)
-        self.jobs.set_delivery(job_id, best.iteration, plan, dose)
+        self.jobs.set_delivery(job_id, best.iteration, plan, dose, owner=self.owner)
         s = plan["summary"]
         self.jobs.add_event(
             job_id,
@@ -492,6 +501,7 @@ class Orchestrator:
                 "message": f"best plan sequenced: {s['segments']} segments, "
                 f"{s['total_mu']:.0f} MU per fraction",
             },
+            owner=self.owner,
         )
 
     # -- reference plans ------------------------------------------------------------------------
@@ -546,19 +556,20 @@ class Orchestrator:
         return ref.reference_id, ref.protocol, len(self.jobs.references(ref.protocol))
 
     def _finish(self, job_id: str, result: LoopResult) -> None:
-        if self.jobs.job(job_id).state == "cancelled" or not self.holds(job_id):
+        if self.jobs.job(job_id).state == "cancelled":
             return
         best = result.best_iteration
         msg = f"best plan: iteration {best} of {len(result.records)}" + (
             " (meets the protocol)" if result.met_at else ""
         )
-        JOBS.labels("succeeded").inc()
         self.jobs.set_state(
             job_id,
             "succeeded",
             best_iteration=best,
             event={"kind": "finished", "iteration": best, "message": msg},
+            owner=self.owner,
         )
+        JOBS.labels("succeeded").inc()
 
     # -- export --------------------------------------------------------------------------------
     def report(self, job_id: str, records: list[IterationRecord] | None = None) -> PlanReport:
@@ -706,8 +717,9 @@ class _CountingSink(JobSink):
         stop: threading.Event,
         cancel: threading.Event,
         agent: str,
+        owner: str,
     ) -> None:
-        super().__init__(jobs, job_id, stop, cancel)
+        super().__init__(jobs, job_id, stop, cancel, owner)
         self.agent = agent
 
     def add(self, record: IterationRecord, event: dict[str, Any]) -> None:

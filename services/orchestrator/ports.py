@@ -316,8 +316,18 @@ class GrpcPlanner:
 class JobSink:
     """The loop's records and events in the job store; stop requests from the orchestrator."""
 
-    def __init__(self, jobs: JobStore, job_id: str, stop: threading.Event, cancel: threading.Event):
+    def __init__(
+        self,
+        jobs: JobStore,
+        job_id: str,
+        stop: threading.Event,
+        cancel: threading.Event,
+        owner: str | None = None,
+    ):
         self.jobs, self.job_id, self._stop, self._cancel = jobs, job_id, stop, cancel
+        # the orchestrator running the job: writes are refused (LeaseLostError) once another
+        # has taken the job over, so a slow orchestrator never writes over its successor
+        self.owner = owner
 
     def stored(self) -> list[IterationRecord]:
         return self.jobs.iterations(self.job_id)
@@ -326,10 +336,10 @@ class JobSink:
         return "\n".join(self.jobs.feedback_until(self.job_id, iteration))
 
     def event(self, event: dict[str, Any]) -> None:
-        self.jobs.add_event(self.job_id, event, once=True)
+        self.jobs.add_event(self.job_id, event, once=True, owner=self.owner)
 
     def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
-        self.jobs.add_iteration(self.job_id, record, event)
+        self.jobs.add_iteration(self.job_id, record, event, self.owner)
 
     def check_stop(self) -> None:
         if self._stop.is_set() or self._cancel.is_set():

@@ -78,6 +78,10 @@ def _same_request(job: Job, request: tuple[Any, ...]) -> Job:
     return job
 
 
+class LeaseLostError(Exception):
+    """Another orchestrator took a job's lease: this one must stop running the job, unwritten."""
+
+
 class JobStore:
     def __init__(self, path: str | Path) -> None:
         self._where = f"the job database at {path}"
@@ -98,12 +102,18 @@ class JobStore:
         self._lock = threading.Lock()
         self.changed = threading.Condition(self._lock)  # notified on every write
 
-    def _write(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+    def _write(
+        self, statements: list[tuple[str, tuple[Any, ...]]], fence: tuple[str, str] | None = None
+    ) -> None:
         """Run the statements in one transaction: all stored, or none (a full or read-only
-        database raises StorageFullError / StorageReadOnlyError and leaves it as it was)."""
+        database raises StorageFullError / StorageReadOnlyError and leaves it as it was).
+        With ``fence`` (job_id, owner), write only while no other orchestrator has taken the
+        job's lease: else LeaseLostError, nothing written."""
         with storage_faults(self._where), self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if fence is not None:
+                    self._check_fence(*fence)
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
@@ -111,6 +121,17 @@ class JobStore:
                 self._rollback()
                 raise
             self.changed.notify_all()
+
+    def _check_fence(self, job_id: str, owner: str) -> None:
+        """Inside a write transaction: raise LeaseLostError when another owner holds (or held,
+        expired, and has not released) the job's lease; it took the job over from ``owner``.
+        Our own lease, even expired, or none at all means nobody else runs the job."""
+        row = self._db.execute("SELECT owner FROM leases WHERE job_id = ?", (job_id,)).fetchone()
+        if row is not None and row[0] != owner:
+            raise LeaseLostError(
+                f"job {job_id} is now run by orchestrator {row[0]}: its lease was not renewed "
+                "in time; this orchestrator stops the job without writing"
+            )
 
     def _rollback(self) -> None:
         """Roll back the open transaction, if SQLite has not already (it does on a full disk)."""
@@ -283,7 +304,9 @@ class JobStore:
         error: str = "",
         best_iteration: int | None = None,
         event: dict[str, Any] | None = None,
+        owner: str | None = None,
     ) -> None:
+        """Set a job's state; with ``owner``, only while that orchestrator runs the job."""
         stmts: list[tuple[str, tuple[Any, ...]]] = [
             (
                 "UPDATE jobs SET state = ?, error = ?,"
@@ -294,7 +317,7 @@ class JobStore:
         ]
         if event is not None:
             stmts.append(self._event_stmt(job_id, event))
-        self._write(stmts)
+        self._write(stmts, None if owner is None else (job_id, owner))
 
     # -- the leaf-sequenced best plan ------------------------------------------------------------
     def set_delivery(
@@ -304,6 +327,7 @@ class JobStore:
         plan: dict[str, Any] | None,
         dose: ArtefactRef | None,
         error: str = "",
+        owner: str | None = None,
     ) -> None:
         """The sequenced plan of a job's best iteration (or why it could not be sequenced)."""
         self._write(
@@ -320,7 +344,8 @@ class JobStore:
                         error,
                     ),
                 )
-            ]
+            ],
+            None if owner is None else (job_id, owner),
         )
 
     def delivery(self, job_id: str) -> tuple[int, dict[str, Any], ArtefactRef | None, str] | None:
@@ -343,22 +368,20 @@ class JobStore:
             (job_id, job_id, json.dumps(event)),
         )
 
-    def add_event(self, job_id: str, event: dict[str, Any], once: bool = False) -> bool:
+    def add_event(
+        self, job_id: str, event: dict[str, Any], once: bool = False, owner: str | None = None
+    ) -> bool:
         """Append an event; with ``once``, not when the job already has one of the same kind
-        for the same iteration (a resumed loop repeats its step, not its events)."""
+        for the same iteration (a resumed loop repeats its step, not its events); with
+        ``owner``, only while that orchestrator runs the job (else LeaseLostError)."""
         with storage_faults(self._where), self._lock:
-            if once:
-                for (text,) in self._db.execute(
-                    "SELECT event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 50",
-                    (job_id,),
-                ):
-                    old = json.loads(text)
-                    if old.get("kind") == event.get("kind") and old.get("iteration") == event.get(
-                        "iteration"
-                    ):
-                        return False
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("BEGIN IMMEDIATE")  # the fence and the once-check see what we add to
             try:
+                if owner is not None:
+                    self._check_fence(job_id, owner)
+                if once and self._has_event(job_id, event):
+                    self._rollback()
+                    return False
                 self._db.execute(*self._event_stmt(job_id, event))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -367,8 +390,27 @@ class JobStore:
             self.changed.notify_all()
         return True
 
-    def add_iteration(self, job_id: str, record: IterationRecord, event: dict[str, Any]) -> None:
-        """Store an iteration and its event in one transaction (never twice: primary key)."""
+    def _has_event(self, job_id: str, event: dict[str, Any]) -> bool:
+        """Whether one of the job's last 50 events has this event's kind and iteration."""
+        for (text,) in self._db.execute(
+            "SELECT event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 50", (job_id,)
+        ):
+            old = json.loads(text)
+            if old.get("kind") == event.get("kind") and old.get("iteration") == event.get(
+                "iteration"
+            ):
+                return True
+        return False
+
+    def add_iteration(
+        self,
+        job_id: str,
+        record: IterationRecord,
+        event: dict[str, Any],
+        owner: str | None = None,
+    ) -> None:
+        """Store an iteration and its event in one transaction (never twice: primary key); with
+        ``owner``, only while that orchestrator runs the job (else LeaseLostError)."""
         self._write(
             [
                 (
@@ -376,7 +418,8 @@ class JobStore:
                     (job_id, record.iteration, json.dumps(record.to_json())),
                 ),
                 self._event_stmt(job_id, event),
-            ]
+            ],
+            None if owner is None else (job_id, owner),
         )
 
     def iterations(self, job_id: str) -> list[IterationRecord]:
