@@ -165,12 +165,10 @@ def _overlaps_target(protocol: Protocol, memory: list[MemoryEntry] | None, struc
     return peak is not None and peak >= REACHES_RX * protocol.prescription_gy
 
 
-def _missed_lately(goal: ClinicalGoal, memory: list[MemoryEntry]) -> list[GoalResult] | None:
-    """``goal``'s results in the last STALL_PLANS plans when each of them missed it, else None."""
+def _missed_lately(goal: ClinicalGoal, memory: list[MemoryEntry]) -> bool:
+    """Whether each of the last STALL_PLANS plans missed ``goal``."""
     results = [m.check.result(goal) for m in memory[-STALL_PLANS:]]
-    if len(results) < STALL_PLANS or any(r is None or r.passed for r in results):
-        return None
-    return [r for r in results if r is not None]
+    return len(results) == STALL_PLANS and all(r is not None and not r.passed for r in results)
 
 
 def _stalled(goal: ClinicalGoal, memory: list[MemoryEntry]) -> tuple[float, float] | None:
@@ -494,7 +492,7 @@ def _near_miss(r: GoalResult, check: ProtocolCheck, memory: list[MemoryEntry] | 
     last STALL_PLANS plans: the loop has been closing in on it along a trade-off."""
     if len(check.failed) != 1 or _relative_miss(r) >= NEAR_MISS:
         return False
-    return _missed_lately(r.goal, memory or []) is not None
+    return _missed_lately(r.goal, memory or [])
 
 
 def _near_miss_step(r: GoalResult, gain: float) -> float:
