@@ -377,13 +377,15 @@ class Orchestrator:
 
     def _fail(self, job_id: str, msg: str) -> None:
         try:
-            self.jobs.set_state(
+            if not self.jobs.set_state(
                 job_id,
                 "failed",
                 error=msg,
                 event={"kind": "failed", "message": msg},
                 owner=self.owner,
-            )
+            ):
+                log.info("job %s ended meanwhile (cancelled); not failing it: %s", job_id, msg)
+                return
         except LeaseLostError:
             log.warning("job %s: not failing it (another orchestrator holds it): %s", job_id, msg)
             return
@@ -562,14 +564,14 @@ class Orchestrator:
         msg = f"best plan: iteration {best} of {len(result.records)}" + (
             " (meets the protocol)" if result.met_at else ""
         )
-        self.jobs.set_state(
+        if self.jobs.set_state(
             job_id,
             "succeeded",
             best_iteration=best,
             event={"kind": "finished", "iteration": best, "message": msg},
             owner=self.owner,
-        )
-        JOBS.labels("succeeded").inc()
+        ):
+            JOBS.labels("succeeded").inc()
 
     # -- export --------------------------------------------------------------------------------
     def report(self, job_id: str, records: list[IterationRecord] | None = None) -> PlanReport:

@@ -305,8 +305,10 @@ class JobStore:
         best_iteration: int | None = None,
         event: dict[str, Any] | None = None,
         owner: str | None = None,
-    ) -> None:
-        """Set a job's state; with ``owner``, only while that orchestrator runs the job."""
+    ) -> bool:
+        """Set a job's state. With ``owner`` (the end of that orchestrator's run of the job):
+        only while it runs the job (else LeaseLostError) and the job has not ended meanwhile
+        (a job cancelled while its last step ran stays cancelled: False, nothing written)."""
         stmts: list[tuple[str, tuple[Any, ...]]] = [
             (
                 "UPDATE jobs SET state = ?, error = ?,"
@@ -317,7 +319,27 @@ class JobStore:
         ]
         if event is not None:
             stmts.append(self._event_stmt(job_id, event))
-        self._write(stmts, None if owner is None else (job_id, owner))
+        if owner is None:
+            self._write(stmts)
+            return True
+        with storage_faults(self._where), self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._check_fence(job_id, owner)
+                row = self._db.execute(
+                    "SELECT state FROM jobs WHERE job_id = ?", (job_id,)
+                ).fetchone()
+                if row is None or row[0] in TERMINAL:
+                    self._rollback()
+                    return False
+                for sql, args in stmts:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self.changed.notify_all()
+        return True
 
     # -- the leaf-sequenced best plan ------------------------------------------------------------
     def set_delivery(

@@ -108,10 +108,19 @@ def test_once_another_orchestrator_takes_a_job_the_first_can_no_longer_write_to_
     assert b.job(job.job_id).state == "queued" and b.delivery(job.job_id) is None
 
     b.add_iteration(job.job_id, late, {"kind": "proposal", "iteration": 2}, "orch-b")
-    b.set_state(job.job_id, "succeeded", best_iteration=2, owner="orch-b")
     a.set_state(job.job_id, "cancelled")  # a request, not a job's run: never fenced
     assert b.job(job.job_id).state == "cancelled"
+    # the run's last step ends after the cancel: the job stays cancelled, no event is added
+    events = b.events_since(job.job_id, 0)
+    assert not b.set_state(job.job_id, "succeeded", best_iteration=2, owner="orch-b")
+    assert not b.set_state(job.job_id, "failed", error="late", owner="orch-b")
+    assert b.job(job.job_id).state == "cancelled" and b.events_since(job.job_id, 0) == events
     assert [r.iteration for r in a.iterations(job.job_id)] == [1, 2]
+
+    other, _ = a.create_job("case-1", "protocol", 3, 2, "rules", None)
+    assert b.claim(other.job_id, "orch-b", 30.0) == ""
+    assert b.set_state(other.job_id, "succeeded", best_iteration=1, owner="orch-b")
+    assert a.job(other.job_id).state == "succeeded"
 
 
 def test_an_orchestrator_that_stops_renewing_loses_the_job_and_writes_nothing_more(
