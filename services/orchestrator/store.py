@@ -103,17 +103,28 @@ class JobStore:
         self.changed = threading.Condition(self._lock)  # notified on every write
 
     def _write(
-        self, statements: list[tuple[str, tuple[Any, ...]]], fence: tuple[str, str] | None = None
-    ) -> None:
+        self,
+        statements: list[tuple[str, tuple[Any, ...]]],
+        fence: tuple[str, str] | None = None,
+        unfinished: str | None = None,
+    ) -> bool:
         """Run the statements in one transaction: all stored, or none (a full or read-only
         database raises StorageFullError / StorageReadOnlyError and leaves it as it was).
         With ``fence`` (job_id, owner), write only while no other orchestrator has taken the
-        job's lease: else LeaseLostError, nothing written."""
+        job's lease: else LeaseLostError, nothing written. With ``unfinished`` (a job id),
+        write only while that job has not ended: else False, nothing written."""
         with storage_faults(self._where), self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if fence is not None:
                     self._check_fence(*fence)
+                if unfinished is not None:
+                    row = self._db.execute(
+                        "SELECT state FROM jobs WHERE job_id = ?", (unfinished,)
+                    ).fetchone()
+                    if row is None or row[0] in TERMINAL:
+                        self._rollback()
+                        return False
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
@@ -121,6 +132,7 @@ class JobStore:
                 self._rollback()
                 raise
             self.changed.notify_all()
+        return True
 
     def _check_fence(self, job_id: str, owner: str) -> None:
         """Inside a write transaction: raise LeaseLostError when another owner holds (or held,
@@ -320,26 +332,8 @@ class JobStore:
         if event is not None:
             stmts.append(self._event_stmt(job_id, event))
         if owner is None:
-            self._write(stmts)
-            return True
-        with storage_faults(self._where), self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._check_fence(job_id, owner)
-                row = self._db.execute(
-                    "SELECT state FROM jobs WHERE job_id = ?", (job_id,)
-                ).fetchone()
-                if row is None or row[0] in TERMINAL:
-                    self._rollback()
-                    return False
-                for sql, args in stmts:
-                    self._db.execute(sql, args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-            self.changed.notify_all()
-        return True
+            return self._write(stmts)
+        return self._write(stmts, (job_id, owner), unfinished=job_id)
 
     # -- the leaf-sequenced best plan ------------------------------------------------------------
     def set_delivery(
