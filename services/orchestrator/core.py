@@ -62,7 +62,7 @@ from radpilot.protocol import Protocol, ProtocolError, load_protocol_text
 from radpilot.report import PlanReport
 from radpilot.v1 import types_pb2
 from radpilot.wire import from_ndarray
-from services.common.metrics import ITERATIONS, JOBS
+from services.common.metrics import JOBS
 from services.orchestrator.ports import (
     Clients,
     Deadlines,
@@ -450,9 +450,7 @@ class Orchestrator:
             port,
             GrpcEvaluator(c.evaluator, ctx, evaluator_agent(job.agent), d.evaluate_s, references),
             GrpcPlanner(c.planner, ctx, references, d.propose_s),
-            _CountingSink(
-                self.jobs, job_id, self._stop, self._cancel[job_id], job.agent, self.owner
-            ),
+            JobSink(self.jobs, job_id, self._stop, self._cancel[job_id], self.owner, job.agent),
             LoopSettings(
                 job.max_iterations,
                 job.memory_length,
@@ -707,26 +705,6 @@ class _DoseView:
 def _llm_identity(status: dict[str, LlmInfo]) -> str:
     """The LLM endpoints and models of the evaluator and the planner, as stored with a job."""
     return json.dumps({name: info.identity() for name, info in sorted(status.items())})
-
-
-class _CountingSink(JobSink):
-    """The job sink, counting stored iterations for the metrics endpoint."""
-
-    def __init__(
-        self,
-        jobs: JobStore,
-        job_id: str,
-        stop: threading.Event,
-        cancel: threading.Event,
-        agent: str,
-        owner: str,
-    ) -> None:
-        super().__init__(jobs, job_id, stop, cancel, owner)
-        self.agent = agent
-
-    def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
-        super().add(record, event)
-        ITERATIONS.labels(self.agent).inc()
 
 
 MAX_FEEDBACK_CHARS = 10_000

@@ -48,6 +48,7 @@ from services.common.convert import (
     terms_from_proto,
     terms_to_proto,
 )
+from services.common.metrics import ITERATIONS
 from services.orchestrator.store import JobStore
 
 T = TypeVar("T")
@@ -323,11 +324,13 @@ class JobSink:
         stop: threading.Event,
         cancel: threading.Event,
         owner: str | None = None,
+        agent: str = "",
     ):
         self.jobs, self.job_id, self._stop, self._cancel = jobs, job_id, stop, cancel
         # the orchestrator running the job: writes are refused (LeaseLostError) once another
         # has taken the job over, so a slow orchestrator never writes over its successor
         self.owner = owner
+        self.agent = agent  # the label of the stored-iterations counter (metrics endpoint)
 
     def stored(self) -> list[IterationRecord]:
         return self.jobs.iterations(self.job_id)
@@ -340,6 +343,7 @@ class JobSink:
 
     def add(self, record: IterationRecord, event: dict[str, Any]) -> None:
         self.jobs.add_iteration(self.job_id, record, event, self.owner)
+        ITERATIONS.labels(self.agent).inc()
 
     def check_stop(self) -> None:
         if self._stop.is_set() or self._cancel.is_set():

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -105,26 +106,23 @@ class JobStore:
     def _write(
         self,
         statements: list[tuple[str, tuple[Any, ...]]],
-        fence: tuple[str, str] | None = None,
-        unfinished: str | None = None,
+        job_id: str = "",
+        owner: str | None = None,
+        unless: Callable[[], bool] | None = None,
     ) -> bool:
         """Run the statements in one transaction: all stored, or none (a full or read-only
         database raises StorageFullError / StorageReadOnlyError and leaves it as it was).
-        With ``fence`` (job_id, owner), write only while no other orchestrator has taken the
-        job's lease: else LeaseLostError, nothing written. With ``unfinished`` (a job id),
-        write only while that job has not ended: else False, nothing written."""
+        With ``owner``, write only while no other orchestrator has taken job ``job_id``'s
+        lease: else LeaseLostError, nothing written. With ``unless``, checked inside the
+        transaction: when it holds, nothing is written and the answer is False."""
         with storage_faults(self._where), self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                if fence is not None:
-                    self._check_fence(*fence)
-                if unfinished is not None:
-                    row = self._db.execute(
-                        "SELECT state FROM jobs WHERE job_id = ?", (unfinished,)
-                    ).fetchone()
-                    if row is None or row[0] in TERMINAL:
-                        self._rollback()
-                        return False
+                if owner is not None:
+                    self._check_fence(job_id, owner)
+                if unless is not None and unless():
+                    self._rollback()
+                    return False
                 for sql, args in statements:
                     self._db.execute(sql, args)
                 self._db.execute("COMMIT")
@@ -144,6 +142,11 @@ class JobStore:
                 f"job {job_id} is now run by orchestrator {row[0]}: its lease was not renewed "
                 "in time; this orchestrator stops the job without writing"
             )
+
+    def _ended(self, job_id: str) -> bool:
+        """Whether the job is gone or in a terminal state (read inside a transaction)."""
+        row = self._db.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return row is None or row[0] in TERMINAL
 
     def _rollback(self) -> None:
         """Roll back the open transaction, if SQLite has not already (it does on a full disk)."""
@@ -331,9 +334,8 @@ class JobStore:
         ]
         if event is not None:
             stmts.append(self._event_stmt(job_id, event))
-        if owner is None:
-            return self._write(stmts)
-        return self._write(stmts, (job_id, owner), unfinished=job_id)
+        ended = None if owner is None else partial(self._ended, job_id)
+        return self._write(stmts, job_id, owner, ended)
 
     # -- the leaf-sequenced best plan ------------------------------------------------------------
     def set_delivery(
@@ -361,7 +363,8 @@ class JobStore:
                     ),
                 )
             ],
-            None if owner is None else (job_id, owner),
+            job_id,
+            owner,
         )
 
     def delivery(self, job_id: str) -> tuple[int, dict[str, Any], ArtefactRef | None, str] | None:
@@ -390,24 +393,12 @@ class JobStore:
         """Append an event; with ``once``, not when the job already has one of the same kind
         for the same iteration (a resumed loop repeats its step, not its events); with
         ``owner``, only while that orchestrator runs the job (else LeaseLostError)."""
-        with storage_faults(self._where), self._lock:
-            self._db.execute("BEGIN IMMEDIATE")  # the fence and the once-check see what we add to
-            try:
-                if owner is not None:
-                    self._check_fence(job_id, owner)
-                if once and self._has_event(job_id, event):
-                    self._rollback()
-                    return False
-                self._db.execute(*self._event_stmt(job_id, event))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-            self.changed.notify_all()
-        return True
+        seen = partial(self._has_event, job_id, event) if once else None
+        return self._write([self._event_stmt(job_id, event)], job_id, owner, seen)
 
     def _has_event(self, job_id: str, event: dict[str, Any]) -> bool:
-        """Whether one of the job's last 50 events has this event's kind and iteration."""
+        """Whether one of the job's last 50 events has this event's kind and iteration (read
+        inside the write's transaction: no other orchestrator adds one meanwhile)."""
         for (text,) in self._db.execute(
             "SELECT event FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 50", (job_id,)
         ):
@@ -435,7 +426,8 @@ class JobStore:
                 ),
                 self._event_stmt(job_id, event),
             ],
-            None if owner is None else (job_id, owner),
+            job_id,
+            owner,
         )
 
     def iterations(self, job_id: str) -> list[IterationRecord]:
