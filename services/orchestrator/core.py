@@ -125,6 +125,7 @@ class Orchestrator:
         # a job runs only in the orchestrator holding its lease (renewed every lease_s / 3);
         # a crashed orchestrator's jobs are taken over once their leases expire
         self.lease_s = lease_s
+        self._launching = threading.Lock()
         self.owner = owner or default_owner()
         self.cases = cases
         self.clients = clients
@@ -267,19 +268,22 @@ class Orchestrator:
 
     def _launch(self, job_id: str) -> bool:
         """Run a job in this process if its lease can be taken; False when another holds it."""
-        if self._stop.is_set() or self._running_here(job_id):
-            return False
-        holder = self.jobs.claim(job_id, self.owner, self.lease_s)
-        if holder:
-            log.info("job %s is run by orchestrator %s; not starting it here", job_id, holder)
-            return False
-        with self._guard:
-            self._cancel[job_id] = threading.Event()
-            t = threading.Thread(
-                target=self._run, args=(job_id,), name=f"job-{job_id[:8]}", daemon=True
-            )
-            self._threads[job_id] = t
-        t.start()
+        # one launch at a time: StartPlanning and the lease keeper may launch the same job at
+        # once, and both would pass the check and claim (a claim extends our own lease)
+        with self._launching:
+            if self._stop.is_set() or self._running_here(job_id):
+                return False
+            holder = self.jobs.claim(job_id, self.owner, self.lease_s)
+            if holder:
+                log.info("job %s is run by orchestrator %s; not starting it here", job_id, holder)
+                return False
+            with self._guard:
+                self._cancel[job_id] = threading.Event()
+                t = threading.Thread(
+                    target=self._run, args=(job_id,), name=f"job-{job_id[:8]}", daemon=True
+                )
+                self._threads[job_id] = t
+            t.start()
         return True
 
     def _keep_leases(self) -> None:
