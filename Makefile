@@ -11,7 +11,7 @@ SRC := radpilot services tests benchmarks deploy
 PROTOS := $(sort $(wildcard protos/radpilot/v1/*.proto))
 PROTOC = $(PY) -m grpc_tools.protoc -I protos --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) $(PROTOS)
 
-.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-e2e bench-phantoms bench-tightened bench-frontier bench-deliverable bench-convergence llm-local-check references lock image image-smoke k8s-validate kind-e2e clean
+.PHONY: protos protos-check help venv demo test test-fast lint format bench-fmo bench-fmo-quick bench-quality bench-gpu bench-plan bench-e2e bench-phantoms bench-tightened bench-tightened-candidates bench-frontier bench-deliverable bench-convergence llm-local-check references lock image image-smoke k8s-validate kind-e2e clean
 
 help:
 	@echo "make demo       plan the TG-119 C-shape (harder protocol) and write out/demo/report.html"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-e2e      plan --local on the 3 mm C-shape (harder), timed end to end with its breakdown"
 	@echo "make bench-phantoms TG-119 prostate/head & neck/multitarget phantoms vs the institutions' mean"
 	@echo "make bench-tightened    rules and bo agents on shipped protocols with tighter organ limits"
+	@echo "make bench-tightened-candidates  the same, rules agent, 3 candidates per round"
 	@echo "make bench-frontier     harder C-shape at 3 mm: one FMO per objective set, then the rules agent"
 	@echo "make bench-deliverable  fluence-optimal vs leaf-sequenced plans on every shipped case"
 	@echo "make llm-local-check LLM_GGUF=model.gguf  the llm agent against a local llama.cpp server"
@@ -137,6 +138,11 @@ bench-phantoms: $(STAMP)
 
 bench-tightened: $(STAMP)
 	$(PY) -m benchmarks.tightened --doc docs/benchmarks.md
+
+# the same variants, rules agent, 8 rounds of 3 candidates (its own section of docs/benchmarks.md)
+bench-tightened-candidates: $(STAMP)
+	$(PY) -m benchmarks.tightened --candidates 3 --agents rules \
+		--out out/bench/tightened-candidates.json --doc docs/benchmarks.md
 
 bench-frontier: $(STAMP)
 	$(PY) -m benchmarks.cshape_frontier --doc docs/benchmarks.md
