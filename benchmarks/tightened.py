@@ -131,6 +131,11 @@ def run(
     }
 
 
+def markers(candidates: int) -> tuple[str, str]:
+    """The begin and end markers of the docs section a run with ``candidates`` per round writes."""
+    return (BEGIN, END) if candidates == 1 else (BEGIN_K, END_K)
+
+
 def section(rows: list[dict], candidates: int = 1) -> str:
     about = (
         "Shipped protocols with organ-at-risk limits lowered below anything in the repository, "
@@ -154,7 +159,7 @@ def section(rows: list[dict], candidates: int = 1) -> str:
         "may be hotter than the optimum the goal values are from; issue 10 asks that none exceed "
         f"{HOT_SPOT_BAR_PCT:g} %). One run, this machine."
     )
-    begin, end = (BEGIN, END) if candidates == 1 else (BEGIN_K, END_K)
+    begin, end = markers(candidates)
     title = (
         "## Protocols tighter than the repository's (`make bench-tightened`)"
         if candidates == 1
@@ -229,8 +234,7 @@ def main() -> None:
             row = run(path, limits, agent, store, args.candidates)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    begin, end = (BEGIN, END) if args.candidates == 1 else (BEGIN_K, END_K)
-    publish(rows, args.out, section(rows, args.candidates), args.doc, begin, end)
+    publish(rows, args.out, section(rows, args.candidates), args.doc, *markers(args.candidates))
 
 
 if __name__ == "__main__":
