@@ -178,10 +178,18 @@ class Protocol:
         # the loop's own "never hotter while sparing" bound stands in for hot-spot limits the
         # protocol lacks; one that limits both the target's and the outside maximum needs none
         limited = {(g.structure, g.metric) for g in self.goals if g.comparator == "<=" and g.hard}
+        # before the protocol is met, the implicit hot-spot goals (the ``safety`` defaults,
+        # below priority 1) are also a priority-1 ceiling: no organ goal is traded for a point
+        # hotter than they allow (+2 %); a protocol that writes its own decides the trade
+        # (among the goals wherever they stand: a goal appended after parsing hides them from
+        # ``implicit_goals``)
+        safety = self.safety.goals(self.target, self.prescription_gy, []) if self.safety else []
+        implied = [g.limit for g in safety if g in self.goals and g.hard and g.priority > 1]
         return {
             "improve": self.after_goals_met == "improve",
             "min_gain": self.improve_min_gain,
             "bound_hot_spot": not {(OUTSIDE_TARGETS, "max"), (self.target, "max")} <= limited,
+            "hot_spot_ceiling_gy": max(implied) if implied else None,
         }
 
     @property

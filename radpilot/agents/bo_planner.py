@@ -6,10 +6,13 @@ from the protocol goals — and asks the sampler (TPE, seeded) for the next para
 space is each protocol term's weight times 10^u, u in [-1, 1], and, for the overdose terms of
 the organs whose goals the first plan misses (once a plan meets: of every organ with a goal), the
 objective dose times f, f in [0.5, 1]: a lower objective dose is how a planner asks for more
-sparing. Target terms keep the protocol's doses. When the first plan misses the hot-spot goal
-outside the targets (``OutsideTargets max``) and no protocol term acts there, the search gains
-the rules planner's term for that goal (a sharp smooth maximum), its weight searched the same way
-around the heaviest target term's: none of the protocol's terms can aim at those voxels.
+sparing. Target terms keep the protocol's doses. For the goals the first plan misses the search
+also gains the rules planner's goal-shaped terms (``_added_terms``), their weights searched the
+same way: the hot-spot goal outside the targets (a sharp smooth maximum: none of the protocol's
+terms aim at those voxels), and each organ's missed upper limit (a max-DVH term on its Dx, whose
+objective dose is searched too), with, beside an organ's, the target's and the outside's hot-spot
+terms (pressing organs down heats the target's edge). The loop does not rank a plan above the
+others by a hot spot beyond the protocol's limits (``loop.core._bound_hot_spot``).
 The protocol's own parameters (u = 0, f = 1) are the first point: the loop's first iteration.
 Asked for a batch (candidates optimised in parallel), it asks the sampler several times with the
 constant-liar strategy, so the points of one batch spread out instead of repeating.
@@ -22,12 +25,12 @@ import warnings
 
 import optuna
 
-from radpilot.agents.rules_planner import goal_term
+from radpilot.agents.rules_planner import _site_weight, goal_term
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import OUTSIDE_TARGETS
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm, kind_of
-from radpilot.protocol import Protocol
+from radpilot.protocol import ClinicalGoal, Protocol
 
 SPAN_DECADES = 1.0
 DOSE_FRACTION = (0.5, 1.0)  # an organ's overdose objective dose, relative to the protocol's
@@ -58,8 +61,7 @@ def _dose_terms(protocol: Protocol, memory: list[MemoryEntry]) -> set[str]:
     every organ with a goal (sparing). Searching every dose would spread a short budget over
     dimensions that do not matter (measured: the harder C-shape, whose first plan misses only a
     target goal, is met by weights alone and not within 16 plans with every dose searched)."""
-    lower = {g.structure for g in protocol.goals if g.comparator == ">="} | {protocol.target}
-    organs = {g.structure for g in protocol.goals} - lower
+    organs = _organs(protocol)
     first = memory[0].check if memory else None
     missed = {r.goal.structure for r in first.failed} if first is not None else set()
     if first is not None and not first.failed:
@@ -71,37 +73,76 @@ def _dose_terms(protocol: Protocol, memory: list[MemoryEntry]) -> set[str]:
     }
 
 
-def _hot_spot_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, ObjectiveTerm]:
-    """The terms BO adds to the protocol's: for a hot-spot goal outside the targets that the
-    first plan misses, the term the rules planner shapes for it, weighted like the heaviest
-    target term (tight TG-119 prostate: every BO plan missed ``OutsideTargets max`` by 6-50 Gy
-    with the protocol's terms alone)."""
+def _organs(protocol: Protocol) -> set[str]:
+    """The structures with an upper limit and no lower limit (organs at risk, not targets)."""
+    lower = {g.structure for g in protocol.goals if g.comparator == ">="} | {protocol.target}
+    return {g.structure for g in protocol.goals if g.comparator == "<="} - lower - {OUTSIDE_TARGETS}
+
+
+def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, ObjectiveTerm]:
+    """The terms BO adds to the protocol's, for the goals the first plan misses, each the term
+    the rules planner shapes for that goal:
+    - a hot-spot goal outside the targets (tight TG-119 prostate: every BO plan missed
+      ``OutsideTargets max`` by 6-50 Gy with the protocol's terms alone);
+    - an organ's upper limit (a max-DVH term on its Dx, a mean-dose term on its mean): the
+      protocol's own terms for that organ are shaped for the shipped limit, and scaling their
+      weights and doses did not move a tighter Dx (head & neck parotid D50 <= 10 Gy: BO's best
+      plans were worse than the first). Its objective dose is searched like the protocol's
+      overdose terms; beside it come the target's and the outside's hot-spot terms."""
     if not memory:
         return {}
     own = {t.key() for t in protocol.objectives}
     weight = max(
         (t.weight for t in protocol.objectives if t.structure == protocol.target), default=1.0
     )
+    organs = _organs(protocol)
+    missed = [
+        r.goal
+        for r in memory[0].check.failed
+        if r.goal.comparator == "<=" and r.goal.structure in organs | {OUTSIDE_TARGETS}
+    ]
+    if any(g.structure in organs for g in missed):
+        # pushing organs down heats the plan at their edge: the hot-spot goals get their terms
+        # too, met or not
+        missed += [g for g in protocol.goals if _hot_spot(protocol, g) and g not in missed]
+    terms = {t.key(): t for t in protocol.objectives}
     out = {}
-    for r in memory[0].check.failed:
-        if r.goal.structure != OUTSIDE_TARGETS:
-            continue
-        term = goal_term(protocol, r.goal, 1.0, weight)
+    for goal in missed:
+        # a hot spot's term is weighted like the heaviest target term; an organ's between that
+        # and its overdose term's (where the rules planner's starts; geometric mean): at the
+        # target's weight the prostate's max-DVH terms made every plan 20-50 % too hot, at the
+        # organ's the head & neck parotids did not move
+        w = (
+            math.sqrt(_site_weight(terms, goal.structure) * weight)
+            if goal.structure in organs
+            else weight
+        )
+        term = goal_term(protocol, goal, 1.0, w)
         if term is not None and term.key() not in own:
             out[term.key()] = term
     return out
+
+
+def _hot_spot(protocol: Protocol, goal: ClinicalGoal) -> bool:
+    """An upper limit on the maximum outside the targets or in the prescription target."""
+    return (
+        goal.comparator == "<="
+        and goal.metric == "max"
+        and goal.structure in (OUTSIDE_TARGETS, protocol.target)
+    )
 
 
 def propose_bo(
     protocol: Protocol, memory: list[MemoryEntry], seed: int = 0, count: int = 1
 ) -> tuple[list[ObjectiveTerm], str, list[list[ObjectiveTerm]]]:
     """The next weights, why, and ``count - 1`` further points of the same batch."""
-    extra = _hot_spot_terms(protocol, memory)
+    extra = _added_terms(protocol, memory)
     base = {t.key(): t for t in protocol.objectives} | extra
     # in a fixed order: the sampler draws the parameters in the order of ``dist``, and a set's
     # order changes with the process's string hashing (PYTHONHASHSEED), so the same plan run
     # twice searched different points
-    doses = sorted(_dose_terms(protocol, memory))
+    organ_terms = {k for k, t in extra.items() if t.structure in _organs(protocol)}
+    doses = sorted(set(_dose_terms(protocol, memory)) | organ_terms)
     dist: dict[str, optuna.distributions.BaseDistribution] = {
         _param(k): optuna.distributions.FloatDistribution(-SPAN_DECADES, SPAN_DECADES) for k in base
     }

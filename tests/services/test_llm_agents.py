@@ -270,7 +270,7 @@ def test_bo_is_deterministic_bounded_and_learns(analytic_case: Case, harder, fir
     # once an organ goal is missed, its overdose term's objective dose is searched as well
     organ_missed = [replace(memory[0], check=_core_missed(memory[0].check))]
     c, _, _ = propose_bo(harder, organ_missed, seed=1)
-    for t, t0 in zip(c, harder.objectives, strict=True):
+    for t, t0 in zip(c, harder.objectives, strict=False):
         if t.structure == "Core":
             assert 0.5 * t0.dose_gy - 1e-3 <= t.dose_gy <= t0.dose_gy + 1e-3 != t.dose_gy
         else:
@@ -345,7 +345,8 @@ def _outside_at(check: ProtocolCheck, achieved: float) -> ProtocolCheck:
 def test_bo_adds_a_hot_spot_term_when_the_first_plan_runs_hot_outside_the_targets(
     harder, first_plan
 ) -> None:
-    memory = _memory(first_plan, harder)
+    # (the core's goal met: a missed organ goal brings terms of its own, tested below)
+    memory = [replace(m, check=_core_at(m.check, 9.0)) for m in _memory(first_plan, harder)]
     limit = next(g.limit for g in harder.goals if g.structure == "OutsideTargets")
     cool = [replace(memory[0], check=_outside_at(memory[0].check, limit - 1.0))]
     terms, _, _ = propose_bo(harder, cool, seed=1)
@@ -360,6 +361,31 @@ def test_bo_adds_a_hot_spot_term_when_the_first_plan_runs_hot_outside_the_target
     assert harder.prescription_gy < term.dose_gy < limit  # aimed inside the limit
     # the first plan (without the term) is still a point of the search: a second step learns
     again = [*hot, replace(hot[0], iteration=2, objectives=terms)]
+    _, why, _ = propose_bo(harder, again, seed=1)
+    assert "step 3" in why
+
+
+def test_bo_adds_a_goal_shaped_term_for_a_missed_organ_limit_and_the_hot_spot_terms_beside_it(
+    harder, first_plan
+) -> None:
+    memory = _memory(first_plan, harder)
+    organ_missed = [replace(memory[0], check=_core_missed(memory[0].check))]
+    terms, _, _ = propose_bo(harder, organ_missed, seed=1)
+    own = {t.key() for t in harder.objectives}
+    added = {t.key(): t for t in terms if t.key() not in own}
+    assert set(added) == {"Core:max_dvh", "OutsideTargets:smooth_max", "PTV:smooth_max"}
+    core = added["Core:max_dvh"]
+    assert core.parameter == 10.0  # the goal's D10: at most 10 % above the objective dose
+    # its dose searched below the goal's aim (10 Gy less 15 %), its weight around
+    # sqrt(core 100 x PTV 500)
+    assert 0.5 * 8.5 - 1e-3 <= core.dose_gy <= 8.5 + 1e-3
+    mean = (100.0 * 500.0) ** 0.5
+    assert mean / 10.0001 <= core.weight <= mean * 10.0001
+    for key in ("OutsideTargets:smooth_max", "PTV:smooth_max"):  # target-weighted, not searched
+        assert 500.0 / 10.0001 <= added[key].weight <= 500.0 * 10.0001
+    assert harder.prescription_gy < added["PTV:smooth_max"].dose_gy <= 57.5
+    # every point after the first carries them; the first stands at their weakest
+    again = [*organ_missed, replace(organ_missed[0], iteration=2, objectives=terms)]
     _, why, _ = propose_bo(harder, again, seed=1)
     assert "step 3" in why
 

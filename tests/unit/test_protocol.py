@@ -213,19 +213,33 @@ def test_after_goals_met_defaults_to_improve_and_can_stop() -> None:
     p = load_protocol_text(BASE)
     assert p.after_goals_met == "improve" and p.improve_min_gain == 0.5
     # the implicit hot-spot goals limit the target's and the outside hot spot: no loop-made bound
-    assert p.improvement_settings() == {"improve": True, "min_gain": 0.5, "bound_hot_spot": False}
+    # ... and before any plan meets, the highest of them (115 % of 50 Gy) is a priority-1 ceiling
+    assert p.improvement_settings() == {
+        "improve": True,
+        "min_gain": 0.5,
+        "bound_hot_spot": False,
+        "hot_spot_ceiling_gy": 57.5,
+    }
     q = load_protocol_text(
         BASE.replace(
             "name: t", "name: t\nafter_goals_met: stop\nimprove_min_gain: 1.5\nsafety: off", 1
         )
     )
-    assert q.improvement_settings() == {"improve": False, "min_gain": 1.5, "bound_hot_spot": True}
+    assert q.improvement_settings() == {
+        "improve": False,
+        "min_gain": 1.5,
+        "bound_hot_spot": True,
+        "hot_spot_ceiling_gy": None,
+    }
     safe = load_protocol_text(BASE.replace("name: t", "name: t\nsafety: on", 1))
     assert safe.improvement_settings()["bound_hot_spot"] is False
     no_outside = load_protocol_text(
         BASE.replace("name: t", "name: t\nsafety: {outside_targets_max_pct: null}", 1)
     )
     assert no_outside.improvement_settings()["bound_hot_spot"] is True
+    # hot-spot goals that are priority 1 already need no ceiling beside them
+    first = load_protocol_text(BASE.replace("name: t", "name: t\nsafety: {priority: 1}", 1))
+    assert first.improvement_settings()["hot_spot_ceiling_gy"] is None
     assert load_protocol_text(yaml.safe_dump(q.to_dict())) == q  # it survives a round trip
 
 

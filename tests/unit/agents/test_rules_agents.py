@@ -11,10 +11,10 @@ from radpilot.agents.rules_planner import propose_rules
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import Case
 from radpilot.evaluation.metrics import PlanDose
-from radpilot.evaluation.protocol_check import check_protocol
+from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck, check_protocol
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
-from radpilot.protocol import load_protocol_text
+from radpilot.protocol import ClinicalGoal, load_protocol_text
 from tests.paths import REPO_ROOT, with_safety, without_ring
 
 PROTOCOLS = REPO_ROOT / "protocols"
@@ -81,6 +81,33 @@ def test_an_organ_near_miss_alone_moves_its_weight_in_proportion_to_the_miss(
     got, why = step([*closing, MemoryEntry(3, protocol.objectives, check)], check)
     assert got.dose_gy < start.dose_gy and got.weight >= 1.5 * start.weight
     assert "near miss" not in why
+
+
+def test_before_a_plan_meets_the_loops_hot_spot_ceiling_does_not_steer_the_rules_planner(
+    analytic_case: Case,
+) -> None:
+    """The loop's ``Global max`` (priority 1) decides which plan it reports, not the step: the
+    same plans with and without a missed ceiling get the same proposal (it has no region for a
+    term, and stepping back from every plan over it cost the agent met plans)."""
+    protocol, first = _check(analytic_case, 52.0, 14.0)
+    _, hotter = _check(analytic_case, 54.0, 12.0)  # closer on the core, hotter
+    ceiling = ClinicalGoal(GLOBAL, "max", "<=", 53.0, 1, True)
+
+    def judged(check, hottest):
+        result = GoalResult(ceiling, hottest, hottest <= 53.0, 53.0 - hottest)
+        return ProtocolCheck([*check.results, result])
+
+    grown = [replace(t, weight=t.weight * 2) for t in protocol.objectives]
+    plain = [MemoryEntry(1, protocol.objectives, first), MemoryEntry(2, grown, hotter)]
+    capped = [
+        MemoryEntry(1, protocol.objectives, judged(first, 52.0)),
+        MemoryEntry(2, grown, judged(hotter, 54.0)),
+    ]
+    assert not capped[1].check.result(ceiling).passed
+    want = propose_rules(protocol, grown, hotter, plain)
+    got = propose_rules(protocol, grown, capped[1].check, capped)
+    assert got == want
+    assert "Global" not in got[1]
 
 
 def test_alternatives_guard_goals_at_risk_then_scale_the_step(analytic_case: Case) -> None:

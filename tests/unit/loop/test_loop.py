@@ -521,3 +521,26 @@ def test_sparing_may_not_make_the_plan_hotter_than_the_first_plan_that_met() -> 
     )
     assert all(r.goal.structure != "Global" for x in limited.records for r in x.check.results)
     assert limited.records[4].meets and limited.best_iteration > 4
+
+
+def test_before_any_plan_meets_no_plan_may_be_hotter_than_the_protocols_hot_spot_limits() -> None:
+    # hottest 51, 52, 54, 58 Gy; the ceiling (52 Gy, above the first plan's 51) + 2 % = 53.04
+    result, *_ = _run(evaluator=HotterWithWeight(), hot_spot_ceiling_gy=52.0, max_iterations=8)
+    globals_ = [
+        next((x for x in r.check.results if x.goal.structure == "Global"), None)
+        for r in result.records
+    ]
+    assert [g.goal.limit if g else None for g in globals_[:3]] == [53.04] * 3
+    assert [g.passed for g in globals_[:3]] == [True, True, False]
+    assert globals_[2].goal.priority == 1 and globals_[2].goal.hard
+    assert any("hot-spot limits" in f for f in result.records[2].findings)
+    # the plan that meets every protocol goal is judged by them (no improvement: no bound after)
+    assert result.records[3].meets and globals_[3] is None and result.met_at == 4
+    # a first plan hotter than the ceiling sets the bound itself: 51 x 1.02
+    cooler, *_ = _run(evaluator=HotterWithWeight(), hot_spot_ceiling_gy=40.0, max_iterations=8)
+    first = next(x for x in cooler.records[0].check.results if x.goal.structure == "Global")
+    assert first.goal.limit == 52.02 and first.passed
+    # without a ceiling (Protocol.improvement_settings: no implicit hot-spot goals below
+    # priority 1) the loop adds nothing before a plan meets
+    off, *_ = _run(evaluator=HotterWithWeight(), max_iterations=8)
+    assert all(r.goal.structure != "Global" for x in off.records for r in x.check.results)
