@@ -8,12 +8,15 @@ from benchmarks.cshape_frontier import (
     END,
     MLC_FOR_BIXEL,
     PROTOCOL,
+    _goals,
+    _met,
     agent_protocol,
     markers,
     objective_sets,
     section,
 )
-from radpilot.protocol import load_protocol
+from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck
+from radpilot.protocol import ClinicalGoal, load_protocol
 
 
 def test_the_sets_start_from_the_protocol_and_add_the_goals_shapes() -> None:
@@ -105,3 +108,13 @@ def test_the_last_agent_run_judges_every_call_as_delivered() -> None:
     assert AGENT_RUNS[-1][1] and not any(every for _, every in AGENT_RUNS[:-1])
     every = agent_protocol(10.0, "micro-3mm", every_call=True)
     assert every.delivery is not None and every.delivery.every_iteration
+
+
+def test_the_tables_judge_the_protocols_goals_not_the_loops_hot_spot_bound() -> None:
+    """The loop's ``Global max`` has a limit of its own in every run (a column per run broke the
+    table): the frontier's columns and "met" are the protocol's goals."""
+    d10 = ClinicalGoal("PTV", "D10", "<=", 55.0, 2, True)
+    bound = ClinicalGoal(GLOBAL, "max", "<=", 58.65, 1, True)
+    check = ProtocolCheck([GoalResult(d10, 55.2, False, -0.2), GoalResult(bound, 57.9, True, 0.75)])
+    assert _goals(check) == {"PTV D10 <= 55 Gy": [55.2, False]}
+    assert _met(check) == "0/1"
