@@ -29,7 +29,7 @@ from radpilot.case import Case
 from radpilot.case_store import CaseStore
 from radpilot.cases import load_builtin
 from radpilot.delivery.sequencing import SequencingSettings
-from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck
+from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import ObjectiveTerm
 from radpilot.loop.inprocess import plan_loop
 from radpilot.protocol import Protocol, load_protocol
@@ -130,17 +130,13 @@ def run(store: CaseStore, bixel_mm: float = BIXEL_MM, agents: bool = True) -> li
     return rows
 
 
-def _protocol_results(check: ProtocolCheck) -> list[GoalResult]:
-    """The protocol's goals (not the loop's own hot-spot bound, whose limit differs per run)."""
-    return [r for r in check.results if r.goal.structure != GLOBAL]
-
-
+# the protocol's goals, not the loop's own hot-spot bound (whose limit differs per run)
 def _goals(check: ProtocolCheck) -> dict[str, list]:
-    return {r.goal.label: [round(r.achieved, 2), r.passed] for r in _protocol_results(check)}
+    return {r.goal.label: [round(r.achieved, 2), r.passed] for r in check.protocol_only().results}
 
 
 def _met(check: ProtocolCheck) -> str:
-    results = _protocol_results(check)
+    results = check.protocol_only().results
     return f"{sum(r.passed for r in results)}/{len(results)}"
 
 

@@ -25,12 +25,13 @@ import warnings
 
 import optuna
 
-from radpilot.agents.rules_planner import _site_weight, goal_term
+from radpilot.agents.rules_planner import _hot_spot_limit, _is_max, _site_weight, goal_term
 from radpilot.agents.types import MemoryEntry
 from radpilot.case import OUTSIDE_TARGETS
+from radpilot.dosimetry import parse_metric
 from radpilot.evaluation.protocol_check import ProtocolCheck
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm, kind_of
-from radpilot.protocol import ClinicalGoal, Protocol
+from radpilot.protocol import Protocol
 
 SPAN_DECADES = 1.0
 DOSE_FRACTION = (0.5, 1.0)  # an organ's overdose objective dose, relative to the protocol's
@@ -104,7 +105,14 @@ def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, Obj
     if any(g.structure in organs for g in missed):
         # pushing organs down heats the plan at their edge: the hot-spot goals get their terms
         # too, met or not
-        missed += [g for g in protocol.goals if _hot_spot(protocol, g) and g not in missed]
+        missed += [
+            g
+            for g in protocol.goals
+            if g.comparator == "<="
+            and _hot_spot_limit(protocol, g)
+            and _is_max(*parse_metric(g.metric))
+            and g not in missed
+        ]
     terms = {t.key(): t for t in protocol.objectives}
     out = {}
     for goal in missed:
@@ -121,15 +129,6 @@ def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, Obj
         if term is not None and term.key() not in own:
             out[term.key()] = term
     return out
-
-
-def _hot_spot(protocol: Protocol, goal: ClinicalGoal) -> bool:
-    """An upper limit on the maximum outside the targets or in the prescription target."""
-    return (
-        goal.comparator == "<="
-        and goal.metric == "max"
-        and goal.structure in (OUTSIDE_TARGETS, protocol.target)
-    )
 
 
 def propose_bo(

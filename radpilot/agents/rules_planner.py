@@ -551,8 +551,8 @@ def propose_rules(
         # reports, not how this planner steps: it has no region to put a term on, the protocol's
         # hot-spot goals steer the hot spots, and stepping back from every plan over it cost the
         # agent plans that met (docs/benchmarks.md, bench-tightened)
-        check = _without_global(check)
-        memory = [dataclasses.replace(m, check=_without_global(m.check)) for m in memory]
+        check = check.protocol_only()
+        memory = [dataclasses.replace(m, check=m.check.protocol_only()) for m in memory]
     # (each goal's own step also halves every time it flipped: _push, _flips)
     gain = 1.0
     hold: frozenset[str] = frozenset()  # goals the last (worse) step broke
@@ -617,10 +617,6 @@ def propose_rules(
     if labels:
         notes.append(f"alternatives: {'; '.join(labels)}")
     return terms, "; ".join(notes + steps), alternatives
-
-
-def _without_global(check: ProtocolCheck) -> ProtocolCheck:
-    return ProtocolCheck([r for r in check.results if r.goal.structure != GLOBAL])
 
 
 def _push(

@@ -136,6 +136,11 @@ class ProtocolCheck:
         key.append(round(self.sparing(), 4))
         return tuple(key)
 
+    def protocol_only(self) -> ProtocolCheck:
+        """The check on the protocol's own goals, without the loop's hot-spot bound
+        (``Global max``, ``loop.core._bound_hot_spot``)."""
+        return ProtocolCheck([r for r in self.results if r.goal.structure != GLOBAL])
+
     def sparing_results(self) -> list[GoalResult]:
         """The organ-at-risk goals: upper limits on structures that have no lower limit (a
         target's D95 >= is a lower limit, so its hot-spot goals are not sparing goals; nor are
