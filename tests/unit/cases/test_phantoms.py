@@ -82,9 +82,12 @@ def test_rules_meet_the_goals(
     assert delivered is not None and delivered["dose_basis"] == "deliverable"
     if case in ("tg119-prostate", "tg119-headneck") and protocol.startswith("tg119_"):
         # at most 12 segments per beam at the default settings on the prostate; the head & neck,
-        # whose parotids overlap its PTV as TG-119's do, keeps its goals with the first retry's
-        # 18 (the 12-segment try loses PTV D99 and D20)
-        cap = 12 if case == "tg119-prostate" else 18
+        # whose parotids overlap its PTV as TG-119's do, loses goals with 12 (PTV D20, the hot
+        # spots) and keeps them with a retry: the first's 18 on the machines this was written
+        # on, the second's 24 on one whose FMO differs in the last digits (18 lost the outside
+        # maximum there). The sequencer's ladder puts goals before segment count
+        # (``delivery.sequencing.keep_goals``): 12, 18, 24, and a retry only after a loss
+        cap = 12 if case == "tg119-prostate" else 24
         assert max(delivered["segments_per_beam"]) <= cap, delivered["segments_per_beam"]
 
 
