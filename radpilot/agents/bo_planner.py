@@ -92,7 +92,7 @@ def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, Obj
       overdose terms; beside it come the target's and the outside's hot-spot terms."""
     if not memory:
         return {}
-    own = {t.key() for t in protocol.objectives}
+    terms = {t.key(): t for t in protocol.objectives}
     weight = max(
         (t.weight for t in protocol.objectives if t.structure == protocol.target), default=1.0
     )
@@ -113,7 +113,6 @@ def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, Obj
             and _is_max(*parse_metric(g.metric))
             and g not in missed
         ]
-    terms = {t.key(): t for t in protocol.objectives}
     out = {}
     for goal in missed:
         # a hot spot's term is weighted like the heaviest target term; an organ's between that
@@ -126,7 +125,7 @@ def _added_terms(protocol: Protocol, memory: list[MemoryEntry]) -> dict[str, Obj
             else weight
         )
         term = goal_term(protocol, goal, 1.0, w)
-        if term is not None and term.key() not in own:
+        if term is not None and term.key() not in terms:
             out[term.key()] = term
     return out
 
