@@ -544,3 +544,29 @@ def test_before_any_plan_meets_no_plan_may_be_hotter_than_the_protocols_hot_spot
     # priority 1) the loop adds nothing before a plan meets
     off, *_ = _run(evaluator=HotterWithWeight(), max_iterations=8)
     assert all(r.goal.structure != "Global" for x in off.records for r in x.check.results)
+
+
+def test_a_plan_that_met_what_was_pushed_and_broke_the_rest_by_a_hair_restarts_cold() -> None:
+    """Round 1 misses bladder D30; round 2 meets it and misses only the outside maximum, which
+    round 1 met, by 0.6 %: the next round starts from zero fluence. Not for a break of 2.5 %,
+    nor beside another miss, nor after a plan that was itself a restart, nor with restarts off."""
+    from radpilot.loop.core import restart_reason
+
+    bladder = ClinicalGoal("Bladder", "D30", "<=", 15.0, 3, True)
+    outside = ClinicalGoal("OutsideTargets", "max", "<=", 80.0, 2, True)
+
+    def record(n: int, bladder_gy: float, outside_gy: float, cold: str = "") -> IterationRecord:
+        results = [
+            GoalResult(g, v, v <= g.limit, g.limit - v)
+            for g, v in ((bladder, bladder_gy), (outside, outside_gy))
+        ]
+        return IterationRecord(n, START, FmoStats(), ProtocolCheck(results), cold_start=cold)
+
+    first = record(1, 17.0, 79.0)
+    why = restart_reason([first, record(2, 14.8, 80.5)], after=3)
+    assert why.startswith("OutsideTargets max <= 80 Gy missed by a hair where the plan before")
+    assert restart_reason([first, record(2, 14.8, 82.0)], after=3) == ""
+    assert restart_reason([first, record(2, 15.5, 80.5)], after=3) == ""
+    assert restart_reason([first, record(2, 14.8, 80.5, cold="earlier")], after=3) == ""
+    assert restart_reason([first, record(2, 14.8, 80.5)], after=0) == ""
+    assert restart_reason([first], after=3) == ""
