@@ -321,7 +321,8 @@ def restart_reason(records: list[IterationRecord], after: int) -> str:
     or the outside's hot spot), and its miss shrank by less than RESTART_GAIN of itself. The max-
     and min-DVH terms are not convex: cold solves of the loop's own objectives met the TG-119
     prostate's bladder D30 <= 15 Gy where the warm chain crept 18.3 -> 16.7 Gy over five plans
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md). Also when the last round's step broke goals by a hair and met the rest
+    (``_broken_by_a_hair``), from the second round on."""
     rounds = _rounds(records)
     if not after or len(rounds) < 2 or any(r.meets for r in records):
         return ""
