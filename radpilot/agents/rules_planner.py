@@ -25,7 +25,7 @@ objective weights and doses:
   the trade-off instead of back across it); every flip of a goal between met and missed
   (fixing one breaks another) halves that goal's step (a goal missed all along keeps its full
   step).
-- a worse plan whose step broke goals only by a hair (each by less than ``NEAR_BREAK`` of its
+- a worse plan whose step broke goals only by a hair (each by less than ``HAIR`` of its
   limit) while its misses sum to less than half the best plan's is stepped on from instead
   (``_along_trade_off``): the broken goals are pushed back at least as hard as the step that
   broke them.
@@ -74,7 +74,7 @@ from radpilot.agents.types import MemoryEntry
 from radpilot.case import NORMAL_TISSUE, OUTSIDE_TARGETS
 from radpilot.cases.helpers import Helper
 from radpilot.dosimetry import parse_metric
-from radpilot.evaluation.protocol_check import GLOBAL, GoalResult, ProtocolCheck, stalled
+from radpilot.evaluation.protocol_check import GLOBAL, HAIR, GoalResult, ProtocolCheck, stalled
 from radpilot.fmo.objectives import MAX_WEIGHT, ObjectiveTerm
 from radpilot.protocol import ClinicalGoal, Protocol
 
@@ -159,10 +159,9 @@ MAX_EXTRAPOLATED = 4.0
 # the leaf-sequenced plan missed three goals; with the usual step met at plan 4, 9.71 Gy, spared
 # to 9.19, every goal kept as delivered).
 NEAR_MISS = 0.01
-# a plan ranked below the best whose step broke goals only by less than this fraction of their
-# limits, and whose misses sum to less than ALONG_GAIN of the best's, is stepped on from instead
-# of backtracking from (``_along_trade_off``)
-NEAR_BREAK = 0.02
+# a plan ranked below the best whose step broke goals only by a hair (``HAIR`` of their limits),
+# and whose misses sum to less than this fraction of the best's, is stepped on from instead of
+# backtracking from (``_along_trade_off``)
 ALONG_GAIN = 0.5
 
 
@@ -1253,14 +1252,14 @@ def _new_terms_on_trial(memory: list[MemoryEntry], best: MemoryEntry) -> bool:
 
 def _along_trade_off(last: MemoryEntry, best: MemoryEntry) -> bool:
     """Whether ``last``, ranked below ``best``, is still the better plan to step from: every
-    goal its step broke is missed by less than ``NEAR_BREAK`` of its limit, and its misses sum
+    goal its step broke is missed by less than ``HAIR`` of its limit, and its misses sum
     (relative to their limits, every priority together) to less than ``ALONG_GAIN`` of the best
     plan's. The step then moved along the trade-off, gaining far more than it gave; going back
     to ``best`` with a halved step gives most of that back (TG-119 prostate, bladder D30 <=
     15 Gy: a plan met it with the outside maximum 0.52 Gy over, the loop went back to the plan
     missing bladder D30 by 1.9 Gy and ended 0.67 Gy short)."""
     broken = _broken_by(last, best)
-    if not broken or any(_relative_miss(r) >= NEAR_BREAK for r in broken):
+    if not broken or any(_relative_miss(r) >= HAIR for r in broken):
         return False
     return _summed_miss(last.check) < ALONG_GAIN * _summed_miss(best.check)
 

@@ -61,6 +61,12 @@ class GoalResult:
         )
 
 
+# a goal missed by less than this fraction of its limit is missed by a hair: the loop restarts a
+# plan whose step broke goals only so (loop.core._broken_by_a_hair), and the rules planner steps
+# on from one (rules_planner._along_trade_off)
+HAIR = 0.02
+
+
 def relative_miss(r: GoalResult) -> float:
     """A missed goal's shortfall relative to its limit (0 when met)."""
     return 0.0 if r.passed else abs(r.margin) / max(abs(r.goal.limit), 1.0)
